@@ -1,0 +1,119 @@
+"""Backing up one image into the store: chunk, dedup, store, record.
+
+Either the whole backup is committed (chunks, hash lists, manifest, backup
+record in one final transaction) or no backup exists. Chunks committed by
+earlier batches of an interrupted run stay in the store unreferenced: the
+re-run finds them and skips them, and `gc` reclaims them if it never comes.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import sqlite3
+import time
+from dataclasses import dataclass
+
+from protocol.chunks import ID_LEN, ZERO_ID, chunk_id, is_zero
+from protocol.manifest import LIST_ENTRIES, Manifest
+
+from . import catalog
+from .chunker import SourceReadError, scan
+from .errors import UserError
+from .source import open_image
+from .store import compress
+
+
+@dataclass
+class BackupResult:
+    manifest_id: bytes
+    name: str
+    version: int
+    size: int
+    chunks: int
+    zero_chunks: int
+    new_chunks: int
+    new_bytes_stored: int
+    new_bytes_raw: int
+    seconds: float
+
+    def to_json(self) -> dict:
+        return {"manifest": self.manifest_id.hex(), "name": self.name,
+                "version": self.version, "ref": f"{self.name}@{self.version}",
+                "bytes_read": self.size, "chunks": self.chunks,
+                "zero_chunks": self.zero_chunks, "new_chunks": self.new_chunks,
+                "new_bytes_stored": self.new_bytes_stored,
+                "new_bytes_raw": self.new_bytes_raw, "seconds": round(self.seconds, 3)}
+
+
+def check_name(name: str):
+    if not name or len(name) > 255 or "@" in name or name != name.strip() or "\n" in name:
+        raise UserError(f"bad backup name {name!r}: use 1-255 characters, no '@', "
+                        "no leading/trailing spaces")
+
+
+def _put_plain(writer, data: bytes, level: int) -> tuple[bytes, int]:
+    """Store a piece of metadata (a hash list) as a chunk; (id, bytes added)."""
+    if is_zero(data):
+        return ZERO_ID, 0
+    cid = chunk_id(data)
+    codec, stored = compress(data, level)
+    return cid, writer.put(cid, len(data), codec, stored)
+
+
+def backup(store, path: str, *, name: str | None = None, chunk_size: int,
+           level: int = 3, progress=None, on_wait=None, now_ns=time.time_ns) -> BackupResult:
+    t0 = time.perf_counter()
+    f, size = open_image(path)
+    name = name or os.path.basename(os.path.abspath(path))
+    check_name(name)
+    source = {"kind": "file", "path": os.path.abspath(path)}
+    try:
+        with store.write_lock(on_wait), store.writer() as w:
+            piece = bytearray()
+            lists: list[bytes] = []
+            n = zeros = new = new_raw = added = 0
+            try:
+                for c in scan(f, chunk_size, has=store.has, level=level):
+                    n += 1
+                    if c.cid == ZERO_ID:
+                        zeros += 1
+                    elif c.data is not None:
+                        got = w.put(c.cid, c.length, c.codec, c.data)
+                        if got:
+                            new += 1
+                            new_raw += c.length
+                            added += got
+                    piece += c.cid
+                    if len(piece) == LIST_ENTRIES * ID_LEN:
+                        lid, got = _put_plain(w, bytes(piece), level)
+                        lists.append(lid)
+                        added += got
+                        piece.clear()
+                    if progress:
+                        progress(c.length)
+            except SourceReadError as exc:
+                raise UserError(f"{path}: read error: {exc}") from None
+            if piece:
+                lid, got = _put_plain(w, bytes(piece), level)
+                lists.append(lid)
+                added += got
+            manifest = Manifest(name=name, size=size, chunk_size=chunk_size,
+                                lists=tuple(lists), source=source, created=now_ns())
+            stats = {"chunks": n, "zero_chunks": zeros, "new_chunks": new,
+                     "new_bytes_stored": added, "chunk_size": chunk_size}
+            box = {}
+            w.commit(lambda db: box.setdefault("v", catalog.add_backup(db, manifest, stats)))
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise UserError(f"no space left in data dir {store.root}: backup of {path} "
+                            "aborted, nothing recorded") from None
+        raise
+    except sqlite3.OperationalError as exc:
+        if "full" in str(exc):
+            raise UserError(f"no space left in data dir {store.root}: backup of {path} "
+                            "aborted, nothing recorded") from None
+        raise
+    finally:
+        f.close()
+    return BackupResult(manifest.id, name, box["v"], size, n, zeros, new, added, new_raw,
+                        time.perf_counter() - t0)

@@ -1,0 +1,101 @@
+"""Parallel fixed-size chunking: read, zero-test, hash, dedup-test, compress.
+
+The calling thread reads the image into a small ring of reusable buffers;
+a thread pool does the CPU work (BLAKE3 and zstd release the GIL, so two
+cores are used) and results come back in image order. Memory is bounded by
+the ring: `depth` buffers of one chunk each plus their compressed outputs.
+"""
+from __future__ import annotations
+
+import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from protocol.chunks import ZERO_ID, chunk_id, is_zero
+
+from .store import compress
+
+
+@dataclass(slots=True)
+class Chunk:
+    index: int
+    length: int
+    cid: bytes                  # ZERO_ID for an all-zero chunk
+    codec: int = 0
+    data: bytes | None = None   # stored form; None if zero or already in the store
+
+
+def default_workers() -> int:
+    return max(1, min(8, len(os.sched_getaffinity(0))))
+
+
+class SourceReadError(Exception):
+    """Reading the image failed (distinguishes source errors from store errors)."""
+
+    def __init__(self, exc: OSError):
+        self.exc = exc
+        super().__init__(exc.strerror or str(exc))
+
+
+def _fill(f, buf: bytearray) -> int:
+    """Read until buf is full or EOF; returns the byte count."""
+    view = memoryview(buf)
+    got = 0
+    while got < len(buf):
+        try:
+            n = f.readinto(view[got:])
+        except OSError as exc:
+            raise SourceReadError(exc) from exc
+        if not n:
+            break
+        got += n
+    return got
+
+
+def scan(f, chunk_size: int, *, has, level: int = 3, workers: int | None = None,
+         depth: int | None = None):
+    """Yield a Chunk per chunk of the open binary file f, in order.
+
+    `has(cid)` tells whether the store already holds a chunk (then it is not
+    compressed); it is called from worker threads.
+    """
+    workers = workers or default_workers()
+    depth = depth or max(4, workers * 4)
+
+    def work(buf: bytearray, n: int, index: int) -> Chunk:
+        view = buf if n == len(buf) else memoryview(buf)[:n]
+        if is_zero(view):
+            return Chunk(index, n, ZERO_ID)
+        cid = chunk_id(view)
+        if has(cid):
+            return Chunk(index, n, cid)
+        codec, data = compress(view, level)
+        return Chunk(index, n, cid, codec, data)
+
+    free = [bytearray(chunk_size) for _ in range(depth)]
+    inflight: deque = deque()
+    index, eof = 0, False
+    with ThreadPoolExecutor(workers, thread_name_prefix="chunker") as pool:
+        try:
+            while True:
+                while free and not eof:
+                    buf = free.pop()
+                    n = _fill(f, buf)
+                    if n == 0:
+                        eof = True
+                        free.append(buf)
+                        break
+                    inflight.append((pool.submit(work, buf, n, index), buf))
+                    index += 1
+                    if n < chunk_size:
+                        eof = True
+                if not inflight:
+                    return
+                fut, buf = inflight.popleft()
+                chunk = fut.result()
+                free.append(buf)
+                yield chunk
+        finally:
+            for fut, _ in inflight:
+                fut.cancel()

@@ -1,0 +1,252 @@
+"""The `hypersdk` command line.
+
+Every command takes --json for machine output, shows a progress bar on a
+TTY for long work, and reports a user-fixable problem as one line on stderr
+with a non-zero exit (HYPERSDK_DEBUG=1 shows the traceback instead).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sqlite3
+import sys
+from contextlib import contextmanager
+
+import click
+
+from protocol.chunks import DEFAULT_CHUNK, valid_chunk_size
+from protocol.errors import IntegrityError, ProtocolError
+
+from .config import default_data_dir, human, parse_size
+from .errors import UsageError, UserError
+
+
+class Main(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except Exception as exc:              # one clear line, non-zero exit
+            if os.environ.get("HYPERSDK_DEBUG"):
+                raise
+            code, msg = _describe(exc)
+            click.echo(f"hypersdk: error: {msg}", err=True)
+            ctx.exit(code)
+
+
+def _describe(exc: BaseException) -> tuple[int, str]:
+    if isinstance(exc, UserError):
+        return exc.exit_code, str(exc)
+    if isinstance(exc, IntegrityError):
+        return 3, f"{exc} (run `hypersdk verify` for the full damage report)"
+    if isinstance(exc, ProtocolError):
+        return 3, f"malformed data: {exc}"
+    if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc):
+        return 1, "no space left in the data dir"
+    if isinstance(exc, sqlite3.DatabaseError):
+        return 1, f"store index: {exc}"
+    if isinstance(exc, OSError):
+        where = f"{exc.filename}: " if exc.filename else ""
+        return 1, f"{where}{exc.strerror or exc}"
+    if isinstance(exc, KeyboardInterrupt):
+        return 130, "interrupted"
+    return 1, f"{type(exc).__name__}: {exc}"
+
+
+def json_option(f):
+    return click.option("--json", "as_json", is_flag=True, help="machine-readable output")(f)
+
+
+def emit(as_json: bool, doc, text: str):
+    click.echo(json.dumps(doc, indent=1, sort_keys=True) if as_json else text)
+
+
+@contextmanager
+def progress_bar(total: int, label: str, as_json: bool):
+    """Yield an advance(n) callable; draws a bar on a TTY stderr only."""
+    if as_json or not sys.stderr.isatty() or total <= 0:
+        yield None
+        return
+    with click.progressbar(length=total, label=label, file=sys.stderr,
+                           show_eta=True, show_percent=True) as bar:
+        yield bar.update
+
+
+def on_wait(msg: str):
+    click.echo(f"hypersdk: {msg}", err=True)
+
+
+@click.group(cls=Main, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+              help="data directory (default $HYPERSDK_DATA_DIR or $XDG_DATA_HOME/hypersdk)")
+@click.pass_context
+def cli(ctx, data_dir):
+    """HyperSDK node: content-addressed backup of VM disk images."""
+    ctx.obj = {"data_dir": data_dir}
+
+
+def open_store(ctx):
+    from .store import ChunkStore
+    path = ctx.obj["data_dir"] or default_data_dir()
+    try:
+        return ChunkStore(path)
+    except OSError as exc:
+        raise UserError(f"cannot open data dir {path}: {exc.strerror or exc}") from None
+
+
+@cli.command()
+@click.argument("path")
+@click.option("--name", help="backup name (default: the file name)")
+@click.option("--chunk-size", default=str(DEFAULT_CHUNK), show_default=True,
+              help="power of two from 64K to 8M")
+@click.option("--zstd-level", default=3, show_default=True, type=click.IntRange(1, 19),
+              help="zstd compression level for new chunks")
+@json_option
+@click.pass_context
+def backup(ctx, path, name, chunk_size, zstd_level, as_json):
+    """Back up the disk image PATH; print the manifest id and what was stored."""
+    from .backup import backup as run_backup
+    cs = parse_size(chunk_size)
+    if not valid_chunk_size(cs):
+        raise UsageError(f"--chunk-size {chunk_size}: must be a power of two from 64K to 8M")
+    with open_store(ctx) as store:
+        total = os.path.getsize(path) if os.path.isfile(path) else 0
+        with progress_bar(total, "backup", as_json) as advance:
+            r = run_backup(store, path, name=name, chunk_size=cs, level=zstd_level,
+                           progress=advance, on_wait=on_wait)
+    rate = r.size / r.seconds if r.seconds else 0
+    emit(as_json, r.to_json(),
+         f"backup {r.name}@{r.version}\n"
+         f"manifest      {r.manifest_id.hex()}\n"
+         f"bytes read    {human(r.size)} ({r.size} bytes) in {r.seconds:.2f} s, {human(rate)}/s\n"
+         f"chunks        {r.chunks} ({r.zero_chunks} zero, {r.new_chunks} new)\n"
+         f"new stored    {human(r.new_bytes_stored)} ({human(r.new_bytes_raw)} before compression)")
+
+
+@cli.command()
+@click.argument("ref")
+@click.argument("out")
+@click.option("--force", is_flag=True, help="overwrite OUT if it exists")
+@json_option
+@click.pass_context
+def restore(ctx, ref, out, force, as_json):
+    """Restore backup REF (manifest id or prefix, NAME, NAME@N) to the sparse file OUT."""
+    from . import catalog
+    from .restore import restore as run_restore
+    with open_store(ctx) as store:
+        size = catalog.resolve(store, ref).size
+        with progress_bar(size, "restore", as_json) as advance:
+            r = run_restore(store, ref, out, force=force, progress=advance, on_wait=on_wait)
+    rate = r.size / r.seconds if r.seconds else 0
+    emit(as_json, r.to_json(),
+         f"restored {r.manifest_id.hex()[:16]} to {r.out}: {human(r.size)} in {r.seconds:.2f} s "
+         f"({human(rate)}/s), {r.chunks} chunks verified, {r.zero_chunks} zero chunks left as holes")
+
+
+@cli.command()
+@click.argument("ref", required=False)
+@json_option
+@click.pass_context
+def verify(ctx, ref, as_json):
+    """Re-read and re-hash chunks of backup REF, or of the whole store."""
+    from .verify import verify_backup, verify_store
+    with open_store(ctx) as store:
+        if ref:
+            report = verify_backup(store, ref)
+        else:
+            n = store.db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
+            with progress_bar(n, "verify", as_json) as advance:
+                report = verify_store(store, progress=advance)
+    lines = [f"checked {report.chunks_checked} chunks ({human(report.bytes_checked)}), "
+             f"{report.backups_checked} backups"]
+    for d in report.damaged.values():
+        lines.append(f"DAMAGED chunk {d.cid.hex()}: {d.reason}")
+    for b, cids in report.affected.values():
+        lines.append(f"AFFECTED backup {b.ref} (manifest {b.manifest_id.hex()[:16]}): "
+                     f"{len(cids)} bad chunk(s)")
+    lines.append("OK: store is consistent" if report.ok and not ref else
+                 f"OK: backup {ref} is intact" if report.ok else
+                 f"FAILED: {len(report.damaged)} damaged chunk(s), "
+                 f"{len(report.affected)} backup(s) affected")
+    emit(as_json, report.to_json(), "\n".join(lines))
+    if not report.ok:
+        ctx.exit(3)
+
+
+@cli.command("backups")
+@json_option
+@click.pass_context
+def list_backups(ctx, as_json):
+    """List backups: NAME@VERSION, manifest id, size, creation time."""
+    from . import catalog
+    with open_store(ctx) as store:
+        rows = catalog.list_backups(store)
+    lines = [f"{'REF':<28} {'MANIFEST':<16} {'SIZE':>10} {'NEW STORED':>10}  CREATED (UTC)"]
+    for b in rows:
+        when = datetime.datetime.fromtimestamp(b.created / 1e9, datetime.timezone.utc)
+        lines.append(f"{b.ref:<28} {b.manifest_id.hex()[:16]:<16} {human(b.size):>10} "
+                     f"{human(b.stats.get('new_bytes_stored', 0)):>10}  "
+                     f"{when:%Y-%m-%d %H:%M:%S}")
+    emit(as_json, [b.to_json() for b in rows],
+         "\n".join(lines) if rows else "no backups yet")
+
+
+@cli.command()
+@click.argument("ref")
+@json_option
+@click.pass_context
+def delete(ctx, ref, as_json):
+    """Delete backup REF (its chunks are reclaimed by `hypersdk gc`)."""
+    from . import catalog
+    with open_store(ctx) as store:
+        with store.write_lock(on_wait):
+            b = catalog.resolve(store, ref)
+            catalog.delete_backup(store, b)
+    emit(as_json, {"deleted": b.to_json()},
+         f"deleted {b.ref} (manifest {b.manifest_id.hex()[:16]}); run `hypersdk gc` to reclaim space")
+
+
+@cli.command()
+@json_option
+@click.pass_context
+def gc(ctx, as_json):
+    """Reclaim chunks no backup references."""
+    from .gc import gc as run_gc
+    with open_store(ctx) as store:
+        r = run_gc(store, on_wait=on_wait)
+    emit(as_json, r, f"deleted {r['chunks_deleted']} unreferenced chunks "
+                     f"({human(r['bytes_released'])}); packs rewritten {r['packs_rewritten']}, "
+                     f"removed {r['packs_removed']}; disk {human(r['disk_bytes_before'])} -> "
+                     f"{human(r['disk_bytes_after'])}")
+
+
+@cli.group()
+def store():
+    """Inspect the local chunk store."""
+
+
+@store.command()
+@json_option
+@click.pass_context
+def stats(ctx, as_json):
+    """Unique chunks, stored bytes, dedup and compression ratios."""
+    with open_store(ctx) as st:
+        s = st.stats()
+        s["data_dir"] = str(st.root)
+    ratio = lambda v: f"{v:.2f}x" if v else "-"
+    emit(as_json, s,
+         f"data dir           {s['data_dir']}\n"
+         f"backups            {s['backups']}\n"
+         f"logical bytes      {human(s['logical_bytes'])} (sum of image sizes)\n"
+         f"unique chunks      {s['unique_chunks']}\n"
+         f"unique raw bytes   {human(s['unique_raw_bytes'])}\n"
+         f"stored bytes       {human(s['stored_bytes'])} (packs on disk {human(s['pack_bytes_on_disk'])})\n"
+         f"dedup ratio        {ratio(s['dedup_ratio'])} (logical / unique raw; zero chunks count as dedup)\n"
+         f"compression ratio  {ratio(s['compression_ratio'])} (unique raw / stored)\n"
+         f"total reduction    {ratio(s['reduction_ratio'])} (logical / stored)")
+
+
+def main():
+    cli(prog_name="hypersdk")

@@ -1,0 +1,54 @@
+"""Pack files: append-only sequences of chunk records.
+
+Record = 45-byte header + stored bytes:
+    magic  b"HSC1"   4
+    codec  u8        1   0 = raw, 1 = zstd
+    id     32 bytes      BLAKE3 of the plaintext
+    raw    u32 LE        plaintext length
+    stored u32 LE        length of the bytes that follow
+
+The header repeats the chunk id so that a record read at the wrong offset is
+detected at once, and so that the index could be rebuilt from packs alone.
+A pack only ever grows by appending; bytes past the end the index committed
+are the torn tail of an interrupted write and are cut off before the next
+append.
+"""
+from __future__ import annotations
+
+import os
+import struct
+
+from protocol.errors import ChunkCorrupt
+
+MAGIC = b"HSC1"
+HEADER = struct.Struct("<4sB32sII")
+HDR_LEN = HEADER.size
+CODEC_RAW = 0
+CODEC_ZSTD = 1
+PACK_MAX = 512 << 20          # a pack is closed once it passes this size
+
+
+def pack_name(pack_id: int) -> str:
+    return f"pack-{pack_id:08d}.dat"
+
+
+def parse_pack_name(name: str) -> int | None:
+    if name.startswith("pack-") and name.endswith(".dat") and name[5:-4].isdigit():
+        return int(name[5:-4])
+    return None
+
+
+def header(cid: bytes, codec: int, raw_len: int, stored_len: int) -> bytes:
+    return HEADER.pack(MAGIC, codec, cid, raw_len, stored_len)
+
+
+def read_record(fd: int, offset: int, cid: bytes, stored_len: int, where: str):
+    """Return (codec, raw_len, stored bytes) of the record at offset, checking its header."""
+    buf = os.pread(fd, HDR_LEN + stored_len, offset)
+    if len(buf) != HDR_LEN + stored_len:
+        raise ChunkCorrupt(cid, f"pack is truncated ({len(buf)} of "
+                                f"{HDR_LEN + stored_len} bytes readable)", where)
+    magic, codec, rid, raw_len, slen = HEADER.unpack_from(buf)
+    if magic != MAGIC or rid != cid or slen != stored_len or codec not in (CODEC_RAW, CODEC_ZSTD):
+        raise ChunkCorrupt(cid, "record header does not match the index", where)
+    return codec, raw_len, memoryview(buf)[HDR_LEN:]

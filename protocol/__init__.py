@@ -1,0 +1,1 @@
+"""Wire formats and signed records: pure code, no I/O (no trio, sockets, files or clocks)."""

@@ -1,0 +1,51 @@
+"""Error types shared by every layer.
+
+ProtocolError is split as h11 does: LocalProtocolError means we misused an
+encoding (a bug on our side), RemoteProtocolError means the bytes we were given
+are malformed (a peer, or a damaged file). Integrity failures are their own
+types and always carry the evidence.
+"""
+
+
+class ProtocolError(Exception):
+    """Base of every encoding error."""
+
+
+class LocalProtocolError(ProtocolError):
+    """We tried to encode something the format does not allow."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """Bytes we received (from a peer or from disk) do not decode."""
+
+
+class IntegrityError(Exception):
+    """Stored or received data does not match its content address."""
+
+
+class ChunkCorrupt(IntegrityError):
+    """A stored or received chunk cannot be read back as its id says."""
+
+    def __init__(self, cid: bytes, reason: str, where: str = ""):
+        self.cid = cid
+        self.reason = reason
+        self.where = where
+        loc = f" ({where})" if where else ""
+        super().__init__(f"chunk {cid.hex()}{loc}: {reason}")
+
+
+class ChunkHashMismatch(ChunkCorrupt):
+    """A chunk's plaintext does not hash to its id."""
+
+    def __init__(self, expected: bytes, actual: bytes, where: str = ""):
+        self.expected = expected
+        self.actual = actual
+        super().__init__(expected, f"content hashes to {actual.hex()}", where)
+
+
+class ChunkMissing(IntegrityError):
+    """A chunk a manifest needs is not in the store."""
+
+    def __init__(self, cid: bytes):
+        self.cid = cid
+        super().__init__(f"chunk {cid.hex()} is missing from the store")

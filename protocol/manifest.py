@@ -1,0 +1,123 @@
+"""Backup manifests and hash lists.
+
+A manifest names one image version: its size, chunk size, source metadata,
+creation time, and the ids of its *hash-list chunks*. A hash list is the
+concatenation of 32-byte chunk ids (ZERO_ID for an all-zero chunk), cut into
+pieces of LIST_ENTRIES ids; each piece is stored as an ordinary
+content-addressed chunk. So a 10 TB image at 1 MiB chunks has a manifest of
+~320 list ids (10 KB) and is processed list piece by list piece, never as one
+300 MB list in memory.
+
+manifest id = BLAKE3(canonical msgpack of the manifest document).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import codec
+from .chunks import ID_LEN, ZERO_ID, chunk_id, valid_chunk_size
+from .errors import LocalProtocolError, RemoteProtocolError
+
+VERSION = 1
+LIST_ENTRIES = 32768                      # ids per hash-list chunk (1 MiB)
+MAX_IMAGE = 1 << 56                       # 64 PiB: a sanity bound, not a limit in practice
+MAX_NAME = 255
+_KEYS = {"v", "name", "size", "chunk_size", "lists", "source", "created"}
+
+
+def chunk_count(size: int, chunk_size: int) -> int:
+    return -(-size // chunk_size)
+
+
+def list_count(n_chunks: int) -> int:
+    return -(-n_chunks // LIST_ENTRIES)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    size: int
+    chunk_size: int
+    lists: tuple[bytes, ...]
+    source: dict = field(default_factory=dict)
+    created: int = 0                      # unix time in nanoseconds
+
+    def __post_init__(self):
+        problem = _problem(self)
+        if problem:
+            raise LocalProtocolError(problem)
+
+    @property
+    def n_chunks(self) -> int:
+        return chunk_count(self.size, self.chunk_size)
+
+    def chunk_len(self, index: int) -> int:
+        """Plaintext length of chunk `index` (the last one may be short)."""
+        return min(self.chunk_size, self.size - index * self.chunk_size)
+
+    def list_len(self, list_index: int) -> int:
+        """Number of ids held by hash-list piece `list_index`."""
+        return min(LIST_ENTRIES, self.n_chunks - list_index * LIST_ENTRIES)
+
+    def to_doc(self) -> dict:
+        return {"v": VERSION, "name": self.name, "size": self.size,
+                "chunk_size": self.chunk_size, "lists": list(self.lists),
+                "source": dict(self.source), "created": self.created}
+
+    def encode(self) -> bytes:
+        return codec.encode(self.to_doc())
+
+    @property
+    def id(self) -> bytes:
+        return chunk_id(self.encode())
+
+
+def _problem(m: Manifest) -> str | None:
+    if not isinstance(m.name, str) or not 0 < len(m.name) <= MAX_NAME:
+        return "manifest name must be 1..255 characters"
+    if not isinstance(m.size, int) or isinstance(m.size, bool) or not 0 <= m.size <= MAX_IMAGE:
+        return f"manifest size {m.size!r} out of range"
+    if not isinstance(m.chunk_size, int) or not valid_chunk_size(m.chunk_size):
+        return f"chunk size {m.chunk_size!r} is not a power of two in 64 KiB..8 MiB"
+    if not isinstance(m.created, int) or isinstance(m.created, bool) or m.created < 0:
+        return "manifest creation time must be a non-negative integer"
+    if not isinstance(m.source, dict) or not all(
+            isinstance(k, str) and isinstance(v, (str, int)) and not isinstance(v, bool)
+            for k, v in m.source.items()):
+        return "manifest source must map text to text or integers"
+    want = list_count(chunk_count(m.size, m.chunk_size))
+    if len(m.lists) != want:
+        return f"manifest has {len(m.lists)} hash lists, its size needs {want}"
+    if not all(isinstance(x, bytes) and len(x) == ID_LEN for x in m.lists):
+        return "hash list ids must be 32 bytes"
+    return None
+
+
+def decode_manifest(data: bytes) -> Manifest:
+    """Parse a manifest; RemoteProtocolError for anything malformed."""
+    doc = codec.decode(data)
+    if not isinstance(doc, dict):
+        raise RemoteProtocolError("manifest is not a map")
+    if doc.get("v") != VERSION:
+        raise RemoteProtocolError(f"unsupported manifest version {doc.get('v')!r}")
+    if set(doc) != _KEYS:
+        raise RemoteProtocolError(f"manifest keys {sorted(doc)} are not {sorted(_KEYS)}")
+    try:
+        return Manifest(name=doc["name"], size=doc["size"], chunk_size=doc["chunk_size"],
+                        lists=tuple(doc["lists"]) if isinstance(doc["lists"], list) else None,
+                        source=doc["source"], created=doc["created"])
+    except (LocalProtocolError, TypeError) as exc:
+        raise RemoteProtocolError(f"invalid manifest: {exc}") from None
+
+
+def split_list(piece: bytes, expected: int) -> list[bytes]:
+    """The ids of one hash-list piece; RemoteProtocolError if its length is wrong."""
+    if len(piece) != expected * ID_LEN:
+        raise RemoteProtocolError(
+            f"hash list piece holds {len(piece)} bytes, expected {expected * ID_LEN}")
+    return [piece[i:i + ID_LEN] for i in range(0, len(piece), ID_LEN)]
+
+
+def zero_list(entries: int) -> bytes:
+    """The plaintext of an all-zero hash-list piece (every chunk in it is zero)."""
+    return ZERO_ID * entries

@@ -1,0 +1,1 @@
+"""In-memory network with virtual time (built by the DHT/simnet issue)."""
