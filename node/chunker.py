@@ -7,6 +7,7 @@ the ring: `depth` buffers of one chunk each plus their compressed outputs.
 """
 from __future__ import annotations
 
+import errno
 import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -75,11 +76,21 @@ def scan(f, chunk_size: int, *, has, level: int = 3, workers: int | None = None,
 
     free = [bytearray(chunk_size) for _ in range(depth)]
     inflight: deque = deque()
-    index, eof = 0, False
+    holes = _Holes(f)
+    index, pos, eof = 0, 0, False
     with ThreadPoolExecutor(workers, thread_name_prefix="chunker") as pool:
         try:
             while True:
-                while free and not eof:
+                while free and not eof and len(inflight) < depth:
+                    if holes.is_hole(pos, chunk_size):
+                        # a hole in a sparse source: zero without reading it
+                        n = min(chunk_size, holes.size - pos)
+                        inflight.append((Chunk(index, n, ZERO_ID), None))
+                        pos += n
+                        index += 1
+                        f.seek(pos)
+                        eof = pos >= holes.size
+                        continue
                     buf = free.pop()
                     n = _fill(f, buf)
                     if n == 0:
@@ -88,14 +99,43 @@ def scan(f, chunk_size: int, *, has, level: int = 3, workers: int | None = None,
                         break
                     inflight.append((pool.submit(work, buf, n, index), buf))
                     index += 1
+                    pos += n
                     if n < chunk_size:
                         eof = True
                 if not inflight:
                     return
-                fut, buf = inflight.popleft()
-                chunk = fut.result()
+                item, buf = inflight.popleft()
+                if buf is None:
+                    yield item
+                    continue
+                chunk = item.result()
                 free.append(buf)
                 yield chunk
         finally:
-            for fut, _ in inflight:
-                fut.cancel()
+            for item, buf in inflight:
+                if buf is not None:
+                    item.cancel()
+
+
+class _Holes:
+    """Finds chunks that lie wholly in a hole of a sparse file (SEEK_DATA)."""
+
+    def __init__(self, f):
+        self.fd = f.fileno()
+        self.size = os.fstat(self.fd).st_size
+        self.next_data = 0            # no data before this offset
+        self.enabled = hasattr(os, "SEEK_DATA") and self.size > 0
+
+    def is_hole(self, pos: int, length: int) -> bool:
+        if not self.enabled or pos >= self.size:
+            return False
+        if pos >= self.next_data:
+            try:
+                self.next_data = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:          # only a hole from pos to the end
+                    self.next_data = self.size
+                else:                                 # not supported here: read everything
+                    self.enabled = False
+                    return False
+        return self.next_data >= min(pos + length, self.size)

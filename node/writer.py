@@ -60,7 +60,7 @@ class PackWriter:
         if self.end >= packfile.PACK_MAX:
             self._rotate()
         hdr = packfile.header(cid, codec, raw_len, len(data))
-        _write_all(self.fd, hdr, data)
+        _write_all(self.fd, self.end, hdr, data)
         self.pending[cid] = (cid, self.pack, self.end, len(data), raw_len, codec)
         size = len(hdr) + len(data)
         self.end += size
@@ -116,10 +116,12 @@ class PackWriter:
         self.close()
 
 
-def _write_all(fd: int, hdr: bytes, data):
+def _write_all(fd: int, offset: int, hdr: bytes, data):
+    """Write hdr+data at offset (positional: never depends on the file position)."""
     bufs = [memoryview(hdr), memoryview(data)]
     while bufs:
-        n = os.writev(fd, bufs)
+        n = os.pwritev(fd, bufs, offset)
+        offset += n
         if n == 0:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         while bufs and n >= len(bufs[0]):

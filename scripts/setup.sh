@@ -1,0 +1,29 @@
+#!/bin/sh
+# Set up a fresh Debian 12 (Python 3.11 + apt) and run the demo or the tests.
+#   sh scripts/setup.sh demo          set up, then run scripts/demo.sh
+#   sh scripts/setup.sh test [ARGS]   set up, then run pytest ARGS
+set -eu
+cd "$(dirname "$0")/.."
+SUDO=""
+[ "$(id -u)" = 0 ] || SUDO=sudo
+# gcc + libgmp-dev build fastecdsa (a py-libp2p dependency); e2fsprogs + zstd
+# are what ../shared/bench/make_image.py needs to build realistic disk images.
+PKGS="python3-venv python3-dev gcc libgmp-dev e2fsprogs zstd"
+missing=""
+for p in $PKGS; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $missing >/dev/null
+fi
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+what=${1:-}
+[ $# -gt 0 ] && shift
+case "$what" in
+    demo) exec sh scripts/demo.sh "$@" ;;
+    test) exec .venv/bin/python -m pytest "$@" ;;
+    *) echo "usage: sh scripts/setup.sh demo|test [pytest args]" >&2; exit 2 ;;
+esac
