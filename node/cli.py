@@ -217,8 +217,8 @@ def gc(ctx, as_json):
     with open_store(ctx) as store:
         r = run_gc(store, on_wait=on_wait)
     emit(as_json, r, f"deleted {r['chunks_deleted']} unreferenced chunks "
-                     f"({human(r['bytes_released'])}); packs rewritten {r['packs_rewritten']}, "
-                     f"removed {r['packs_removed']}; disk {human(r['disk_bytes_before'])} -> "
+                     f"({human(r['bytes_released'])}); packs removed {r['packs_removed']}, "
+                     f"rewritten {r['packs_rewritten']}; disk {human(r['disk_bytes_before'])} -> "
                      f"{human(r['disk_bytes_after'])}")
 
 

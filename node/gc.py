@@ -6,10 +6,14 @@ manifests each time, so no crash or bug can leave a count that frees a
 chunk still in use. If any hash list cannot be read, gc stops before
 deleting anything (it cannot know what that list references).
 
-Compaction copies the live records of a pack that is more than
-`threshold` dead into a fresh pack, commits the new locations, and only then
-unlinks the old file. A crash in between leaves an unreferenced old pack,
-which the next gc deletes.
+Space comes back in three ways. A pack with no live record is unlinked.
+Otherwise every gap between live records is freed in place with
+fallocate(PUNCH_HOLE): no copying, and stateless -- gc punches all gaps each
+time, so a crash after the sweep leaks nothing the next gc won't free.
+Where the filesystem cannot punch holes, a pack more than `threshold` dead is
+compacted instead: its live records are copied to a fresh pack, the new
+locations commit, and only then is the old file unlinked (a crash in between
+leaves an unreferenced old pack, which the next gc deletes).
 """
 from __future__ import annotations
 
@@ -41,7 +45,7 @@ def _mark(store) -> None:
                             f"cannot be read ({exc}); run `hypersdk verify`") from None
 
 
-def gc(store, *, threshold: float = 0.2, on_wait=None) -> dict:
+def gc(store, *, threshold: float = 0.2, punch: bool = True, on_wait=None) -> dict:
     with store.write_lock(on_wait), store.compact_lock(on_wait):
         db = store.db
         _mark(store)
@@ -52,43 +56,74 @@ def gc(store, *, threshold: float = 0.2, on_wait=None) -> dict:
             db.execute("DELETE FROM chunks WHERE id NOT IN (SELECT id FROM temp.live)")
         db.execute("DROP TABLE temp.live")
         before = _disk_bytes(store)
-        rewritten, removed = _compact(store, threshold)
+        removed = _remove_dead_packs(store)
+        punched = _punch_gaps(store) if punch else None
+        rewritten = _compact(store, threshold) if punched is None else 0
         after = _disk_bytes(store)
     return {"chunks_deleted": dead_n, "bytes_released": dead_bytes,
             "packs_rewritten": rewritten, "packs_removed": removed,
+            "dead_gap_bytes": punched or 0,
             "disk_bytes_before": before, "disk_bytes_after": after,
             "disk_bytes_reclaimed": before - after}
 
 
 def _disk_bytes(store) -> int:
-    return sum(p.stat().st_size for p in store.packs_dir.glob("pack-*.dat"))
+    return sum(packfile.allocated_bytes(p) for p in store.packs_dir.glob("pack-*.dat"))
 
 
-def _compact(store, threshold: float):
+def _remove_dead_packs(store) -> int:
+    """Unlink packs with no live record, and pack files no committed row knows
+    of (torn new packs of killed writers); cut torn tails. Returns files removed."""
+    db = store.db
+    live = {pid for (pid,) in db.execute("SELECT DISTINCT pack FROM chunks")}
+    packs = dict(db.execute("SELECT id, end FROM packs"))
+    removed = 0
+    for p in store.packs_dir.iterdir():
+        pid = packfile.parse_pack_name(p.name)
+        if pid is None:
+            continue
+        if pid not in packs or pid not in live:
+            if pid in packs:
+                with db:
+                    db.execute("DELETE FROM packs WHERE id=?", (pid,))
+            store.forget_pack(pid)
+            p.unlink()
+            removed += 1
+        elif p.stat().st_size > packs[pid]:
+            os.truncate(p, packs[pid])                  # torn tail
+    return removed
+
+
+def _punch_gaps(store) -> int | None:
+    """Punch out every byte range of every pack that no live record covers.
+    Returns the bytes punched, or None if the filesystem cannot punch holes."""
+    db = store.db
+    total = 0
+    for pid, end in db.execute("SELECT id, end FROM packs ORDER BY id").fetchall():
+        fd = os.open(store.pack_path(pid), os.O_WRONLY)
+        try:
+            pos = 0
+            rows = db.execute("SELECT offset, stored_len FROM chunks WHERE pack=? "
+                              "ORDER BY offset", (pid,))
+            for off, slen in [*rows, (end, 0)]:
+                if off > pos:
+                    if not packfile.punch_hole(fd, pos, off - pos):
+                        return None
+                    total += off - pos
+                pos = max(pos, off + packfile.HDR_LEN + slen)
+        finally:
+            os.close(fd)
+    return total
+
+
+def _compact(store, threshold: float) -> int:
     db = store.db
     live = dict(db.execute(
         "SELECT pack, SUM(stored_len + ?) FROM chunks GROUP BY pack", (packfile.HDR_LEN,)))
     packs = dict(db.execute("SELECT id, end FROM packs"))
-    removed = rewritten = 0
-    # files no committed row knows of: torn new packs of killed writers
-    for p in store.packs_dir.iterdir():
-        pid = packfile.parse_pack_name(p.name)
-        if pid is not None and pid not in packs:
-            p.unlink()
-            removed += 1
-    victims = []
-    for pid, end in sorted(packs.items()):
-        lb = live.get(pid, 0)
-        if lb == 0:
-            with db:
-                db.execute("DELETE FROM packs WHERE id=?", (pid,))
-            store.forget_pack(pid)
-            _unlink(store.pack_path(pid))
-            removed += 1
-        elif end - lb > threshold * end:
-            victims.append(pid)
-        elif os.path.getsize(store.pack_path(pid)) > end:
-            os.truncate(store.pack_path(pid), end)      # torn tail
+    rewritten = 0
+    victims = [pid for pid, end in sorted(packs.items())
+               if end - live.get(pid, 0) > threshold * end]
     if victims:
         with store.writer(fresh_pack=True) as w:
             for pid in victims:
@@ -108,7 +143,7 @@ def _compact(store, threshold: float):
                 store.forget_pack(pid)
                 _unlink(store.pack_path(pid))
                 rewritten += 1
-    return rewritten, removed
+    return rewritten
 
 
 def _unlink(path):

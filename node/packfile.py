@@ -15,6 +15,7 @@ append.
 """
 from __future__ import annotations
 
+import errno
 import os
 import struct
 
@@ -52,3 +53,35 @@ def read_record(fd: int, offset: int, cid: bytes, stored_len: int, where: str):
     if magic != MAGIC or rid != cid or slen != stored_len or codec not in (CODEC_RAW, CODEC_ZSTD):
         raise ChunkCorrupt(cid, "record header does not match the index", where)
     return codec, raw_len, memoryview(buf)[HDR_LEN:]
+
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_fallocate = None
+
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Free the blocks of [offset, offset+length) in place (Linux fallocate
+    PUNCH_HOLE); the range then reads as zeros. False if the filesystem
+    cannot do it."""
+    global _fallocate
+    if _fallocate is None:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        _fallocate = getattr(libc, "fallocate", False)
+        if _fallocate:
+            _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if not _fallocate or length <= 0:
+        return bool(_fallocate)
+    if _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+        return True
+    import ctypes
+    err = ctypes.get_errno()
+    if err in (errno.EOPNOTSUPP, errno.ENOSYS):
+        return False
+    raise OSError(err, os.strerror(err))
+
+
+def allocated_bytes(path) -> int:
+    """Bytes a file really occupies on disk (holes excluded)."""
+    return os.stat(path).st_blocks * 512

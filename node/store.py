@@ -206,7 +206,7 @@ class ChunkStore:
             "FROM chunks", (packfile.HDR_LEN,)).fetchone()
         backups, logical = db.execute(
             "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM backups").fetchone()
-        disk = sum(p.stat().st_size for p in self.packs_dir.glob("pack-*.dat"))
+        disk = sum(packfile.allocated_bytes(p) for p in self.packs_dir.glob("pack-*.dat"))
         return {"backups": backups, "unique_chunks": n, "unique_raw_bytes": raw,
                 "stored_bytes": stored, "pack_bytes_on_disk": disk,
                 "logical_bytes": logical,

@@ -131,15 +131,23 @@ def test_gc_removes_chunks_of_an_interrupted_backup(store, tmp_path):
     assert verify_store(store).ok
 
 
-def test_gc_compacts_packs_and_everything_still_restores(store, tmp_path):
+@pytest.mark.parametrize("punch", [True, False], ids=["punch-holes", "compact"])
+def test_gc_frees_disk_and_everything_still_restores(store, tmp_path, punch):
     imgs = [random_image(tmp_path / f"i{k}.img", 8 * CS, seed=k) for k in range(4)]
     for p in imgs:
         backup(store, str(p), chunk_size=CS)
     for k in (0, 2):
         catalog.delete_backup(store, catalog.resolve(store, f"i{k}.img"))
-    r = gc(store, threshold=0.2)
-    assert r["packs_rewritten"] + r["packs_removed"] >= 1
-    assert r["disk_bytes_after"] <= r["disk_bytes_before"] - 16 * CS
+    r = gc(store, threshold=0.2, punch=punch)
+    if punch:
+        assert r["packs_rewritten"] == 0 and r["dead_gap_bytes"] >= 16 * CS
+    else:
+        assert r["packs_rewritten"] == 1
+    # the dead chunks' disk space really came back
+    assert r["disk_bytes_after"] <= r["disk_bytes_before"] - 15 * CS
+    assert store.stats()["pack_bytes_on_disk"] == r["disk_bytes_after"]
+    again = gc(store)
+    assert again["chunks_deleted"] == 0 and again["disk_bytes_after"] == r["disk_bytes_after"]
     for k in (1, 3):
         out = tmp_path / f"o{k}.img"
         restore(store, f"i{k}.img", str(out))
