@@ -154,7 +154,13 @@ def verify(ctx, ref, as_json):
     from .verify import verify_backup, verify_store
     with open_store(ctx) as store:
         if ref:
-            report = verify_backup(store, ref)
+            from . import catalog
+            b = catalog.resolve(store, ref)
+            from protocol.manifest import list_count
+            chunks = b.stats.get("chunks", 0)
+            n = chunks - b.stats.get("zero_chunks", 0) + list_count(chunks)
+            with progress_bar(n, "verify", as_json) as advance:
+                report = verify_backup(store, ref, progress=advance)
         else:
             n = store.db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
             with progress_bar(n, "verify", as_json) as advance:

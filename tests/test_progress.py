@@ -39,6 +39,9 @@ def test_progress_bar_on_a_terminal(tmp_path):
     assert "backup" in screen and "100%" in screen
     rc, screen = _run_on_pty(["restore", "disk.img", tmp_path / "out.img"], env)
     assert rc == 0 and "restore" in screen and "100%" in screen
+    for args in (["verify"], ["verify", "disk.img"]):
+        rc, screen = _run_on_pty(args, env)
+        assert rc == 0 and "verify" in screen and "%" in screen
 
 
 def test_no_progress_bar_when_not_a_terminal_or_json(tmp_path):
