@@ -18,6 +18,7 @@ from protocol.manifest import LIST_ENTRIES, Manifest
 
 from . import catalog
 from .chunker import SourceReadError, scan
+from .config import commit_bytes
 from .errors import UserError
 from .source import open_image
 from .store import compress
@@ -68,7 +69,7 @@ def backup(store, path: str, *, name: str | None = None, chunk_size: int,
     check_name(name)
     source = {"kind": "file", "path": os.path.abspath(path)}
     try:
-        with store.write_lock(on_wait), store.writer() as w:
+        with store.write_lock(on_wait), store.writer(batch_bytes=commit_bytes()) as w:
             piece = bytearray()
             lists: list[bytes] = []
             n = zeros = new = new_raw = added = 0

@@ -87,11 +87,11 @@ def cli(ctx, data_dir):
     ctx.obj = {"data_dir": data_dir}
 
 
-def open_store(ctx):
+def open_store(ctx, *, readonly: bool = False):
     from .store import ChunkStore
     path = ctx.obj["data_dir"] or default_data_dir()
     try:
-        return ChunkStore(path)
+        return ChunkStore(path, readonly=readonly)
     except OSError as exc:
         raise UserError(f"cannot open data dir {path}: {exc.strerror or exc}") from None
 
@@ -135,7 +135,7 @@ def restore(ctx, ref, out, force, as_json):
     """Restore backup REF (manifest id or prefix, NAME, NAME@N) to the sparse file OUT."""
     from . import catalog
     from .restore import restore as run_restore
-    with open_store(ctx) as store:
+    with open_store(ctx, readonly=True) as store:
         size = catalog.resolve(store, ref).size
         with progress_bar(size, "restore", as_json) as advance:
             r = run_restore(store, ref, out, force=force, progress=advance, on_wait=on_wait)
@@ -152,7 +152,7 @@ def restore(ctx, ref, out, force, as_json):
 def verify(ctx, ref, as_json):
     """Re-read and re-hash chunks of backup REF, or of the whole store."""
     from .verify import verify_backup, verify_store
-    with open_store(ctx) as store:
+    with open_store(ctx, readonly=True) as store:
         if ref:
             from . import catalog
             b = catalog.resolve(store, ref)
@@ -187,7 +187,7 @@ def verify(ctx, ref, as_json):
 def list_backups(ctx, as_json):
     """List backups: NAME@VERSION, manifest id, size, creation time."""
     from . import catalog
-    with open_store(ctx) as store:
+    with open_store(ctx, readonly=True) as store:
         rows = catalog.list_backups(store)
     lines = [f"{'REF':<28} {'MANIFEST':<16} {'SIZE':>10} {'NEW STORED':>10}  CREATED (UTC)"]
     for b in rows:
@@ -238,7 +238,7 @@ def store():
 @click.pass_context
 def stats(ctx, as_json):
     """Unique chunks, stored bytes, dedup and compression ratios."""
-    with open_store(ctx) as st:
+    with open_store(ctx, readonly=True) as st:
         s = st.stats()
         s["data_dir"] = str(st.root)
     ratio = lambda v: f"{v:.2f}x" if v else "-"

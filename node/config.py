@@ -35,3 +35,18 @@ def human(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} TB"
+
+
+DEFAULT_COMMIT_BYTES = 256 << 20
+
+
+def commit_bytes() -> int:
+    """New chunk bytes between durable index commits during a backup: the most
+    work a crash can cost (HYPERSDK_COMMIT_BYTES, default 256M)."""
+    text = os.environ.get("HYPERSDK_COMMIT_BYTES")
+    if not text:
+        return DEFAULT_COMMIT_BYTES
+    n = parse_size(text)
+    if n < 1:
+        raise UsageError("HYPERSDK_COMMIT_BYTES must be at least 1 byte")
+    return n

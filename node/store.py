@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import urllib.parse
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from protocol.chunks import chunk_id
 from protocol.errors import ChunkCorrupt, ChunkHashMismatch, ChunkMissing
 
 from . import packfile
+from .errors import UserError
 from .locks import flock
 
 SCHEMA_VERSION = 1
@@ -71,6 +73,11 @@ def compress(data, level: int):
     return packfile.CODEC_RAW, bytes(data)
 
 
+def _disk_full(path: Path) -> bool:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize < (1 << 20)
+
+
 def decode_chunk(cid: bytes, codec: int, raw_len: int, stored, where: str = "") -> bytes:
     """Plaintext of a stored record, verified against its id."""
     if codec == packfile.CODEC_ZSTD:
@@ -89,8 +96,11 @@ def decode_chunk(cid: bytes, codec: int, raw_len: int, stored, where: str = "") 
 
 
 class ChunkStore:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, *, readonly: bool = False):
+        """readonly: the caller will only read; then a data dir on a full disk
+        still opens (see _connect)."""
         self.root = Path(root)
+        self.readonly = readonly
         self.packs_dir = self.root / "packs"
         self.packs_dir.mkdir(parents=True, exist_ok=True)
         self.db_path = self.root / "index.sqlite"
@@ -99,12 +109,14 @@ class ChunkStore:
         self._conns: list[sqlite3.Connection] = []
         self._local = threading.local()
         db = self.db
-        db.execute("PRAGMA journal_mode=WAL")
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
-            raise RuntimeError(f"store {self.root} has schema {version}, this hypersdk "
-                               f"knows {SCHEMA_VERSION}: upgrade hypersdk")
+            raise UserError(f"store {self.root} has schema {version}, this hypersdk "
+                            f"knows {SCHEMA_VERSION}: upgrade hypersdk")
         if version < SCHEMA_VERSION:
+            if self._immutable:
+                raise UserError(f"no space left in data dir {self.root} to create a store")
+            db.execute("PRAGMA journal_mode=WAL")
             with db:
                 db.executescript(SCHEMA)
                 db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
@@ -114,11 +126,36 @@ class ChunkStore:
     def db(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self.db_path, timeout=60, check_same_thread=False)
-            conn.execute("PRAGMA synchronous=FULL")
-            self._local.conn = conn
+            conn = self._local.conn = self._connect()
             self._conns.append(conn)
         return conn
+
+    _immutable = False
+
+    def _connect(self) -> sqlite3.Connection:
+        """A connection for this thread.
+
+        In WAL mode even a reader must create index.sqlite-wal/-shm, which a
+        clean close removed; on a full disk that fails. Reading must still
+        work then (a full disk is when one needs a restore most): if no WAL
+        holds uncheckpointed commits, the database file alone is the whole
+        truth and an immutable read-only open is exact.
+        """
+        conn = sqlite3.connect(self.db_path, timeout=60, check_same_thread=False)
+        try:
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+            return conn
+        except sqlite3.OperationalError:
+            conn.close()
+            if not _disk_full(self.root):
+                raise
+        wal = self.db_path.with_name(self.db_path.name + "-wal")
+        if not self.readonly or (wal.exists() and wal.stat().st_size):
+            raise UserError(f"no space left in data dir {self.root} (its file system is full)")
+        self._immutable = True
+        uri = f"file:{urllib.parse.quote(str(self.db_path))}?mode=ro&immutable=1"
+        return sqlite3.connect(uri, uri=True, check_same_thread=False)
 
     def pack_path(self, pack_id: int) -> Path:
         return self.packs_dir / packfile.pack_name(pack_id)

@@ -137,3 +137,32 @@ def test_all_zero_hash_list_piece_is_not_stored(store, tmp_path):
     out = tmp_path / "out.img"
     restore(store, "zero.img", str(out))
     assert same_bytes(out, src)
+
+
+def test_interrupted_backup_keeps_committed_batches_and_rerun_reuses_them(
+        store, tmp_path, monkeypatch):
+    monkeypatch.setenv("HYPERSDK_COMMIT_BYTES", str(2 * CS))
+    src = tmp_path / "src.img"
+    src.write_bytes(_content("random", 10 * CS, seed=5))
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def interrupt(n):
+        seen.append(n)
+        if len(seen) == 7:
+            raise Stop
+
+    with pytest.raises(Stop):
+        backup(store, str(src), chunk_size=CS, progress=interrupt)
+    assert catalog.list_backups(store) == []             # no partial backup
+    kept = store.stats()["unique_chunks"]
+    assert 2 <= kept < 7                                  # whole batches only
+    assert verify_store(store).ok
+    r = backup(store, str(src), chunk_size=CS)
+    assert r.new_chunks == 10 - kept
+    out = tmp_path / "out.img"
+    restore(store, "src.img", str(out))
+    assert out.read_bytes() == src.read_bytes()
