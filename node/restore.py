@@ -8,7 +8,9 @@ are never written: they stay holes in the sparse output.
 from __future__ import annotations
 
 import errno
+import mmap
 import os
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -51,11 +53,12 @@ def restore(store, ref: str, out: str, *, force: bool = False, progress=None,
             raise UserError(f"{parent}: no such directory")
         tmp = os.path.join(parent, f".{os.path.basename(out)}.hypersdk-partial-{os.getpid()}")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            fd, direct = _open_out(tmp)
         except OSError as exc:
             raise UserError(f"cannot write {out}: {exc.strerror}") from None
         try:
-            zeros, n = _write_image(store, m, fd, progress, workers or default_workers())
+            zeros, n = _write_image(store, m, fd, direct, progress,
+                                    workers or default_workers())
             os.ftruncate(fd, m.size)
             os.fdatasync(fd)
             os.close(fd)
@@ -73,20 +76,70 @@ def restore(store, ref: str, out: str, *, force: bool = False, progress=None,
     return RestoreResult(m.id, out, m.size, n, zeros, time.perf_counter() - t0)
 
 
-def _write_image(store, m, fd: int, progress, workers: int):
-    """Read+verify chunks in a thread pool, write them in order; returns (zeros, n)."""
+def _open_out(path: str):
+    """(fd, direct): O_DIRECT when the filesystem takes it (tmpfs does not).
+
+    Writing a fresh multi-GB file through the page cache costs more kernel
+    time than everything else in a restore on this kind of machine (page
+    allocation + copy); direct I/O from aligned buffers skips it.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    if hasattr(os, "O_DIRECT"):
+        try:
+            return os.open(path, flags | os.O_DIRECT, 0o600), True
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+    return os.open(path, flags, 0o600), False
+
+
+_tls = threading.local()
+
+
+def _aligned(size: int) -> mmap.mmap:
+    """A per-thread page-aligned buffer of at least size bytes (for O_DIRECT)."""
+    buf = getattr(_tls, "buf", None)
+    if buf is None or len(buf) < size:
+        buf = _tls.buf = mmap.mmap(-1, size)
+    return buf
+
+
+def _pwrite_all(fd: int, data, offset: int):
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _write_chunk(store, fd: int, direct: bool, cid: bytes, offset: int) -> int:
+    """Read, verify and write one chunk at its offset (runs in a worker thread)."""
+    data = store.read(cid)
+    if direct:
+        padded = -(-len(data) // _ALIGN) * _ALIGN       # the last chunk may be short
+        buf = _aligned(padded)
+        buf[:len(data)] = data
+        if padded > len(data):
+            buf[len(data):padded] = bytes(padded - len(data))
+        _pwrite_all(fd, memoryview(buf)[:padded], offset)
+    else:
+        _pwrite_all(fd, data, offset)
+    return len(data)
+
+
+_ALIGN = 4096
+
+
+def _write_image(store, m, fd: int, direct: bool, progress, workers: int):
+    """Workers read, verify and write chunks (any order, each at its offset);
+    returns (zero chunks, chunks)."""
     depth = workers * 4
     zeros = n = 0
     inflight: deque = deque()
 
     def drain_one():
-        fut, offset = inflight.popleft()
-        data = fut.result()
-        view = memoryview(data)
-        while view:
-            view = view[os.pwrite(fd, view, offset + len(data) - len(view)):]
+        size = inflight.popleft().result()
         if progress:
-            progress(len(data))
+            progress(size)
 
     with ThreadPoolExecutor(workers, thread_name_prefix="restore") as pool:
         try:
@@ -97,12 +150,13 @@ def _write_image(store, m, fd: int, progress, workers: int):
                     if progress:
                         progress(m.chunk_len(index))
                     continue
-                inflight.append((pool.submit(store.read, cid), index * m.chunk_size))
+                inflight.append(pool.submit(_write_chunk, store, fd, direct, cid,
+                                            index * m.chunk_size))
                 if len(inflight) >= depth:
                     drain_one()
             while inflight:
                 drain_one()
         finally:
-            for fut, _ in inflight:
+            for fut in inflight:
                 fut.cancel()
     return zeros, n
