@@ -74,12 +74,13 @@ def backup(store, path: str, *, name: str | None = None, chunk_size: int,
             lists: list[bytes] = []
             n = zeros = new = new_raw = added = 0
             try:
-                for c in scan(f, chunk_size, has=store.has, level=level):
+                for c in scan(f, chunk_size, has=store.has, level=level,
+                              generation=lambda: w.generation):
                     n += 1
                     if c.cid == ZERO_ID:
                         zeros += 1
                     elif c.data is not None:
-                        got = w.put(c.cid, c.length, c.codec, c.data)
+                        got = w.put(c.cid, c.length, c.codec, c.data, checked_gen=c.gen)
                         if got:
                             new += 1
                             new_raw += c.length

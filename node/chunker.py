@@ -25,6 +25,7 @@ class Chunk:
     cid: bytes                  # ZERO_ID for an all-zero chunk
     codec: int = 0
     data: bytes | None = None   # stored form; None if zero or already in the store
+    gen: int = 0                # writer generation at which `has` said absent
 
 
 def default_workers() -> int:
@@ -54,12 +55,13 @@ def _fill(f, buf: bytearray) -> int:
     return got
 
 
-def scan(f, chunk_size: int, *, has, level: int = 3, workers: int | None = None,
-         depth: int | None = None):
+def scan(f, chunk_size: int, *, has, generation=lambda: 0, level: int = 3,
+         workers: int | None = None, depth: int | None = None):
     """Yield a Chunk per chunk of the open binary file f, in order.
 
     `has(cid)` tells whether the store already holds a chunk (then it is not
-    compressed); it is called from worker threads.
+    compressed); it is called from worker threads. `generation()` is read
+    just before, and recorded in the Chunk (see PackWriter.put).
     """
     workers = workers or default_workers()
     depth = depth or max(4, workers * 4)
@@ -69,10 +71,11 @@ def scan(f, chunk_size: int, *, has, level: int = 3, workers: int | None = None,
         if is_zero(view):
             return Chunk(index, n, ZERO_ID)
         cid = chunk_id(view)
+        gen = generation()
         if has(cid):
             return Chunk(index, n, cid)
         codec, data = compress(view, level)
-        return Chunk(index, n, cid, codec, data)
+        return Chunk(index, n, cid, codec, data, gen)
 
     free = [bytearray(chunk_size) for _ in range(depth)]
     inflight: deque = deque()

@@ -24,6 +24,7 @@ from protocol.errors import IntegrityError, ProtocolError
 from protocol.manifest import decode_manifest, split_list
 
 from . import packfile
+from .config import commit_bytes
 from .errors import UserError
 
 
@@ -125,7 +126,7 @@ def _compact(store, threshold: float) -> int:
     victims = [pid for pid, end in sorted(packs.items())
                if end - live.get(pid, 0) > threshold * end]
     if victims:
-        with store.writer(fresh_pack=True) as w:
+        with store.writer(fresh_pack=True, relocate=True, batch_bytes=commit_bytes()) as w:
             for pid in victims:
                 rows = db.execute(
                     "SELECT id, pack, offset, stored_len, raw_len, codec FROM chunks "
@@ -134,12 +135,12 @@ def _compact(store, threshold: float) -> int:
                     for r in rows:
                         cid = bytes(r[0])
                         codec, raw_len, stored = store.read_stored(cid, tuple(r[1:]))
-                        w.put(cid, raw_len, codec, stored, move=True)
+                        w.put(cid, raw_len, codec, stored)
                 except IntegrityError:
                     w.abort()           # keep this pack (and its evidence) as it is
                     continue
                 w.commit(lambda conn, pid=pid: conn.execute(
-                    "DELETE FROM packs WHERE id=?", (pid,)), replace=True)
+                    "DELETE FROM packs WHERE id=?", (pid,)))
                 store.forget_pack(pid)
                 _unlink(store.pack_path(pid))
                 rewritten += 1

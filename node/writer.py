@@ -1,25 +1,41 @@
 """PackWriter: the single writer that appends chunk records and commits them.
 
 Used under the store's write lock. Bytes go to the active pack at once;
-index rows wait in `pending` until commit(), which first fdatasyncs the pack
+index rows wait in `pending` until a commit, which first fdatasyncs the pack
 and then inserts the rows in one SQLite transaction (see store.py for why).
+
+Batch commits run in a background thread so the chunking pipeline never
+stalls on fdatasync; at most one is in flight, and its rows stay visible to
+`put` (in `committing`) until SQLite has them. The final commit (with the
+manifest) is synchronous. `generation` counts hand-offs to a commit: a
+chunk checked absent from the index at generation g is still absent while
+the generation is g (only this writer adds rows), so put() need not ask the
+index again.
 """
 from __future__ import annotations
 
 import errno
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 from . import packfile
 
 
 class PackWriter:
     def __init__(self, store, *, durable: bool = True, batch_bytes: int = 256 << 20,
-                 fresh_pack: bool = False):
+                 fresh_pack: bool = False, relocate: bool = False):
+        """relocate=True: records appended for chunks the index already has
+        (gc compaction); every commit repoints their rows."""
         self.store = store
         self.durable = durable
         self.batch_bytes = batch_bytes
+        self.relocate = relocate
         self.pending: dict[bytes, tuple] = {}
         self.pending_bytes = 0
+        self.committing: dict[bytes, tuple] = {}
+        self.generation = 0
+        self._bg = None
+        self._committer = None
         self.fd = None
         self._open_active(fresh_pack)
 
@@ -49,13 +65,16 @@ class PackWriter:
         self._new_pack(self.pack + 1)
 
     # -- writing --------------------------------------------------------------
-    def put(self, cid: bytes, raw_len: int, codec: int, data, *, move: bool = False) -> int:
+    def put(self, cid: bytes, raw_len: int, codec: int, data, *,
+            checked_gen: int | None = None) -> int:
         """Append one chunk record; returns bytes added (0 if already stored).
 
-        move=True appends a record the index already has (gc compaction); the
-        row is repointed by commit(replace=True).
+        checked_gen: the generation at which the caller saw cid absent from
+        the index (then the index is not asked again).
         """
-        if cid in self.pending or (not move and self.store.has(cid)):
+        if cid in self.pending or cid in self.committing:
+            return 0
+        if not self.relocate and checked_gen != self.generation and self.store.has(cid):
             return 0
         if self.end >= packfile.PACK_MAX:
             self._rotate()
@@ -66,31 +85,69 @@ class PackWriter:
         self.end += size
         self.pending_bytes += size
         if self.pending_bytes >= self.batch_bytes:
-            self.commit()
+            self._commit_in_background()
         return size
 
-    def commit(self, extra=None, *, replace: bool = False):
-        """Make pending records durable and visible; run extra(conn) in the same transaction."""
-        if self.durable and self.pending:
+    def _take_pending(self) -> dict:
+        rows = self.pending
+        self.pending = {}
+        self.pending_bytes = 0
+        self.generation += 1
+        return rows
+
+    def _commit_rows(self, rows: dict, end: int, extra=None):
+        """fdatasync, then insert rows (+ extra) in one transaction."""
+        if self.durable and rows:
             os.fdatasync(self.fd)
         db = self.store.db
-        verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
+        verb = "INSERT OR REPLACE" if self.relocate else "INSERT OR IGNORE"
         with db:
-            if self.pending:
+            if rows:
                 db.executemany(
                     f"{verb} INTO chunks(id, pack, offset, stored_len, raw_len, codec) "
-                    "VALUES (?,?,?,?,?,?)", self.pending.values())
+                    "VALUES (?,?,?,?,?,?)", rows.values())
                 db.execute("INSERT OR REPLACE INTO packs(id, end) VALUES (?,?)",
-                           (self.pack, self.end))
+                           (self.pack, end))
             if extra is not None:
                 extra(db)
-        self.pending.clear()
-        self.pending_bytes = 0
-        self.committed_end = self.end
+        self.committed_end = end
+
+    def _commit_in_background(self):
+        self._wait()
+        end = self.end
+        self.committing = rows = self._take_pending()
+        if self._committer is None:
+            self._committer = ThreadPoolExecutor(1, thread_name_prefix="commit")
+
+        def run():
+            self._commit_rows(rows, end)
+            self.committing = {}
+
+        self._bg = self._committer.submit(run)
+
+    def _wait(self):
+        """Wait for the in-flight batch commit; re-raise its error."""
+        bg, self._bg = self._bg, None
+        if bg is not None:
+            bg.result()
+
+    def commit(self, extra=None):
+        """Make every pending record durable and visible; run extra(conn) in
+        the same transaction. Synchronous."""
+        self._wait()
+        end = self.end
+        rows = self.committing = self._take_pending()
+        self._commit_rows(rows, end, extra)
+        self.committing = {}
 
     def abort(self):
         """Drop what is not committed: cut the pack back to its committed end."""
-        self.pending.clear()
+        try:
+            self._wait()
+        except Exception:
+            pass                # that batch is not committed: cut it off too
+        self.pending = {}
+        self.committing = {}
         self.pending_bytes = 0
         if self.fd is not None:
             try:
@@ -100,6 +157,9 @@ class PackWriter:
             self.end = self.committed_end
 
     def close(self):
+        if self._committer is not None:
+            self._committer.shutdown(wait=True)
+            self._committer = None
         if self.fd is not None:
             if self.committed_end == 0:
                 # a pack we created but never committed to holds nothing
@@ -111,7 +171,7 @@ class PackWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None or self.pending:
+        if exc_type is not None or self.pending or self._bg is not None:
             self.abort()
         self.close()
 
