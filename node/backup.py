@@ -18,7 +18,7 @@ from protocol.manifest import LIST_ENTRIES, Manifest
 
 from . import catalog
 from .chunker import SourceReadError, scan
-from .config import commit_bytes
+from .config import DEFAULT_ZSTD_LEVEL, commit_bytes
 from .errors import UserError
 from .source import open_image
 from .store import compress
@@ -62,7 +62,7 @@ def _put_plain(writer, data: bytes, level: int) -> tuple[bytes, int]:
 
 
 def backup(store, path: str, *, name: str | None = None, chunk_size: int,
-           level: int = 3, progress=None, on_wait=None, now_ns=time.time_ns) -> BackupResult:
+           level: int = DEFAULT_ZSTD_LEVEL, progress=None, on_wait=None, now_ns=time.time_ns) -> BackupResult:
     t0 = time.perf_counter()
     f, size = open_image(path)
     name = name or os.path.basename(os.path.abspath(path))

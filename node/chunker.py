@@ -55,7 +55,7 @@ def _fill(f, buf: bytearray) -> int:
     return got
 
 
-def scan(f, chunk_size: int, *, has, generation=lambda: 0, level: int = 3,
+def scan(f, chunk_size: int, *, has, level: int, generation=lambda: 0,
          workers: int | None = None, depth: int | None = None):
     """Yield a Chunk per chunk of the open binary file f, in order.
 

@@ -18,7 +18,7 @@ import click
 from protocol.chunks import DEFAULT_CHUNK, valid_chunk_size
 from protocol.errors import IntegrityError, ProtocolError
 
-from .config import default_data_dir, human, parse_size
+from .config import DEFAULT_ZSTD_LEVEL, default_data_dir, human, parse_size
 from .errors import UsageError, UserError
 
 
@@ -101,7 +101,7 @@ def open_store(ctx, *, readonly: bool = False):
 @click.option("--name", help="backup name (default: the file name)")
 @click.option("--chunk-size", default=str(DEFAULT_CHUNK), show_default=True,
               help="power of two from 64K to 8M")
-@click.option("--zstd-level", default=3, show_default=True, type=click.IntRange(1, 19),
+@click.option("--zstd-level", default=DEFAULT_ZSTD_LEVEL, show_default=True, type=click.IntRange(1, 19),
               help="zstd compression level for new chunks")
 @json_option
 @click.pass_context
