@@ -14,10 +14,12 @@ import time
 from dataclasses import dataclass
 
 from protocol.chunks import ID_LEN, ZERO_ID, chunk_id, is_zero
+from protocol.errors import ProtocolError
 from protocol.manifest import LIST_ENTRIES, Manifest
 
 from . import catalog
 from .chunker import SourceReadError, scan
+from .delta import DeltaSource
 from .config import DEFAULT_ZSTD_LEVEL, commit_bytes
 from .errors import UserError
 from .source import open_image
@@ -52,6 +54,20 @@ def check_name(name: str):
                         "no leading/trailing spaces")
 
 
+def _delta_source(store, name: str, chunk_size: int, level: int):
+    """Deltas against the latest backup of the same name and chunk size, if any."""
+    try:
+        parent = catalog.resolve_name(store, name)
+        if parent is None:
+            return None
+        m = catalog.load_manifest(store, parent.manifest_id)
+    except (UserError, ProtocolError):
+        return None
+    if m.chunk_size != chunk_size:
+        return None
+    return DeltaSource(store, m, level)
+
+
 def _put_plain(writer, data: bytes, level: int) -> tuple[bytes, int]:
     """Store a piece of metadata (a hash list) as a chunk; (id, bytes added)."""
     if is_zero(data):
@@ -74,7 +90,8 @@ def backup(store, path: str, *, name: str | None = None, chunk_size: int,
             lists: list[bytes] = []
             n = zeros = new = new_raw = added = 0
             try:
-                for c in scan(f, chunk_size, has=store.has, level=level,
+                deltas = _delta_source(store, name, chunk_size, level)
+                for c in scan(f, chunk_size, has=store.has, level=level, deltas=deltas,
                               generation=lambda: w.generation):
                     n += 1
                     if c.cid == ZERO_ID:

@@ -67,6 +67,13 @@ def list_backups(store) -> list[Backup]:
         f"SELECT {_COLS} FROM backups ORDER BY name, version")]
 
 
+def resolve_name(store, name: str) -> Backup | None:
+    """The latest version of NAME, or None."""
+    r = store.db.execute(f"SELECT {_COLS} FROM backups WHERE name=? ORDER BY version DESC "
+                         "LIMIT 1", (name,)).fetchone()
+    return _row(r) if r else None
+
+
 def resolve(store, ref: str) -> Backup:
     """The backup REF names; UserError naming the problem otherwise."""
     db = store.db
@@ -82,10 +89,9 @@ def resolve(store, ref: str) -> Backup:
             hint = f" (versions: {', '.join(map(str, have))})" if have else ""
             raise UserError(f"no backup {ref!r}{hint}")
         return _row(r)
-    r = db.execute(f"SELECT {_COLS} FROM backups WHERE name=? ORDER BY version DESC LIMIT 1",
-                   (ref,)).fetchone()
-    if r is not None:
-        return _row(r)
+    latest = resolve_name(store, ref)
+    if latest is not None:
+        return latest
     if _HEX.match(ref.lower()):
         prefix = ref.lower()
         hits = [_row(x) for x in db.execute(

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from protocol.chunks import ZERO_ID, chunk_id, is_zero
 
+from .delta import MARGIN
 from .store import compress
 
 
@@ -55,13 +56,15 @@ def _fill(f, buf: bytearray) -> int:
     return got
 
 
-def scan(f, chunk_size: int, *, has, level: int, generation=lambda: 0,
+def scan(f, chunk_size: int, *, has, level: int, generation=lambda: 0, deltas=None,
          workers: int | None = None, depth: int | None = None):
     """Yield a Chunk per chunk of the open binary file f, in order.
 
     `has(cid)` tells whether the store already holds a chunk (then it is not
     compressed); it is called from worker threads. `generation()` is read
-    just before, and recorded in the Chunk (see PackWriter.put).
+    just before, and recorded in the Chunk (see PackWriter.put). `deltas`
+    (a delta.DeltaSource) lets new chunks be stored as deltas against the
+    previous version of the image.
     """
     workers = workers or default_workers()
     depth = depth or max(4, workers * 4)
@@ -74,7 +77,13 @@ def scan(f, chunk_size: int, *, has, level: int, generation=lambda: 0,
         gen = generation()
         if has(cid):
             return Chunk(index, n, cid)
+        best = deltas.try_compress(index, view) if deltas else None
         codec, data = compress(view, level)
+        if best:
+            won = len(best[1]) < MARGIN * len(data)
+            deltas.policy.record(won)
+            if won:
+                codec, data = best
         return Chunk(index, n, cid, codec, data, gen)
 
     free = [bytearray(chunk_size) for _ in range(depth)]

@@ -2,7 +2,7 @@
 then compact packs that are mostly dead.
 
 Mark-and-sweep rather than refcounts: the live set is recomputed from the
-manifests each time, so no crash or bug can leave a count that frees a
+manifests (plus the bases of live delta chunks) each time, so no crash or bug can leave a count that frees a
 chunk still in use. If any hash list cannot be read, gc stops before
 deleting anything (it cannot know what that list references).
 
@@ -44,6 +44,9 @@ def _mark(store) -> None:
         except (IntegrityError, ProtocolError) as exc:
             raise UserError(f"gc stopped, nothing deleted: manifest {bytes(mid).hex()[:16]} "
                             f"cannot be read ({exc}); run `hypersdk verify`") from None
+    # the bases of live delta chunks are live (bases are never deltas: one pass)
+    db.execute("INSERT OR IGNORE INTO temp.live SELECT c.base FROM chunks c "
+               "JOIN temp.live l ON c.id = l.id WHERE c.base IS NOT NULL")
 
 
 def gc(store, *, threshold: float = 0.2, punch: bool = True, on_wait=None) -> dict:

@@ -2,7 +2,7 @@
 
 Record = 45-byte header + stored bytes:
     magic  b"HSC1"   4
-    codec  u8        1   0 = raw, 1 = zstd
+    codec  u8        1   0 = raw, 1 = zstd, 2 = zstd delta (see delta.py)
     id     32 bytes      BLAKE3 of the plaintext
     raw    u32 LE        plaintext length
     stored u32 LE        length of the bytes that follow
@@ -26,6 +26,8 @@ HEADER = struct.Struct("<4sB32sII")
 HDR_LEN = HEADER.size
 CODEC_RAW = 0
 CODEC_ZSTD = 1
+CODEC_ZSTD_DELTA = 2
+CODECS = (CODEC_RAW, CODEC_ZSTD, CODEC_ZSTD_DELTA)
 PACK_MAX = 512 << 20          # a pack is closed once it passes this size
 
 
@@ -50,7 +52,7 @@ def read_record(fd: int, offset: int, cid: bytes, stored_len: int, where: str):
         raise ChunkCorrupt(cid, f"pack is truncated ({len(buf)} of "
                                 f"{HDR_LEN + stored_len} bytes readable)", where)
     magic, codec, rid, raw_len, slen = HEADER.unpack_from(buf)
-    if magic != MAGIC or rid != cid or slen != stored_len or codec not in (CODEC_RAW, CODEC_ZSTD):
+    if magic != MAGIC or rid != cid or slen != stored_len or codec not in CODECS:
         raise ChunkCorrupt(cid, "record header does not match the index", where)
     return codec, raw_len, memoryview(buf)[HDR_LEN:]
 

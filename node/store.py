@@ -27,7 +27,7 @@ import zstandard
 from protocol.chunks import chunk_id
 from protocol.errors import ChunkCorrupt, ChunkHashMismatch, ChunkMissing
 
-from . import packfile
+from . import delta, packfile
 from .errors import UserError
 from .locks import flock
 
@@ -37,7 +37,8 @@ CREATE TABLE IF NOT EXISTS packs(
     id INTEGER PRIMARY KEY, end INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS chunks(
     id BLOB PRIMARY KEY, pack INTEGER NOT NULL, offset INTEGER NOT NULL,
-    stored_len INTEGER NOT NULL, raw_len INTEGER NOT NULL, codec INTEGER NOT NULL
+    stored_len INTEGER NOT NULL, raw_len INTEGER NOT NULL, codec INTEGER NOT NULL,
+    base BLOB              -- delta records: the full chunk they decode against
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS manifests(
     id BLOB PRIMARY KEY, body BLOB NOT NULL) WITHOUT ROWID;
@@ -78,13 +79,20 @@ def _disk_full(path: Path) -> bool:
     return st.f_bavail * st.f_frsize < (1 << 20)
 
 
-def decode_chunk(cid: bytes, codec: int, raw_len: int, stored, where: str = "") -> bytes:
-    """Plaintext of a stored record, verified against its id."""
+def decode_chunk(cid: bytes, codec: int, raw_len: int, stored, where: str = "",
+                 base_plain: bytes | None = None) -> bytes:
+    """Plaintext of a stored record, verified against its id (a delta record
+    needs its base's plaintext)."""
     if codec == packfile.CODEC_ZSTD:
         try:
             data = _zstd_d().decompress(stored, max_output_size=raw_len)
         except zstandard.ZstdError as exc:
             raise ChunkCorrupt(cid, f"zstd frame does not decode: {exc}", where) from None
+    elif codec == packfile.CODEC_ZSTD_DELTA:
+        try:
+            data = delta.decompress_delta(base_plain, delta.split_record(stored)[1], raw_len)
+        except zstandard.ZstdError as exc:
+            raise ChunkCorrupt(cid, f"zstd delta frame does not decode: {exc}", where) from None
     else:
         data = bytes(stored)
     if len(data) != raw_len:
@@ -227,14 +235,27 @@ class ChunkStore:
             raise ChunkCorrupt(cid, "record header does not match the index", where)
         return codec, raw_len, stored
 
-    def read(self, cid: bytes, loc=None) -> bytes:
+    def base_of(self, cid: bytes) -> bytes | None:
+        r = self.db.execute("SELECT base FROM chunks WHERE id=?", (cid,)).fetchone()
+        return bytes(r[0]) if r and r[0] is not None else None
+
+    def read(self, cid: bytes, loc=None, *, _depth: int = 0) -> bytes:
         """The chunk's plaintext, verified against its id."""
         loc = loc or self.location(cid)
         if loc is None:
             raise ChunkMissing(cid)
+        where = f"{packfile.pack_name(loc[0])} offset {loc[1]}"
         codec, raw_len, stored = self.read_stored(cid, loc)
-        return decode_chunk(cid, codec, raw_len, stored,
-                            f"{packfile.pack_name(loc[0])} offset {loc[1]}")
+        base_plain = None
+        if codec == packfile.CODEC_ZSTD_DELTA:
+            base = delta.split_record(stored)[0]
+            if _depth:
+                raise ChunkCorrupt(cid, "a delta's base is itself a delta", where)
+            try:
+                base_plain = self.read(base, _depth=1)
+            except (ChunkCorrupt, ChunkMissing) as exc:
+                raise ChunkCorrupt(cid, f"its delta base is unreadable: {exc}", where) from None
+        return decode_chunk(cid, codec, raw_len, stored, where, base_plain)
 
     def stats(self) -> dict:
         db = self.db

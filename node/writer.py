@@ -18,7 +18,7 @@ import errno
 import os
 from concurrent.futures import ThreadPoolExecutor
 
-from . import packfile
+from . import delta, packfile
 
 
 class PackWriter:
@@ -80,7 +80,8 @@ class PackWriter:
             self._rotate()
         hdr = packfile.header(cid, codec, raw_len, len(data))
         _write_all(self.fd, self.end, hdr, data)
-        self.pending[cid] = (cid, self.pack, self.end, len(data), raw_len, codec)
+        base = delta.split_record(data)[0] if codec == packfile.CODEC_ZSTD_DELTA else None
+        self.pending[cid] = (cid, self.pack, self.end, len(data), raw_len, codec, base)
         size = len(hdr) + len(data)
         self.end += size
         self.pending_bytes += size
@@ -104,8 +105,8 @@ class PackWriter:
         with db:
             if rows:
                 db.executemany(
-                    f"{verb} INTO chunks(id, pack, offset, stored_len, raw_len, codec) "
-                    "VALUES (?,?,?,?,?,?)", rows.values())
+                    f"{verb} INTO chunks(id, pack, offset, stored_len, raw_len, codec, base) "
+                    "VALUES (?,?,?,?,?,?,?)", rows.values())
                 db.execute("INSERT OR REPLACE INTO packs(id, end) VALUES (?,?)",
                            (self.pack, end))
             if extra is not None:
