@@ -148,6 +148,22 @@ def cpu_busy_s():
     return busy / os.sysconf("SC_CLK_TCK")
 
 
+def wait_quiet(limit_s):
+    """Bounded wait until other processes leave the machine idle (< 0.15 CPU-s per 2 s).
+
+    Done once before the anchors and once before hypersdk (the same for both), never per
+    step, so neither side gets a quieter machine by construction. Returns seconds waited
+    or None if the machine never went quiet."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < limit_s:
+        b = cpu_busy_s()
+        time.sleep(2)
+        if cpu_busy_s() - b < 0.15:
+            return round(time.monotonic() - t0)
+    log("WARNING: machine still busy after %ds; measuring anyway" % limit_s)
+    return None
+
+
 def timed(cmd, name, env, timeout):
     """Run cmd (argv) under /usr/bin/time -v: wall, user, sys, CPU%, max RSS, rc, stdout.
 
@@ -456,6 +472,12 @@ def versions(anchors):
     except Exception:
         pass
     v["python"] = platform.python_version()
+    v["hypersdk source"] = source_fingerprint()
+    return v
+
+
+def source_fingerprint():
+    """git revision + hash of node/ and protocol/ (others may edit them during a run)."""
     rev = out_of("git -C '%s' rev-parse --short HEAD" % REPO)
     dirty = out_of("git -C '%s' status --porcelain -- node protocol" % REPO)
     h = hashlib.sha256()
@@ -463,9 +485,8 @@ def versions(anchors):
         for fn in sorted(os.listdir(os.path.join(REPO, d))):
             if fn.endswith(".py"):
                 h.update(fn.encode() + open(os.path.join(REPO, d, fn), "rb").read())
-    v["hypersdk source"] = "git %s%s, node+protocol sha256 %s" % (
+    return "git %s%s, node+protocol sha256 %s" % (
         rev, " + uncommitted changes" if dirty else "", h.hexdigest()[:12])
-    return v
 
 
 def write_md(path, section):
@@ -496,6 +517,8 @@ def main():
     ap.add_argument("--keep-repos", action="store_true")
     ap.add_argument("--wait-images", type=int, default=1800,
                     help="max seconds to wait for a running image generation")
+    ap.add_argument("--quiet-wait", type=int, default=120,
+                    help="max seconds to wait for an idle machine before each phase")
     ap.add_argument("--step-timeout", type=int, default=900, help="per hypersdk step")
     ap.add_argument("--anchor-timeout", type=int, default=0,
                     help="for backup_tools.py (default 600 s per tool per run)")
@@ -513,7 +536,7 @@ def main():
     log("sha256 of the images ...")
     img_sha = {"v1": sha256_file(V1), "v2": sha256_file(V2)}
 
-    anchors, anchors_note = None, ""
+    anchors, anchors_note, quiet = None, "", {}
     if a.skip_anchors:
         p = os.path.join(RESDIR, "backup.json")
         if os.path.exists(p):
@@ -524,14 +547,27 @@ def main():
         else:
             anchors_note = "Anchors not run (--skip-anchors) and no earlier backup.json."
     else:
+        quiet["anchors"] = wait_quiet(a.quiet_wait)
         ntools = len(a.tools.split(","))
+        t0, b0 = time.perf_counter(), cpu_busy_s()
         anchors = run_anchors(a.runs, a.tools, a.anchor_timeout or 600 * ntools * a.runs)
+        own = sum(r[s]["user_s"] + r[s]["sys_s"] for r in anchors["results"] for s in ("v1", "v2"))
+        anchors["phase"] = {"wall_s": round(time.perf_counter() - t0, 1),
+                            "busy_cpu_s": round(cpu_busy_s() - b0, 1),
+                            "tools_user_sys_s": round(own, 1)}
     anchor_runs = anchors["results"] if anchors else []
     restic_runs = [r for r in anchor_runs if r["tool"] == "restic"]
 
+    quiet["hypersdk"] = wait_quiet(a.quiet_wait)
+    src_before = source_fingerprint()
     hs_runs = []
     for run in range(1, a.runs + 1):
         hs_runs.append(run_hypersdk(run, img_sha["v1"], a.step_timeout, a.keep_repos))
+    src_after = source_fingerprint()
+    if src_after != src_before:
+        warnings.append("hypersdk source changed while hypersdk was being measured: %s -> %s"
+                        % (src_before, src_after))
+        log("WARNING:", warnings[-1])
     if os.path.lexists(SRC):
         os.unlink(SRC)
 
@@ -539,16 +575,29 @@ def main():
     table = fmt_table(hs_runs, anchor_runs)
     ctable = fmt_checks(cks, anchors_note)
     mach, vers = machine(), versions(anchors)
+    vers["hypersdk source"] = src_before
     finished = datetime.datetime.now(datetime.timezone.utc)
     doc = {"command": cmdline, "started": started.isoformat(timespec="seconds"),
            "finished": finished.isoformat(timespec="seconds"), "machine": mach,
            "versions": vers, "image_bytes": size_img, "image_sha256": img_sha,
            "warnings": warnings, "anchors_file": anchors and anchors["path"],
-           "anchors_same_run": not a.skip_anchors,
+           "anchors_same_run": not a.skip_anchors, "quiet_wait_s": quiet,
+           "anchors_phase": anchors.get("phase") if anchors else None,
            "anchor_notes": anchors.get("notes") if anchors else None,
            "anchors": anchor_runs, "hypersdk": hs_runs, "checks": cks}
     json.dump(doc, open(os.path.join(RESDIR, "bench_backup.json"), "w"), indent=1)
 
+    other = ", ".join("run %d %s %.1f s" % (r["run"], s, r[s]["other_cpu_s"])
+                      for r in hs_runs for s in ("v1", "v2", "restore"))
+    load = "Before each phase the script waited for an idle machine (%s). " % ", ".join(
+        "%s: %s" % (k, "waited %d s" % v if v is not None else "never idle within the limit")
+        for k, v in quiet.items())
+    load += "Concurrent load (CPU seconds used by other processes, including kernel writeback threads, during each hypersdk step): %s." % other
+    if doc["anchors_phase"]:
+        ph = doc["anchors_phase"]
+        load += (" Anchor phase: %.0f s wall, %.0f CPU-s busy machine-wide, of which the tools' "
+                 "own user+sys %.0f s (the rest is `cat`/`du`/`sync` and other processes)." % (
+                     ph["wall_s"], ph["busy_cpu_s"], ph["tools_user_sys_s"]))
     notes = "".join("- %s: %s\n" % (k, v) for k, v in (doc["anchor_notes"] or {}).items())
     section = """## Backup / restore: hypersdk vs restic, borg, casync
 
@@ -571,6 +620,8 @@ of the runs.
 
 %s
 
+%s
+
 Anchor settings:
 %s
 ### Targets
@@ -581,7 +632,7 @@ Anchor settings:
        "; ".join("%s: %s" % kv for kv in vers.items()), DATA, size_img,
        img_sha["v1"][:16], img_sha["v2"][:16],
        "".join("\n**Warning:** %s\n" % w for w in warnings),
-       table, notes, ctable)
+       table, load, notes or "(none run)\n", ctable)
     with open(os.path.join(RESDIR, "bench_backup.md"), "w") as f:
         f.write(section)
     print(table)

@@ -19,7 +19,6 @@ import os
 import sqlite3
 import threading
 import urllib.parse
-from contextlib import contextmanager
 from pathlib import Path
 
 import zstandard
@@ -204,10 +203,8 @@ class ChunkStore:
     def read_lock(self, on_wait=None):
         return flock(self.root / "compact.lock", exclusive=False, on_wait=on_wait)
 
-    @contextmanager
     def compact_lock(self, on_wait=None):
-        with flock(self.root / "compact.lock", exclusive=True, on_wait=on_wait):
-            yield
+        return flock(self.root / "compact.lock", exclusive=True, on_wait=on_wait)
 
     # -- reads ------------------------------------------------------------
     def has(self, cid: bytes) -> bool:
