@@ -77,62 +77,80 @@ def _put_plain(writer, data: bytes, level: int) -> tuple[bytes, int]:
     return cid, writer.put(cid, len(data), codec, stored)
 
 
+@dataclass
+class _Tally:
+    chunks: int = 0
+    zeros: int = 0
+    new: int = 0
+    new_raw: int = 0
+    added: int = 0
+
+
+def _ingest(store, w, f, path, name, chunk_size, level, progress):
+    """Chunk the image into writer w; returns (hash-list ids, tally)."""
+    t = _Tally()
+    piece = bytearray()
+    lists: list[bytes] = []
+
+    def flush_piece():
+        lid, got = _put_plain(w, bytes(piece), level)
+        lists.append(lid)
+        t.added += got
+        piece.clear()
+
+    deltas = _delta_source(store, name, chunk_size, level)
+    try:
+        for c in scan(f, chunk_size, has=store.has, level=level, deltas=deltas,
+                      generation=lambda: w.generation):
+            t.chunks += 1
+            if c.cid == ZERO_ID:
+                t.zeros += 1
+            elif c.data is not None:
+                got = w.put(c.cid, c.length, c.codec, c.data, checked_gen=c.gen)
+                if got:
+                    t.new += 1
+                    t.new_raw += c.length
+                    t.added += got
+            piece += c.cid
+            if len(piece) == LIST_ENTRIES * ID_LEN:
+                flush_piece()
+            if progress:
+                progress(c.length)
+    except SourceReadError as exc:
+        raise UserError(f"{path}: read error: {exc}") from None
+    if piece:
+        flush_piece()
+    return lists, t
+
+
 def backup(store, path: str, *, name: str | None = None, chunk_size: int,
-           level: int = DEFAULT_ZSTD_LEVEL, progress=None, on_wait=None, now_ns=time.time_ns) -> BackupResult:
+           level: int = DEFAULT_ZSTD_LEVEL, progress=None, on_wait=None,
+           now_ns=time.time_ns) -> BackupResult:
     t0 = time.perf_counter()
     f, size = open_image(path)
     name = name or os.path.basename(os.path.abspath(path))
-    check_name(name)
-    source = {"kind": "file", "path": os.path.abspath(path)}
+    no_space = UserError(f"no space left in data dir {store.root}: backup of {path} "
+                         "aborted, nothing recorded")
     try:
+        check_name(name)
         with store.write_lock(on_wait), store.writer(batch_bytes=commit_bytes()) as w:
-            piece = bytearray()
-            lists: list[bytes] = []
-            n = zeros = new = new_raw = added = 0
-            try:
-                deltas = _delta_source(store, name, chunk_size, level)
-                for c in scan(f, chunk_size, has=store.has, level=level, deltas=deltas,
-                              generation=lambda: w.generation):
-                    n += 1
-                    if c.cid == ZERO_ID:
-                        zeros += 1
-                    elif c.data is not None:
-                        got = w.put(c.cid, c.length, c.codec, c.data, checked_gen=c.gen)
-                        if got:
-                            new += 1
-                            new_raw += c.length
-                            added += got
-                    piece += c.cid
-                    if len(piece) == LIST_ENTRIES * ID_LEN:
-                        lid, got = _put_plain(w, bytes(piece), level)
-                        lists.append(lid)
-                        added += got
-                        piece.clear()
-                    if progress:
-                        progress(c.length)
-            except SourceReadError as exc:
-                raise UserError(f"{path}: read error: {exc}") from None
-            if piece:
-                lid, got = _put_plain(w, bytes(piece), level)
-                lists.append(lid)
-                added += got
-            manifest = Manifest(name=name, size=size, chunk_size=chunk_size,
-                                lists=tuple(lists), source=source, created=now_ns())
-            stats = {"chunks": n, "zero_chunks": zeros, "new_chunks": new,
-                     "new_bytes_stored": added, "chunk_size": chunk_size}
-            box = {}
-            w.commit(lambda db: box.setdefault("v", catalog.add_backup(db, manifest, stats)))
+            lists, t = _ingest(store, w, f, path, name, chunk_size, level, progress)
+            manifest = Manifest(name=name, size=size, chunk_size=chunk_size, lists=tuple(lists),
+                                source={"kind": "file", "path": os.path.abspath(path)},
+                                created=now_ns())
+            stats = {"chunks": t.chunks, "zero_chunks": t.zeros, "new_chunks": t.new,
+                     "new_bytes_stored": t.added, "chunk_size": chunk_size}
+            version = []
+            w.commit(lambda db: version.append(catalog.add_backup(db, manifest, stats)))
     except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise UserError(f"no space left in data dir {store.root}: backup of {path} "
-                            "aborted, nothing recorded") from None
-        raise
+        if exc.errno != errno.ENOSPC:
+            raise
+        raise no_space from None
     except sqlite3.OperationalError as exc:
-        if "full" in str(exc):
-            raise UserError(f"no space left in data dir {store.root}: backup of {path} "
-                            "aborted, nothing recorded") from None
-        raise
+        if "full" not in str(exc):
+            raise
+        raise no_space from None
     finally:
         f.close()
-    return BackupResult(manifest.id, name, box["v"], size, n, zeros, new, added, new_raw,
-                        time.perf_counter() - t0)
+    return BackupResult(manifest.id, name, version[0], size, t.chunks, t.zeros, t.new,
+                        t.added, t.new_raw, time.perf_counter() - t0)
