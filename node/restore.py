@@ -39,7 +39,9 @@ class RestoreResult:
 
 
 def restore(store, ref: str, out: str, *, force: bool = False, progress=None,
-            on_wait=None, workers: int | None = None) -> RestoreResult:
+            on_wait=None, workers: int | None = None,
+            direct: bool | None = None) -> RestoreResult:
+    """direct: None = O_DIRECT where the filesystem takes it, False = buffered."""
     t0 = time.perf_counter()
     with store.read_lock(on_wait):
         b = catalog.resolve(store, ref)
@@ -53,7 +55,7 @@ def restore(store, ref: str, out: str, *, force: bool = False, progress=None,
             raise UserError(f"{parent}: no such directory")
         tmp = os.path.join(parent, f".{os.path.basename(out)}.hypersdk-partial-{os.getpid()}")
         try:
-            fd, direct = _open_out(tmp)
+            fd, direct = _open_out(tmp, direct is not False)
         except OSError as exc:
             raise UserError(f"cannot write {out}: {exc.strerror}") from None
         try:
@@ -76,7 +78,7 @@ def restore(store, ref: str, out: str, *, force: bool = False, progress=None,
     return RestoreResult(m.id, out, m.size, n, zeros, time.perf_counter() - t0)
 
 
-def _open_out(path: str):
+def _open_out(path: str, try_direct: bool = True):
     """(fd, direct): O_DIRECT when the filesystem takes it (tmpfs does not).
 
     Writing a fresh multi-GB file through the page cache costs more kernel
@@ -84,12 +86,21 @@ def _open_out(path: str):
     allocation + copy); direct I/O from aligned buffers skips it.
     """
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-    if hasattr(os, "O_DIRECT"):
+    if try_direct and hasattr(os, "O_DIRECT"):
         try:
-            return os.open(path, flags | os.O_DIRECT, 0o600), True
+            fd = os.open(path, flags | os.O_DIRECT, 0o600)
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
+        else:
+            try:            # some filesystems accept the flag but refuse the writes
+                os.pwrite(fd, memoryview(_aligned(_ALIGN))[:_ALIGN], 0)
+                os.ftruncate(fd, 0)
+                return fd, True
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno != errno.EINVAL:
+                    raise
     return os.open(path, flags, 0o600), False
 
 

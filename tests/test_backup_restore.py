@@ -38,15 +38,16 @@ SIZES = [
 ]
 
 
+@pytest.mark.parametrize("direct", [None, False], ids=["o_direct", "buffered"])
 @pytest.mark.parametrize("size, kind", SIZES)
-def test_round_trip_is_byte_identical(store, tmp_path, size, kind):
+def test_round_trip_is_byte_identical(store, tmp_path, size, kind, direct):
     src = tmp_path / "src.img"
     src.write_bytes(_content(kind, size))
     r = backup(store, str(src), chunk_size=CS)
     assert r.size == size
     assert r.chunks == -(-size // CS)
     out = tmp_path / "out.img"
-    restore(store, r.manifest_id.hex(), str(out))
+    restore(store, r.manifest_id.hex(), str(out), direct=direct)
     assert out.read_bytes() == src.read_bytes()
     assert verify_store(store).ok
 
