@@ -1,0 +1,27 @@
+"""A peer as the DHT knows it: id, one dialable address, and its site."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .keys import ID_BYTES
+
+
+@dataclass(frozen=True, slots=True)
+class Contact:
+    id: bytes            # 32 bytes, BLAKE3 of the peer's public key
+    addr: str            # e.g. "/ip4/10.1.2.3/tcp/4001" (simnet uses the same form)
+    site: str = ""       # operator-declared edge site (diversity limits)
+
+    def __post_init__(self):
+        if not isinstance(self.id, bytes) or len(self.id) != ID_BYTES:
+            raise ValueError("contact id must be 32 bytes")
+
+    @property
+    def ip_prefix24(self) -> str:
+        """The /24 of an /ip4/ address ("" when the address is not IPv4)."""
+        parts = self.addr.split("/")
+        if len(parts) > 2 and parts[1] == "ip4":
+            octets = parts[2].split(".")
+            if len(octets) == 4:
+                return ".".join(octets[:3])
+        return ""
