@@ -29,8 +29,7 @@ def bucket_index(own: bytes, other: bytes) -> int:
     return distance(own, other).bit_length() - 1
 
 
-def closest(target: bytes, ids, k: int) -> list:
-    """The k ids (or objects with .id) closest to target, nearest first."""
-    key = (lambda x: distance(target, x.id)) if ids and not isinstance(
-        next(iter(ids)), (bytes, bytearray)) else (lambda x: distance(target, x))
-    return sorted(ids, key=key)[:k]
+def closest(target: bytes, contacts, k: int) -> list:
+    """The k contacts (objects with .id) closest to target, nearest first."""
+    t = as_int(target)
+    return sorted(contacts, key=lambda c: t ^ as_int(c.id))[:k]
