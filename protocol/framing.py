@@ -1,0 +1,179 @@
+"""Length-prefixed frames of DHT messages, and a sans-I/O frame decoder.
+
+A frame is a 4-byte big-endian payload length followed by the payload, one
+canonical msgpack map: {"v": VERSION, "t": <message tag>, <field>: <value>...}
+(field names as in protocol.dht_messages; a PeerInfo is the map
+{"id", "addr", "site"}, a SignedRecord the map {"key", "value", "author",
+"seq", "signature"}, None is nil).
+
+Bounds: MAX_FRAME = 64 KiB of payload. The largest valid DHT message is about
+55 KiB (Providers with 64 providers and 32 closer peers, every string at its
+limit), so every constructible message fits and anything bigger is hostile.
+A length prefix over MAX_FRAME is rejected as soon as its 4 bytes arrive,
+before any of the body is buffered; FrameDecoder never holds more than
+MAX_FRAME + 4 bytes (see FrameDecoder.room).
+
+Every decoding failure (malformed or non-canonical msgpack, wrong version,
+unknown tag, unknown or missing fields, wrong types or lengths, too-long lists
+or strings) is a RemoteProtocolError and nothing else.
+"""
+from __future__ import annotations
+
+from dataclasses import fields
+
+from . import codec
+from .dht_messages import MAX_PROVIDERS, MESSAGE_TYPES, PeerInfo, SignedRecord
+from .errors import LocalProtocolError, RemoteProtocolError
+
+VERSION = 1
+HEADER = 4
+MAX_FRAME = 64 << 10
+
+_PEER_KEYS = frozenset({"id", "addr", "site"})
+_RECORD_KEYS = frozenset({"key", "value", "author", "seq", "signature"})
+_FIELDS = {tag: tuple(f.name for f in fields(cls)) for tag, cls in MESSAGE_TYPES.items()}
+
+
+# -- encoding ---------------------------------------------------------------------------
+
+def _to_wire(value):
+    if isinstance(value, PeerInfo):
+        return {"id": value.id, "addr": value.addr, "site": value.site}
+    if isinstance(value, SignedRecord):
+        return {"key": value.key, "value": value.value, "author": value.author,
+                "seq": value.seq, "signature": value.signature}
+    if isinstance(value, tuple):
+        return [_to_wire(v) for v in value]
+    return value
+
+
+def encode_payload(msg) -> bytes:
+    """The canonical msgpack document of `msg` (a frame without its length prefix)."""
+    tag = getattr(type(msg), "TAG", None)
+    if MESSAGE_TYPES.get(tag) is not type(msg):
+        raise LocalProtocolError(f"{type(msg).__name__} is not a DHT message")
+    doc = {name: _to_wire(getattr(msg, name)) for name in _FIELDS[tag]}
+    doc.update(v=VERSION, t=tag)
+    payload = codec.encode(doc)
+    if len(payload) > MAX_FRAME:              # unreachable for valid messages; a guard
+        raise LocalProtocolError(f"{tag} message of {len(payload)} bytes exceeds {MAX_FRAME}")
+    return payload
+
+
+def encode_message(msg) -> bytes:
+    """One frame: 4-byte big-endian length + canonical payload."""
+    payload = encode_payload(msg)
+    return len(payload).to_bytes(HEADER, "big") + payload
+
+
+# -- decoding ---------------------------------------------------------------------------
+
+def _map(value, keys: frozenset, what: str) -> dict:
+    if type(value) is not dict or value.keys() != keys:
+        raise RemoteProtocolError(f"{what} must be a map with keys {sorted(keys)}")
+    return value
+
+
+def _peer(value) -> PeerInfo:
+    return PeerInfo(**_map(value, _PEER_KEYS, "peer"))
+
+
+def _peer_list(value) -> tuple:
+    if type(value) is not list or len(value) > MAX_PROVIDERS:
+        raise RemoteProtocolError(f"peer list must be a list of at most {MAX_PROVIDERS}")
+    return tuple(_peer(p) for p in value)
+
+
+def _record(value):
+    return None if value is None else SignedRecord(**_map(value, _RECORD_KEYS, "record"))
+
+
+_FROM_WIRE = {"peers": _peer_list, "closer": _peer_list, "providers": _peer_list,
+              "provider": _peer, "record": _record}
+
+
+def decode_message(payload):
+    """Parse one frame payload (no length prefix) into a message."""
+    doc = codec.decode(payload, max_size=MAX_FRAME)
+    if type(doc) is not dict:
+        raise RemoteProtocolError("message is not a map")
+    version, tag = doc.pop("v", None), doc.pop("t", None)
+    if type(version) is not int or version != VERSION:
+        raise RemoteProtocolError(f"unsupported message version {version!r:.20}")
+    if type(tag) is not str or tag not in MESSAGE_TYPES:
+        raise RemoteProtocolError(f"unknown message type {tag!r:.40}")
+    names = _FIELDS[tag]
+    if doc.keys() != set(names):
+        raise RemoteProtocolError(f"{tag} fields {sorted(doc)} are not {sorted(names)}")
+    try:
+        args = {n: _FROM_WIRE[n](doc[n]) if n in _FROM_WIRE else doc[n] for n in names}
+        return MESSAGE_TYPES[tag](**args)
+    except LocalProtocolError as exc:
+        raise RemoteProtocolError(f"invalid {tag} message: {exc}") from None
+
+
+class FrameDecoder:
+    """Turns a byte stream into messages (the h11 pattern, no I/O).
+
+        while True:
+            msg = dec.next_message()      # None: need more bytes
+            if msg is None:
+                data = await stream.receive_some(dec.room)
+                dec.receive_data(data)    # b"" marks end of stream
+                ...
+
+    After a RemoteProtocolError the decoder stays failed: drop the peer.
+    """
+
+    def __init__(self):
+        self._buf = bytearray()
+        self._eof = False
+        self._error: str | None = None
+
+    @property
+    def room(self) -> int:
+        """How many bytes receive_data accepts now (>= 1 once next_message returned None)."""
+        return MAX_FRAME + HEADER - len(self._buf)
+
+    def receive_data(self, data: bytes) -> None:
+        self._raise_if_failed()
+        if self._eof and data:
+            raise LocalProtocolError("data received after end of stream")
+        if len(data) > self.room:
+            raise LocalProtocolError(f"{len(data)} bytes exceed the decoder's room {self.room}")
+        if not data:
+            self._eof = True
+        self._buf += data
+        self._body_len()                        # reject an oversized prefix right away
+
+    def next_message(self):
+        """The next complete message, or None if more bytes are needed."""
+        self._raise_if_failed()
+        n = self._body_len()
+        if n is None or len(self._buf) < HEADER + n:
+            if self._eof and self._buf:
+                self._fail("stream ended inside a frame")
+            return None
+        payload = bytes(self._buf[HEADER:HEADER + n])
+        del self._buf[:HEADER + n]
+        try:
+            return decode_message(payload)
+        except RemoteProtocolError as exc:
+            self._fail(str(exc))
+
+    def _body_len(self) -> int | None:
+        if len(self._buf) < HEADER:
+            return None
+        n = int.from_bytes(self._buf[:HEADER], "big")
+        if n > MAX_FRAME:
+            self._fail(f"frame length {n} exceeds {MAX_FRAME}")
+        return n
+
+    def _fail(self, reason: str):
+        self._error = reason
+        self._buf.clear()
+        raise RemoteProtocolError(reason)
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise RemoteProtocolError(f"decoder failed earlier: {self._error}")
