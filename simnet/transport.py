@@ -1,0 +1,190 @@
+"""In-memory Transport for simnet: many nodes in one trio run, virtual time.
+
+A SimNetwork owns the nodes' SimTransports and delivers bytes between them
+after the one-way delay its `link` model gives (default: a constant). Each
+stream direction is a pipe whose chunks carry an arrival time; arrival times
+on a pipe never decrease, so bytes stay in order. Run it under trio's
+MockClock(autojump_threshold=0) and simulated hours take seconds.
+
+The network model (regions, RTT matrix, bandwidth, loss, partitions, churn,
+per-node faults) plugs in through `LinkModel`; this module only knows
+"how long until these bytes arrive, and do they arrive at all".
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import trio
+
+from node.transport import TransportError
+
+
+class LinkModel:
+    """Constant one-way delay, nothing lost, everyone reachable."""
+
+    def __init__(self, delay: float = 0.025):
+        self.delay = delay
+
+    def reachable(self, src: str, dst: str) -> bool:
+        return True
+
+    def arrival(self, src: str, dst: str, nbytes: int, now: float) -> float | None:
+        """When nbytes sent now from src arrive at dst (None: lost)."""
+        return now + self.delay
+
+
+class _Pipe:
+    """One direction of a stream: (arrival time, bytes) chunks in order."""
+
+    def __init__(self):
+        self.chunks: deque = deque()
+        self.eof_at: float | None = None
+        self.reset = False
+        self.last = 0.0
+        self.lot = trio.lowlevel.ParkingLot()
+
+    def push(self, at: float, data: bytes):
+        self.last = max(self.last, at)
+        self.chunks.append((self.last, data))
+        self.lot.unpark_all()
+
+    def close(self, at: float):
+        if self.eof_at is None:
+            self.eof_at = max(self.last, at)
+            self.lot.unpark_all()
+
+    def break_(self):
+        self.reset = True
+        self.lot.unpark_all()
+
+    async def pull(self, max_bytes: int) -> bytes:
+        while True:
+            if self.reset:
+                raise TransportError("stream reset")
+            now = trio.current_time()
+            if self.chunks:
+                at, data = self.chunks[0]
+                if at <= now:
+                    if len(data) <= max_bytes:
+                        self.chunks.popleft()
+                        return data
+                    self.chunks[0] = (at, data[max_bytes:])
+                    return data[:max_bytes]
+                with trio.move_on_at(at):
+                    await self.lot.park()       # a reset wakes us early
+                continue
+            if self.eof_at is not None:
+                if self.eof_at <= now:
+                    return b""
+                with trio.move_on_at(self.eof_at):
+                    await self.lot.park()
+                continue
+            await self.lot.park()
+
+
+class SimStream:
+    def __init__(self, net: "SimNetwork", src: str, dst: str, inbound: _Pipe, outbound: _Pipe):
+        self._net, self._src, self._dst = net, src, dst
+        self._in, self._out = inbound, outbound
+        self._closed = False
+
+    async def send_all(self, data: bytes) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("stream closed")
+        if self._out.reset:
+            raise TransportError("stream reset")
+        await trio.lowlevel.checkpoint()
+        at = self._net.model.arrival(self._src, self._dst, len(data), trio.current_time())
+        if at is None:                      # lost: the connection breaks (TCP gives up)
+            self._out.break_()
+            self._in.break_()
+            raise TransportError("connection lost")
+        self._out.push(at, bytes(data))
+
+    async def receive_some(self, max_bytes: int = 65536) -> bytes:
+        if self._closed:
+            raise trio.ClosedResourceError("stream closed")
+        return await self._in.pull(max_bytes)
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._out.close(self._eof_time())
+        await trio.lowlevel.checkpoint()
+
+    def _eof_time(self) -> float:
+        at = self._net.model.arrival(self._src, self._dst, 0, trio.current_time())
+        return at if at is not None else trio.current_time()
+
+
+@dataclass(eq=False)
+class SimTransport:
+    net: "SimNetwork"
+    peer_id: bytes
+    addr: str
+    handlers: dict = field(default_factory=dict)
+    up: bool = True
+
+    def set_handler(self, protocol: str, handler) -> None:
+        self.handlers[protocol] = handler
+
+    async def open_stream(self, peer_id: bytes, addr: str, protocol: str) -> SimStream:
+        return await self.net.connect(self, peer_id, addr, protocol)
+
+
+class SimNetwork:
+    def __init__(self, model: LinkModel | None = None):
+        self.model = model or LinkModel()
+        self.nodes: dict[str, SimTransport] = {}
+        self.handler_errors: list[BaseException] = []
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED):
+        """Own the handler tasks of every node; runs until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    def add_node(self, peer_id: bytes, addr: str) -> SimTransport:
+        if addr in self.nodes:
+            raise ValueError(f"address {addr} already in use")
+        t = self.nodes[addr] = SimTransport(self, peer_id, addr)
+        return t
+
+    def remove_node(self, addr: str):
+        t = self.nodes.pop(addr, None)
+        if t is not None:
+            t.up = False
+
+    async def connect(self, src: SimTransport, peer_id: bytes, addr: str,
+                      protocol: str) -> SimStream:
+        await trio.lowlevel.checkpoint()
+        dst = self.nodes.get(addr)
+        if (not src.up or dst is None or not dst.up or dst.peer_id != peer_id
+                or not self.model.reachable(src.addr, addr)):
+            # unreachable: a dial fails after a round trip (refused / no route)
+            rtt = 2 * (self.model.arrival(src.addr, addr, 0, 0.0) or 0.0)
+            await trio.sleep(rtt)
+            raise TransportError(f"cannot reach {peer_id.hex()[:12]} at {addr}")
+        handler = dst.handlers.get(protocol)
+        if handler is None:
+            raise TransportError(f"{addr} does not speak {protocol}")
+        a_to_b, b_to_a = _Pipe(), _Pipe()
+        ours = SimStream(self, src.addr, addr, b_to_a, a_to_b)
+        theirs = SimStream(self, addr, src.addr, a_to_b, b_to_a)
+        self._nursery.start_soon(self._guarded, handler, theirs, src.peer_id)
+        return ours
+
+    async def _guarded(self, handler, stream, peer_id):
+        """A handler's failure ends its stream, never the network (DESIGN: guard
+        handlers). Unexpected exceptions are kept in handler_errors for tests."""
+        try:
+            await handler(stream, peer_id)
+        except (TransportError, trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+        except Exception as exc:            # a bug in a handler: record, don't spread
+            self.handler_errors.append(exc)
+        finally:
+            await stream.aclose()
