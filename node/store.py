@@ -261,8 +261,12 @@ class ChunkStore:
             "FROM chunks", (packfile.HDR_LEN,)).fetchone()
         backups, logical = db.execute(
             "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM backups").fetchone()
+        deltas, delta_raw = db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(raw_len), 0) FROM chunks WHERE base IS NOT NULL"
+        ).fetchone()
         disk = sum(packfile.allocated_bytes(p) for p in self.packs_dir.glob("pack-*.dat"))
         return {"backups": backups, "unique_chunks": n, "unique_raw_bytes": raw,
+                "delta_chunks": deltas, "delta_raw_bytes": delta_raw,
                 "stored_bytes": stored, "pack_bytes_on_disk": disk,
                 "logical_bytes": logical,
                 "dedup_ratio": round(logical / raw, 3) if raw else None,

@@ -23,6 +23,7 @@ fi
 step "$H" backup "$WORK/disk.img" --name vm-web01
 cp "$WORK/disk-day2.img" "$WORK/disk.img"        # the VM ran for a day
 step "$H" backup "$WORK/disk.img" --name vm-web01
+echo "(day 2 stores only what changed: new chunks as zstd deltas against day 1's)"
 step "$H" backups
 step "$H" store stats
 step "$H" restore vm-web01@1 "$WORK/restored-day1.img"
@@ -34,6 +35,7 @@ cmp "$WORK/disk-day2.img" "$WORK/restored-day2.img" && echo "identical"
 echo "sparse restore: apparent $(du -h --apparent-size "$WORK/restored-day2.img" | cut -f1), on disk $(du -h "$WORK/restored-day2.img" | cut -f1)"
 step "$H" verify
 step "$H" delete vm-web01@1
+echo "(day-1 chunks that day 2 changed stay: they are the bases of day 2's delta chunks)"
 step "$H" gc
 step "$H" verify vm-web01
 step "$H" store stats

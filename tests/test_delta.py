@@ -55,6 +55,7 @@ def test_changed_chunks_cost_only_their_changed_blocks(store, versions, tmp_path
     # hold the 3 changed 4 KiB blocks plus small overheads
     assert r2.new_bytes_stored < 3 * BLOCK + 2 * 400
     assert _codec_base(store, days[1], 1)[0] == CODEC_ZSTD_DELTA
+    assert store.stats()["delta_chunks"] == 4      # 2 changed on day 2, 2 on day 3
     for k, day in enumerate(days, 1):
         out = tmp_path / f"out{k}.img"
         restore(store, f"vm@{k}", str(out))
