@@ -54,11 +54,15 @@ def decode(data: bytes, *, max_size: int = MAX_DOC):
         raise RemoteProtocolError("document is not bytes")
     if len(data) > max_size:
         raise RemoteProtocolError(f"document of {len(data)} bytes exceeds {max_size}")
+    # every element takes at least one byte (a map entry two), so no honest
+    # document claims more elements than it has bytes; bounding by the size
+    # stops a few hostile bytes from making msgpack reserve a 1M-slot list
+    n = len(data)
     try:
         value = msgpack.unpackb(
             data, raw=False, strict_map_key=True, use_list=True,
-            max_bin_len=max_size, max_str_len=MAX_STR, max_array_len=MAX_ITEMS,
-            max_map_len=MAX_ITEMS, max_ext_len=0)
+            max_bin_len=max_size, max_str_len=MAX_STR, max_array_len=min(MAX_ITEMS, n),
+            max_map_len=min(MAX_ITEMS, n // 2), max_ext_len=0)
     except Exception as exc:   # msgpack raises many types on bad input
         raise RemoteProtocolError(f"malformed msgpack: {exc}") from None
     try:

@@ -104,3 +104,10 @@ def test_codec_refuses_floats_and_non_string_keys():
 def test_codec_bounds_document_size():
     with pytest.raises(RemoteProtocolError, match="exceeds"):
         codec.decode(b"\xc0" * 100, max_size=10)
+
+
+def test_claimed_list_length_is_bounded_by_document_size():
+    # array32 header claiming 1,000,000 elements, followed by 3 bytes
+    with pytest.raises(RemoteProtocolError):
+        codec.decode(b"\xdd\x00\x0f\x42\x40" + b"\x01\x02\x03")
+    assert codec.decode(msgpack.packb([1, 2, 3])) == [1, 2, 3]
