@@ -7,11 +7,25 @@ on a pipe never decrease, so bytes stay in order. Run it under trio's
 MockClock(autojump_threshold=0) and simulated hours take seconds.
 
 The network model (regions, RTT matrix, bandwidth, loss, partitions, churn,
-per-node faults) plugs in through `LinkModel`; this module only knows
-"how long until these bytes arrive, and do they arrive at all".
+per-node faults: simnet/network.py) plugs in through `LinkModel`; this module
+only asks it four things: can src dial dst, when do these bytes arrive (None:
+the connection is lost; math.inf: never, the peer hangs), what bytes arrive
+(`transform`, for corruption), and how long a failed dial takes.
+
+Semantics worth knowing:
+- send_all never blocks on bandwidth (an unbounded socket buffer); the model's
+  arrival time already includes queueing behind earlier sends.
+- A lost send breaks both directions of the stream (TransportError on both
+  ends), as a TCP connection that gives up does.
+- remove_node breaks every open stream of that node: a departed node's peers
+  see a reset, and its own handlers end.
+- Determinism: trio shuffles tasks that become runnable together with its own
+  private Random. `seed_scheduler(seed)` pins it so that a simnet run repeats
+  exactly; the network model draws only from the Random it is given.
 """
 from __future__ import annotations
 
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -30,8 +44,30 @@ class LinkModel:
         return True
 
     def arrival(self, src: str, dst: str, nbytes: int, now: float) -> float | None:
-        """When nbytes sent now from src arrive at dst (None: lost)."""
+        """When nbytes sent now from src arrive at dst (None: lost, the
+        connection breaks; math.inf: never delivered, the receiver waits)."""
         return now + self.delay
+
+    def transform(self, src: str, dst: str, data: bytes) -> bytes:
+        """The bytes dst receives when src sends `data` (corruption hook)."""
+        return data
+
+    def dial_failure_delay(self, src: str, dst: str) -> float:
+        """How long a dial from src to an unreachable dst takes to fail."""
+        return 2 * self.delay
+
+
+def seed_scheduler(seed: int) -> None:
+    """Make trio's scheduling order a function of `seed`.
+
+    trio runs the tasks that became runnable together in an order drawn from
+    a private module-level Random (trio._core._run._r); pytest-trio and
+    Hypothesis pin it the same way. Call before trio.run for a reproducible
+    simnet run. Uses trio internals: checked by tests/test_simnet_network.py.
+    """
+    from trio._core import _run
+    _run._ALLOW_DETERMINISTIC_SCHEDULING = True
+    _run._r.seed(seed)
 
 
 class _Pipe:
@@ -95,12 +131,15 @@ class SimStream:
         if self._out.reset:
             raise TransportError("stream reset")
         await trio.lowlevel.checkpoint()
-        at = self._net.model.arrival(self._src, self._dst, len(data), trio.current_time())
+        if not data:                        # b"" on the wire would read as EOF
+            return
+        model = self._net.model
+        at = model.arrival(self._src, self._dst, len(data), trio.current_time())
         if at is None:                      # lost: the connection breaks (TCP gives up)
             self._out.break_()
             self._in.break_()
             raise TransportError("connection lost")
-        self._out.push(at, bytes(data))
+        self._out.push(at, model.transform(self._src, self._dst, bytes(data)))
 
     async def receive_some(self, max_bytes: int = 65536) -> bytes:
         if self._closed:
@@ -139,6 +178,7 @@ class SimNetwork:
         self.nodes: dict[str, SimTransport] = {}
         self.handler_errors: list[BaseException] = []
         self._nursery: trio.Nursery | None = None
+        self._pipes: dict[str, weakref.WeakSet] = {}   # addr -> pipes of its open streams
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED):
         """Own the handler tasks of every node; runs until cancelled."""
@@ -157,6 +197,8 @@ class SimNetwork:
         t = self.nodes.pop(addr, None)
         if t is not None:
             t.up = False
+        for pipe in list(self._pipes.pop(addr, ())):   # its connections reset
+            pipe.break_()
 
     async def connect(self, src: SimTransport, peer_id: bytes, addr: str,
                       protocol: str) -> SimStream:
@@ -164,14 +206,16 @@ class SimNetwork:
         dst = self.nodes.get(addr)
         if (not src.up or dst is None or not dst.up or dst.peer_id != peer_id
                 or not self.model.reachable(src.addr, addr)):
-            # unreachable: a dial fails after a round trip (refused / no route)
-            rtt = 2 * (self.model.arrival(src.addr, addr, 0, 0.0) or 0.0)
-            await trio.sleep(rtt)
+            # unreachable: by default a dial fails after a round trip (refused /
+            # no route); the model decides (NetworkModel: dial_timeout)
+            await trio.sleep(self.model.dial_failure_delay(src.addr, addr))
             raise TransportError(f"cannot reach {peer_id.hex()[:12]} at {addr}")
         handler = dst.handlers.get(protocol)
         if handler is None:
             raise TransportError(f"{addr} does not speak {protocol}")
         a_to_b, b_to_a = _Pipe(), _Pipe()
+        for end in (src.addr, addr):
+            self._pipes.setdefault(end, weakref.WeakSet()).update((a_to_b, b_to_a))
         ours = SimStream(self, src.addr, addr, b_to_a, a_to_b)
         theirs = SimStream(self, addr, src.addr, a_to_b, b_to_a)
         self._nursery.start_soon(self._guarded, handler, theirs, src.peer_id)
