@@ -4,7 +4,9 @@ A frame is a 4-byte big-endian payload length followed by the payload, one
 canonical msgpack map: {"v": VERSION, "t": <message tag>, <field>: <value>...}
 (field names as in protocol.dht_messages; a PeerInfo is the map
 {"id", "addr", "site"}, a SignedRecord the map {"key", "value", "author",
-"seq", "signature"}, None is nil).
+"seq", "signature"}, None is nil). Optional fields (a request's `sender`) are
+left out when None and never sent as nil, so each message keeps exactly one
+encoding.
 
 Bounds: MAX_FRAME = 64 KiB of payload. The largest valid DHT message is about
 55 KiB (Providers with 64 providers and 32 closer peers, every string at its
@@ -15,7 +17,8 @@ MAX_FRAME + 4 bytes (see FrameDecoder.room).
 
 Every decoding failure (malformed or non-canonical msgpack, wrong version,
 unknown tag, unknown or missing fields, wrong types or lengths, too-long lists
-or strings) is a RemoteProtocolError and nothing else.
+or strings) is a RemoteProtocolError and nothing else; an oversized length
+prefix is its subclass OversizedFrame (so a node can say why it dropped a peer).
 """
 from __future__ import annotations
 
@@ -30,8 +33,14 @@ HEADER = 4
 MAX_FRAME = 64 << 10
 
 _PEER_KEYS = frozenset({"id", "addr", "site"})
+_OPTIONAL = frozenset({"sender"})          # absent on the wire when None
 _RECORD_KEYS = frozenset({"key", "value", "author", "seq", "signature"})
 _FIELDS = {tag: tuple(f.name for f in fields(cls)) for tag, cls in MESSAGE_TYPES.items()}
+_REQUIRED = {tag: frozenset(names) - _OPTIONAL for tag, names in _FIELDS.items()}
+
+
+class OversizedFrame(RemoteProtocolError):
+    """A length prefix announced more than MAX_FRAME bytes."""
 
 
 # -- encoding ---------------------------------------------------------------------------
@@ -52,7 +61,8 @@ def encode_payload(msg) -> bytes:
     tag = getattr(type(msg), "TAG", None)
     if MESSAGE_TYPES.get(tag) is not type(msg):
         raise LocalProtocolError(f"{type(msg).__name__} is not a DHT message")
-    doc = {name: _to_wire(getattr(msg, name)) for name in _FIELDS[tag]}
+    doc = {name: _to_wire(getattr(msg, name)) for name in _FIELDS[tag]
+           if name not in _OPTIONAL or getattr(msg, name) is not None}
     doc.update(v=VERSION, t=tag)
     payload = codec.encode(doc)
     if len(payload) > MAX_FRAME:              # unreachable for valid messages; a guard
@@ -89,7 +99,7 @@ def _record(value):
 
 
 _FROM_WIRE = {"peers": _peer_list, "closer": _peer_list, "providers": _peer_list,
-              "provider": _peer, "record": _record}
+              "provider": _peer, "sender": _peer, "record": _record}
 
 
 def decode_message(payload):
@@ -103,10 +113,10 @@ def decode_message(payload):
     if type(tag) is not str or tag not in MESSAGE_TYPES:
         raise RemoteProtocolError(f"unknown message type {tag!r:.40}")
     names = _FIELDS[tag]
-    if doc.keys() != set(names):
+    if not _REQUIRED[tag] <= doc.keys() <= set(names):
         raise RemoteProtocolError(f"{tag} fields {sorted(doc)} are not {sorted(names)}")
     try:
-        args = {n: _FROM_WIRE[n](doc[n]) if n in _FROM_WIRE else doc[n] for n in names}
+        args = {n: _FROM_WIRE[n](doc[n]) if n in _FROM_WIRE else doc[n] for n in doc}
         return MESSAGE_TYPES[tag](**args)
     except LocalProtocolError as exc:
         raise RemoteProtocolError(f"invalid {tag} message: {exc}") from None
@@ -166,13 +176,13 @@ class FrameDecoder:
             return None
         n = int.from_bytes(self._buf[:HEADER], "big")
         if n > MAX_FRAME:
-            self._fail(f"frame length {n} exceeds {MAX_FRAME}")
+            self._fail(f"frame length {n} exceeds {MAX_FRAME}", OversizedFrame)
         return n
 
-    def _fail(self, reason: str):
+    def _fail(self, reason: str, error: type = RemoteProtocolError):
         self._error = reason
         self._buf.clear()
-        raise RemoteProtocolError(reason)
+        raise error(reason)
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:

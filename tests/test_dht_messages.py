@@ -11,7 +11,8 @@ from protocol.dht_messages import (
     Providers, PutRecord, RecordFound, SignedRecord, answers)
 from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.framing import (
-    HEADER, MAX_FRAME, FrameDecoder, decode_message, encode_message, encode_payload)
+    HEADER, MAX_FRAME, FrameDecoder, OversizedFrame, decode_message, encode_message,
+    encode_payload)
 
 ids = st.binary(min_size=32, max_size=32)
 rids = st.one_of(st.integers(0, MAX_U64), st.sampled_from([0, 1, 127, 128, 2**32, MAX_U64]))
@@ -20,21 +21,22 @@ addrs = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=
 sites = st.text(max_size=MAX_SITE)
 peers = st.builds(PeerInfo, ids, addrs, sites)
 peer_lists = st.lists(peers, max_size=MAX_PEERS)
+senders = st.none() | peers                # every request may say who is asking
 records = st.builds(SignedRecord, key=ids, value=st.binary(max_size=MAX_VALUE), author=ids,
                     seq=st.integers(0, MAX_U64), signature=st.binary(min_size=64, max_size=64))
 private_keys = st.binary(min_size=32, max_size=32).map(Ed25519PrivateKey.from_private_bytes)
 
 STRATEGIES = {
-    Ping: st.builds(Ping, rids),
+    Ping: st.builds(Ping, rids, senders),
     Pong: st.builds(Pong, rids),
-    FindNode: st.builds(FindNode, rids, ids),
+    FindNode: st.builds(FindNode, rids, ids, senders),
     Nodes: st.builds(Nodes, rids, peer_lists),
-    GetProviders: st.builds(GetProviders, rids, ids),
+    GetProviders: st.builds(GetProviders, rids, ids, senders),
     Providers: st.builds(Providers, rids, st.lists(peers, max_size=MAX_PROVIDERS), peer_lists),
-    AddProvider: st.builds(AddProvider, rids, ids, peers),
+    AddProvider: st.builds(AddProvider, rids, ids, peers, senders),
     Ack: st.builds(Ack, rids, st.booleans()),
-    PutRecord: st.builds(PutRecord, rids, records),
-    GetRecord: st.builds(GetRecord, rids, ids),
+    PutRecord: st.builds(PutRecord, rids, records, senders),
+    GetRecord: st.builds(GetRecord, rids, ids, senders),
     RecordFound: st.builds(RecordFound, rids, st.none() | records, peer_lists),
 }
 messages = st.one_of(*STRATEGIES.values())
@@ -82,12 +84,13 @@ def _worst_peer(i: int) -> PeerInfo:
 def test_largest_valid_message_of_every_type_fits_in_a_frame():
     big_peers = tuple(_worst_peer(i) for i in range(MAX_PEERS))
     record = SignedRecord(b"k" * 32, b"\xff" * MAX_VALUE, b"a" * 32, MAX_U64, b"s" * 64)
+    me = _worst_peer(99)
     worst = [
-        Ping(MAX_U64), Pong(MAX_U64), FindNode(MAX_U64, b"t" * 32), Nodes(MAX_U64, big_peers),
-        GetProviders(MAX_U64, b"k" * 32),
+        Ping(MAX_U64, me), Pong(MAX_U64), FindNode(MAX_U64, b"t" * 32, me),
+        Nodes(MAX_U64, big_peers), GetProviders(MAX_U64, b"k" * 32, me),
         Providers(MAX_U64, tuple(_worst_peer(i) for i in range(MAX_PROVIDERS)), big_peers),
-        AddProvider(MAX_U64, b"k" * 32, _worst_peer(0)), Ack(MAX_U64, False),
-        PutRecord(MAX_U64, record), GetRecord(MAX_U64, b"k" * 32),
+        AddProvider(MAX_U64, b"k" * 32, _worst_peer(0), me), Ack(MAX_U64, False),
+        PutRecord(MAX_U64, record, me), GetRecord(MAX_U64, b"k" * 32, me),
         RecordFound(MAX_U64, record, big_peers),
     ]
     assert {type(m) for m in worst} == set(MESSAGE_TYPES.values())
@@ -184,7 +187,7 @@ def test_oversized_length_prefix_is_rejected_before_the_body():
     dec = FrameDecoder()
     dec.receive_data(prefix[:2])
     assert dec.next_message() is None          # half a header: wait
-    with pytest.raises(RemoteProtocolError, match="exceeds"):
+    with pytest.raises(OversizedFrame, match="exceeds"):
         dec.receive_data(prefix[2:])           # rejected on the prefix alone
     assert dec.room == MAX_FRAME + HEADER      # nothing kept
     with pytest.raises(RemoteProtocolError):   # and it stays failed
@@ -240,6 +243,9 @@ HOSTILE = {
     "addr too long": _payload(v=1, t="nodes", rid=1, peers=[dict(PEER, addr="/" * 257)]),
     "addr with space": _payload(v=1, t="nodes", rid=1, peers=[dict(PEER, addr="/ip4/ x")]),
     "site too long": _payload(v=1, t="nodes", rid=1, peers=[dict(PEER, site="s" * 65)]),
+    "sender nil": _payload(v=1, t="ping", rid=1, sender=None),     # absent, never nil
+    "sender not a peer": _payload(v=1, t="find_node", rid=1, target=b"t" * 32, sender=b"x"),
+    "sender on a response": _payload(v=1, t="pong", rid=1, sender=PEER),
     "provider missing": _payload(v=1, t="add_provider", rid=1, key=b"k" * 32, provider=None),
     "put without record": _payload(v=1, t="put_record", rid=1, record=None),
     "value too big": _payload(v=1, t="put_record", rid=1,
@@ -261,6 +267,16 @@ def test_hand_built_canonical_payload_decodes():
     assert decode_message(b"\x83\xa3rid\x01\xa1t\xa4ping\xa1v\x01") == Ping(1)
 
 
+def test_sender_is_optional_and_absent_on_the_wire_when_none():
+    me = PeerInfo(b"m" * 32, "/ip4/10.0.0.9/tcp/4001", "lyon")
+    assert encode_payload(Ping(1)) == b"\x83\xa3rid\x01\xa1t\xa4ping\xa1v\x01"  # unchanged
+    assert "sender" not in codec.decode(encode_payload(FindNode(2, b"t" * 32)))
+    for msg in (Ping(1, me), FindNode(2, b"t" * 32, me), GetProviders(3, b"k" * 32, me),
+                AddProvider(4, b"k" * 32, me, me), GetRecord(5, b"k" * 32, me)):
+        assert codec.decode(encode_payload(msg))["sender"]["id"] == me.id
+        assert decode_message(encode_payload(msg)) == msg
+
+
 @pytest.mark.parametrize("name", sorted(HOSTILE))
 def test_hostile_payload_is_a_remote_protocol_error(name):
     payload = HOSTILE[name]
@@ -277,6 +293,7 @@ def test_hostile_payload_is_a_remote_protocol_error(name):
     lambda: PeerInfo(b"x" * 32, "/a", "\ud800"), lambda: Ping(-1), lambda: Ping(2**64),
     lambda: Ping(True), lambda: Nodes(1, [PeerInfo(b"x" * 32, "/a")] * (MAX_PEERS + 1)),
     lambda: Nodes(1, [b"x" * 32]), lambda: PutRecord(1, None), lambda: Ack(1, 1),
+    lambda: Ping(1, b"x" * 32), lambda: FindNode(1, b"t" * 32, {"id": b"x" * 32}),
     lambda: SignedRecord(b"k" * 32, bytes(MAX_VALUE + 1), b"a" * 32, 0, b"s" * 64),
 ])
 def test_invalid_values_cannot_be_constructed(make):

@@ -1,0 +1,303 @@
+"""DhtService: runs the Kademlia DHT of one node over a Transport.
+
+Glue only. The decisions live in the pure cores: dht.routing.RoutingTable (who
+we know), dht.lookup.Lookup (whom to ask next), dht.providers (provider
+records, when to republish), node.dht_rpc (one request per stream, peer
+scores, signed records). This module feeds them trio.current_time() (the only
+clock of the DHT; under simnet it is virtual), performs the I/O they ask for,
+and owns the background tasks:
+
+    run()  ├─ request handler  node.dht_rpc.Responder: one request per stream
+           ├─ bucket refresh   every refresh_interval/4: look up a random id in each stale bucket
+           ├─ provider expiry  every hour: drop expired provider records
+           └─ republish        every 22 h: re-announce every provided key
+
+Every request we send carries our PeerInfo as `sender`, so responders learn us;
+we use a requester's claim only when its id is the transport-authenticated
+peer id. Misbehaving peers are scored down and banned (node/dht_rpc.py rules).
+A handler never lets an exception escape: it is counted in `counters` and the
+stream is closed. Testing hook: when the transport's network model says
+`is_malicious(our addr)`, we answer FIND_NODE and GET_PROVIDERS with far or
+fabricated peers.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import random
+from dataclasses import dataclass
+
+import trio
+
+from dht.contact import Contact
+from dht.keys import bucket_index
+from dht.lookup import ALPHA, FINISHED, K, REQUEST_TIMEOUT, Lookup
+from dht.providers import REPUBLISH_INTERVAL, ProviderStore, Republisher
+from dht.routing import MAX_PER_PREFIX24, MAX_PER_SITE, REFRESH_INTERVAL, RoutingTable
+from node.dht_rpc import (PROTOCOL, PeerScores, RecordStore, RequestFailed, Responder,
+                          request, to_contact, to_info)
+from protocol.dht_messages import (Ack, AddProvider, FindNode, GetProviders, GetRecord,
+                                   Nodes, Ping, Providers, PutRecord, RecordFound,
+                                   SignedRecord)
+
+log = logging.getLogger(__name__)
+EXPIRE_EVERY = 3600.0           # seconds between provider-store sweeps
+LOOKUP_GRACE = 0.5              # seconds a lookup waits past a request's own deadline
+
+
+@dataclass(frozen=True, slots=True)
+class LookupStats:
+    hops: int          # depth of the deepest peer that answered (seeds are hop 1)
+    queries: int       # requests sent
+    failures: int      # requests that got no usable reply
+    seconds: float     # trio time the lookup took
+
+
+class DhtService:
+    def __init__(self, transport, own: Contact, *, rng: random.Random, k: int = K,
+                 alpha: int = ALPHA, request_timeout: float = REQUEST_TIMEOUT,
+                 disjoint_paths: int = 1, max_per_prefix24: int | None = MAX_PER_PREFIX24,
+                 max_per_site: int | None = MAX_PER_SITE,
+                 refresh_interval: float = REFRESH_INTERVAL,
+                 republish_interval: float = REPUBLISH_INTERVAL,
+                 providers: ProviderStore | None = None, scores: PeerScores | None = None):
+        self.transport, self.own, self.info = transport, own, to_info(own)
+        self.k, self.alpha, self.disjoint_paths = k, alpha, disjoint_paths
+        self.request_timeout = request_timeout
+        self.refresh_interval = refresh_interval
+        self.table = RoutingTable(own.id, rng=rng, k=k, max_per_prefix24=max_per_prefix24,
+                                  max_per_site=max_per_site)
+        self.providers = providers or ProviderStore()
+        self.republisher = Republisher(republish_interval)
+        self.records = RecordStore()
+        self.scores = scores or PeerScores()
+        self.counters: collections.Counter = collections.Counter()
+        self.errors: collections.deque = collections.deque(maxlen=10)   # last handler bugs
+        self.rng = rng
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED):
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self.transport.set_handler(PROTOCOL, Responder(self).handle)
+                nursery.start_soon(self._refresh_loop)
+                nursery.start_soon(self._expire_loop)
+                nursery.start_soon(self._republish_loop)
+                task_status.started()
+        finally:
+            self._nursery = None
+
+    @property
+    def running(self) -> bool:
+        return self._nursery is not None
+
+    # -- public API ----------------------------------------------------------------------
+
+    async def bootstrap(self, seeds: list[Contact]) -> None:
+        """Join through `seeds`: look up our own id, then refresh every stale bucket."""
+        now = trio.current_time()
+        for seed in seeds:
+            self.observe(seed, now)
+        await self.closest_peers(self.own.id)
+        await self.refresh()
+
+    async def refresh(self) -> None:
+        """Look up a random id in each stale bucket, farthest first (routing rule 8)."""
+        for i in self.table.stale_buckets(trio.current_time(), self.refresh_interval):
+            await self.closest_peers(self.table.refresh_target(i))
+
+    async def find_node(self, target: bytes) -> list[Contact]:
+        return (await self.closest_peers(target))[0]
+
+    async def closest_peers(self, target: bytes) -> tuple[list[Contact], LookupStats]:
+        """The k closest live peers to `target` (iterative FIND_NODE)."""
+        lookup, stats = await self._walk(target, lambda rid: FindNode(rid, target, self.info))
+        if target != self.own.id:
+            self.table.touch_bucket(bucket_index(self.own.id, target), trio.current_time())
+        return lookup.result(), stats
+
+    async def provide(self, key: bytes) -> int:
+        """Announce that we hold `key` to the k peers closest to it, and keep announcing
+        it every republish interval. Returns how many peers stored the record."""
+        stored = await self._announce(key)
+        self.republisher.provide(key)
+        if self.republisher.next_due() is None:      # first key: the schedule starts now
+            self.republisher.mark_done(trio.current_time())
+        return stored
+
+    def stop_providing(self, key: bytes) -> None:
+        """Stop republishing `key`; the records elsewhere expire within their ttl."""
+        self.republisher.withdraw(key)
+
+    async def find_providers(self, key: bytes, count: int = 1
+                             ) -> tuple[list[Contact], LookupStats]:
+        """Peers that announced `key`, stopping once `count` distinct ones are known."""
+        found = {c.id: c for c in self.providers.get(key, trio.current_time())}
+        if len(found) >= count:
+            return list(found.values()), LookupStats(0, 0, 0, 0.0)
+
+        def absorb(peer: Contact, reply: Providers) -> bool:
+            for p in reply.providers:
+                found.setdefault(p.id, to_contact(p))
+            return len(found) >= count
+
+        _, stats = await self._walk(key, lambda rid: GetProviders(rid, key, self.info), absorb)
+        return list(found.values()), stats
+
+    async def put_record(self, record: SignedRecord) -> int:
+        """Store a signed record here and on the k peers closest to its key.
+        Returns how many peers stored it. ValueError if the signature is bad."""
+        if not record.verify():
+            raise ValueError("record signature does not verify")
+        self.records.put(record)
+        peers, _ = await self.closest_peers(record.key)
+        replies = await self._fan_out(peers, lambda rid: PutRecord(rid, record, self.info))
+        return sum(1 for r in replies if isinstance(r, Ack) and r.stored)
+
+    async def get_record(self, key: bytes, quorum: int = 3
+                         ) -> tuple[SignedRecord | None, LookupStats]:
+        """The highest-seq verified record for `key` among the first `quorum` peers
+        (and ourselves) that hold one."""
+        best, holders = self.records.get(key), 0
+
+        def absorb(peer: Contact, reply: RecordFound) -> bool:
+            nonlocal best, holders
+            rec = reply.record
+            if rec is None:
+                return False
+            if rec.key != key or not rec.verify():
+                self.penalize(peer.id, "bad signature", trio.current_time())
+                return False
+            holders += 1
+            if best is None or (rec.author == best.author and rec.seq > best.seq):
+                best = rec
+            return holders >= quorum
+
+        _, stats = await self._walk(key, lambda rid: GetRecord(rid, key, self.info), absorb)
+        return best, stats
+
+    async def request(self, contact: Contact, msg):
+        """One request to one peer: its reply, or None (the failure is recorded)."""
+        try:
+            reply = await request(self.transport, contact, msg, self.request_timeout)
+        except RequestFailed as exc:
+            now = trio.current_time()
+            self.counters[f"failed: {exc.reason}"] += 1
+            if exc.misbehaved:
+                self.penalize(contact.id, exc.reason, now)
+            self.table.failed(contact.id, now)
+            return None
+        now = trio.current_time()
+        self.scores.reward(contact.id, now)
+        self.observe(contact, now)
+        return reply
+
+    # -- lookups -------------------------------------------------------------------------
+
+    async def _walk(self, target: bytes, make, absorb=None) -> tuple[Lookup, LookupStats]:
+        """Drive a Lookup to its end: send make(rid) to each peer it names, feed the
+        replies back; absorb(peer, reply) -> True stops the walk early."""
+        start = trio.current_time()
+        # Each request ends by its own deadline and reports (a timeout is scored or
+        # counted); the lookup's deadline, a little later, is only a backstop.
+        lookup = Lookup(target, self.table.closest(target, self.k), own_id=self.own.id,
+                        k=self.k, alpha=self.alpha, disjoint_paths=self.disjoint_paths,
+                        request_timeout=self.request_timeout + LOOKUP_GRACE)
+        send, receive = trio.open_memory_channel(math.inf)
+        failures = 0
+
+        async def query(peer: Contact):
+            send.send_nowait((peer, await self.request(peer, make(self._rid()))))
+
+        async with trio.open_nursery() as nursery:
+            while (step := lookup.next(now := trio.current_time())) is not FINISHED:
+                if isinstance(step, Contact):
+                    if self.scores.banned(step.id, now):
+                        lookup.on_failure(step.id, now)
+                    else:
+                        nursery.start_soon(query, step)
+                    continue
+                deadline = lookup.next_deadline()
+                with trio.move_on_at(now + self.request_timeout if deadline is None else deadline):
+                    peer, reply = await receive.receive()
+                    now = trio.current_time()
+                    if reply is None:
+                        failures += 1
+                        lookup.on_failure(peer.id, now)
+                        continue
+                    closer = reply.peers if isinstance(reply, Nodes) else reply.closer
+                    if absorb is not None and absorb(peer, reply):
+                        lookup.stop()
+                    lookup.on_success(peer.id, self._usable(closer, now), now)
+            nursery.cancel_scope.cancel()       # late replies are not needed
+        stats = LookupStats(lookup.hops, lookup.queries, failures,
+                            trio.current_time() - start)
+        return lookup, stats
+
+    def _usable(self, peers, now: float) -> list[Contact]:
+        return [to_contact(p) for p in peers if not self.scores.banned(p.id, now)]
+
+    async def _fan_out(self, peers: list[Contact], make) -> list:
+        replies: list = []
+
+        async def one(peer: Contact):
+            replies.append(await self.request(peer, make(self._rid())))
+
+        async with trio.open_nursery() as nursery:
+            for peer in peers:
+                nursery.start_soon(one, peer)
+        return replies
+
+    async def _announce(self, key: bytes) -> int:
+        self.providers.add(key, self.own, trio.current_time())
+        peers, _ = await self.closest_peers(key)
+        replies = await self._fan_out(
+            peers, lambda rid: AddProvider(rid, key, self.info, self.info))
+        return sum(1 for r in replies if isinstance(r, Ack) and r.stored)
+
+    def _rid(self) -> int:
+        return self.rng.getrandbits(64)
+
+    # -- routing table upkeep and peer scores (also used by the Responder) ---------------
+
+    def observe(self, contact: Contact, now: float) -> None:
+        if self.scores.banned(contact.id, now):
+            return
+        outcome = self.table.observe(contact, now)
+        if outcome.ping is not None and self.running:
+            self._nursery.start_soon(self._ping, outcome.ping)
+
+    async def _ping(self, contact: Contact) -> None:
+        reply = await self.request(contact, Ping(self._rid(), self.info))
+        self.table.ping_result(contact.id, reply is not None, trio.current_time())
+
+    def penalize(self, peer_id: bytes, reason: str, now: float) -> None:
+        self.counters[f"penalty: {reason}"] += 1
+        if self.scores.penalize(peer_id, reason, now):
+            log.info("banning peer %s: %s", peer_id.hex()[:12], reason)
+            self.counters["bans"] += 1
+            self.table.ping_result(peer_id, False, now)    # evicts it from its bucket
+            self.table.failed(peer_id, now)                 # and from the replacements
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await trio.sleep(self.refresh_interval / 4)
+            await self.refresh()
+
+    async def _expire_loop(self) -> None:
+        while True:
+            await trio.sleep(EXPIRE_EVERY)
+            self.providers.expire(trio.current_time())
+
+    async def _republish_loop(self) -> None:
+        while True:
+            now = trio.current_time()
+            if self.republisher.due(now):
+                for key in self.republisher.keys:
+                    await self._announce(key)
+                self.republisher.mark_done(now)
+            due = self.republisher.next_due()       # None or past: nothing to provide yet
+            await trio.sleep_until(due if due is not None and due > now
+                                   else now + self.republisher.interval)
