@@ -120,8 +120,8 @@ class Republisher:
 
     Due at once when it holds keys and has never run (after a restart our
     records elsewhere may have expired), then every `interval` after the last
-    mark_done(). New keys are announced by the caller when first provided; the
-    batched keyspace reprovide replaces this later.
+    mark_done(). New keys are announced by the caller when first provided; a
+    republish announces all of them with one keyspace sweep (dht/reprovide.py).
     """
 
     def __init__(self, interval: float = REPUBLISH_INTERVAL):

@@ -24,6 +24,9 @@ Rules
    always report a ping, a timeout being `alive=False`.
 6. `MAX_FAILURES` (3) consecutive failed requests evict a contact the same way.
    A failing candidate is dropped from the replacement cache at once.
+   `remove` drops a contact at once wherever it is (bucket, replacement cache,
+   pending ping), e.g. a peer banned for misbehaving; a slot it frees in a
+   bucket is filled as for a dead contact.
 7. Diversity (against eclipse attacks, and so that a bucket does not die with one
    site): a bucket holds at most `max_per_prefix24` contacts from one IPv4 /24
    (default 2) and at most `max_per_site` from one declared site (default 4 = k/5,
@@ -157,6 +160,20 @@ class RoutingTable:
         if entry.failures >= self.max_failures:
             return self._evict(b, entry)
         return None
+
+    def remove(self, contact_id: bytes) -> Contact | None:
+        """Forget `contact_id` now: out of its bucket (the most recently seen
+        candidate the limits permit takes the slot, as in rule 5), out of the
+        replacement cache, and no longer awaiting a ping. Returns the contact
+        that took its slot, if any. Unknown ids are ignored."""
+        if contact_id == self.own_id:
+            return None
+        b = self._index(contact_id)
+        _pop(self._cache[b], contact_id)
+        if self._pending.get(b) == contact_id:
+            del self._pending[b]
+        entry = _find(self._buckets[b], contact_id)
+        return None if entry is None else self._evict(b, entry)
 
     def touch_bucket(self, index: int, now: float) -> None:
         """A lookup for a target in bucket `index`'s range completed."""

@@ -41,9 +41,9 @@ import trio
 from dht.contact import Contact
 from node.transport import TransportError
 from protocol.dht_messages import (
-    MAX_PEERS, MAX_PROVIDERS, RESPONSE_TYPE, Ack, AddProvider, FindNode, GetProviders,
-    GetRecord, Nodes, PeerInfo, Ping, Pong, Providers, PutRecord, RecordFound, SignedRecord,
-    answers)
+    MAX_PEERS, MAX_PROVIDERS, RESPONSE_TYPE, Ack, AddProvider, AddProviders, FindNode,
+    GetProviders, GetRecord, Nodes, PeerInfo, Ping, Pong, Providers, PutRecord, RecordFound,
+    SignedRecord, answers)
 from protocol.errors import RemoteProtocolError
 from protocol.framing import HEADER, MAX_FRAME, FrameDecoder, OversizedFrame, encode_message
 
@@ -321,6 +321,16 @@ class Responder:
             stored = (req.provider.id == peer_id
                       and svc.providers.add(req.key, to_contact(req.provider), now))
             return Ack(req.rid, stored)
+        if isinstance(req, AddProviders):        # the batch form, same rule
+            if req.provider.id != peer_id:
+                return Ack(req.rid, False)
+            provider = to_contact(req.provider)
+            # ProviderStore's bounds apply key by key (a full store refuses new
+            # keys, a full key new providers); stored only if every key was.
+            refused = sum(not svc.providers.add(key, provider, now) for key in req.keys)
+            if refused:
+                svc.counters["batch keys refused"] += refused
+            return Ack(req.rid, refused == 0)
         if isinstance(req, PutRecord):
             if not req.record.verify():
                 svc.penalize(peer_id, "bad signature", now)

@@ -10,7 +10,9 @@ and owns the background tasks:
     run()  ├─ request handler  node.dht_rpc.Responder: one request per stream
            ├─ bucket refresh   every refresh_interval/4: look up a random id in each stale bucket
            ├─ provider expiry  every hour: drop expired provider records
-           └─ republish        every 22 h: re-announce every provided key
+           └─ republish        every 22 h: re-announce every provided key with one
+                               keyspace sweep (node/dht_republish.py): a few lookups
+                               and batched AddProviders, not a lookup per key
 
 Every request we send carries our PeerInfo as `sender`, so responders learn us;
 we use a requester's claim only when its id is the transport-authenticated
@@ -35,6 +37,7 @@ from dht.keys import bucket_index
 from dht.lookup import ALPHA, FINISHED, K, REQUEST_TIMEOUT, Lookup
 from dht.providers import REPUBLISH_INTERVAL, ProviderStore, Republisher
 from dht.routing import MAX_PER_PREFIX24, MAX_PER_SITE, REFRESH_INTERVAL, RoutingTable
+from node.dht_republish import RepublishStats, announce_keys
 from node.dht_rpc import (PROTOCOL, PeerScores, RecordStore, RequestFailed, Responder,
                           request, to_contact, to_info)
 from protocol.dht_messages import (Ack, AddProvider, FindNode, GetProviders, GetRecord,
@@ -75,6 +78,7 @@ class DhtService:
         self.counters: collections.Counter = collections.Counter()
         self.errors: collections.deque = collections.deque(maxlen=10)   # last handler bugs
         self.rng = rng
+        self.last_republish: RepublishStats | None = None    # the last sweep's figures
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED):
@@ -111,9 +115,12 @@ class DhtService:
     async def find_node(self, target: bytes) -> list[Contact]:
         return (await self.closest_peers(target))[0]
 
-    async def closest_peers(self, target: bytes) -> tuple[list[Contact], LookupStats]:
-        """The k closest live peers to `target` (iterative FIND_NODE)."""
-        lookup, stats = await self._walk(target, lambda rid: FindNode(rid, target, self.info))
+    async def closest_peers(self, target: bytes, *, seeds=()
+                            ) -> tuple[list[Contact], LookupStats]:
+        """The k closest live peers to `target` (iterative FIND_NODE), starting from
+        our routing table's closest plus `seeds`."""
+        lookup, stats = await self._walk(target, lambda rid: FindNode(rid, target, self.info),
+                                         seeds=seeds)
         if target != self.own.id:
             self.table.touch_bucket(bucket_index(self.own.id, target), trio.current_time())
         return lookup.result(), stats
@@ -122,10 +129,28 @@ class DhtService:
         """Announce that we hold `key` to the k peers closest to it, and keep announcing
         it every republish interval. Returns how many peers stored the record."""
         stored = await self._announce(key)
-        self.republisher.provide(key)
-        if self.republisher.next_due() is None:      # first key: the schedule starts now
-            self.republisher.mark_done(trio.current_time())
+        self._start_providing([key])
         return stored
+
+    async def provide_many(self, keys) -> RepublishStats:
+        """provide() for many keys at once: one keyspace sweep announces them all
+        (a few lookups and one AddProviders per peer, not a lookup per key), and
+        they are republished from then on."""
+        keys = list(keys)
+        stats = await announce_keys(self, keys)
+        self._start_providing(keys)
+        return stats
+
+    async def republish(self) -> RepublishStats:
+        """Re-announce every provided key now (one sweep); kept in last_republish."""
+        self.last_republish = await announce_keys(self, self.republisher.keys)
+        return self.last_republish
+
+    def _start_providing(self, keys) -> None:
+        for key in keys:
+            self.republisher.provide(key)
+        if keys and self.republisher.next_due() is None:   # first keys: the schedule starts
+            self.republisher.mark_done(trio.current_time())
 
     def stop_providing(self, key: bytes) -> None:
         """Stop republishing `key`; the records elsewhere expire within their ttl."""
@@ -196,14 +221,17 @@ class DhtService:
 
     # -- lookups -------------------------------------------------------------------------
 
-    async def _walk(self, target: bytes, make, absorb=None) -> tuple[Lookup, LookupStats]:
+    async def _walk(self, target: bytes, make, absorb=None, seeds=()
+                    ) -> tuple[Lookup, LookupStats]:
         """Drive a Lookup to its end: send make(rid) to each peer it names, feed the
-        replies back; absorb(peer, reply) -> True stops the walk early."""
+        replies back; absorb(peer, reply) -> True stops the walk early. `seeds`:
+        contacts to start from besides the routing table's closest."""
         start = trio.current_time()
         # Each request ends by its own deadline and reports (a timeout is scored or
         # counted); the lookup's deadline, a little later, is only a backstop.
-        lookup = Lookup(target, self.table.closest(target, self.k), own_id=self.own.id,
-                        k=self.k, alpha=self.alpha, disjoint_paths=self.disjoint_paths,
+        lookup = Lookup(target, [*seeds, *self.table.closest(target, self.k)],
+                        own_id=self.own.id, k=self.k, alpha=self.alpha,
+                        disjoint_paths=self.disjoint_paths,
                         request_timeout=self.request_timeout + LOOKUP_GRACE)
         send, receive = trio.open_memory_channel(math.inf)
         failures = 0
@@ -278,8 +306,7 @@ class DhtService:
         if self.scores.penalize(peer_id, reason, now):
             log.info("banning peer %s: %s", peer_id.hex()[:12], reason)
             self.counters["bans"] += 1
-            self.table.ping_result(peer_id, False, now)    # evicts it from its bucket
-            self.table.failed(peer_id, now)                 # and from the replacements
+            self.table.remove(peer_id)          # from its bucket and the replacements
 
     async def _refresh_loop(self) -> None:
         while True:
@@ -295,8 +322,7 @@ class DhtService:
         while True:
             now = trio.current_time()
             if self.republisher.due(now):
-                for key in self.republisher.keys:
-                    await self._announce(key)
+                await self.republish()
                 self.republisher.mark_done(now)
             due = self.republisher.next_due()       # None or past: nothing to provide yet
             await trio.sleep_until(due if due is not None and due > now

@@ -13,6 +13,7 @@ may add a provider) lives in dht/; transport lives in node/.
     GetProviders(rid, key)       "get_providers"  Providers(rid, providers, closer)
                                                                           "providers"
     AddProvider(rid, key, provider) "add_provider" Ack(rid, stored)       "ack"
+    AddProviders(rid, keys, provider) "add_providers" Ack(rid, stored)    "ack"
     PutRecord(rid, record)       "put_record"     Ack(rid, stored)        "ack"
     GetRecord(rid, key)          "get_record"     RecordFound(rid, record | None, closer)
                                                                           "record"
@@ -34,6 +35,8 @@ tests/test_dht_messages.py checks the worst case of every type):
   PeerInfo.site   0..64 characters of text
   peer lists      MAX_PEERS = 32 (>= Kademlia k = 20); providers MAX_PROVIDERS = 64
   record value    MAX_VALUE = 4 KiB
+  AddProviders    1..MAX_BATCH_KEYS = 1,024 keys, strictly ascending (one encoding
+                  per set of keys, no duplicates): about 36 KiB at most
 """
 from __future__ import annotations
 
@@ -54,6 +57,7 @@ MAX_SITE = 64
 MAX_PEERS = 32
 MAX_PROVIDERS = 64
 MAX_VALUE = 4 << 10
+MAX_BATCH_KEYS = 1024         # keys per AddProviders (= dht.reprovide.MAX_BATCH_KEYS)
 RECORD_DOMAIN = b"hypersdk/dht-record/v1\x00"   # signatures never mean anything else
 
 
@@ -254,6 +258,32 @@ class AddProvider:
 
 
 @dataclass(frozen=True, slots=True)
+class AddProviders:
+    """Announce that `provider` holds every key of `keys` (the batched reprovide,
+    dht/reprovide.py): 1..MAX_BATCH_KEYS keys of 32 bytes, strictly ascending.
+    Answered by Ack(stored=True) when the responder stored every key."""
+    TAG: ClassVar[str] = "add_providers"
+    rid: int
+    keys: tuple[bytes, ...]
+    provider: PeerInfo
+    sender: PeerInfo | None = None
+
+    def __post_init__(self):
+        _u64("rid", self.rid)
+        v = self.keys
+        if type(v) not in (list, tuple) or not 0 < len(v) <= MAX_BATCH_KEYS:
+            raise LocalProtocolError(f"keys must be a sequence of 1..{MAX_BATCH_KEYS} keys")
+        for key in v:
+            _fixed("key", key, ID_LEN)
+        if any(a >= b for a, b in zip(v, v[1:])):
+            raise LocalProtocolError("keys must be strictly ascending")
+        object.__setattr__(self, "keys", tuple(v))
+        if type(self.provider) is not PeerInfo:
+            raise LocalProtocolError("provider must be a PeerInfo")
+        _sender(self.sender)
+
+
+@dataclass(frozen=True, slots=True)
 class PutRecord:
     TAG: ClassVar[str] = "put_record"
     rid: int
@@ -269,7 +299,8 @@ class PutRecord:
 
 @dataclass(frozen=True, slots=True)
 class Ack:
-    """Answer to AddProvider and PutRecord; stored=False when the responder refused it."""
+    """Answer to AddProvider, AddProviders and PutRecord; stored=False when the
+    responder refused it (AddProviders: refused at least one of its keys)."""
     TAG: ClassVar[str] = "ack"
     rid: int
     stored: bool = True
@@ -308,17 +339,18 @@ class RecordFound:
         _peers(self, "closer", MAX_PEERS)
 
 
-Request = Union[Ping, FindNode, GetProviders, AddProvider, PutRecord, GetRecord]
+Request = Union[Ping, FindNode, GetProviders, AddProvider, AddProviders, PutRecord, GetRecord]
 Response = Union[Pong, Nodes, Providers, Ack, RecordFound]
 Message = Union[Request, Response]
 
 RESPONSE_TYPE: dict[type, type] = {
     Ping: Pong, FindNode: Nodes, GetProviders: Providers,
-    AddProvider: Ack, PutRecord: Ack, GetRecord: RecordFound,
+    AddProvider: Ack, AddProviders: Ack, PutRecord: Ack, GetRecord: RecordFound,
 }
 MESSAGE_TYPES: dict[str, type] = {
     cls.TAG: cls for cls in (Ping, Pong, FindNode, Nodes, GetProviders, Providers,
-                             AddProvider, Ack, PutRecord, GetRecord, RecordFound)
+                             AddProvider, AddProviders, Ack, PutRecord, GetRecord,
+                             RecordFound)
 }
 
 

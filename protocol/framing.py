@@ -10,7 +10,8 @@ encoding.
 
 Bounds: MAX_FRAME = 64 KiB of payload. The largest valid DHT message is about
 55 KiB (Providers with 64 providers and 32 closer peers, every string at its
-limit), so every constructible message fits and anything bigger is hostile.
+limit; the largest AddProviders, 1,024 keys, is about 36 KiB), so every
+constructible message fits and anything bigger is hostile.
 A length prefix over MAX_FRAME is rejected as soon as its 4 bytes arrive,
 before any of the body is buffered; FrameDecoder never holds more than
 MAX_FRAME + 4 bytes (see FrameDecoder.room).
@@ -25,7 +26,7 @@ from __future__ import annotations
 from dataclasses import fields
 
 from . import codec
-from .dht_messages import MAX_PROVIDERS, MESSAGE_TYPES, PeerInfo, SignedRecord
+from .dht_messages import MAX_BATCH_KEYS, MAX_PROVIDERS, MESSAGE_TYPES, PeerInfo, SignedRecord
 from .errors import LocalProtocolError, RemoteProtocolError
 
 VERSION = 1
@@ -94,12 +95,18 @@ def _peer_list(value) -> tuple:
     return tuple(_peer(p) for p in value)
 
 
+def _key_list(value) -> tuple:
+    if type(value) is not list or len(value) > MAX_BATCH_KEYS:
+        raise RemoteProtocolError(f"keys must be a list of at most {MAX_BATCH_KEYS}")
+    return tuple(value)                  # element checks: AddProviders.__post_init__
+
+
 def _record(value):
     return None if value is None else SignedRecord(**_map(value, _RECORD_KEYS, "record"))
 
 
 _FROM_WIRE = {"peers": _peer_list, "closer": _peer_list, "providers": _peer_list,
-              "provider": _peer, "sender": _peer, "record": _record}
+              "provider": _peer, "sender": _peer, "record": _record, "keys": _key_list}
 
 
 def decode_message(payload):

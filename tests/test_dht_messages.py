@@ -6,9 +6,9 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from protocol import codec
 from protocol.dht_messages import (
-    MAX_ADDR, MAX_PEERS, MAX_PROVIDERS, MAX_SITE, MAX_U64, MAX_VALUE, MESSAGE_TYPES,
-    Ack, AddProvider, FindNode, GetProviders, GetRecord, Nodes, PeerInfo, Ping, Pong,
-    Providers, PutRecord, RecordFound, SignedRecord, answers)
+    MAX_ADDR, MAX_BATCH_KEYS, MAX_PEERS, MAX_PROVIDERS, MAX_SITE, MAX_U64, MAX_VALUE,
+    MESSAGE_TYPES, Ack, AddProvider, AddProviders, FindNode, GetProviders, GetRecord, Nodes,
+    PeerInfo, Ping, Pong, Providers, PutRecord, RecordFound, SignedRecord, answers)
 from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.framing import (
     HEADER, MAX_FRAME, FrameDecoder, OversizedFrame, decode_message, encode_message,
@@ -34,6 +34,9 @@ STRATEGIES = {
     GetProviders: st.builds(GetProviders, rids, ids, senders),
     Providers: st.builds(Providers, rids, st.lists(peers, max_size=MAX_PROVIDERS), peer_lists),
     AddProvider: st.builds(AddProvider, rids, ids, peers, senders),
+    AddProviders: st.builds(AddProviders, rids,
+                            st.lists(ids, min_size=1, max_size=40, unique=True).map(sorted),
+                            peers, senders),
     Ack: st.builds(Ack, rids, st.booleans()),
     PutRecord: st.builds(PutRecord, rids, records, senders),
     GetRecord: st.builds(GetRecord, rids, ids, senders),
@@ -62,7 +65,7 @@ def feed(dec: FrameDecoder, data: bytes, eof: bool = True) -> list:
 
 def test_every_message_type_has_a_strategy_and_a_unique_tag():
     assert set(STRATEGIES) == set(MESSAGE_TYPES.values())
-    assert len(MESSAGE_TYPES) == 11
+    assert len(MESSAGE_TYPES) == 12
 
 
 @given(messages)
@@ -90,6 +93,8 @@ def test_largest_valid_message_of_every_type_fits_in_a_frame():
         Nodes(MAX_U64, big_peers), GetProviders(MAX_U64, b"k" * 32, me),
         Providers(MAX_U64, tuple(_worst_peer(i) for i in range(MAX_PROVIDERS)), big_peers),
         AddProvider(MAX_U64, b"k" * 32, _worst_peer(0), me), Ack(MAX_U64, False),
+        AddProviders(MAX_U64, tuple(i.to_bytes(32, "big") for i in range(MAX_BATCH_KEYS)),
+                     _worst_peer(0), me),
         PutRecord(MAX_U64, record, me), GetRecord(MAX_U64, b"k" * 32, me),
         RecordFound(MAX_U64, record, big_peers),
     ]
@@ -247,6 +252,22 @@ HOSTILE = {
     "sender not a peer": _payload(v=1, t="find_node", rid=1, target=b"t" * 32, sender=b"x"),
     "sender on a response": _payload(v=1, t="pong", rid=1, sender=PEER),
     "provider missing": _payload(v=1, t="add_provider", rid=1, key=b"k" * 32, provider=None),
+    "batch without keys": _payload(v=1, t="add_providers", rid=1, keys=[], provider=PEER),
+    "batch keys not a list": _payload(v=1, t="add_providers", rid=1, keys=b"k" * 32,
+                                      provider=PEER),
+    "batch too many keys": _payload(
+        v=1, t="add_providers", rid=1, provider=PEER,
+        keys=[i.to_bytes(32, "big") for i in range(MAX_BATCH_KEYS + 1)]),
+    "batch huge key list": _payload(v=1, t="add_providers", rid=1, provider=PEER,
+                                    keys=[None] * 5000),
+    "batch key short": _payload(v=1, t="add_providers", rid=1, keys=[b"k" * 31], provider=PEER),
+    "batch key text": _payload(v=1, t="add_providers", rid=1, keys=["k" * 32], provider=PEER),
+    "batch keys unsorted": _payload(v=1, t="add_providers", rid=1, provider=PEER,
+                                    keys=[b"b" * 32, b"a" * 32]),
+    "batch keys repeated": _payload(v=1, t="add_providers", rid=1, provider=PEER,
+                                    keys=[b"a" * 32, b"a" * 32]),
+    "batch provider missing": _payload(v=1, t="add_providers", rid=1, keys=[b"a" * 32],
+                                       provider=None),
     "put without record": _payload(v=1, t="put_record", rid=1, record=None),
     "value too big": _payload(v=1, t="put_record", rid=1,
                               record=dict(RECORD, value=bytes(MAX_VALUE + 1))),
@@ -272,7 +293,8 @@ def test_sender_is_optional_and_absent_on_the_wire_when_none():
     assert encode_payload(Ping(1)) == b"\x83\xa3rid\x01\xa1t\xa4ping\xa1v\x01"  # unchanged
     assert "sender" not in codec.decode(encode_payload(FindNode(2, b"t" * 32)))
     for msg in (Ping(1, me), FindNode(2, b"t" * 32, me), GetProviders(3, b"k" * 32, me),
-                AddProvider(4, b"k" * 32, me, me), GetRecord(5, b"k" * 32, me)):
+                AddProvider(4, b"k" * 32, me, me), GetRecord(5, b"k" * 32, me),
+                AddProviders(6, (b"k" * 32,), me, me)):
         assert codec.decode(encode_payload(msg))["sender"]["id"] == me.id
         assert decode_message(encode_payload(msg)) == msg
 
@@ -295,10 +317,34 @@ def test_hostile_payload_is_a_remote_protocol_error(name):
     lambda: Nodes(1, [b"x" * 32]), lambda: PutRecord(1, None), lambda: Ack(1, 1),
     lambda: Ping(1, b"x" * 32), lambda: FindNode(1, b"t" * 32, {"id": b"x" * 32}),
     lambda: SignedRecord(b"k" * 32, bytes(MAX_VALUE + 1), b"a" * 32, 0, b"s" * 64),
+    lambda: AddProviders(1, (), PeerInfo(b"x" * 32, "/a")),
+    lambda: AddProviders(1, [b"k" * 32] * 2, PeerInfo(b"x" * 32, "/a")),
+    lambda: AddProviders(1, (b"b" * 32, b"a" * 32), PeerInfo(b"x" * 32, "/a")),
+    lambda: AddProviders(1, tuple(i.to_bytes(32, "big") for i in range(MAX_BATCH_KEYS + 1)),
+                         PeerInfo(b"x" * 32, "/a")),
+    lambda: AddProviders(1, (b"k" * 31,), PeerInfo(b"x" * 32, "/a")),
+    lambda: AddProviders(1, b"k" * 32, PeerInfo(b"x" * 32, "/a")),
+    lambda: AddProviders(1, (b"k" * 32,), None),
 ])
 def test_invalid_values_cannot_be_constructed(make):
     with pytest.raises(LocalProtocolError):
         make()
+
+
+def test_batch_bound_matches_the_reprovide_planner():
+    from dht import reprovide
+    assert reprovide.MAX_BATCH_KEYS == MAX_BATCH_KEYS
+
+
+def test_the_largest_add_providers_fits_a_frame_with_room_to_spare():
+    worst = AddProviders(MAX_U64, tuple(bytes([0xFF] * 30) + i.to_bytes(2, "big")
+                                        for i in range(MAX_BATCH_KEYS)),
+                         _worst_peer(0), _worst_peer(1))
+    payload = encode_payload(worst)
+    print(f"\nlargest AddProviders: {len(payload):,} bytes of {MAX_FRAME:,}")
+    assert len(payload) < 0.6 * MAX_FRAME        # dht/reprovide.py's budget
+    frame = encode_message(worst)
+    assert feed(FrameDecoder(), frame) == [worst]
 
 
 def test_lists_become_tuples_and_messages_are_hashable():

@@ -20,7 +20,9 @@ from dht.contact import Contact
 from dht.keys import closest, distance, node_id
 from node.dht_rpc import BAN_TIME, PENALTIES, PROTOCOL, PeerScores, RecordStore, to_info
 from node.dht_service import DhtService
-from protocol.dht_messages import Ack, FindNode, Nodes, Pong, PutRecord, SignedRecord
+from dht.providers import ProviderStore
+from protocol.dht_messages import (Ack, AddProviders, FindNode, Nodes, Pong, PutRecord,
+                                   SignedRecord)
 from protocol.framing import HEADER, MAX_FRAME, FrameDecoder, encode_message
 from simnet.network import NetworkModel
 from simnet.transport import LinkModel, SimNetwork
@@ -348,6 +350,97 @@ async def test_provider_records_expire_after_48h_unless_republished(nursery, aut
     holders = sum(1 for svc in nodes if svc.providers.get(kept, trio.current_time()))
     assert holders >= 10
     assert not any(svc.providers.get(dropped, trio.current_time()) for svc in nodes)
+    assert_healthy(net, nodes)
+
+
+# -- (6b) batched reprovide: the keyspace sweep over the network ----------------------------
+
+@pytest.mark.slow                             # ~300-node join plus 3,000 keys
+async def test_republishing_3000_keys_costs_under_2_messages_per_key_and_finds_them(
+        nursery, autojump_clock):
+    net, nodes = await start_network(nursery, 300, seed=21, refresh_interval=100 * HOUR)
+    await join(nodes)
+    rng = random.Random(21 + 1000)
+    provider, quitter = nodes[17], nodes[42]
+    keys = [rng.randbytes(32) for _ in range(3000)]
+    gone = [rng.randbytes(32) for _ in range(100)]
+    t0 = trio.current_time()
+    first = await provider.provide_many(keys)
+    await quitter.provide_many(gone)
+    for key in gone:                          # announced once, then no longer provided
+        quitter.stop_providing(key)
+    assert first.unannounced == 0 and first.batches_failed == 0
+
+    await trio.sleep_until(t0 + 23 * HOUR)    # the first republish ran at ~22 h
+    s = provider.last_republish
+    assert s is not None and s.keys == 3000
+    print(f"\n300 nodes, 3,000 keys: provide_many {first.messages_per_key:.3f} messages/key; "
+          f"republish {s.lookups} lookups, {s.lookup_queries} queries, {s.batches} "
+          f"AddProviders, {s.messages_per_key:.3f} messages/key, {s.seconds:.1f} s virtual")
+    assert s.messages_per_key <= 2
+    assert s.unannounced == 0 and s.batches_failed == 0
+    assert s.batches <= 2 * len(nodes)        # about one batch per peer
+    assert quitter.last_republish is None     # it had nothing left to republish
+
+    async def providers_of(key, svc) -> set[bytes]:
+        found, _ = await svc.find_providers(key)
+        return {p.id for p in found}
+
+    others = [svc for svc in nodes if svc not in (provider, quitter)]
+    await trio.sleep_until(t0 + 47 * HOUR)    # the quitter's records still live
+    for key in gone[:10]:
+        assert quitter.own.id in await providers_of(key, rng.choice(others))
+
+    await trio.sleep_until(t0 + 48 * HOUR + 60)     # the first announcements expired
+    now = trio.current_time()
+    for key in rng.sample(keys, 100):         # found through the republishes alone
+        for svc in rng.sample(others, 3):
+            assert provider.own.id in await providers_of(key, svc)
+        holders = closest(key, [x.own for x in nodes if x is not provider], 20)
+        by_id = {svc.own.id: svc for svc in nodes}
+        assert all(provider.own in by_id[c.id].providers.get(key, now) for c in holders)
+    for key in gone:                          # a node that stopped providing: gone
+        assert not any(quitter.own in svc.providers.get(key, now) for svc in nodes)
+    for key in gone[:10]:
+        assert await providers_of(key, rng.choice(others)) == set()
+    assert_healthy(net, nodes)
+
+
+async def test_add_providers_stores_only_the_sender_and_respects_store_bounds(
+        nursery, autojump_clock):
+    net, nodes = await start_network(nursery, 3, seed=22)
+    a, holder, c = nodes
+    holder.providers = ProviderStore(max_keys=3)
+    rng = random.Random(22)
+    keys = tuple(sorted(rng.randbytes(32) for _ in range(5)))
+    me, other = to_info(a.own), to_info(c.own)
+    assert await a.request(holder.own, AddProviders(1, keys[:2], other, me)) == Ack(1, False)
+    assert holder.providers.key_count == 0             # a peer may announce only itself
+    assert await a.request(holder.own, AddProviders(2, keys[:2], me, me)) == Ack(2, True)
+    assert await a.request(holder.own, AddProviders(3, keys, me, me)) == Ack(3, False)
+    now = trio.current_time()
+    assert [holder.providers.get(k, now) for k in keys] == [[a.own]] * 3 + [[]] * 2
+    assert holder.counters["batch keys refused"] == 2  # the store's bound, key by key
+    assert_healthy(net, nodes)
+
+
+async def test_provide_many_announces_with_a_sweep_and_republishes(nursery, autojump_clock):
+    net, nodes = await start_network(nursery, 30, seed=23, refresh_interval=24 * HOUR)
+    await join(nodes)
+    rng = random.Random(23 + 1000)
+    owner = nodes[3]
+    keys = [rng.randbytes(32) for _ in range(200)]
+    stats = await owner.provide_many(keys)
+    assert stats.keys == 200 and stats.unannounced == 0 and stats.batches_failed == 0
+    assert stats.batches <= len(nodes) - 1 and stats.messages_per_key < 1
+    empty = await owner.provide_many([])
+    assert (empty.keys, empty.messages, empty.messages_per_key) == (0, 0, 0.0)
+    for key in rng.sample(keys, 10):
+        found, _ = await nodes[20].find_providers(key)
+        assert owner.own in found
+    await trio.sleep(23 * HOUR)               # republished by the loop, counted
+    assert owner.last_republish is not None and owner.last_republish.keys == 200
+    assert owner.last_republish.messages_per_key < 1
     assert_healthy(net, nodes)
 
 

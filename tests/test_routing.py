@@ -143,6 +143,25 @@ def test_failing_candidate_is_dropped_from_cache():
     assert rt.replacements(FAR) == []
 
 
+def test_remove_drops_a_contact_at_once_and_fills_its_slot():
+    rt = table()
+    a, b, c = full_bucket(rt)
+    d, e = peer(4), peer(5)
+    assert rt.observe(d, 10).ping == a          # a ping to a is pending
+    rt.observe(e, 11)
+    assert rt.remove(a.id) == e                 # one call, no failure count: gone
+    assert a.id not in rt and rt.pending_ping(FAR) is None
+    assert rt.buckets()[FAR] == [b, c, e] and rt.replacements(FAR) == [d]
+    assert rt.remove(d.id) is None              # a candidate leaves the cache
+    assert rt.replacements(FAR) == []
+    assert rt.remove(b.id) is None              # no candidate left: the slot stays free
+    assert rt.buckets()[FAR] == [c, e]
+    assert rt.remove(b.id) is None and rt.remove(OWN) is None    # unknown ids: no-op
+    assert rt.observe(peer(9), 12).status is Status.INSERTED
+    rt.ping_result(a.id, False, 13)             # a late ping answer for it changes nothing
+    assert len(rt) == 3
+
+
 def test_eviction_without_candidates_leaves_room():
     rt = table()
     a, b, c = full_bucket(rt)
@@ -351,7 +370,8 @@ def scenarios(draw):
                             f"/ip4/{draw(st.sampled_from(IPS))}.{draw(st.integers(1, 9))}/tcp/1",
                             draw(st.sampled_from(SITES))))
     pool.append(Contact(own, "/ip4/10.0.0.1/tcp/1"))      # our own id among the peers
-    ops = draw(st.lists(st.tuples(st.sampled_from(["observe"] * 3 + ["ping", "answer", "failed"]),
+    ops = draw(st.lists(st.tuples(st.sampled_from(["observe"] * 3 + ["ping", "answer", "failed",
+                                                                   "remove"]),
                                   st.integers(0, len(pool) - 1), st.booleans()),
                         min_size=10, max_size=80))
     limits = dict(k=draw(st.integers(1, 4)),
@@ -412,6 +432,12 @@ def test_random_operations_keep_the_table_consistent(scenario):
                     assert {x.id for x in before} == {x.id for x in rt.buckets()[bucket_index(own, c.id)]}
         elif op == "failed":
             rt.failed(c.id, now)
+        elif op == "remove":
+            rt.remove(c.id)
+            if c.id != own:
+                b = bucket_index(own, c.id)
+                assert c.id not in rt and rt.pending_ping(b) != c.id
+                assert c.id not in {x.id for x in rt.replacements(b)}
         check_invariants(rt, own, [own, target, c.id])
     for b in range(ID_BITS):
         assert bucket_index(own, rt.refresh_target(b)) == b
