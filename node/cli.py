@@ -255,5 +255,31 @@ def stats(ctx, as_json):
          f"total reduction    {ratio(s['reduction_ratio'])} (logical / stored)")
 
 
+@cli.group()
+def simnet():
+    """Simulate many DHT nodes in one process (in-memory network, virtual time)."""
+
+
+@simnet.command("run")
+@click.argument("scenario", type=click.Path(dir_okay=False))
+@click.option("--nodes", type=int, default=None, help="override [network] nodes")
+@click.option("--seed", type=int, default=None, help="override the scenario's seed")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="report directory (default: simnet-NAME)")
+@json_option
+def simnet_run(scenario, nodes, seed, out, as_json):
+    """Run SCENARIO.toml; write report.json and PNG plots to OUT, print a summary."""
+    from pathlib import Path
+    from simnet import report, runner
+    from simnet.scenario import load
+    sc = load(scenario).with_overrides(nodes=nodes, seed=seed)
+    out_dir = Path(out or f"simnet-{sc.name}")
+    r = runner.run(sc, progress=None if as_json else lambda m: on_wait(f"simnet: {m}"))
+    doc = report.build(sc.to_json(), r.metrics, r.wall_seconds, r.peak_rss_bytes)
+    files = report.write(doc, out_dir)
+    emit(as_json, {"summary": doc["summary"], "run": doc["run"], "files": list(map(str, files))},
+         report.table(doc) + f"\nreport            {files[0]} (+ {len(files) - 1} plots)")
+
+
 def main():
     cli(prog_name="hypersdk")
