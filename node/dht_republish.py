@@ -25,35 +25,24 @@ messages = lookup queries (FIND_NODE requests sent) + AddProviders sent.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import trio
 
 from dht.lookup import FINISHED
-from dht.reprovide import Batch, LookupRequest, Sweep
+from dht.reprovide import Batch, LookupRequest, Sweep, SweepStats
 from protocol.dht_messages import MAX_BATCH_KEYS, Ack, AddProviders
 
 BATCH_CONCURRENCY = 16          # AddProviders requests in flight at once
 
 
-@dataclass(frozen=True, slots=True)
-class RepublishStats:
-    keys: int
-    lookups: int
-    lookup_queries: int         # FIND_NODE requests the lookups sent
-    batches: int                # AddProviders requests sent
-    batches_failed: int         # ... that got no reply or Ack(stored=False)
-    announcements: int          # (key, peer) pairs sent
-    unannounced: int            # keys left when nobody was reachable
-    seconds: float              # trio time the whole sweep took
-
-    @property
-    def messages(self) -> int:
-        return self.lookup_queries + self.batches
-
-    @property
-    def messages_per_key(self) -> float:
-        return self.messages / self.keys if self.keys else 0.0
+@dataclass(slots=True)
+class RepublishStats(SweepStats):
+    """The sweep's own accounting (messages, messages_per_key) plus what only
+    the driver knows."""
+    batches_failed: int = 0    # AddProviders that got no reply or Ack(stored=False)
+    seconds: float = 0.0       # trio time the whole sweep took
 
 
 async def announce_keys(svc, keys) -> RepublishStats:
@@ -88,7 +77,5 @@ async def announce_keys(svc, keys) -> RepublishStats:
                 raise AssertionError(f"unexpected sweep event {event!r}")
     s = sweep.stats
     svc.counters["republish batches failed"] += failed
-    return RepublishStats(keys=s.keys, lookups=s.lookups, lookup_queries=s.lookup_queries,
-                          batches=s.batches, batches_failed=failed,
-                          announcements=s.announcements, unannounced=s.unannounced,
+    return RepublishStats(**dataclasses.asdict(s), batches_failed=failed,
                           seconds=trio.current_time() - start)

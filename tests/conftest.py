@@ -123,3 +123,18 @@ def same_bytes(a: Path, b: Path) -> bool:
                     return False
                 start += n
     return True
+
+
+async def echo(stream, peer_id):
+    """Stream handler that sends back whatever it receives."""
+    while data := await stream.receive_some(64 * 1024):
+        await stream.send_all(data)
+
+
+async def read_exactly(stream, n: int) -> bytes:
+    got = b""
+    while len(got) < n:
+        chunk = await stream.receive_some(n - len(got))
+        assert chunk, "unexpected EOF"
+        got += chunk
+    return got

@@ -12,6 +12,7 @@ from node.transport import TransportError
 from simnet.churn import churn
 from simnet.network import DEFAULT_RTT, MIN_RTO, REGIONS, NetworkModel
 from simnet.transport import SimNetwork, seed_scheduler
+from conftest import echo, read_exactly
 
 ECHO, SINK, REQ = "/test/echo/1", "/test/sink/1", "/test/req/1"
 MBIT, GBIT = 1e6 / 8, 1e9 / 8           # bytes/s
@@ -24,20 +25,6 @@ def pid(i: int) -> bytes:
 
 def addr(i: int) -> str:
     return f"/ip4/10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}/tcp/4001"
-
-
-async def echo(stream, peer_id):
-    while data := await stream.receive_some(FRAME):
-        await stream.send_all(data)
-
-
-async def read_exactly(stream, n):
-    got = b""
-    while len(got) < n:
-        chunk = await stream.receive_some(n - len(got))
-        assert chunk, "unexpected EOF"
-        got += chunk
-    return got
 
 
 async def start_net(nursery, model, regions):

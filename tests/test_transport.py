@@ -5,13 +5,9 @@ import trio
 
 from node.transport import TransportError
 from simnet.transport import LinkModel, SimNetwork
+from conftest import echo, read_exactly
 
 ECHO = "/test/echo/1"
-
-
-async def echo(stream, peer_id):
-    while data := await stream.receive_some(4096):
-        await stream.send_all(data)
 
 
 @pytest.fixture
@@ -24,22 +20,13 @@ async def pair(nursery):
     return net, a, b
 
 
-async def _read_exactly(stream, n):
-    got = b""
-    while len(got) < n:
-        chunk = await stream.receive_some(n - len(got))
-        assert chunk, "unexpected EOF"
-        got += chunk
-    return got
-
-
 async def test_round_trip_bytes_in_order_and_eof(pair, autojump_clock):
     net, a, b = pair
     s = await a.open_stream(b.peer_id, b.addr, ECHO)
     msgs = [bytes([i]) * (i * 100 + 1) for i in range(20)]
     for m in msgs:
         await s.send_all(m)
-    assert await _read_exactly(s, sum(map(len, msgs))) == b"".join(msgs)
+    assert await read_exactly(s, sum(map(len, msgs))) == b"".join(msgs)
     await s.aclose()
     assert net.handler_errors == []
 
@@ -49,7 +36,7 @@ async def test_latency_is_one_way_delay_each_direction(pair, autojump_clock):
     s = await a.open_stream(b.peer_id, b.addr, ECHO)
     t0 = trio.current_time()
     await s.send_all(b"ping")
-    assert await _read_exactly(s, 4) == b"ping"
+    assert await read_exactly(s, 4) == b"ping"
     assert trio.current_time() - t0 == pytest.approx(0.1)      # one RTT
 
 
@@ -59,7 +46,7 @@ async def test_receive_some_respects_max_bytes(pair, autojump_clock):
     await s.send_all(b"x" * 1000)
     first = await s.receive_some(10)
     assert first == b"x" * 10
-    assert await _read_exactly(s, 990) == b"x" * 990
+    assert await read_exactly(s, 990) == b"x" * 990
 
 
 async def test_unreachable_peer_and_wrong_id_raise(pair, autojump_clock):
@@ -93,4 +80,4 @@ async def test_handler_exception_is_contained(nursery, autojump_clock):
     b.set_handler(ECHO, echo)                                 # ...the node lives on
     s = await a.open_stream(b.peer_id, b.addr, ECHO)
     await s.send_all(b"ok")
-    assert await _read_exactly(s, 2) == b"ok"
+    assert await read_exactly(s, 2) == b"ok"
