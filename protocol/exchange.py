@@ -1,0 +1,383 @@
+"""Chunk exchange messages ("/hypersdk/exchange/1"), as frozen dataclasses.
+
+Goals: let a restoring node learn a manifest, learn which of its chunks a peer
+holds, and fetch chunks, with every byte it receives checked against a content
+address before it is used. Every value that can be constructed is valid and
+encodes into one frame (protocol.exchange_framing); constructors raise
+LocalProtocolError, the frame decoder turns that into RemoteProtocolError for
+bytes a peer sent. Non-goals: which peer to ask for what (node/swarm_plan.py),
+storage (node/store.py), transport (node/).
+
+One request/response stream protocol:
+
+    request                              tag            response(s), echo rid     tag
+    GetManifest(rid, manifest_id)        "get_manifest" ManifestData(rid, manifest_id,
+                                                          data | None)            "manifest"
+    Have(rid, manifest_id, start, count) "have"         HaveBits(rid, manifest_id, start,
+                                                          count, bits)            "have_bits"
+    Get(rid, ids)                        "get"          one per id, in request order:
+                                                          Data(rid, id, codec, raw_len,
+                                                               payload)           "data"
+                                                          or Missing(rid, id)     "missing"
+
+ManifestData.data is the manifest's canonical encoding (protocol.manifest);
+None means "not held" (a value, not an error). The receiver checks
+BLAKE3(data) == manifest_id with open_manifest() before trusting it.
+
+HaveBits: bit i (0 <= i < count) says whether the responder holds the chunk at
+position start + i of the manifest's chunk list. Bits are packed LSB-first:
+position start + i is `bits[i // 8] >> (i % 8) & 1`. len(bits) ==
+ceil(count / 8) and the padding bits of the last byte are zero, so a bitfield
+has exactly one encoding. Positions past the end of the manifest, zero chunks,
+and every position of a manifest the responder does not know, are 0.
+
+The wire codec rule (Data.codec): only CODEC_RAW (0) and CODEC_ZSTD (1) are
+ever sent. A record stored as a zstd delta (node/packfile.py codec 2) depends
+on a base chunk the peer may not have, so a server MUST NOT send it as stored:
+it decodes the delta and re-encodes the plaintext (data_from_plain() does the
+choice: zstd when it shrinks the chunk, raw otherwise). A Data frame with codec
+2 does not decode (RemoteProtocolError). open_data() is the only way a
+receiver should turn a Data message into chunk bytes: it bounds decompression
+to raw_len and checks BLAKE3(plaintext) == id, raising ChunkHashMismatch (with
+expected and actual ids as evidence) when the content is wrong and
+RemoteProtocolError when the payload does not decompress.
+
+Bounds (tests/test_exchange.py checks the worst case of every type):
+  rid, start      unsigned 64-bit integers
+  ids             32 bytes; never ZERO_ID (zero chunks are never sent)
+  Have.count      1..MAX_HAVE = 262,144 positions -> at most 32 KiB of bits
+  Get.ids         1..MAX_GET_IDS = 64 distinct ids
+  Data.raw_len    1..MAX_CHUNK (protocol.chunks, 8 MiB)
+  Data.payload    RAW: exactly raw_len bytes; ZSTD: 1..zstd_bound(raw_len) bytes
+  ManifestData    data of at most MAX_MANIFEST = 60 KiB: ~1,800 hash lists, i.e.
+                  images up to ~56 TiB at 1 MiB chunks (8x that at 8 MiB chunks)
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import ClassVar, Iterable, Iterator, Union
+
+import zstandard
+
+from .chunks import ID_LEN, MAX_CHUNK, ZERO_ID, chunk_id
+from .errors import ChunkHashMismatch, LocalProtocolError, RemoteProtocolError
+
+PROTOCOL_ID = "/hypersdk/exchange/1"
+MAX_U64 = (1 << 64) - 1
+MAX_HAVE = 8 * 32768          # positions per Have: 32 KiB of bits, fits a 64 KiB frame
+MAX_GET_IDS = 64              # ids per Get: 64 MiB of 1 MiB chunks in flight per request
+MAX_MANIFEST = 60 << 10       # encoded manifest bytes in one ManifestData
+CODEC_RAW = 0                 # = node.packfile.CODEC_RAW
+CODEC_ZSTD = 1                # = node.packfile.CODEC_ZSTD
+WIRE_CODECS = (CODEC_RAW, CODEC_ZSTD)   # never node.packfile.CODEC_ZSTD_DELTA (2)
+
+
+def zstd_bound(n: int) -> int:
+    """ZSTD_COMPRESSBOUND(n): the largest zstd frame of n input bytes."""
+    return n + (n >> 8) + ((128 << 10) - n >> 11 if n < 128 << 10 else 0)
+
+
+MAX_PAYLOAD = zstd_bound(MAX_CHUNK)
+
+
+# -- field checks: raise LocalProtocolError, never anything else ----------------------
+
+def _u64(name: str, v) -> None:
+    if type(v) is not int or not 0 <= v <= MAX_U64:
+        raise LocalProtocolError(f"{name} must be an integer in 0..2**64-1, not {v!r:.40}")
+
+
+def _id(name: str, v) -> None:
+    if type(v) is not bytes or len(v) != ID_LEN:
+        raise LocalProtocolError(f"{name} must be {ID_LEN} bytes")
+
+
+def _chunk(name: str, v) -> None:
+    _id(name, v)
+    if v == ZERO_ID:
+        raise LocalProtocolError(f"{name} is the zero chunk, which is never sent")
+
+
+def bits_len(count: int) -> int:
+    return (count + 7) // 8
+
+
+def pack_bits(flags: Iterable[bool]) -> bytes:
+    """LSB-first bitfield of `flags` (flag i -> bit i % 8 of byte i // 8)."""
+    out = bytearray()
+    for i, f in enumerate(flags):
+        if i % 8 == 0:
+            out.append(0)
+        if f:
+            out[-1] |= 1 << (i % 8)
+    return bytes(out)
+
+
+# -- messages -------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class GetManifest:
+    TAG: ClassVar[str] = "get_manifest"
+    rid: int
+    manifest_id: bytes
+
+    def __post_init__(self):
+        _u64("rid", self.rid)
+        _id("manifest_id", self.manifest_id)
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestData:
+    """The manifest's canonical encoding, or None when the responder lacks it."""
+    TAG: ClassVar[str] = "manifest"
+    rid: int
+    manifest_id: bytes
+    data: bytes | None
+
+    def __post_init__(self):
+        _u64("rid", self.rid)
+        _id("manifest_id", self.manifest_id)
+        if self.data is not None and (type(self.data) is not bytes
+                                      or not 0 < len(self.data) <= MAX_MANIFEST):
+            raise LocalProtocolError(f"manifest data must be None or 1..{MAX_MANIFEST} bytes")
+
+
+@dataclass(frozen=True, slots=True)
+class Have:
+    """Which of chunk positions [start, start + count) of a manifest do you hold?"""
+    TAG: ClassVar[str] = "have"
+    rid: int
+    manifest_id: bytes
+    start: int
+    count: int
+
+    def __post_init__(self):
+        _u64("rid", self.rid)
+        _id("manifest_id", self.manifest_id)
+        _u64("start", self.start)
+        if type(self.count) is not int or not 0 < self.count <= MAX_HAVE:
+            raise LocalProtocolError(f"count must be in 1..{MAX_HAVE}")
+
+
+@dataclass(frozen=True, slots=True)
+class HaveBits:
+    """Answer to Have: an LSB-first bitfield over the requested range."""
+    TAG: ClassVar[str] = "have_bits"
+    rid: int
+    manifest_id: bytes
+    start: int
+    count: int
+    bits: bytes
+
+    def __post_init__(self):
+        _u64("rid", self.rid)
+        _id("manifest_id", self.manifest_id)
+        _u64("start", self.start)
+        if type(self.count) is not int or not 0 < self.count <= MAX_HAVE:
+            raise LocalProtocolError(f"count must be in 1..{MAX_HAVE}")
+        if type(self.bits) is not bytes or len(self.bits) != bits_len(self.count):
+            raise LocalProtocolError(f"bits must be {bits_len(self.count)} bytes for "
+                                     f"{self.count} positions")
+        pad = -self.count % 8
+        if pad and self.bits[-1] >> (8 - pad):
+            raise LocalProtocolError("padding bits past count must be zero")
+
+    @classmethod
+    def from_flags(cls, rid: int, manifest_id: bytes, start: int,
+                   flags: Iterable[bool]) -> "HaveBits":
+        flags = list(flags)
+        return cls(rid, manifest_id, start, len(flags), pack_bits(flags))
+
+    def has(self, position: int) -> bool:
+        """Whether the absolute chunk `position` is held (False outside the range)."""
+        i = position - self.start
+        return 0 <= i < self.count and bool(self.bits[i >> 3] >> (i & 7) & 1)
+
+    def positions(self) -> Iterator[int]:
+        """The absolute positions held, ascending."""
+        for k, byte in enumerate(self.bits):
+            while byte:
+                low = byte & -byte
+                yield self.start + 8 * k + low.bit_length() - 1
+                byte ^= low
+
+
+@dataclass(frozen=True, slots=True)
+class Get:
+    """Send me these chunks; answered by one Data or Missing per id, in order."""
+    TAG: ClassVar[str] = "get"
+    rid: int
+    ids: tuple[bytes, ...]
+
+    def __post_init__(self):
+        _u64("rid", self.rid)
+        v = self.ids
+        if type(v) not in (list, tuple) or not 0 < len(v) <= MAX_GET_IDS:
+            raise LocalProtocolError(f"ids must be a sequence of 1..{MAX_GET_IDS} chunk ids")
+        for cid in v:
+            _chunk("chunk id", cid)
+        if len(set(v)) != len(v):
+            raise LocalProtocolError("ids must not repeat")
+        object.__setattr__(self, "ids", tuple(v))
+
+
+@dataclass(frozen=True, slots=True)
+class Data:
+    """One chunk: `payload` is the plaintext (RAW) or one zstd frame of it (ZSTD).
+    Unverified: use open_data() to get the plaintext."""
+    TAG: ClassVar[str] = "data"
+    rid: int
+    id: bytes
+    codec: int
+    raw_len: int
+    payload: bytes
+
+    def __post_init__(self):
+        _u64("rid", self.rid)
+        _chunk("chunk id", self.id)
+        check_data_header(self.codec, self.raw_len, len(self.payload)
+                          if type(self.payload) is bytes else None)
+
+    def __repr__(self):
+        return (f"Data(rid={self.rid}, id={self.id.hex()[:16]}.., codec={self.codec}, "
+                f"raw_len={self.raw_len}, payload=<{len(self.payload)} bytes>)")
+
+
+def check_data_header(codec: int, raw_len: int, size: int | None) -> None:
+    """The rules on (codec, raw_len, payload size) of a Data message."""
+    if type(codec) is not int or codec not in WIRE_CODECS:
+        raise LocalProtocolError(f"codec {codec!r:.20} is not sent on the wire "
+                                 f"(only raw=0 and zstd=1; deltas are re-encoded)")
+    if type(raw_len) is not int or not 0 < raw_len <= MAX_CHUNK:
+        raise LocalProtocolError(f"raw_len must be in 1..{MAX_CHUNK}")
+    if type(size) is not int:
+        raise LocalProtocolError("payload must be bytes")
+    if codec == CODEC_RAW and size != raw_len:
+        raise LocalProtocolError(f"a raw payload of {size} bytes for raw_len {raw_len}")
+    if codec == CODEC_ZSTD and not 0 < size <= zstd_bound(raw_len):
+        raise LocalProtocolError(f"a zstd payload of {size} bytes for raw_len {raw_len} "
+                                 f"(at most {zstd_bound(raw_len)})")
+
+
+@dataclass(frozen=True, slots=True)
+class Missing:
+    """The responder does not hold chunk `id`."""
+    TAG: ClassVar[str] = "missing"
+    rid: int
+    id: bytes
+
+    def __post_init__(self):
+        _u64("rid", self.rid)
+        _chunk("chunk id", self.id)
+
+
+Request = Union[GetManifest, Have, Get]
+Response = Union[ManifestData, HaveBits, Data, Missing]
+Message = Union[Request, Response]
+
+REQUEST_TYPES = (GetManifest, Have, Get)
+MESSAGE_TYPES: dict[str, type] = {
+    cls.TAG: cls for cls in (GetManifest, ManifestData, Have, HaveBits, Get, Data, Missing)
+}
+
+
+def answers(request, response) -> bool:
+    """True when `response` is a valid answer to `request` (type, rid and the
+    echoed fields; for Get, any one of its ids: check the order with the ids)."""
+    if response.rid != request.rid:
+        return False
+    if type(request) is GetManifest:
+        return type(response) is ManifestData and response.manifest_id == request.manifest_id
+    if type(request) is Have:
+        return (type(response) is HaveBits and response.manifest_id == request.manifest_id
+                and response.start == request.start and response.count == request.count)
+    if type(request) is Get:
+        return type(response) in (Data, Missing) and response.id in request.ids
+    return False
+
+
+# -- receiving: the only ways to turn a response into trusted bytes --------------------
+
+_tls = threading.local()
+
+
+def _zd() -> zstandard.ZstdDecompressor:
+    d = getattr(_tls, "zd", None)
+    if d is None:
+        d = _tls.zd = zstandard.ZstdDecompressor()
+    return d
+
+
+def _zc(level: int) -> zstandard.ZstdCompressor:
+    cache = getattr(_tls, "zc", None)
+    if cache is None:
+        cache = _tls.zc = {}
+    c = cache.get(level)
+    if c is None:
+        c = cache[level] = zstandard.ZstdCompressor(level=level)
+    return c
+
+
+def open_data(msg: Data) -> bytes:
+    """The verified plaintext of `msg`.
+
+    RemoteProtocolError: the zstd payload is not exactly one frame decoding to
+    raw_len bytes (a declared content size other than raw_len is refused before
+    any allocation, so a decompression bomb costs nothing).
+    ChunkHashMismatch: the plaintext does not hash to msg.id (evidence: both ids).
+    """
+    if type(msg) is not Data:
+        raise LocalProtocolError("open_data takes a Data message")
+    if msg.codec == CODEC_RAW:
+        plain = msg.payload
+    else:
+        try:
+            declared = zstandard.frame_content_size(msg.payload)
+            if declared not in (-1, msg.raw_len):
+                raise RemoteProtocolError(
+                    f"zstd frame declares {declared} bytes, raw_len is {msg.raw_len}")
+            plain = _zd().decompress(msg.payload, max_output_size=msg.raw_len,
+                                     allow_extra_data=False)
+        except zstandard.ZstdError as exc:
+            raise RemoteProtocolError(f"zstd payload does not decode: {exc}") from None
+        if len(plain) != msg.raw_len:
+            raise RemoteProtocolError(
+                f"zstd payload decodes to {len(plain)} bytes, raw_len is {msg.raw_len}")
+    actual = chunk_id(plain)
+    if actual != msg.id:
+        raise ChunkHashMismatch(msg.id, actual, "received from a peer")
+    return plain
+
+
+def open_manifest(msg: ManifestData):
+    """The verified, decoded Manifest of `msg`, or None when the peer lacks it.
+
+    ChunkHashMismatch when BLAKE3(data) != manifest_id; RemoteProtocolError when
+    the bytes hash right but are not a manifest.
+    """
+    from .manifest import decode_manifest
+    if type(msg) is not ManifestData:
+        raise LocalProtocolError("open_manifest takes a ManifestData message")
+    if msg.data is None:
+        return None
+    actual = chunk_id(msg.data)
+    if actual != msg.manifest_id:
+        raise ChunkHashMismatch(msg.manifest_id, actual, "manifest received from a peer")
+    return decode_manifest(msg.data)
+
+
+# -- sending -------------------------------------------------------------------------
+
+def data_from_plain(rid: int, cid: bytes, plain, level: int = 2) -> Data:
+    """A Data message for a chunk's plaintext: zstd when it shrinks it, raw otherwise.
+
+    The server's path for records it cannot send as stored (zstd deltas);
+    records stored raw or zstd are sent as stored (codec, raw_len, stored bytes),
+    preferably without building a Data (exchange_framing.encode_data_header).
+    """
+    plain = bytes(plain)
+    z = _zc(level).compress(plain)
+    if len(z) < len(plain):
+        return Data(rid, cid, CODEC_ZSTD, len(plain), z)
+    return Data(rid, cid, CODEC_RAW, len(plain), plain)
