@@ -4,6 +4,25 @@ Pure (sans-I/O): no trio, no sockets, no clock. Time is the `now` argument
 (seconds, any origin), randomness is the injected `rng`. The I/O glue (node/)
 owns the streams; it tells the plan what happened and sends what the plan says.
 
+API (times are the caller's `now`, in seconds):
+
+    plan = SwarmPlan(needed, sizes_or_estimate, rng, Tunables())
+    plan.add_peer(peer, have)               have: a set of ids, or a predicate id -> bool
+    plan.update_have(peer, ids)
+    plan.remove_peer(peer) -> ids           what was in flight there (re-pended)
+    plan.next_requests(now) -> [(peer, ids)]    send each as one exchange.Get
+    plan.on_data(peer, id, nbytes, now) -> new? after exchange.open_data() accepted it
+    plan.on_bad(peer, id, now)              open_data() raised (hash mismatch, bad zstd)
+    plan.on_missing(peer, id)               the peer answered Missing
+    plan.expire(now) -> [(peer, id)]        requests given up (call at next_deadline)
+    plan.take_cancelled() -> [(peer, id)]   redundant copies the caller may cancel
+    plan.next_deadline(now), finished, endgame, stuck(now), unavailable(), progress()
+
+The glue loop: after every batch of events (arrivals, a peer joining, a
+deadline passing) call expire(now), then next_requests(now), send, and sleep
+until the next arrival or next_deadline(now); stop when finished, or report
+unavailable() when stuck(now).
+
 Theory of operation
 -------------------
 Every needed chunk is in exactly one of three states:
@@ -113,7 +132,7 @@ class Progress:
     in_flight: int            # distinct chunks with at least one outstanding request
     pending: int              # waiting to be requested (including unavailable ones)
     unavailable: int          # pending with no usable holder
-    bytes_by_peer: dict       # peer -> verified new bytes it served
+    bytes_by_peer: dict       # peer -> verified new bytes it served (removed peers too)
     duplicate_bytes: int      # bytes of chunks that arrived after another copy
 
 
@@ -190,6 +209,8 @@ class SwarmPlan:
         self._banned: set = set()
         self._cancelled: list = []
         self._dup_bytes = 0
+        self._served: dict = {}                   # peer -> new verified bytes (kept
+                                                  # after remove_peer, for the report)
 
     # -- peers ---------------------------------------------------------------------------
 
@@ -343,6 +364,7 @@ class SwarmPlan:
         if p is not None:
             p.served_bytes += nbytes
             p.served_chunks += 1
+        self._served[peer] = self._served.get(peer, 0) + nbytes
         return True
 
     def on_bad(self, peer: Peer, cid: bytes, now: float) -> None:
@@ -443,7 +465,7 @@ class SwarmPlan:
             needed=len(self._order), done=len(self._done), in_flight=len(self._copies),
             pending=len(self._pending),
             unavailable=sum(1 for c in self._pending if not self._holders[c]),
-            bytes_by_peer={p.id: p.served_bytes for p in self._peers.values()},
+            bytes_by_peer=dict(self._served),
             duplicate_bytes=self._dup_bytes)
 
     # -- internals -----------------------------------------------------------------------

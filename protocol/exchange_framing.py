@@ -219,18 +219,14 @@ class ExchangeDecoder:
         return out
 
     def _peek_prefix(self) -> int:
-        first = self._in[0]
-        raw = bytes(first[:HEADER]) if len(first) >= HEADER else b"".join(self._take_copy(HEADER))
-        return int.from_bytes(raw, "big")
-
-    def _take_copy(self, n: int) -> list:
-        out, need = [], n
+        """The next 4-byte length prefix, left in the input (needs _in_len >= HEADER)."""
+        raw, need = b"", HEADER
         for piece in self._in:
-            out.append(piece[:need])
-            need -= len(out[-1])
+            raw += piece[:need]
+            need = HEADER - len(raw)
             if not need:
                 break
-        return out
+        return int.from_bytes(raw, "big")
 
     def _parse(self) -> None:
         while True:
