@@ -1,0 +1,397 @@
+"""Storage as the chunk exchange sees it: a ChunkSource to serve, a ChunkSink to fill.
+
+Two small interfaces (every method is async so that a store-backed
+implementation can run its blocking SQLite / pack-file work in a thread):
+
+    ChunkSource (server side, node/exchange_server.py)
+        manifest(mid) -> bytes | None        canonical manifest encoding
+        have(cids) -> list[bool]
+        get(cid) -> (codec, raw_len, payload) | None
+                                             codec is exchange.CODEC_RAW or CODEC_ZSTD:
+                                             a delta record is decoded and re-encoded
+                                             (exchange.data_from_plain), never sent as stored
+        read(cid) -> bytes | None            verified plaintext (hash-list pieces)
+
+    ChunkSink (downloader side, node/swarm.py)
+        manifest(mid) -> bytes | None        a manifest held locally
+        read(cid) -> bytes | None            a chunk held locally (hash-list pieces)
+        missing(cids) -> list[bytes]         those not held locally, in the given order
+        put(cid, plain)                      verified plaintext (the caller checked it)
+        put_manifest(mid, data)              the manifest, once every chunk is in
+        flush()                              make everything put so far durable
+
+Implementations: StoreSource / StoreSink on node/store.py's ChunkStore and
+PackWriter, and MemorySource / MemorySink (dicts) for simnet tests of many nodes.
+
+threaded: real nodes run store work through trio.to_thread.run_sync so the
+event loop never blocks on SQLite or fdatasync; threaded=False calls it
+directly, which keeps simnet's virtual time exact (a thread hop would be
+zero virtual time anyway, but autojump could fire while a thread works).
+
+StoreSink and resume: put() appends records to the pack at once; every
+`batch_bytes` of records is committed (fdatasync, then the index rows), so an
+interrupted download keeps every committed chunk and the next attempt asks
+missing() and fetches only the rest. The sink holds the store's write lock
+from open() to close() (one writer per store; gc waits, so it cannot collect
+the chunks of a download in progress, which no manifest references yet).
+put_manifest() writes the manifests row only when called, and the downloader
+calls it last: a manifest in the store always has all its chunks (gc and
+verify rely on that). Until then the fetched chunks are unreferenced: a gc
+run between an interruption and its resume would collect them (a cost, not
+an inconsistency).
+"""
+from __future__ import annotations
+
+import random
+from contextlib import ExitStack
+from typing import Iterable, Protocol
+
+import trio
+
+from protocol.chunks import ZERO_ID, chunk_id
+from protocol.errors import IntegrityError
+from protocol.exchange import CODEC_RAW, CODEC_ZSTD, data_from_plain
+
+from . import packfile
+from .config import DEFAULT_ZSTD_LEVEL
+
+Stored = tuple  # (codec, raw_len, payload bytes)
+
+
+class ChunkSource(Protocol):
+    async def manifest(self, mid: bytes) -> bytes | None: ...
+
+    async def have(self, cids: list[bytes]) -> list[bool]: ...
+
+    async def get(self, cid: bytes) -> Stored | None: ...
+
+    async def read(self, cid: bytes) -> bytes | None: ...
+
+
+class ChunkSink(Protocol):
+    async def manifest(self, mid: bytes) -> bytes | None: ...
+
+    async def read(self, cid: bytes) -> bytes | None: ...
+
+    async def missing(self, cids: list[bytes]) -> list[bytes]: ...
+
+    async def put(self, cid: bytes, plain: bytes) -> None: ...
+
+    async def put_manifest(self, mid: bytes, data: bytes) -> None: ...
+
+    async def flush(self) -> None: ...
+
+
+async def _run(threaded: bool, fn, *args):
+    if threaded:
+        return await trio.to_thread.run_sync(fn, *args)
+    await trio.lowlevel.checkpoint()
+    return fn(*args)
+
+
+_IN_BATCH = 500                       # ids per SQL IN (...) query
+
+
+def _held(store, cids: list[bytes]) -> set[bytes]:
+    out: set[bytes] = set()
+    for i in range(0, len(cids), _IN_BATCH):
+        part = cids[i:i + _IN_BATCH]
+        q = "SELECT id FROM chunks WHERE id IN (%s)" % ",".join("?" * len(part))
+        out.update(bytes(r[0]) for r in store.db.execute(q, part))
+    return out
+
+
+def _manifest_row(store, mid: bytes) -> bytes | None:
+    r = store.db.execute("SELECT body FROM manifests WHERE id=?", (mid,)).fetchone()
+    return bytes(r[0]) if r else None
+
+
+# -- store-backed ------------------------------------------------------------------------
+
+class StoreSource:
+    """Serves a ChunkStore. Records stored raw or zstd go out as stored (no
+    decompression, no copy beyond the pack read); zstd deltas are decoded
+    (store.read verifies them) and re-encoded with data_from_plain."""
+
+    def __init__(self, store, *, threaded: bool = True, level: int = DEFAULT_ZSTD_LEVEL):
+        self.store = store
+        self.threaded = threaded
+        self.level = level
+
+    async def manifest(self, mid: bytes) -> bytes | None:
+        return await _run(self.threaded, _manifest_row, self.store, mid)
+
+    async def have(self, cids: list[bytes]) -> list[bool]:
+        held = await _run(self.threaded, _held, self.store, list(cids))
+        return [c in held for c in cids]
+
+    def _get(self, cid: bytes):
+        loc = self.store.location(cid)
+        if loc is None:
+            return None
+        try:
+            if loc[4] == packfile.CODEC_ZSTD_DELTA:
+                d = data_from_plain(0, cid, self.store.read(cid, loc), self.level)
+                return d.codec, d.raw_len, d.payload
+            codec, raw_len, stored = self.store.read_stored(cid, loc)
+        except IntegrityError:
+            return None                   # damaged here: say Missing, let others serve it
+        return codec, raw_len, bytes(stored)
+
+    async def get(self, cid: bytes) -> Stored | None:
+        return await _run(self.threaded, self._get, cid)
+
+    def _read(self, cid: bytes):
+        try:
+            return self.store.read(cid) if self.store.has(cid) else None
+        except IntegrityError:
+            return None
+
+    async def read(self, cid: bytes) -> bytes | None:
+        return await _run(self.threaded, self._read, cid)
+
+
+class StoreSink:
+    """Fills a ChunkStore (see the module docstring for commits and resume).
+
+        async with StoreSink(store) as sink:     # takes the store's write lock
+            ... downloader puts ...
+    Leaving the block commits what was put (the chunks are verified, so even
+    an interrupted download keeps them); an error while committing aborts the
+    uncommitted tail instead.
+    """
+
+    def __init__(self, store, *, threaded: bool = True, level: int = DEFAULT_ZSTD_LEVEL,
+                 batch_bytes: int = 64 << 20):
+        self.store = store
+        self.threaded = threaded
+        self.level = level
+        self.batch_bytes = batch_bytes
+        self._writer = None
+        self._stack: ExitStack | None = None
+        self._lock = trio.Lock()          # one store operation at a time
+        self._uncommitted = 0
+        self.chunks_put = 0
+        self.bytes_stored = 0
+
+    def _open(self):
+        stack = ExitStack()
+        try:
+            stack.enter_context(self.store.write_lock())
+            self._writer = stack.enter_context(
+                self.store.writer(batch_bytes=1 << 62))   # we commit, never in the background
+        except BaseException:
+            stack.close()
+            raise
+        self._stack = stack
+
+    async def open(self) -> None:
+        await _run(self.threaded, self._open)
+
+    def _close(self):
+        w, stack = self._writer, self._stack
+        self._writer = self._stack = None
+        if stack is None:
+            return
+        try:
+            w.commit()
+        except BaseException:
+            w.abort()
+            raise
+        finally:
+            stack.close()
+
+    async def close(self) -> None:
+        with trio.CancelScope(shield=True):
+            async with self._lock:
+                await _run(self.threaded, self._close)
+
+    async def __aenter__(self):
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
+
+    def _need_writer(self):
+        if self._writer is None:
+            raise RuntimeError("StoreSink is not open (use `async with StoreSink(store)`)")
+        return self._writer
+
+    async def manifest(self, mid: bytes) -> bytes | None:
+        return await _run(self.threaded, _manifest_row, self.store, mid)
+
+    def _read(self, cid: bytes):
+        w = self._writer
+        if w is not None and (cid in w.pending or cid in w.committing):
+            w.commit()                    # make it readable through the index
+        try:
+            return self.store.read(cid) if self.store.has(cid) else None
+        except IntegrityError:
+            return None
+
+    async def read(self, cid: bytes) -> bytes | None:
+        async with self._lock:
+            return await _run(self.threaded, self._read, cid)
+
+    def _missing(self, cids: list[bytes]) -> list[bytes]:
+        held = _held(self.store, cids)
+        w = self._writer
+        if w is not None:
+            held.update(c for c in cids if c in w.pending or c in w.committing)
+        return [c for c in cids if c not in held]
+
+    async def missing(self, cids: list[bytes]) -> list[bytes]:
+        async with self._lock:
+            return await _run(self.threaded, self._missing, list(cids))
+
+    def _put(self, cid: bytes, plain: bytes):
+        w = self._need_writer()
+        codec, data = _compress(plain, self.level)
+        n = w.put(cid, len(plain), codec, data)
+        if n:
+            self.chunks_put += 1
+            self.bytes_stored += n
+            self._uncommitted += n
+            if self._uncommitted >= self.batch_bytes:
+                w.commit()
+                self._uncommitted = 0
+
+    async def put(self, cid: bytes, plain: bytes) -> None:
+        async with self._lock:
+            await _run(self.threaded, self._put, cid, plain)
+
+    def _put_manifest(self, mid: bytes, data: bytes):
+        if chunk_id(data) != mid:
+            raise ValueError("manifest bytes do not hash to its id")
+
+        def add(db):
+            db.execute("INSERT OR IGNORE INTO manifests(id, body) VALUES (?,?)", (mid, data))
+
+        self._need_writer().commit(extra=add)
+        self._uncommitted = 0
+
+    async def put_manifest(self, mid: bytes, data: bytes) -> None:
+        async with self._lock:
+            await _run(self.threaded, self._put_manifest, mid, data)
+
+    def _flush(self):
+        self._need_writer().commit()
+        self._uncommitted = 0
+
+    async def flush(self) -> None:
+        async with self._lock:
+            await _run(self.threaded, self._flush)
+
+
+def _compress(plain: bytes, level: int):
+    from .store import compress
+    return compress(plain, level)
+
+
+# -- in memory ---------------------------------------------------------------------------
+
+class MemorySource:
+    """A dict-backed ChunkSource: chunks[cid] = plaintext, manifests[mid] = bytes.
+
+    compress=True serves zstd when it shrinks a chunk (as a store would);
+    corrupt=p flips one payload byte with probability p (a bad provider; the
+    rng is injected). Many nodes may share one chunks dict (no copies)."""
+
+    def __init__(self, chunks: dict | None = None, manifests: dict | None = None, *,
+                 compress: bool = False, corrupt: float = 0.0,
+                 rng: random.Random | None = None):
+        self.chunks = chunks if chunks is not None else {}
+        self.manifests = manifests if manifests is not None else {}
+        self.compress = compress
+        self.corrupt = corrupt
+        self.rng = rng or random.Random(0)
+        self.served = 0
+
+    def add(self, plain: bytes) -> bytes:
+        cid = chunk_id(plain)
+        self.chunks[cid] = plain
+        return cid
+
+    def add_image(self, chunks: list[bytes], chunk_size: int, name: str = "img") -> bytes:
+        """Store an image given as its chunks (each chunk_size bytes, the last may be
+        shorter; all-zero chunks become ZERO_ID and are not stored): its hash-list
+        pieces, chunks and manifest. Returns the manifest id (tests, simnet)."""
+        from protocol.chunks import is_zero
+        from protocol.manifest import LIST_ENTRIES, Manifest
+        ids = [ZERO_ID if is_zero(c) else self.add(c) for c in chunks]
+        lists = []
+        for i in range(0, len(ids), LIST_ENTRIES):
+            piece = b"".join(ids[i:i + LIST_ENTRIES])
+            lists.append(ZERO_ID if piece == bytes(len(piece)) else self.add(piece))
+        m = Manifest(name=name, size=sum(map(len, chunks)), chunk_size=chunk_size,
+                     lists=tuple(lists))
+        self.manifests[m.id] = m.encode()
+        return m.id
+
+    async def manifest(self, mid: bytes) -> bytes | None:
+        await trio.lowlevel.checkpoint()
+        return self.manifests.get(mid)
+
+    async def have(self, cids: list[bytes]) -> list[bool]:
+        await trio.lowlevel.checkpoint()
+        return [c in self.chunks for c in cids]
+
+    async def get(self, cid: bytes) -> Stored | None:
+        await trio.lowlevel.checkpoint()
+        plain = self.chunks.get(cid)
+        if plain is None or cid == ZERO_ID:
+            return None
+        if self.compress:
+            d = data_from_plain(0, cid, plain)
+            codec, payload = d.codec, d.payload
+        else:
+            codec, payload = CODEC_RAW, plain
+        if self.corrupt and self.rng.random() < self.corrupt:
+            b = bytearray(payload)
+            b[self.rng.randrange(len(b))] ^= 0xFF
+            payload = bytes(b)
+        self.served += 1
+        return codec, len(plain), payload
+
+    async def read(self, cid: bytes) -> bytes | None:
+        await trio.lowlevel.checkpoint()
+        return self.chunks.get(cid)
+
+
+class MemorySink:
+    """A dict-backed ChunkSink: chunks[cid] = plaintext."""
+
+    def __init__(self, chunks: dict | None = None, manifests: dict | None = None):
+        self.chunks = chunks if chunks is not None else {}
+        self.manifests = manifests if manifests is not None else {}
+        self.puts = 0
+
+    async def manifest(self, mid: bytes) -> bytes | None:
+        await trio.lowlevel.checkpoint()
+        return self.manifests.get(mid)
+
+    async def read(self, cid: bytes) -> bytes | None:
+        await trio.lowlevel.checkpoint()
+        return self.chunks.get(cid)
+
+    async def missing(self, cids: Iterable[bytes]) -> list[bytes]:
+        await trio.lowlevel.checkpoint()
+        return [c for c in cids if c not in self.chunks]
+
+    async def put(self, cid: bytes, plain: bytes) -> None:
+        await trio.lowlevel.checkpoint()
+        if cid not in self.chunks:
+            self.chunks[cid] = plain
+            self.puts += 1
+
+    async def put_manifest(self, mid: bytes, data: bytes) -> None:
+        await trio.lowlevel.checkpoint()
+        self.manifests[mid] = data
+
+    async def flush(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+__all__ = ["ChunkSource", "ChunkSink", "StoreSource", "StoreSink", "MemorySource",
+           "MemorySink", "CODEC_RAW", "CODEC_ZSTD"]

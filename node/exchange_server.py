@@ -1,0 +1,218 @@
+"""The serving side of the chunk exchange (protocol.exchange.PROTOCOL_ID).
+
+    server = ExchangeServer(source)                     # a node.chunk_source.ChunkSource
+    transport.set_handler(PROTOCOL_ID, server.handle)
+
+One stream carries any number of pipelined requests. The handler reads one
+request, answers it completely, then reads the next: requests are processed
+in order and never read ahead of the answers (the ExchangeDecoder holds at
+most one frame; its `room` is 0 while a parsed request waits), so the work a
+peer can queue on us is bounded by what fits in the transport's buffers, and
+backpressure comes from send_all: a requester that stops reading stops us
+reading its requests. Answers:
+
+    GetManifest -> ManifestData (None when the manifest is not held)
+    Have        -> HaveBits over manifest positions (0 for zero chunks, positions
+                   past the end, unknown manifests and unreadable hash lists)
+    Get         -> per id, in order: a Data frame (encode_data_header, then the
+                   payload bytes as stored, in slices so simnet links share
+                   bandwidth per slice) or Missing
+
+Malformed bytes from a peer (a RemoteProtocolError from the decoder, oversized
+frames included) end that stream: it is closed and counted in
+counters["malformed"]; nothing escapes the handler (a transport error ends
+the stream quietly, an unexpected error is counted in counters["errors"] and
+logged), as DESIGN.md requires of every handler.
+
+TEST-ONLY corruption hook: if the environment variable
+HYPERSDK_TEST_CORRUPT_SERVE is set when the server is created, the server
+flips one byte of the payloads it sends: "all" (or "1") corrupts every
+payload, a number p in (0, 1) corrupts each payload with probability p.
+It exists so that real-process tests can run a lying provider; it must
+never be set in production (the server logs a warning when it is).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+from collections import Counter, OrderedDict
+
+import trio
+
+from protocol.chunks import ID_LEN, ZERO_ID
+from protocol.errors import ProtocolError, RemoteProtocolError
+from protocol.exchange import Data, Get, GetManifest, Have, HaveBits, ManifestData, Missing
+from protocol.exchange_framing import ExchangeDecoder, encode_data_header, encode_message
+from protocol.manifest import LIST_ENTRIES, Manifest, decode_manifest, split_list
+
+from .transport import TransportError
+
+log = logging.getLogger(__name__)
+
+CORRUPT_ENV = "HYPERSDK_TEST_CORRUPT_SERVE"
+SEND_SLICE = 256 << 10        # payload bytes per send_all
+RECV_MAX = 64 << 10           # requests are small: at most one document at a time
+
+
+def corrupt_rate_from_env(environ=os.environ) -> float:
+    """The TEST-ONLY corruption probability HYPERSDK_TEST_CORRUPT_SERVE asks for (0: off)."""
+    v = environ.get(CORRUPT_ENV, "").strip().lower()
+    if not v:
+        return 0.0
+    if v == "all":
+        return 1.0
+    try:
+        p = float(v)
+    except ValueError:
+        raise ValueError(f"{CORRUPT_ENV} must be 'all' or a probability, not {v!r}") from None
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"{CORRUPT_ENV} must be in [0, 1], not {p}")
+    return p
+
+
+class ExchangeServer:
+    def __init__(self, source, *, rng: random.Random | None = None,
+                 corrupt: float | None = None, cache_manifests: int = 8,
+                 cache_pieces: int = 16):
+        self.source = source
+        self.counters: Counter = Counter()
+        self._rng = rng or random.Random()
+        self.corrupt = corrupt_rate_from_env() if corrupt is None else corrupt
+        if self.corrupt:
+            log.warning("%s is set: this server CORRUPTS %.0f%% of the chunks it sends "
+                        "(a test-only switch)", CORRUPT_ENV, 100 * self.corrupt)
+        self._manifests: OrderedDict = OrderedDict()   # mid -> Manifest | None
+        self._pieces: OrderedDict = OrderedDict()      # list id -> [ids] | None
+        self._cache_manifests = cache_manifests
+        self._cache_pieces = cache_pieces
+
+    async def handle(self, stream, peer_id: bytes) -> None:
+        """A Transport handler: serve one stream until EOF or a protocol error."""
+        self.counters["streams"] += 1
+        dec = ExchangeDecoder(requests_only=True)
+        try:
+            while True:
+                msg = dec.next_message()
+                if msg is None:
+                    if dec.room == 0:             # EOF seen and nothing pending
+                        return
+                    data = await stream.receive_some(min(dec.room, RECV_MAX))
+                    dec.receive_data(data)
+                    continue
+                self.counters["requests"] += 1
+                await self._answer(stream, msg)
+        except RemoteProtocolError as exc:
+            self.counters["malformed"] += 1
+            log.debug("dropping exchange stream from %s: %s", peer_id.hex()[:12], exc)
+        except (TransportError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except Exception:                           # a bug: never kill the host
+            self.counters["errors"] += 1
+            log.exception("exchange handler failed (peer %s)", peer_id.hex()[:12])
+        finally:
+            with trio.CancelScope(shield=True):
+                try:
+                    await stream.aclose()
+                except Exception:
+                    pass
+
+    # -- answers -------------------------------------------------------------------------
+
+    async def _answer(self, stream, msg) -> None:
+        t = type(msg)
+        if t is Get:
+            for cid in msg.ids:
+                await self._send_chunk(stream, msg.rid, cid)
+        elif t is GetManifest:
+            data = await self.source.manifest(msg.manifest_id)
+            await stream.send_all(encode_message(ManifestData(msg.rid, msg.manifest_id, data)))
+        elif t is Have:
+            flags = await self._have(msg.manifest_id, msg.start, msg.count)
+            await stream.send_all(encode_message(
+                HaveBits.from_flags(msg.rid, msg.manifest_id, msg.start, flags)))
+        else:                                       # the decoder only yields requests
+            raise RemoteProtocolError(f"unexpected {t.__name__}")
+
+    async def _send_chunk(self, stream, rid: int, cid: bytes) -> None:
+        got = await self.source.get(cid)
+        if got is None:
+            self.counters["missing"] += 1
+            await stream.send_all(encode_message(Missing(rid, cid)))
+            return
+        codec, raw_len, payload = got
+        if self.corrupt and self._rng.random() < self.corrupt:     # TEST-ONLY, see above
+            b = bytearray(payload)
+            b[self._rng.randrange(len(b))] ^= 0xFF
+            payload = bytes(b)
+            self.counters["corrupted"] += 1
+        await stream.send_all(encode_data_header(rid, cid, codec, raw_len, len(payload)))
+        view = memoryview(payload)
+        for i in range(0, len(view), SEND_SLICE):
+            await stream.send_all(bytes(view[i:i + SEND_SLICE]))
+        self.counters["chunks_sent"] += 1
+        self.counters["bytes_sent"] += len(payload)
+
+    async def _have(self, mid: bytes, start: int, count: int) -> list[bool]:
+        flags = [False] * count
+        m = await self._manifest(mid)
+        if m is None:
+            return flags
+        end = min(start + count, m.n_chunks)
+        if start >= end:
+            return flags
+        positions, ids = [], []
+        for li in range(start // LIST_ENTRIES, (end - 1) // LIST_ENTRIES + 1):
+            piece = await self._piece(m, li)
+            if piece is None:
+                continue
+            base = li * LIST_ENTRIES
+            lo, hi = max(start, base), min(end, base + len(piece))
+            for pos in range(lo, hi):
+                cid = piece[pos - base]
+                if cid != ZERO_ID:
+                    positions.append(pos)
+                    ids.append(cid)
+        if ids:
+            held = await self.source.have(ids)
+            for pos, h in zip(positions, held):
+                flags[pos - start] = bool(h)
+        return flags
+
+    async def _manifest(self, mid: bytes) -> Manifest | None:
+        if mid in self._manifests:
+            self._manifests.move_to_end(mid)
+            return self._manifests[mid]
+        data = await self.source.manifest(mid)
+        m = None
+        if data is not None:
+            try:
+                m = decode_manifest(data)
+            except ProtocolError:
+                m = None
+        if m is not None:                           # don't cache "unknown": it may arrive
+            self._manifests[mid] = m
+            while len(self._manifests) > self._cache_manifests:
+                self._manifests.popitem(last=False)
+        return m
+
+    async def _piece(self, m: Manifest, li: int) -> list[bytes] | None:
+        lid = m.lists[li]
+        n = m.list_len(li)
+        if lid == ZERO_ID:
+            return [ZERO_ID] * n
+        key = (lid, n)
+        if key in self._pieces:
+            self._pieces.move_to_end(key)
+            return self._pieces[key]
+        plain = await self.source.read(lid)
+        if plain is None or len(plain) != n * ID_LEN:
+            return None
+        ids = split_list(plain, n)
+        self._pieces[key] = ids
+        while len(self._pieces) > self._cache_pieces:
+            self._pieces.popitem(last=False)
+        return ids
+
+
+__all__ = ["ExchangeServer", "CORRUPT_ENV", "corrupt_rate_from_env", "Data"]

@@ -1,0 +1,434 @@
+"""The swarm downloader: the I/O glue around node/swarm_plan.py's SwarmPlan.
+
+    dl = Downloader(transport, sink, finder=dht, peers=[contact, ...], rng=rng,
+                    progress=callback)
+    result = await dl.download(manifest_id)      # DownloadResult, or DownloadError
+
+Steps of one download (every wait bounded):
+1. Peers: the explicit contacts plus up to `max_providers` from
+   finder.find_providers(manifest_id, count) (DhtService satisfies it).
+   One ExchangeSession (one stream) per peer, opened concurrently; a peer that
+   cannot be reached within `open_timeout` is simply not used.
+2. Manifest: from the sink if held, else the first peer whose ManifestData
+   verifies (open_manifest: BLAKE3(data) == id; a peer sending a wrong one is
+   scored down and skipped).
+3. Hash lists: the manifest's list pieces are chunks too. Pieces not held
+   locally are fetched first with a SwarmPlan in which every peer is assumed
+   to hold them (a peer that does not answers Missing), verified like every
+   chunk, and put into the sink.
+4. The ordered list of distinct non-zero chunk ids (a chunk repeated in the
+   image is fetched once); the sink says which are missing (a chunk held
+   locally is never fetched).
+5. Have: each peer is asked for its bits over the manifest's positions
+   (Have ranges of MAX_HAVE, in parallel across peers).
+6. The plan loop (SwarmPlan's docstring, "The glue loop"): expire(now);
+   send next_requests(now) as Get batches on each peer's session; wait for
+   the next event or deadline; for each Data: open_data (verify) ->
+   sink.put -> plan.on_data; ChunkHashMismatch or an undecodable payload ->
+   plan.on_bad (the plan bans after max_bad) and the DHT's scores are told
+   (`scores.penalize(peer, "malformed", now)`, if given); Missing ->
+   plan.on_missing; a session that fails -> plan.remove_peer (only its
+   in-flight chunks go back to the pool).
+7. sink.put_manifest (the manifest is written last: a manifest held locally
+   always has all its chunks) and sink.flush().
+
+Bounds. Per-peer outstanding requests are the plan's window (chunks of about
+chunk_size each, at most max_window); all sessions deliver into one events
+channel of EVENT_BUFFER entries whose reader blocks when it is full, so memory
+is bounded by windows x chunk size. The whole download is bounded by
+`stall_timeout`: no newly verified chunk for that long -> DownloadError
+naming the chunks still missing. plan.stuck() (nothing in flight, no usable
+holder for anything pending) fails at once with the unavailable chunks:
+a chunk no provider holds is an error, never a hang.
+
+Time is trio.current_time() (virtual under simnet's MockClock); verification
+and MemorySink/StoreSink(threaded=False) are synchronous there, so simulated
+throughput is exact.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import trio
+
+from protocol.chunks import ID_LEN, ZERO_ID
+from protocol.errors import ChunkHashMismatch, RemoteProtocolError
+from protocol.exchange import MAX_HAVE, open_data, open_manifest
+from protocol.manifest import Manifest, decode_manifest, split_list
+
+from .exchange_client import ChunkData, ChunkMissing, ExchangeSession, SessionFailed
+from .swarm_plan import SwarmPlan, Tunables
+from .transport import TransportError
+
+EVENT_BUFFER = 256
+
+
+class DownloadError(Exception):
+    """A download cannot complete; `missing` lists the chunk ids it lacks."""
+
+    def __init__(self, message: str, *, manifest_id: bytes = b"",
+                 missing: Iterable[bytes] = ()):
+        self.manifest_id = manifest_id
+        self.missing = tuple(missing)
+        if self.missing:
+            shown = ", ".join(c.hex() for c in self.missing[:8])
+            more = f" and {len(self.missing) - 8} more" if len(self.missing) > 8 else ""
+            message = f"{message}: {len(self.missing)} chunk(s) unavailable: {shown}{more}"
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class DownloadProgress:
+    phase: str                    # "lists" (hash-list pieces) or "chunks"
+    done_chunks: int
+    needed_chunks: int
+    done_bytes: int               # wire bytes of verified new chunks
+    needed_bytes: int             # plaintext bytes of the chunks needed
+    bytes_by_peer: dict           # peer id -> verified new wire bytes it served
+    banned: tuple = ()
+
+
+@dataclass
+class DownloadResult:
+    manifest_id: bytes
+    manifest: Manifest
+    chunks_total: int = 0         # non-zero positions of the image
+    chunks_distinct: int = 0      # distinct non-zero chunk ids
+    chunks_repeated: int = 0      # positions repeating an earlier chunk (fetched once)
+    chunks_local: int = 0         # distinct chunks (and list pieces) already held
+    chunks_fetched: int = 0       # chunks and list pieces fetched and verified
+    bytes_fetched: int = 0        # their wire bytes
+    bytes_by_peer: dict = field(default_factory=dict)
+    duplicate_bytes: int = 0      # wire bytes of copies that arrived second
+    bad_chunks: int = 0           # responses that failed verification
+    banned: list = field(default_factory=list)
+    failed_peers: list = field(default_factory=list)
+    seconds: float = 0.0          # trio clock (virtual under simnet)
+    chunk_seconds: float = 0.0    # of which the chunk phase
+
+
+@dataclass(frozen=True)
+class _Peer:
+    """A contact as the session wants it (id, addr)."""
+    id: bytes
+    addr: str
+
+
+class Downloader:
+    def __init__(self, transport, sink, *, finder=None, peers: Iterable = (),
+                 rng: random.Random, progress: Callable[[DownloadProgress], None] | None = None,
+                 tunables: Tunables = Tunables(), stall_timeout: float = 60.0,
+                 scores=None, max_providers: int = 32, open_timeout: float = 10.0,
+                 request_timeout: float = 30.0):
+        self.transport = transport
+        self.sink = sink
+        self.finder = finder
+        self.peers = list(peers)
+        self.rng = rng
+        self.progress = progress
+        self.tunables = tunables
+        self.stall_timeout = stall_timeout
+        self.scores = scores
+        self.max_providers = max_providers
+        self.open_timeout = open_timeout
+        self.request_timeout = request_timeout
+        self._sessions: dict[bytes, ExchangeSession] = {}
+        self._failed: dict[bytes, str] = {}
+        self._banned: set[bytes] = set()
+        self._by_peer: dict[bytes, int] = {}
+        self._nursery = None
+
+    # -- the download ----------------------------------------------------------------------
+
+    async def download(self, manifest_id: bytes) -> DownloadResult:
+        t0 = trio.current_time()
+        send, recv = trio.open_memory_channel(EVENT_BUFFER)
+        self._sessions, self._failed, self._banned, self._by_peer = {}, {}, set(), {}
+        error: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            try:
+                with send, recv:
+                    contacts = await self._contacts(manifest_id)
+                    await self._open_sessions(nursery, contacts, send)
+                    data, m = await self._manifest(manifest_id)
+                    res = DownloadResult(manifest_id, m)
+                    ids = await self._chunk_ids(manifest_id, m, recv, res)
+                    t1 = trio.current_time()
+                    await self._chunks(manifest_id, m, ids, recv, res)
+                    res.chunk_seconds = trio.current_time() - t1
+                    await self.sink.put_manifest(manifest_id, data)
+                    await self.sink.flush()
+            except Exception as exc:      # raised below, not wrapped in the nursery's group
+                error = exc
+            finally:
+                nursery.cancel_scope.cancel()
+        if error is not None:
+            raise error
+        res.bytes_by_peer = dict(self._by_peer)
+        res.banned = sorted(self._banned)
+        res.failed_peers = sorted(self._failed)
+        res.seconds = trio.current_time() - t0
+        return res
+
+    # -- peers -----------------------------------------------------------------------------
+
+    async def _contacts(self, mid: bytes) -> list:
+        found: dict[bytes, object] = {}
+        for c in self.peers:
+            found.setdefault(c.id, c)
+        if self.finder is not None and len(found) < self.max_providers:
+            try:
+                with trio.move_on_after(self.request_timeout):
+                    contacts, _ = await self.finder.find_providers(mid, self.max_providers)
+                    for c in contacts:
+                        found.setdefault(c.id, c)
+            except TransportError:
+                pass
+        found.pop(self.transport.peer_id, None)
+        return list(found.values())[:max(self.max_providers, len(self.peers))]
+
+    async def _open_sessions(self, nursery, contacts, send) -> None:
+        async def one(c):
+            s = ExchangeSession(self.transport, _Peer(c.id, c.addr), events=send.clone())
+            try:
+                with trio.fail_after(self.open_timeout):
+                    await nursery.start(s.run)
+            except (TransportError, trio.TooSlowError) as exc:
+                self._failed[c.id] = str(exc) or "timeout"
+                return
+            self._sessions[c.id] = s
+
+        async with trio.open_nursery() as n:
+            for c in contacts:
+                n.start_soon(one, c)
+
+    def _live(self) -> list[bytes]:
+        return [p for p, s in self._sessions.items() if not s.closed and p not in self._failed]
+
+    def _drop(self, peer: bytes, why: str) -> None:
+        self._failed.setdefault(peer, why)
+        s = self._sessions.get(peer)
+        if s is not None and not s.closed and self._nursery is not None:
+            self._nursery.start_soon(s.aclose)    # its reader then ends on its own
+
+    def _penalize(self, peer: bytes, reason: str = "malformed") -> None:
+        if self.scores is not None:
+            try:
+                self.scores.penalize(peer, reason, trio.current_time())
+            except Exception:          # scoring is advice; never fail a download on it
+                pass
+
+    # -- manifest and hash lists -----------------------------------------------------------
+
+    async def _manifest(self, mid: bytes) -> tuple[bytes, Manifest]:
+        data = await self.sink.manifest(mid)
+        if data is not None:
+            return data, decode_manifest(data)
+        for peer in self._live():
+            s = self._sessions[peer]
+            try:
+                with trio.fail_after(self.request_timeout):
+                    msg = await s.get_manifest(mid)
+                m = open_manifest(msg)
+            except (ChunkHashMismatch, RemoteProtocolError) as exc:
+                self._penalize(peer)
+                self._drop(peer, f"bad manifest: {exc}")
+                continue
+            except (TransportError, trio.TooSlowError) as exc:
+                self._drop(peer, str(exc) or "timeout")
+                continue
+            if m is not None:
+                return msg.data, m
+        raise DownloadError(f"manifest {mid.hex()} not found: none of "
+                            f"{len(self._sessions) + len(self._failed)} peer(s) has it",
+                            manifest_id=mid)
+
+    async def _chunk_ids(self, mid: bytes, m: Manifest, recv, res: DownloadResult) -> list:
+        """Every position's chunk id (ZERO_ID for zero chunks), fetching the
+        hash-list pieces not held locally."""
+        lids = list(dict.fromkeys(l for l in m.lists if l != ZERO_ID))
+        need = await self.sink.missing(lids) if lids else []
+        res.chunks_local += len(lids) - len(need)
+        pieces: dict[bytes, bytes] = {}
+        if need:
+            sizes = {}
+            for li, l in enumerate(m.lists):
+                sizes.setdefault(l, m.list_len(li) * ID_LEN)
+            everyone = {p: (lambda c: True) for p in self._live()}
+
+            def keep(cid, plain):
+                pieces[cid] = plain
+
+            await self._swarm("lists", mid, need, sizes, everyone, recv, res, keep)
+        ids: list[bytes] = []
+        for li, l in enumerate(m.lists):
+            n = m.list_len(li)
+            if l == ZERO_ID:
+                ids.extend([ZERO_ID] * n)
+                continue
+            plain = pieces.get(l)
+            if plain is None:
+                plain = await self.sink.read(l)
+            if plain is None:
+                raise DownloadError("hash list piece vanished from the sink",
+                                    manifest_id=mid, missing=[l])
+            try:
+                ids.extend(split_list(plain, n))
+            except RemoteProtocolError as exc:     # verified bytes, wrong length: bad manifest
+                raise DownloadError(f"manifest {mid.hex()} is inconsistent: {exc}",
+                                    manifest_id=mid) from None
+        return ids
+
+    # -- chunks ----------------------------------------------------------------------------
+
+    async def _chunks(self, mid: bytes, m: Manifest, ids: list, recv, res) -> None:
+        first: dict[bytes, int] = {}
+        total = 0
+        for i, c in enumerate(ids):
+            if c != ZERO_ID:
+                total += 1
+                first.setdefault(c, i)
+        res.chunks_total = total
+        res.chunks_distinct = len(first)
+        res.chunks_repeated = total - len(first)
+        need = await self.sink.missing(list(first)) if first else []
+        res.chunks_local += len(first) - len(need)
+        if not need:
+            return
+        sizes = {c: m.chunk_len(first[c]) for c in need}
+        haves = await self._haves(mid, ids, set(need))
+        await self._swarm("chunks", mid, need, sizes, haves, recv, res, None)
+
+    async def _haves(self, mid: bytes, ids: list, need: set) -> dict:
+        out: dict[bytes, set] = {}
+
+        async def ask(peer):
+            s = self._sessions[peer]
+            held: set[bytes] = set()
+            try:
+                with trio.fail_after(self.request_timeout):
+                    for start in range(0, len(ids), MAX_HAVE):
+                        bits = await s.have(mid, start, min(MAX_HAVE, len(ids) - start))
+                        for pos in bits.positions():
+                            if pos < len(ids) and ids[pos] in need:
+                                held.add(ids[pos])
+            except RemoteProtocolError as exc:
+                self._penalize(peer)
+                self._drop(peer, f"bad have: {exc}")
+                return
+            except (TransportError, trio.TooSlowError) as exc:
+                self._drop(peer, str(exc) or "timeout")
+                return
+            out[peer] = held
+
+        async with trio.open_nursery() as n:
+            for peer in self._live():
+                n.start_soon(ask, peer)
+        return out
+
+    async def _swarm(self, phase: str, mid: bytes, need: list, sizes: dict, haves: dict,
+                     recv, res: DownloadResult, on_chunk) -> None:
+        plan = SwarmPlan(need, sizes, self.rng, self.tunables)
+        for peer, have in haves.items():
+            if peer in self._banned:          # banned in an earlier phase: stays banned
+                continue
+            if peer in self._sessions and not self._sessions[peer].closed:
+                plan.add_peer(peer, have)
+        needed = set(need)
+        done: set[bytes] = set()
+        needed_bytes = sum(sizes[c] for c in need)
+        done_bytes = 0
+        last_progress = trio.current_time()
+
+        def report():
+            if self.progress is not None:
+                self.progress(DownloadProgress(
+                    phase, len(done), len(needed), done_bytes, needed_bytes,
+                    dict(plan.progress().bytes_by_peer), tuple(sorted(self._banned))))
+
+        async def handle(ev) -> bool:
+            """Apply one event; True when it completed a chunk."""
+            nonlocal done_bytes
+            now = trio.current_time()
+            peer = ev.peer
+            if type(ev) is SessionFailed:
+                plan.remove_peer(peer)
+                if isinstance(ev.error, RemoteProtocolError):
+                    self._penalize(peer)
+                self._failed.setdefault(peer, str(ev.error))
+                return False
+            if type(ev) is ChunkMissing:
+                plan.on_missing(peer, ev.cid)
+                return False
+            msg = ev.data
+            cid = msg.id
+            if cid not in needed or cid in done:
+                plan.on_data(peer, cid, len(msg.payload), now)   # a late or extra copy
+                return False
+            try:
+                plain = open_data(msg)
+            except (ChunkHashMismatch, RemoteProtocolError):
+                res.bad_chunks += 1
+                plan.on_bad(peer, cid, now)
+                self._penalize(peer)
+                if plan.is_banned(peer):
+                    self._banned.add(peer)
+                return False
+            await self.sink.put(cid, plain)
+            if on_chunk is not None:
+                on_chunk(cid, plain)
+            plan.on_data(peer, cid, len(msg.payload), now)
+            done.add(cid)
+            done_bytes += len(msg.payload)
+            res.chunks_fetched += 1
+            res.bytes_fetched += len(msg.payload)
+            self._by_peer[peer] = self._by_peer.get(peer, 0) + len(msg.payload)
+            return True
+
+        while not plan.finished:
+            now = trio.current_time()
+            plan.expire(now)
+            plan.take_cancelled()          # the protocol has no cancel: late copies are dups
+            for peer, batch in plan.next_requests(now):
+                s = self._sessions.get(peer)
+                try:
+                    if s is None:
+                        raise TransportError("no session")
+                    await s.get(batch)
+                except TransportError as exc:
+                    plan.remove_peer(peer)
+                    self._failed.setdefault(peer, str(exc))
+            if plan.stuck(now):
+                raise DownloadError(f"cannot download {phase} of manifest {mid.hex()}",
+                                    manifest_id=mid, missing=plan.unavailable())
+            stall_at = last_progress + self.stall_timeout
+            deadline = plan.next_deadline(now)
+            wake = stall_at if deadline is None else min(deadline, stall_at)
+            progressed = False
+            with trio.move_on_at(wake):
+                progressed |= await handle(await recv.receive())
+            for _ in range(EVENT_BUFFER):          # drain what is ready, bounded
+                try:
+                    ev = recv.receive_nowait()
+                except trio.WouldBlock:
+                    break
+                progressed |= await handle(ev)
+            for peer in list(self._sessions):
+                if plan.is_banned(peer):
+                    self._banned.add(peer)
+            if progressed:
+                last_progress = trio.current_time()
+                report()
+            elif trio.current_time() >= stall_at and not plan.finished:
+                left = [c for c in need if c not in done]
+                raise DownloadError(f"download of manifest {mid.hex()} stalled: no chunk "
+                                    f"arrived for {self.stall_timeout:g} s",
+                                    manifest_id=mid, missing=left)
+        report()
+        res.duplicate_bytes += plan.progress().duplicate_bytes
+
+
+__all__ = ["Downloader", "DownloadResult", "DownloadProgress", "DownloadError", "EVENT_BUFFER"]
