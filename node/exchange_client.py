@@ -114,6 +114,8 @@ class ExchangeSession:
                 err = self.error or TransportError("session closed")
             except (TransportError, RemoteProtocolError) as exc:
                 err = exc
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                err = TransportError("session closed: nobody takes its events")
             await self._fail(err)
             if self.events is not None:
                 try:

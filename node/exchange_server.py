@@ -42,7 +42,7 @@ import trio
 
 from protocol.chunks import ID_LEN, ZERO_ID
 from protocol.errors import ProtocolError, RemoteProtocolError
-from protocol.exchange import Data, Get, GetManifest, Have, HaveBits, ManifestData, Missing
+from protocol.exchange import Get, GetManifest, Have, HaveBits, ManifestData, Missing
 from protocol.exchange_framing import ExchangeDecoder, encode_data_header, encode_message
 from protocol.manifest import LIST_ENTRIES, Manifest, decode_manifest, split_list
 
@@ -215,4 +215,4 @@ class ExchangeServer:
         return ids
 
 
-__all__ = ["ExchangeServer", "CORRUPT_ENV", "corrupt_rate_from_env", "Data"]
+__all__ = ["ExchangeServer", "CORRUPT_ENV", "corrupt_rate_from_env"]

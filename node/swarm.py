@@ -58,7 +58,7 @@ from protocol.errors import ChunkHashMismatch, RemoteProtocolError
 from protocol.exchange import MAX_HAVE, open_data, open_manifest
 from protocol.manifest import Manifest, decode_manifest, split_list
 
-from .exchange_client import ChunkData, ChunkMissing, ExchangeSession, SessionFailed
+from .exchange_client import ChunkMissing, ExchangeSession, SessionFailed
 from .swarm_plan import SwarmPlan, Tunables
 from .transport import TransportError
 
@@ -86,7 +86,7 @@ class DownloadProgress:
     needed_chunks: int
     done_bytes: int               # wire bytes of verified new chunks
     needed_bytes: int             # plaintext bytes of the chunks needed
-    bytes_by_peer: dict           # peer id -> verified new wire bytes it served
+    bytes_by_peer: dict           # peer id -> verified new wire bytes it served (all phases)
     banned: tuple = ()
 
 
@@ -347,7 +347,7 @@ class Downloader:
             if self.progress is not None:
                 self.progress(DownloadProgress(
                     phase, len(done), len(needed), done_bytes, needed_bytes,
-                    dict(plan.progress().bytes_by_peer), tuple(sorted(self._banned))))
+                    dict(self._by_peer), tuple(sorted(self._banned))))
 
         async def handle(ev) -> bool:
             """Apply one event; True when it completed a chunk."""
@@ -365,17 +365,17 @@ class Downloader:
                 return False
             msg = ev.data
             cid = msg.id
-            if cid not in needed or cid in done:
-                plan.on_data(peer, cid, len(msg.payload), now)   # a late or extra copy
-                return False
             try:
-                plain = open_data(msg)
+                plain = open_data(msg)        # late and extra copies too: a liar is a liar
             except (ChunkHashMismatch, RemoteProtocolError):
                 res.bad_chunks += 1
                 plan.on_bad(peer, cid, now)
                 self._penalize(peer)
                 if plan.is_banned(peer):
                     self._banned.add(peer)
+                return False
+            if cid not in needed or cid in done:
+                plan.on_data(peer, cid, len(msg.payload), now)   # a late or extra copy
                 return False
             await self.sink.put(cid, plain)
             if on_chunk is not None:

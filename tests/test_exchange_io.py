@@ -20,10 +20,9 @@ from p2p_helpers import STEP_LIMIT, start_transport
 from protocol.chunks import ZERO_ID, chunk_id
 from protocol.errors import ChunkHashMismatch, RemoteProtocolError
 from protocol.exchange import (
-    CODEC_RAW, CODEC_ZSTD, PROTOCOL_ID, Data, GetManifest, HaveBits, ManifestData,
-    open_data, open_manifest)
+    CODEC_RAW, CODEC_ZSTD, PROTOCOL_ID, GetManifest, ManifestData, open_data, open_manifest)
 from protocol.exchange_framing import encode_message
-from protocol.manifest import decode_manifest, split_list
+from protocol.manifest import split_list
 from simnet.transport import LinkModel, SimNetwork
 
 CS = 64 << 10

@@ -405,3 +405,21 @@ async def test_no_progress_for_stall_timeout_fails_naming_the_missing_chunks(
             await net.downloader(sink, [peer], stall_timeout=5).download(mid)
     assert sorted(err.value.missing) == sorted(chunk_id(c) for c in chunks)
     assert trio.current_time() - t0 < 5 + 1
+
+
+async def test_download_over_libp2p(nursery):
+    """The same Downloader on the real transport: two providers on 127.0.0.1."""
+    from p2p_helpers import STEP_LIMIT, start_transport
+    src, mid, chunks = small_image(n=32, cs=1 << 20, repeat=True)
+    d = (await start_transport(nursery)).transport
+    peers = []
+    for _ in range(2):
+        t = (await start_transport(nursery)).transport
+        t.set_handler(PROTOCOL_ID, ExchangeServer(MemorySource(src.chunks, src.manifests)).handle)
+        peers.append(Contact(t.peer_id, t.addr))
+    sink = MemorySink()
+    with trio.fail_after(STEP_LIMIT):
+        res = await Downloader(d, sink, peers=peers, rng=random.Random(1)).download(mid)
+    assert res.chunks_fetched == 32 - 1 - 3 + 1
+    assert set(res.bytes_by_peer) == {p.id for p in peers}
+    assert_complete(sink, src, mid)
