@@ -96,6 +96,57 @@ def open_store(ctx, *, readonly: bool = False):
         raise UserError(f"cannot open data dir {path}: {exc.strerror or exc}") from None
 
 
+# -- store commands ---------------------------------------------------------------------
+# Each store command is a click command (arguments -> a plain dict) plus an op
+# `fn(store, args, ui) -> (json doc, text, exit code)`. run_op sends the op to
+# the node's control socket when a node runs on the data dir (the node runs
+# the same fn in a worker thread on its open store and streams progress back,
+# node/daemon.py), and runs it here otherwise, so the output is the same.
+
+class StoreOp:
+    def __init__(self, fn, readonly: bool):
+        self.fn, self.readonly = fn, readonly
+
+
+STORE_OPS: dict[str, StoreOp] = {}
+
+
+def store_op(name: str, *, readonly: bool = False):
+    def register(fn):
+        STORE_OPS[name] = StoreOp(fn, readonly)
+        return fn
+    return register
+
+
+class LocalUi:
+    """Progress and lock-wait messages of an op run in this process."""
+
+    def __init__(self, as_json: bool):
+        self.as_json = as_json
+
+    def progress(self, total: int, label: str):
+        return progress_bar(total, label, self.as_json)
+
+    def on_wait(self, msg: str):
+        on_wait(msg)
+
+
+def run_op(ctx, name: str, as_json: bool, /, **args):
+    """Run store op `name` through the running node, or here when none runs."""
+    from pathlib import Path
+    from .control import run_store_op
+    root = Path(ctx.obj["data_dir"] or default_data_dir())
+    outcome = run_store_op(root, name, args, as_json)
+    if outcome is None:                                  # no node on this data dir
+        op = STORE_OPS[name]
+        with open_store(ctx, readonly=op.readonly) as store:
+            outcome = op.fn(store, args, LocalUi(as_json))
+    doc, text, code = outcome
+    emit(as_json, doc, text)
+    if code:
+        ctx.exit(code)
+
+
 @cli.command()
 @click.argument("path")
 @click.option("--name", help="backup name (default: the file name)")
@@ -107,22 +158,29 @@ def open_store(ctx, *, readonly: bool = False):
 @click.pass_context
 def backup(ctx, path, name, chunk_size, zstd_level, as_json):
     """Back up the disk image PATH; print the manifest id and what was stored."""
-    from .backup import backup as run_backup
     cs = parse_size(chunk_size)
     if not valid_chunk_size(cs):
         raise UsageError(f"--chunk-size {chunk_size}: must be a power of two from 64K to 8M")
-    with open_store(ctx) as store:
-        total = os.path.getsize(path) if os.path.isfile(path) else 0
-        with progress_bar(total, "backup", as_json) as advance:
-            r = run_backup(store, path, name=name, chunk_size=cs, level=zstd_level,
-                           progress=advance, on_wait=on_wait)
+    run_op(ctx, "backup", as_json, path=os.path.abspath(path), name=name, chunk_size=cs,
+           zstd_level=zstd_level)
+
+
+@store_op("backup")
+def _op_backup(store, a, ui):
+    from .backup import backup as run_backup
+    path = a["path"]
+    total = os.path.getsize(path) if os.path.isfile(path) else 0
+    with ui.progress(total, "backup") as advance:
+        r = run_backup(store, path, name=a["name"], chunk_size=a["chunk_size"],
+                       level=a["zstd_level"], progress=advance, on_wait=ui.on_wait)
     rate = r.size / r.seconds if r.seconds else 0
-    emit(as_json, r.to_json(),
-         f"backup {r.name}@{r.version}\n"
-         f"manifest      {r.manifest_id.hex()}\n"
-         f"bytes read    {human(r.size)} ({r.size} bytes) in {r.seconds:.2f} s, {human(rate)}/s\n"
-         f"chunks        {r.chunks} ({r.zero_chunks} zero, {r.new_chunks} new)\n"
-         f"new stored    {human(r.new_bytes_stored)} ({human(r.new_bytes_raw)} before compression)")
+    return (r.to_json(),
+            f"backup {r.name}@{r.version}\n"
+            f"manifest      {r.manifest_id.hex()}\n"
+            f"bytes read    {human(r.size)} ({r.size} bytes) in {r.seconds:.2f} s, {human(rate)}/s\n"
+            f"chunks        {r.chunks} ({r.zero_chunks} zero, {r.new_chunks} new)\n"
+            f"new stored    {human(r.new_bytes_stored)} ({human(r.new_bytes_raw)} before compression)",
+            0)
 
 
 @cli.command()
@@ -133,16 +191,22 @@ def backup(ctx, path, name, chunk_size, zstd_level, as_json):
 @click.pass_context
 def restore(ctx, ref, out, force, as_json):
     """Restore backup REF (manifest id or prefix, NAME, NAME@N) to the sparse file OUT."""
+    run_op(ctx, "restore", as_json, ref=ref, out=os.path.abspath(out), force=force)
+
+
+@store_op("restore", readonly=True)
+def _op_restore(store, a, ui):
     from . import catalog
     from .restore import restore as run_restore
-    with open_store(ctx, readonly=True) as store:
-        size = catalog.resolve(store, ref).size
-        with progress_bar(size, "restore", as_json) as advance:
-            r = run_restore(store, ref, out, force=force, progress=advance, on_wait=on_wait)
+    size = catalog.resolve(store, a["ref"]).size
+    with ui.progress(size, "restore") as advance:
+        r = run_restore(store, a["ref"], a["out"], force=a["force"], progress=advance,
+                        on_wait=ui.on_wait)
     rate = r.size / r.seconds if r.seconds else 0
-    emit(as_json, r.to_json(),
-         f"restored {r.manifest_id.hex()[:16]} to {r.out}: {human(r.size)} in {r.seconds:.2f} s "
-         f"({human(rate)}/s), {r.chunks} chunks verified, {r.zero_chunks} zero chunks left as holes")
+    return (r.to_json(),
+            f"restored {r.manifest_id.hex()[:16]} to {r.out}: {human(r.size)} in {r.seconds:.2f} s "
+            f"({human(rate)}/s), {r.chunks} chunks verified, {r.zero_chunks} zero chunks left as holes",
+            0)
 
 
 @cli.command()
@@ -151,20 +215,25 @@ def restore(ctx, ref, out, force, as_json):
 @click.pass_context
 def verify(ctx, ref, as_json):
     """Re-read and re-hash chunks of backup REF, or of the whole store."""
+    run_op(ctx, "verify", as_json, ref=ref)
+
+
+@store_op("verify", readonly=True)
+def _op_verify(store, a, ui):
     from .verify import verify_backup, verify_store
-    with open_store(ctx, readonly=True) as store:
-        if ref:
-            from . import catalog
-            b = catalog.resolve(store, ref)
-            from protocol.manifest import list_count
-            chunks = b.stats.get("chunks", 0)
-            n = chunks - b.stats.get("zero_chunks", 0) + list_count(chunks)
-            with progress_bar(n, "verify", as_json) as advance:
-                report = verify_backup(store, ref, progress=advance)
-        else:
-            n = store.db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
-            with progress_bar(n, "verify", as_json) as advance:
-                report = verify_store(store, progress=advance)
+    ref = a["ref"]
+    if ref:
+        from . import catalog
+        b = catalog.resolve(store, ref)
+        from protocol.manifest import list_count
+        chunks = b.stats.get("chunks", 0)
+        n = chunks - b.stats.get("zero_chunks", 0) + list_count(chunks)
+        with ui.progress(n, "verify") as advance:
+            report = verify_backup(store, ref, progress=advance)
+    else:
+        n = store.db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
+        with ui.progress(n, "verify") as advance:
+            report = verify_store(store, progress=advance)
     lines = [f"checked {report.chunks_checked} chunks ({human(report.bytes_checked)}), "
              f"{report.backups_checked} backups"]
     for d in report.damaged.values():
@@ -176,9 +245,7 @@ def verify(ctx, ref, as_json):
                  f"OK: backup {ref} is intact" if report.ok else
                  f"FAILED: {len(report.damaged)} damaged chunk(s), "
                  f"{len(report.affected)} backup(s) affected")
-    emit(as_json, report.to_json(), "\n".join(lines))
-    if not report.ok:
-        ctx.exit(3)
+    return report.to_json(), "\n".join(lines), 0 if report.ok else 3
 
 
 @cli.command("backups")
@@ -186,17 +253,20 @@ def verify(ctx, ref, as_json):
 @click.pass_context
 def list_backups(ctx, as_json):
     """List backups: NAME@VERSION, manifest id, size, creation time."""
+    run_op(ctx, "backups", as_json)
+
+
+@store_op("backups", readonly=True)
+def _op_backups(store, a, ui):
     from . import catalog
-    with open_store(ctx, readonly=True) as store:
-        rows = catalog.list_backups(store)
+    rows = catalog.list_backups(store)
     lines = [f"{'REF':<28} {'MANIFEST':<16} {'SIZE':>10} {'NEW STORED':>10}  CREATED (UTC)"]
     for b in rows:
         when = datetime.datetime.fromtimestamp(b.created / 1e9, datetime.timezone.utc)
         lines.append(f"{b.ref:<28} {b.manifest_id.hex()[:16]:<16} {human(b.size):>10} "
                      f"{human(b.stats.get('new_bytes_stored', 0)):>10}  "
                      f"{when:%Y-%m-%d %H:%M:%S}")
-    emit(as_json, [b.to_json() for b in rows],
-         "\n".join(lines) if rows else "no backups yet")
+    return [b.to_json() for b in rows], "\n".join(lines) if rows else "no backups yet", 0
 
 
 @cli.command()
@@ -205,13 +275,18 @@ def list_backups(ctx, as_json):
 @click.pass_context
 def delete(ctx, ref, as_json):
     """Delete backup REF (its chunks are reclaimed by `hypersdk gc`)."""
+    run_op(ctx, "delete", as_json, ref=ref)
+
+
+@store_op("delete")
+def _op_delete(store, a, ui):
     from . import catalog
-    with open_store(ctx) as store:
-        with store.write_lock(on_wait):
-            b = catalog.resolve(store, ref)
-            catalog.delete_backup(store, b)
-    emit(as_json, {"deleted": b.to_json()},
-         f"deleted {b.ref} (manifest {b.manifest_id.hex()[:16]}); run `hypersdk gc` to reclaim space")
+    with store.write_lock(ui.on_wait):
+        b = catalog.resolve(store, a["ref"])
+        catalog.delete_backup(store, b)
+    return ({"deleted": b.to_json()},
+            f"deleted {b.ref} (manifest {b.manifest_id.hex()[:16]}); run `hypersdk gc` to reclaim space",
+            0)
 
 
 @cli.command()
@@ -219,13 +294,17 @@ def delete(ctx, ref, as_json):
 @click.pass_context
 def gc(ctx, as_json):
     """Reclaim chunks no backup references."""
+    run_op(ctx, "gc", as_json)
+
+
+@store_op("gc")
+def _op_gc(store, a, ui):
     from .gc import gc as run_gc
-    with open_store(ctx) as store:
-        r = run_gc(store, on_wait=on_wait)
-    emit(as_json, r, f"deleted {r['chunks_deleted']} unreferenced chunks "
-                     f"({human(r['bytes_released'])}); packs removed {r['packs_removed']}, "
-                     f"rewritten {r['packs_rewritten']}; disk {human(r['disk_bytes_before'])} -> "
-                     f"{human(r['disk_bytes_after'])}")
+    r = run_gc(store, on_wait=ui.on_wait)
+    return (r, f"deleted {r['chunks_deleted']} unreferenced chunks "
+               f"({human(r['bytes_released'])}); packs removed {r['packs_removed']}, "
+               f"rewritten {r['packs_rewritten']}; disk {human(r['disk_bytes_before'])} -> "
+               f"{human(r['disk_bytes_after'])}", 0)
 
 
 @cli.group()
@@ -238,21 +317,26 @@ def store():
 @click.pass_context
 def stats(ctx, as_json):
     """Unique chunks, stored bytes, dedup and compression ratios."""
-    with open_store(ctx, readonly=True) as st:
-        s = st.stats()
-        s["data_dir"] = str(st.root)
+    run_op(ctx, "store stats", as_json)
+
+
+@store_op("store stats", readonly=True)
+def _op_stats(st, a, ui):
+    s = st.stats()
+    s["data_dir"] = str(st.root)
     ratio = lambda v: f"{v:.2f}x" if v else "-"
-    emit(as_json, s,
-         f"data dir           {s['data_dir']}\n"
-         f"backups            {s['backups']}\n"
-         f"logical bytes      {human(s['logical_bytes'])} (sum of image sizes)\n"
-         f"unique chunks      {s['unique_chunks']} ({s['delta_chunks']} stored as deltas "
-         f"against an earlier version)\n"
-         f"unique raw bytes   {human(s['unique_raw_bytes'])}\n"
-         f"stored bytes       {human(s['stored_bytes'])} (packs on disk {human(s['pack_bytes_on_disk'])})\n"
-         f"dedup ratio        {ratio(s['dedup_ratio'])} (logical / unique raw; zero chunks count as dedup)\n"
-         f"compression ratio  {ratio(s['compression_ratio'])} (unique raw / stored)\n"
-         f"total reduction    {ratio(s['reduction_ratio'])} (logical / stored)")
+    return (s,
+            f"data dir           {s['data_dir']}\n"
+            f"backups            {s['backups']}\n"
+            f"logical bytes      {human(s['logical_bytes'])} (sum of image sizes)\n"
+            f"unique chunks      {s['unique_chunks']} ({s['delta_chunks']} stored as deltas "
+            f"against an earlier version)\n"
+            f"unique raw bytes   {human(s['unique_raw_bytes'])}\n"
+            f"stored bytes       {human(s['stored_bytes'])} (packs on disk {human(s['pack_bytes_on_disk'])})\n"
+            f"dedup ratio        {ratio(s['dedup_ratio'])} (logical / unique raw; zero chunks count as dedup)\n"
+            f"compression ratio  {ratio(s['compression_ratio'])} (unique raw / stored)\n"
+            f"total reduction    {ratio(s['reduction_ratio'])} (logical / stored)",
+            0)
 
 
 @cli.group()
@@ -279,6 +363,9 @@ def simnet_run(scenario, nodes, seed, out, as_json):
     files = report.write(doc, out_dir)
     emit(as_json, {"summary": doc["summary"], "run": doc["run"], "files": list(map(str, files))},
          report.table(doc) + f"\nreport            {files[0]} (+ {len(files) - 1} plots)")
+
+
+from . import cli_node  # noqa: E402,F401  (registers node, join, peers, status, dht)
 
 
 def main():
