@@ -1,8 +1,9 @@
 """The node's control socket: how `hypersdk` commands talk to a running node.
 
-Where: DATA/control.sock, a Unix stream socket, mode 0600 (created under a
-0177 umask, so it is never world-accessible, then chmod'ed once more). Only
-the data dir's owner can talk to the node; there is no other authentication.
+Where: DATA/control.sock, a Unix stream socket, mode 0600 (bound in a fresh
+0700 directory, chmod'ed, then renamed into place, so it is never reachable
+by others). Only the data dir's owner can talk to the node; there is no
+other authentication.
 
 Framing: every message is a frame, a 4-byte big-endian length followed by one
 canonical msgpack map (protocol/codec.py). Requests are at most MAX_REQUEST

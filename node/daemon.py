@@ -21,9 +21,14 @@ events) -> doc` (a JSON-able document; raise UserError for a user's mistake).
 Adding one (fetch, network restore, a DHT debug op) is one @command entry
 here plus a click command in node/cli_node.py. The store commands of the
 CLI (node/cli.py STORE_OPS) are registered automatically: the node runs the
-very same function in a worker thread on the store it holds open, with
-progress events streamed to the client and the client's disconnect turned
-into cancellation at the op's next progress step.
+very same function in a worker thread, with progress events streamed to the
+client and the client's disconnect turned into cancellation at the op's next
+progress step. The store is the node's (its data dir, under its node lock),
+but each op opens its own ChunkStore handle in its thread and closes it
+after, exactly as a CLI process does: a ChunkStore keeps one SQLite
+connection per thread that used it and closes them only in close(), so one
+long-lived handle used from trio's recycled worker threads and the ops' own
+thread pools would pile up connections over a node's lifetime.
 
 Shutdown (cancel run()): the control server stops accepting; a store op
 running in a worker thread is waited for (trio threads are not abandoned),
@@ -41,6 +46,7 @@ import logging
 import os
 import random
 import socket as stdsocket
+import tempfile
 import time
 from pathlib import Path
 
@@ -275,17 +281,18 @@ def _register_store_ops() -> None:
     def make(name, op):
         async def run_store_op(daemon, args, events):
             def work():
-                return op.fn(daemon.store, args, events)
+                with daemon.open_store(readonly=op.readonly) as store:
+                    return op.fn(store, args, events)
             # not abandon_on_cancel: shutdown waits for the op (no half-done work)
             doc, text, code = await trio.to_thread.run_sync(work)
-            return control_reply(doc, text, code)
+            return CommandReply(doc, text, code)
         return run_store_op
 
     for name, op in cli.STORE_OPS.items():
         COMMANDS[name] = make(name, op)
 
 
-class control_reply:
+class CommandReply:
     """A command result with a human text and exit code besides its document."""
 
     def __init__(self, doc, text: str | None = None, code: int = 0):
@@ -294,26 +301,24 @@ class control_reply:
 
 @command("status")
 async def _status(d: "Daemon", args, events):
-    stats = await trio.to_thread.run_sync(d.store.stats)
+    def read_stats():
+        with d.open_store(readonly=True) as store:
+            return store.stats()
+    stats = await trio.to_thread.run_sync(read_stats)
     return {"peer_id": str(d.identity.libp2p_peer_id), "node_id": d.identity.node_id.hex(),
             "addrs": d.addrs, "data_dir": str(d.data_dir), "pid": os.getpid(),
             "control": str(control.socket_path(d.data_dir)),
             "uptime": round(trio.current_time() - d.started, 3),
             "dht": {"routing_table": len(d.dht.table),
                     "providing": len(d.dht.republisher.keys),
-                    "provider_records": _provider_count(d.dht)},
+                    "provider_records": len(d.dht.providers)},
             "store": {"chunks": stats["unique_chunks"], "stored_bytes": stats["stored_bytes"],
                       "backups": stats["backups"]},
             "bootstrap": dict(d.bootstrap_state),
             "transfers": [],            # chunk exchange not wired in yet; the shape stays
+            "requests": [{"cmd": c, "seconds": round(trio.current_time() - t, 3)}
+                         for c, t in d.in_flight.values()],
             "served": dict(d.served), "failed": dict(d.failed)}
-
-
-def _provider_count(dht) -> int:
-    try:
-        return len(dht.providers)
-    except TypeError:
-        return -1
 
 
 @command("peers")
@@ -409,9 +414,10 @@ class Daemon:
         self.bootstrap_state: dict = {"state": "idle", "attempts": 0}
         self.addrs: list[str] = []
         self.started = 0.0
-        self.store = self.transport = self.net = self.dht = None
+        self.transport = self.net = self.dht = None
         self.control_errors = 0             # malformed control requests
         self.abandoned = 0                  # requests whose client went away
+        self.in_flight: dict[int, tuple[str, float]] = {}   # control requests running
         self._clients = trio.CapacityLimiter(MAX_CLIENTS)
         if not COMMANDS.keys() & {"backup"}:
             _register_store_ops()
@@ -419,13 +425,16 @@ class Daemon:
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED):
         from node.dht_service import DhtService
         from node.p2p_transport import P2PTransport
-        from node.store import ChunkStore
+        path = control.socket_path(self.data_dir)
+        if len(os.fsencode(path)) > 107:          # sun_path is 108 bytes with its NUL
+            raise UserError(f"control socket path {path} is too long for a Unix socket "
+                            "(at most 107 bytes): use a shorter --data-dir")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         addrs_file = self.data_dir / ADDRS_FILE
         with node_lock(self.data_dir):
             _unlink(addrs_file)             # left by a node that was killed
             self.saved.load()               # a malformed peers.json: fail now, clearly
-            self.store = ChunkStore(self.data_dir)
+            self.open_store().close()      # creates the store; a bad one fails now
             try:
                 self.transport = P2PTransport(self.identity, self.listen)
                 self.net = CountingTransport(self.transport)
@@ -446,7 +455,15 @@ class Daemon:
                     task_status.started(self)
             finally:
                 _unlink(addrs_file)
-                self.store.close()
+
+    def open_store(self, *, readonly: bool = False):
+        """A ChunkStore handle on the node's data dir (close it; see module docstring)."""
+        from node.store import ChunkStore
+        try:
+            return ChunkStore(self.data_dir, readonly=readonly)
+        except OSError as exc:
+            raise UserError(f"cannot open data dir {self.data_dir}: "
+                            f"{exc.strerror or exc}") from None
 
     # -- peers ---------------------------------------------------------------------------
     async def dial(self, addr: str) -> Contact:
@@ -501,18 +518,22 @@ class Daemon:
     # -- control socket ------------------------------------------------------------------
     async def _serve_control(self, *, task_status=trio.TASK_STATUS_IGNORED):
         path = control.socket_path(self.data_dir)
-        if len(os.fsencode(path)) > 107:          # sun_path is 108 bytes with its NUL
-            raise UserError(f"control socket path {path} is too long for a Unix socket "
-                            "(at most 107 bytes): use a shorter --data-dir")
         sock = trio.socket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
         try:
             _unlink(path)                   # stale: we hold the node lock
-            old = os.umask(0o177)           # never world-accessible, not even briefly
+            # Bind inside a fresh 0700 directory, tighten to 0600, then rename into
+            # place: the socket is never reachable by others, not even for the
+            # moment between bind and chmod (and no process-wide umask change).
+            # (".c" + 8 and "s": the same length as "control.sock", so the 107-byte
+            # limit checked above holds for this path too)
+            private = Path(tempfile.mkdtemp(prefix=".c", dir=self.data_dir))
             try:
-                await sock.bind(str(path))
+                await sock.bind(str(private / "s"))
+                os.chmod(private / "s", 0o600)
+                os.rename(private / "s", path)
             finally:
-                os.umask(old)
-            os.chmod(path, 0o600)
+                _unlink(private / "s")
+                os.rmdir(private)
             sock.listen(MAX_CLIENTS)
             listener = trio.SocketListener(sock)
             async with trio.open_nursery() as n:
@@ -619,6 +640,13 @@ class Daemon:
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 client_gone()
 
+        self.in_flight[id(events)] = (cmd, trio.current_time())
+        try:
+            await self._stream_reply(cmd, watch_client, run, receive, result, send)
+        finally:
+            del self.in_flight[id(events)]
+
+    async def _stream_reply(self, cmd, watch_client, run, receive, result, send) -> None:
         async with trio.open_nursery() as n:
             n.start_soon(watch_client)
             n.start_soon(run)
@@ -629,7 +657,7 @@ class Daemon:
             outcome = result[0]
             if outcome[0] == "ok":
                 value = outcome[1]
-                rep = value if isinstance(value, control_reply) else control_reply(value)
+                rep = value if isinstance(value, CommandReply) else CommandReply(value)
                 self.served[cmd] += 1
                 final = {"t": "done", "exit": rep.code,
                          "doc": json.dumps(rep.doc).encode(),

@@ -92,6 +92,7 @@ async def test_status_socket_mode_and_clean_stop(tmp_path):
         assert s["peer_id"] == str(ident.libp2p_peer_id)
         assert s["node_id"] == ident.node_id.hex()
         assert s["addrs"] == addrs and s["transfers"] == []
+        assert [q["cmd"] for q in s["requests"]] == ["status"]     # itself, in flight
         assert s["dht"]["routing_table"] == 0 and s["store"]["chunks"] == 0
         assert s["bootstrap"]["state"] == "no peers"
         assert s["served"] == {}
@@ -288,3 +289,26 @@ def test_public_addrs():
     assert not wild[0].startswith("/ip4/0.0.0.0/") and wild[0].endswith("/tcp/4001/p2p/X")
     assert public_addrs(["/ip4/0.0.0.0/tcp/4001/p2p/X"], ["/dns4/a.example/tcp/4001"], pid) \
         == [f"/dns4/a.example/tcp/4001/p2p/{pid}"]
+
+
+async def test_refuses_bad_setups_with_one_clear_error(tmp_path):
+    long_dir = tmp_path / ("d" * 100)
+    with pytest.raises(UserError, match="too long for a Unix socket"):
+        await Daemon(long_dir, Identity.generate(), listen=LOOP).run()
+    assert not long_dir.exists()
+    data = tmp_path / "a"
+    data.mkdir()
+    (data / "peers.json").write_text("{not json")
+    with pytest.raises(UserError, match="peers.json is malformed"):
+        await Daemon(data, Identity.generate(), listen=LOOP).run()
+    assert not (data / "node.addrs").exists() and not (data / "control.sock").exists()
+
+
+def test_saved_peers_round_trip(tmp_path):
+    p = SavedPeers(tmp_path)
+    assert p.load() == []
+    assert p.add("/ip4/1.2.3.4/tcp/1/p2p/A") and p.add("/ip4/1.2.3.4/tcp/2/p2p/B")
+    assert not p.add("/ip4/1.2.3.4/tcp/2/p2p/B")
+    assert p.add("/ip4/1.2.3.4/tcp/1/p2p/A")
+    assert SavedPeers(tmp_path).load() == ["/ip4/1.2.3.4/tcp/2/p2p/B", "/ip4/1.2.3.4/tcp/1/p2p/A"]
+    assert sorted(os.listdir(tmp_path)) == ["peers.json"]

@@ -65,9 +65,9 @@ class Node:
     def addr(self) -> str:
         return self.addrs_file.read_text().split()[0]
 
-    def stop(self) -> int:
+    def stop(self, sig=signal.SIGTERM) -> int:
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(sig)
         self.stdout, self.stderr = self.proc.communicate(timeout=STOP_LIMIT)
         return self.proc.returncode
 
@@ -129,7 +129,8 @@ def test_run_prints_identity_stops_on_sigterm_and_locks(cli, nodes):
     one_error_line(cli("join", addrs[0], ok=False), "no node is running")
     # --json: one line, the same identity; the restarted node has the same peer id
     n = nodes(cli, "--json")
-    assert n.stop() == 0
+    assert n.stop(signal.SIGINT) == 0 and "SIGINT: stopping" in n.stderr
+    assert not sock.exists()
     doc = json.loads(n.stdout)
     assert doc["peer_id"] == ident["peer_id"] and doc["node_id"] == ident["node_id"]
     assert doc["addrs"][0].endswith(f"/p2p/{ident['peer_id']}")
