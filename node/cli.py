@@ -100,7 +100,7 @@ def open_store(ctx, *, readonly: bool = False):
 # Each store command is a click command (arguments -> a plain dict) plus an op
 # `fn(store, args, ui) -> (json doc, text, exit code)`. run_op sends the op to
 # the node's control socket when a node runs on the data dir (the node runs
-# the same fn in a worker thread on its open store and streams progress back,
+# the same fn in a worker thread on its data dir and streams progress back,
 # node/daemon.py), and runs it here otherwise, so the output is the same.
 
 class StoreOp:
