@@ -15,9 +15,13 @@ Rules
 4. A new contact enters a bucket with room. If the bucket is full it goes to the
    bucket's replacement cache (at most `k` candidates; the least recently seen
    candidate is dropped first) and the table asks the caller to PING the bucket's
-   least-recently-seen contact, at most one ping pending per bucket. Long-lived
-   contacts are preferred (they are the ones most likely to stay up): a live old
-   contact is never evicted for a new one.
+   least-recently-seen contact, at most one ping pending per bucket -- but only
+   when that contact is questionable, i.e. last seen `ping_after` (15 min) ago
+   or more. A bucket whose every contact was heard from recently is full of
+   good contacts and nothing needs checking (BitTorrent's BEP 5 rule); without
+   it every newcomer costs a ping and a 10,000-node join spends most of its
+   requests on pings. Long-lived contacts are preferred (they are the ones
+   most likely to stay up): a live old contact is never evicted for a new one.
 5. Ping alive: the old contact stays (moves to most recent), the candidate stays
    cached. Ping dead: the old contact is evicted and the most recently seen
    candidate that the diversity limits permit takes the slot. The caller must
@@ -38,8 +42,12 @@ Rules
    flush the honest candidates out of the cache.
    A known contact whose address or site changed keeps its old record when the
    new one would break a limit.
-8. Refresh: a bucket is stale when no lookup into its range completed
-   (`touch_bucket`) within `interval`; a never-touched bucket is stale. Only
+8. Refresh: a bucket is stale when, within `interval`, no lookup into its range
+   completed (`touch_bucket`) and no contact in it was heard from (`observe`
+   of a contact that is or becomes a member, a live `ping_result`); a
+   never-touched bucket is stale. Traffic keeps the busy far buckets fresh, so
+   refresh lookups go where no traffic goes (BEP 5 refreshes buckets that
+   have not changed in 15 minutes). Only
    buckets from the farthest down to the nearest non-empty one are refreshed:
    the nearer ones are (almost surely) empty, and the lookup of the nearest
    non-empty bucket already covers them. `refresh_target(i)` draws a random id
@@ -60,6 +68,8 @@ MAX_PER_PREFIX24 = 2
 MAX_PER_SITE = 4
 MAX_FAILURES = 3
 REFRESH_INTERVAL = 3600.0
+REFRESH_K = 5            # a refresh walk ends once this many closest peers answered
+PING_AFTER = 900.0       # a contact not heard from for this long is questionable
 
 
 class Status(enum.Enum):
@@ -87,7 +97,7 @@ class RoutingTable:
     def __init__(self, own_id: bytes, *, rng: random.Random, k: int = K,
                  max_per_prefix24: int | None = MAX_PER_PREFIX24,
                  max_per_site: int | None = MAX_PER_SITE,
-                 max_failures: int = MAX_FAILURES):
+                 max_failures: int = MAX_FAILURES, ping_after: float = PING_AFTER):
         if len(own_id) != ID_BYTES:
             raise ValueError("own id must be 32 bytes")
         self.own_id = own_id
@@ -95,11 +105,12 @@ class RoutingTable:
         self.max_per_prefix24 = max_per_prefix24
         self.max_per_site = max_per_site
         self.max_failures = max_failures
+        self.ping_after = ping_after
         self._rng = rng
         self._buckets: list[list[_Entry]] = [[] for _ in range(ID_BITS)]   # oldest first
         self._cache: list[list[_Entry]] = [[] for _ in range(ID_BITS)]     # oldest first
         self._pending: dict[int, bytes] = {}       # bucket index -> id being pinged
-        self._touched: dict[int, float] = {}       # bucket index -> last completed lookup
+        self._touched: dict[int, float] = {}       # bucket index -> last lookup or contact heard
 
     # -- inputs --------------------------------------------------------------
 
@@ -112,6 +123,7 @@ class RoutingTable:
         entry = _find(bucket, contact.id)
         if entry is not None:
             _seen(bucket, entry, now)
+            self._touched[b] = now
             if entry.contact != contact and self._crowding(bucket, contact) is None:
                 entry.contact = contact
             return Outcome(Status.UPDATED)
@@ -121,9 +133,10 @@ class RoutingTable:
         if len(bucket) < self.k:
             _pop(self._cache[b], contact.id)    # it may have waited there
             bucket.append(_Entry(contact, now))
+            self._touched[b] = now
             return Outcome(Status.INSERTED)
         self._add_candidate(b, contact, now)
-        if b in self._pending:
+        if b in self._pending or now - bucket[0].last_seen < self.ping_after:
             return Outcome(Status.CACHED)
         oldest = bucket[0].contact
         self._pending[b] = oldest.id
@@ -142,6 +155,7 @@ class RoutingTable:
             return None
         if alive:
             _seen(self._buckets[b], entry, now)
+            self._touched[b] = now
             return None
         return self._evict(b, entry)
 

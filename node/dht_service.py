@@ -8,7 +8,9 @@ clock of the DHT; under simnet it is virtual), performs the I/O they ask for,
 and owns the background tasks:
 
     run()  ├─ request handler  node.dht_rpc.Responder: one request per stream
-           ├─ bucket refresh   every refresh_interval/4: look up a random id in each stale bucket
+           ├─ bucket refresh   every refresh_interval/4: look up a random id in each stale
+           │                   bucket, until the REFRESH_K closest answered (a refresh only
+           │                   needs live contacts in the range, not a record's k holders)
            ├─ provider expiry  every hour: drop expired provider records
            └─ republish        every 22 h: re-announce every provided key with one
                                keyspace sweep (node/dht_republish.py): a few lookups
@@ -36,7 +38,7 @@ from dht.contact import Contact
 from dht.keys import bucket_index
 from dht.lookup import ALPHA, FINISHED, K, REQUEST_TIMEOUT, Lookup
 from dht.providers import REPUBLISH_INTERVAL, ProviderStore, Republisher
-from dht.routing import MAX_PER_PREFIX24, MAX_PER_SITE, REFRESH_INTERVAL, RoutingTable
+from dht.routing import MAX_PER_PREFIX24, REFRESH_K, MAX_PER_SITE, REFRESH_INTERVAL, RoutingTable
 from node.dht_republish import RepublishStats, announce_keys
 from node.dht_rpc import (PROTOCOL, PeerScores, RecordStore, RequestFailed, Responder,
                           request, to_contact, to_info)
@@ -100,7 +102,10 @@ class DhtService:
     # -- public API ----------------------------------------------------------------------
 
     async def bootstrap(self, seeds: list[Contact]) -> None:
-        """Join through `seeds`: look up our own id, then refresh every stale bucket."""
+        """Join through `seeds`: look up our own id, which fills the near buckets and
+        announces us to our neighbourhood, then refresh the buckets we heard
+        nothing from on the way (routing rule 8). Without that a node whose seeds
+        all sit in its own half of the keyspace never learns the other half."""
         now = trio.current_time()
         for seed in seeds:
             self.observe(seed, now)
@@ -108,19 +113,23 @@ class DhtService:
         await self.refresh()
 
     async def refresh(self) -> None:
-        """Look up a random id in each stale bucket, farthest first (routing rule 8)."""
+        """Look up a random id in each stale bucket, farthest first (routing rule 8).
+        Each walk stops once the REFRESH_K closest it found have answered: every
+        peer that answers lands in our table, and a few live contacts per range
+        are what routing needs; a full k-closest walk costs about three times as
+        many requests for the same table."""
         for i in self.table.stale_buckets(trio.current_time(), self.refresh_interval):
-            await self.closest_peers(self.table.refresh_target(i))
+            await self.closest_peers(self.table.refresh_target(i), k=REFRESH_K)
 
     async def find_node(self, target: bytes) -> list[Contact]:
         return (await self.closest_peers(target))[0]
 
-    async def closest_peers(self, target: bytes, *, seeds=()
+    async def closest_peers(self, target: bytes, *, seeds=(), k: int | None = None
                             ) -> tuple[list[Contact], LookupStats]:
-        """The k closest live peers to `target` (iterative FIND_NODE), starting from
-        our routing table's closest plus `seeds`."""
+        """The k (default: the service's k) closest live peers to `target`
+        (iterative FIND_NODE), starting from our routing table's closest plus `seeds`."""
         lookup, stats = await self._walk(target, lambda rid: FindNode(rid, target, self.info),
-                                         seeds=seeds)
+                                         seeds=seeds, k=k)
         if target != self.own.id:
             self.table.touch_bucket(bucket_index(self.own.id, target), trio.current_time())
         return lookup.result(), stats
@@ -221,7 +230,7 @@ class DhtService:
 
     # -- lookups -------------------------------------------------------------------------
 
-    async def _walk(self, target: bytes, make, absorb=None, seeds=()
+    async def _walk(self, target: bytes, make, absorb=None, seeds=(), k: int | None = None
                     ) -> tuple[Lookup, LookupStats]:
         """Drive a Lookup to its end: send make(rid) to each peer it names, feed the
         replies back; absorb(peer, reply) -> True stops the walk early. `seeds`:
@@ -230,7 +239,7 @@ class DhtService:
         # Each request ends by its own deadline and reports (a timeout is scored or
         # counted); the lookup's deadline, a little later, is only a backstop.
         lookup = Lookup(target, [*seeds, *self.table.closest(target, self.k)],
-                        own_id=self.own.id, k=self.k, alpha=self.alpha,
+                        own_id=self.own.id, k=k or self.k, alpha=self.alpha,
                         disjoint_paths=self.disjoint_paths,
                         request_timeout=self.request_timeout + LOOKUP_GRACE)
         send, receive = trio.open_memory_channel(math.inf)

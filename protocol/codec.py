@@ -16,36 +16,61 @@ MAX_ITEMS = 1 << 20         # largest list/map we accept
 MAX_STR = 1 << 16           # longest text string
 
 
-def _check(value, depth=0):
-    if depth > 32:
+_LEAF = frozenset({bool, int, bytes, str, type(None)})
+MAX_DEPTH = 32
+
+
+def _canonical(value, depth=0):
+    """The value with every map's keys sorted, ready for msgpack.packb; raises
+    LocalProtocolError for anything the encoding does not allow. One pass:
+    exact-type dispatch first (the hot path), isinstance for subclasses."""
+    t = type(value)
+    if t in _LEAF:
+        return value
+    if depth >= MAX_DEPTH:
         raise LocalProtocolError("value nested too deeply")
-    if isinstance(value, bool) or value is None or isinstance(value, (int, bytes, str)):
-        return
-    if isinstance(value, (list, tuple)):
-        for v in value:
-            _check(v, depth + 1)
-        return
-    if isinstance(value, dict):
-        for k, v in value.items():
-            if not isinstance(k, str):
+    if t is dict or isinstance(value, dict):
+        for k in value:
+            if type(k) is not str:
                 raise LocalProtocolError(f"map key {k!r} is not a string")
-            _check(v, depth + 1)
-        return
-    raise LocalProtocolError(f"cannot encode {type(value).__name__}")
+        return {k: _canonical(value[k], depth + 1) for k in sorted(value)}
+    if t is list or t is tuple or isinstance(value, (list, tuple)):
+        return [v if type(v) in _LEAF else _canonical(v, depth + 1) for v in value]
+    if isinstance(value, (bool, int, bytes, str)):
+        return value
+    raise LocalProtocolError(f"cannot encode {t.__name__}")
 
 
-def _sorted(value):
-    if isinstance(value, dict):
-        return {k: _sorted(value[k]) for k in sorted(value)}
-    if isinstance(value, (list, tuple)):
-        return [_sorted(v) for v in value]
-    return value
+def _is_canonical_tree(value, depth=0) -> bool:
+    """True when a freshly decoded tree re-encodes to canonical form, i.e. its
+    maps' keys are sorted text and it holds no floats. (msgpack.packb of such a
+    tree then reproduces the canonical bytes, so decode compares the two.)"""
+    t = type(value)
+    if t is dict:
+        if depth >= MAX_DEPTH:
+            return False
+        keys = list(value)
+        for k in keys:
+            if type(k) is not str:
+                return False
+        if keys != sorted(keys):
+            return False
+        items = value.values()
+    elif t is list:
+        if depth >= MAX_DEPTH:
+            return False
+        items = value
+    else:
+        return t in _LEAF
+    for v in items:
+        if type(v) not in _LEAF and not _is_canonical_tree(v, depth + 1):
+            return False
+    return True
 
 
 def encode(value) -> bytes:
     """Canonical encoding of a tree of dict/list/int/bytes/str/bool/None."""
-    _check(value)
-    return msgpack.packb(_sorted(value), use_bin_type=True)
+    return msgpack.packb(_canonical(value), use_bin_type=True)
 
 
 def decode(data: bytes, *, max_size: int = MAX_DOC):
@@ -65,10 +90,9 @@ def decode(data: bytes, *, max_size: int = MAX_DOC):
             max_map_len=min(MAX_ITEMS, n // 2), max_ext_len=0)
     except Exception as exc:   # msgpack raises many types on bad input
         raise RemoteProtocolError(f"malformed msgpack: {exc}") from None
-    try:
-        again = encode(value)
-    except LocalProtocolError as exc:
-        raise RemoteProtocolError(f"non-canonical document: {exc}") from None
-    if again != bytes(data):
+    if not _is_canonical_tree(value):
+        raise RemoteProtocolError("non-canonical document: unsorted or non-text map "
+                                  "keys, a float, or nesting deeper than 32")
+    if msgpack.packb(value, use_bin_type=True) != data:
         raise RemoteProtocolError("non-canonical document encoding")
     return value

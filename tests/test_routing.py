@@ -28,7 +28,10 @@ def peer(n: int, bucket: int = FAR, *, ip: str | None = None, site: str = "") ->
 
 
 def table(**kw) -> RoutingTable:
+    """A small table; pings are asked for at once (ping_after=0) unless a test
+    sets the questionable age."""
     kw.setdefault("k", 3)
+    kw.setdefault("ping_after", 0)
     return RoutingTable(OWN, rng=random.Random(7), **kw)
 
 
@@ -294,14 +297,42 @@ def test_refresh_targets_fall_in_their_bucket_and_come_from_the_injected_rng():
 def test_stale_buckets_from_farthest_down_to_nearest_non_empty():
     rt = table()
     assert rt.stale_buckets(now=0) == []
-    rt.observe(peer(1, 250), 0)
-    rt.observe(peer(2, FAR), 0)
-    assert rt.stale_buckets(now=0) == list(range(FAR, 249, -1))   # never touched
+    rt.observe(peer(1, 250), -5000)
+    rt.observe(peer(2, FAR), -5000)
+    assert rt.stale_buckets(now=0) == list(range(FAR, 249, -1))   # heard long ago
     rt.touch_bucket(FAR, 100)
     rt.touch_bucket(252, 100)
     assert rt.stale_buckets(now=3699) == [254, 253, 251, 250]
     assert rt.stale_buckets(now=3700) == list(range(FAR, 249, -1))
     assert rt.stale_buckets(now=200, interval=50) == list(range(FAR, 249, -1))
+
+
+def test_hearing_from_a_contact_keeps_its_bucket_fresh():
+    rt = table()
+    a = peer(1, 250)
+    rt.observe(a, 0)                                   # inserted: bucket 250 heard from
+    rt.observe(peer(2, FAR), -5000)
+    assert rt.stale_buckets(now=3000) == list(range(FAR, 250, -1))
+    rt.observe(a, 2000)                                # updated
+    assert 250 not in rt.stale_buckets(now=5000)
+    assert rt.stale_buckets(now=5600) == list(range(FAR, 249, -1))
+    b = peer(3, FAR)
+    rt.observe(b, 5600)
+    rt.ping_result(b.id, True, 6000)                    # a live ping answer counts too
+    assert FAR not in rt.stale_buckets(now=9500)
+
+
+def test_full_bucket_of_recently_seen_contacts_asks_for_no_ping():
+    rt = table(ping_after=900)
+    a, b, c = full_bucket(rt)                          # seen at 0, 1, 2 (full_bucket)
+    out = rt.observe(peer(4), 899)
+    assert out.status is Status.CACHED and out.ping is None
+    assert rt.replacements(FAR) == [peer(4)] and rt.pending_ping(FAR) is None
+    out = rt.observe(peer(5), 900)                      # a is now questionable
+    assert out.status is Status.CACHED and out.ping == a
+    rt.ping_result(a.id, True, 900)                    # alive: b is the oldest, seen at 1
+    assert rt.observe(peer(6), 900).ping is None
+    assert rt.observe(peer(7), 901).ping == b
 
 
 # -- closest -----------------------------------------------------------------
@@ -412,7 +443,7 @@ def check_invariants(rt: RoutingTable, own: bytes, targets: list[bytes]):
 @given(scenarios())
 def test_random_operations_keep_the_table_consistent(scenario):
     own, pool, ops, limits, target = scenario
-    rt = RoutingTable(own, rng=random.Random(0), **limits)
+    rt = RoutingTable(own, rng=random.Random(0), ping_after=0, **limits)
     for now, (op, i, flag) in enumerate(ops):
         c = pool[i]
         if op == "observe":
