@@ -205,3 +205,24 @@ def find(ctx, key, count, as_json):
     lines.append(f"hops {r['hops']}, queries {r['queries']}, failures {r['failures']}, "
                  f"latency {r['latency'] * 1000:.1f} ms")
     emit(as_json, r, "\n".join(lines))
+
+
+@cli.command()
+@click.argument("ref")
+@json_option
+@click.pass_context
+def fetch(ctx, ref, as_json):
+    """Copy backup REF (NAME, NAME@N, manifest id) from the network into the store.
+
+    Only the chunks not held here are fetched, each from every peer that has
+    it at once; the backup is then listed, served and announced like a local
+    one. Needs a running node (`hypersdk node run`)."""
+    from .control import run_store_op
+    outcome = run_store_op(_data_dir(ctx), "fetch", {"ref": ref}, as_json)
+    if outcome is None:
+        raise UserError(f"no node is running on data dir {_data_dir(ctx)}: fetch needs the "
+                        "network (start one with `hypersdk node run`)")
+    doc, text, code = outcome
+    emit(as_json, doc, text)
+    if code:
+        ctx.exit(code)

@@ -315,7 +315,7 @@ async def _status(d: "Daemon", args, events):
             "store": {"chunks": stats["unique_chunks"], "stored_bytes": stats["stored_bytes"],
                       "backups": stats["backups"]},
             "bootstrap": dict(d.bootstrap_state),
-            "transfers": [],            # chunk exchange not wired in yet; the shape stays
+            "transfers": list(d.replication.transfers.values()),
             "requests": [{"cmd": c, "seconds": round(trio.current_time() - t, 3)}
                          for c, t in d.in_flight.values()],
             "served": dict(d.served), "failed": dict(d.failed)}
@@ -421,6 +421,11 @@ class Daemon:
         self._clients = trio.CapacityLimiter(MAX_CLIENTS)
         if not COMMANDS.keys() & {"backup"}:
             _register_store_ops()
+        from node import replication
+        if "fetch" not in COMMANDS:
+            replication.register(COMMANDS, CommandReply)
+        self.replication = replication.Replication(self)
+        self.nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED):
         from node.dht_service import DhtService
@@ -448,12 +453,15 @@ class Daemon:
                         **({"k": self.k} if self.k else {}),
                         max_per_prefix24=None if _is_loopback(self.listen) else MAX_PER_PREFIX24)
                     await nursery.start(self.dht.run)
+                    self.nursery = nursery
+                    self.replication.start_serving()
                     await nursery.start(self._serve_control)
                     self.started = trio.current_time()
                     _write_atomic(addrs_file, "".join(a + "\n" for a in self.addrs))
                     nursery.start_soon(self._bootstrap_loop)
                     task_status.started(self)
             finally:
+                self.replication.close()
                 _unlink(addrs_file)
 
     def open_store(self, *, readonly: bool = False):

@@ -113,7 +113,7 @@ class ChunkStore:
         self.db_path = self.root / "index.sqlite"
         self._fds: dict[int, int] = {}
         self._fd_lock = threading.Lock()
-        self._conns: list[sqlite3.Connection] = []
+        self._conns: list[tuple[threading.Thread, sqlite3.Connection]] = []
         self._local = threading.local()
         db = self.db
         version = db.execute("PRAGMA user_version").fetchone()[0]
@@ -134,7 +134,14 @@ class ChunkStore:
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = self._local.conn = self._connect()
-            self._conns.append(conn)
+            with self._fd_lock:
+                # a long-lived handle (the node's) is used from recycled worker
+                # threads: close the connections of threads that have ended
+                alive = [(t, c) for t, c in self._conns if t.is_alive()]
+                for t, c in self._conns:
+                    if not t.is_alive():
+                        c.close()
+                self._conns = alive + [(threading.current_thread(), conn)]
         return conn
 
     _immutable = False
@@ -185,7 +192,7 @@ class ChunkStore:
     def close(self):
         for pack_id in list(self._fds):
             self.forget_pack(pack_id)
-        for conn in self._conns:
+        for _, conn in self._conns:
             conn.close()
         self._conns.clear()
         self._local = threading.local()

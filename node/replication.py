@@ -1,0 +1,227 @@
+"""The node's network side of the store: serve chunks, announce, fetch, restore.
+
+Registered on the daemon (node/daemon.py COMMANDS) when it starts:
+
+    serve      the chunk exchange (protocol/exchange.py) on the node's transport,
+               from a StoreSource on the node's data dir
+    backup     the CLI's store op, then announce the new backup
+    fetch REF  copy a backup's chunks from the network into the store
+               (replication without writing an image), record it, announce it
+    restore    the CLI's store op; when REF is not held completely here (a
+               manifest id known only to the network, or chunks missing),
+               fetch what is missing first
+
+Announce: provider records for the manifest id and every chunk id, through
+DhtService.provide_many (one keyspace sweep, not a lookup per key); the
+republish loop keeps them alive. A node that fetched a backup announces and
+serves it like its own (edge caching).
+
+A fetched backup is recorded in the catalog (node/catalog.py) as the next
+version of its manifest's name, with stats {"replica": true, ...}, so that
+`backups` lists it, gc keeps its chunks and `restore NAME` finds it; a
+manifest already recorded here is not recorded twice.
+
+REF resolution for fetch/restore: what the local catalog resolves (NAME,
+NAME@N, hex prefix), else a full 64-digit manifest id, which may be known
+only to the network.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+
+import trio
+
+from protocol.chunks import ZERO_ID
+from protocol.exchange import PROTOCOL_ID as EXCHANGE
+
+from . import catalog
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+ANNOUNCE_TIMEOUT = 120.0
+_FULL_ID = re.compile(r"^[0-9a-f]{64}$")
+
+
+def resolve_ref(store, ref: str) -> bytes:
+    """The manifest id REF names, locally or as a full id."""
+    try:
+        return catalog.resolve(store, ref).manifest_id
+    except UserError:
+        if _FULL_ID.match(ref.lower()):
+            return bytes.fromhex(ref)
+        raise
+
+
+def held_completely(store, mid: bytes) -> bool:
+    """The manifest and every chunk of its image are in the store."""
+    row = store.db.execute("SELECT body FROM manifests WHERE id=?", (mid,)).fetchone()
+    if row is None:
+        return False
+    from protocol.manifest import decode_manifest
+    m = decode_manifest(bytes(row[0]))
+    if any(lid != ZERO_ID and not store.has(lid) for lid in m.lists):
+        return False
+    return all(cid == ZERO_ID or store.has(cid) for _, cid in catalog.iter_chunk_ids(store, m))
+
+
+def announce_keys(store, mid: bytes) -> list[bytes]:
+    """The manifest id, its hash-list pieces and its distinct non-zero chunk ids."""
+    m = catalog.load_manifest(store, mid)
+    keys = {mid}
+    keys.update(lid for lid in m.lists if lid != ZERO_ID)
+    keys.update(cid for _, cid in catalog.iter_chunk_ids(store, m) if cid != ZERO_ID)
+    return sorted(keys)
+
+
+def record_replica(store, mid: bytes, result) -> bool:
+    """Add a catalog row for a fetched manifest unless one exists. True if added."""
+    db = store.db
+    with store.write_lock():
+        if db.execute("SELECT 1 FROM backups WHERE manifest=?", (mid,)).fetchone():
+            return False
+        m = catalog.load_manifest(store, mid)
+        stats = {"replica": True, "chunks": m.n_chunks,
+                 "zero_chunks": m.n_chunks - result.chunks_total,
+                 "fetched_chunks": result.chunks_fetched,
+                 "fetched_bytes": result.bytes_fetched, "new_bytes_stored": 0}
+        with db:
+            catalog.add_backup(db, m, stats)
+        return True
+
+
+class Replication:
+    """The daemon's network store commands (see the module docstring)."""
+
+    def __init__(self, daemon):
+        self.d = daemon
+        self.transfers: dict[int, dict] = {}      # in progress, for `status`
+        self._next = 0
+        self._serve_store = None
+
+    # -- serving ----------------------------------------------------------------------
+    def start_serving(self) -> None:
+        from .chunk_source import StoreSource
+        from .exchange_server import ExchangeServer
+        self._serve_store = self.d.open_store(readonly=True)
+        self.server = ExchangeServer(StoreSource(self._serve_store, threaded=True),
+                                     rng=self.d.rng)
+        self.d.net.set_handler(EXCHANGE, self.server.handle)
+
+    def close(self) -> None:
+        if self._serve_store is not None:
+            self._serve_store.close()
+            self._serve_store = None
+
+    # -- announce ---------------------------------------------------------------------
+    async def announce(self, mid: bytes) -> int:
+        """Provider records for the manifest and its chunks; how many keys."""
+        def keys():
+            with self.d.open_store(readonly=True) as store:
+                return announce_keys(store, mid)
+        ks = await trio.to_thread.run_sync(keys)
+        with trio.move_on_after(ANNOUNCE_TIMEOUT):
+            await self.d.dht.provide_many(ks)
+        return len(ks)
+
+    # -- fetch ------------------------------------------------------------------------
+    async def fetch(self, ref: str, events) -> dict:
+        """Fetch REF's missing chunks from the network; a JSON document."""
+        from .chunk_source import StoreSink
+        from .store import ChunkStore
+        from .swarm import DownloadError, Downloader
+
+        def resolve():
+            with self.d.open_store(readonly=True) as store:
+                mid = resolve_ref(store, ref)
+                return mid, held_completely(store, mid)
+        mid, complete = await trio.to_thread.run_sync(resolve)
+        doc = {"manifest": mid.hex(), "already_held": complete, "chunks_fetched": 0,
+               "bytes_fetched": 0, "bytes_by_peer": {}, "chunks_local": 0,
+               "banned": [], "seconds": 0.0}
+        if complete:
+            return doc
+        tid, self._next = self._next, self._next + 1
+        transfer = self.transfers[tid] = {"manifest": mid.hex(), "phase": "start",
+                                          "done_chunks": 0, "needed_chunks": 0}
+        store = await trio.to_thread.run_sync(lambda: ChunkStore(self.d.data_dir))
+        try:
+            with contextlib.ExitStack() as bars:
+                bar = {}
+
+                def progress(p):
+                    transfer.update(phase=p.phase, done_chunks=p.done_chunks,
+                                    needed_chunks=p.needed_chunks,
+                                    done_bytes=p.done_bytes, needed_bytes=p.needed_bytes)
+                    if p.phase != "chunks" or not p.needed_bytes:
+                        return
+                    if "advance" not in bar:
+                        bar["advance"] = bars.enter_context(
+                            events.progress(p.needed_bytes, "fetch"))
+                        bar["done"] = 0
+                    step = min(p.done_bytes, p.needed_bytes) - bar["done"]
+                    if step > 0:
+                        bar["advance"](step)
+                        bar["done"] += step
+
+                async with StoreSink(store, threaded=True) as sink:
+                    dl = Downloader(self.d.net, sink, finder=self.d.dht, rng=self.d.rng,
+                                    progress=progress, scores=self.d.dht.scores)
+                    try:
+                        result = await dl.download(mid)
+                    except DownloadError as exc:
+                        raise UserError(f"fetch {ref}: {exc}") from None
+            await trio.to_thread.run_sync(record_replica, store, mid, result)
+        finally:
+            self.transfers.pop(tid, None)
+            await trio.to_thread.run_sync(store.close)
+        keys = await self.announce(mid)
+        doc.update(chunks_fetched=result.chunks_fetched, bytes_fetched=result.bytes_fetched,
+                   chunks_local=result.chunks_local, duplicate_bytes=result.duplicate_bytes,
+                   bad_chunks=result.bad_chunks,
+                   bytes_by_peer={p.hex(): n for p, n in result.bytes_by_peer.items()},
+                   banned=[p.hex() for p in result.banned],
+                   failed_peers=[p.hex() for p in result.failed_peers],
+                   seconds=round(result.seconds, 3), announced_keys=keys)
+        return doc
+
+
+def fetch_text(doc: dict) -> str:
+    if doc["already_held"]:
+        return f"fetch {doc['manifest'][:16]}: every chunk is already held here"
+    peers = ", ".join(f"{p[:12]} {n}" for p, n in sorted(doc["bytes_by_peer"].items()))
+    lines = [f"fetched {doc['manifest'][:16]}: {doc['chunks_fetched']} chunks, "
+             f"{doc['bytes_fetched']} bytes in {doc['seconds']:.2f} s "
+             f"({doc['chunks_local']} already held)",
+             f"bytes by peer  {peers or '-'}"]
+    if doc["banned"]:
+        lines.append(f"banned         {', '.join(p[:12] for p in doc['banned'])}")
+    return "\n".join(lines)
+
+
+def register(commands: dict, command_reply) -> None:
+    """Add the network commands to the daemon's COMMANDS (wrapping the store ops)."""
+    local_backup, local_restore = commands["backup"], commands["restore"]
+
+    async def backup(d, args, events):
+        reply = await local_backup(d, args, events)
+        if reply.code == 0 and isinstance(reply.doc, dict) and reply.doc.get("manifest"):
+            d.nursery.start_soon(d.replication.announce, bytes.fromhex(reply.doc["manifest"]))
+        return reply
+
+    async def fetch(d, args, events):
+        doc = await d.replication.fetch(str(args["ref"]), events)
+        return command_reply(doc, fetch_text(doc), 0)
+
+    async def restore(d, args, events):
+        fetched = await d.replication.fetch(str(args["ref"]), events)
+        if not fetched["already_held"]:
+            args = dict(args, ref=fetched["manifest"])
+        reply = await local_restore(d, args, events)
+        if isinstance(reply.doc, dict):
+            reply.doc["fetched"] = fetched
+        return reply
+
+    commands.update(backup=backup, fetch=fetch, restore=restore)
