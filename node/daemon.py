@@ -357,6 +357,7 @@ async def _join(d: "Daemon", args, events):
         await d.dht.bootstrap([contact])
     d.saved.add(addr)
     d.bootstrap_state["state"] = "joined"
+    d.nursery.start_soon(d.replication.announce_all)     # our holdings, to the new peers
     return {"peer_id": peer_id_of(addr), "node_id": contact.id.hex(), "addr": addr,
             "routing_table": len(d.dht.table), "saved": str(d.saved.path)}
 
@@ -458,7 +459,7 @@ class Daemon:
                     await nursery.start(self._serve_control)
                     self.started = trio.current_time()
                     _write_atomic(addrs_file, "".join(a + "\n" for a in self.addrs))
-                    nursery.start_soon(self._bootstrap_loop)
+                    nursery.start_soon(self._join_then_announce)
                     task_status.started(self)
             finally:
                 self.replication.close()
@@ -487,6 +488,12 @@ class Daemon:
         except TransportError as exc:
             raise UserError(str(exc)) from None
         return Contact(nid, addr)
+
+    async def _join_then_announce(self) -> None:
+        """Join, then announce everything the store holds (records of a previous
+        run have expired or lived on nodes that may be gone)."""
+        await self._bootstrap_loop()
+        await self.replication.announce_all()
 
     async def _bootstrap_loop(self) -> None:
         delay = BACKOFF_START

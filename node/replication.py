@@ -12,8 +12,9 @@ Registered on the daemon (node/daemon.py COMMANDS) when it starts:
                fetch what is missing first
 
 Announce: provider records for the manifest id and every chunk id, through
-DhtService.provide_many (one keyspace sweep, not a lookup per key); the
-republish loop keeps them alive. A node that fetched a backup announces and
+DhtService.provide_many (one keyspace sweep, not a lookup per key), after a
+backup, after a fetch, and for the whole catalog when the node starts (once
+its bootstrap ended) and after a `join`; the republish loop keeps them alive. A node that fetched a backup announces and
 serves it like its own (edge caching).
 
 A fetched backup is recorded in the catalog (node/catalog.py) as the next
@@ -124,6 +125,21 @@ class Replication:
         ks = await trio.to_thread.run_sync(keys)
         with trio.move_on_after(ANNOUNCE_TIMEOUT):
             await self.d.dht.provide_many(ks)
+        return len(ks)
+
+    async def announce_all(self) -> int:
+        """Announce every backup and replica in the catalog; how many keys."""
+        def keys():
+            with self.d.open_store(readonly=True) as store:
+                mids = {b.manifest_id for b in catalog.list_backups(store)}
+                out: set[bytes] = set()
+                for mid in mids:
+                    out.update(announce_keys(store, mid))
+                return sorted(out)
+        ks = await trio.to_thread.run_sync(keys)
+        if ks:
+            with trio.move_on_after(ANNOUNCE_TIMEOUT):
+                await self.d.dht.provide_many(ks)
         return len(ks)
 
     # -- fetch ------------------------------------------------------------------------
