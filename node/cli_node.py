@@ -30,7 +30,7 @@ import click
 
 from .cli import cli, emit, json_option
 from .config import default_data_dir, human
-from .errors import UserError
+from .errors import UsageError, UserError
 
 
 def _data_dir(ctx) -> Path:
@@ -93,6 +93,7 @@ def run(ctx, listen, bootstrap, announce, dht_k, as_json):
     if not os.path.lexists(key):
         raise UserError(f"no identity in {data}: run `hypersdk node init` first")
     ident = Identity.load(key)
+    _check_addrs(listen, bootstrap, announce)
 
     async def main():
         # the receiver first: a SIGTERM during startup still stops us cleanly
@@ -122,6 +123,28 @@ def run(ctx, listen, bootstrap, announce, dht_k, as_json):
         trio.run(main)
     except BaseExceptionGroup as eg:        # a startup error inside the nurseries
         raise _sole(eg) from None
+
+
+def _check_addrs(listen, bootstrap, announce) -> None:
+    """A malformed multiaddr is a usage error, before anything starts."""
+    import multiaddr
+
+    from .p2p_transport import parse_peer_addr
+    from .transport import TransportError
+    for opt, values in (("--listen", [listen] if listen else []), ("--announce", announce)):
+        for a in values:
+            try:
+                multiaddr.Multiaddr(a)
+            except Exception as exc:
+                raise UsageError(f"{opt} {a!r} is not a multiaddr: {exc}") from None
+    for a in bootstrap:
+        if "/p2p/" not in a:
+            raise UsageError(f"--bootstrap {a!r} lacks /p2p/<peer id> (use an address that "
+                             "`hypersdk node run` or `hypersdk status` prints)")
+        try:
+            parse_peer_addr(a)
+        except TransportError as exc:
+            raise UsageError(f"--bootstrap: {exc}") from None
 
 
 def _sole(eg: BaseExceptionGroup) -> BaseException:

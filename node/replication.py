@@ -43,6 +43,7 @@ from .errors import UserError
 log = logging.getLogger(__name__)
 
 ANNOUNCE_TIMEOUT = 120.0
+MAX_PROVIDERS = 32               # holders a fetch asks for (and swarms over)
 _FULL_ID = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -182,8 +183,13 @@ class Replication:
                         bar["advance"](step)
                         bar["done"] += step
 
+                providers, stats = await self.d.dht.find_providers(mid, MAX_PROVIDERS)
+                if not providers:
+                    raise UserError(f"{ref}: not found on the network (asked {stats.queries} "
+                                    f"peer(s) of {len(self.d.dht.table)} known; none holds "
+                                    f"manifest {mid.hex()[:16]})")
                 async with StoreSink(store, threaded=True) as sink:
-                    dl = Downloader(self.d.net, sink, finder=self.d.dht, rng=self.d.rng,
+                    dl = Downloader(self.d.net, sink, peers=providers, rng=self.d.rng,
                                     progress=progress, scores=self.d.dht.scores)
                     try:
                         result = await dl.download(mid)
