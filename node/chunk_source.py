@@ -16,7 +16,10 @@ implementation can run its blocking SQLite / pack-file work in a thread):
         manifest(mid) -> bytes | None        a manifest held locally
         read(cid) -> bytes | None            a chunk held locally (hash-list pieces)
         missing(cids) -> list[bytes]         those not held locally, in the given order
-        put(cid, plain)                      verified plaintext (the caller checked it)
+        put(cid, plain, wire=None)           verified plaintext (the caller checked it);
+                                             wire=(codec, raw_len, payload): the verified
+                                             exchange payload it came as, which a store
+                                             keeps as received (no recompression)
         put_manifest(mid, data)              the manifest, once every chunk is in
         flush()                              make everything put so far durable
 
@@ -75,7 +78,7 @@ class ChunkSink(Protocol):
 
     async def missing(self, cids: list[bytes]) -> list[bytes]: ...
 
-    async def put(self, cid: bytes, plain: bytes) -> None: ...
+    async def put(self, cid: bytes, plain: bytes, wire=None) -> None: ...
 
     async def put_manifest(self, mid: bytes, data: bytes) -> None: ...
 
@@ -245,10 +248,16 @@ class StoreSink:
         async with self._lock:
             return await _run(self.threaded, self._missing, list(cids))
 
-    def _put(self, cid: bytes, plain: bytes):
+    def _put(self, cid: bytes, plain, wire):
         w = self._need_writer()
-        codec, data = _compress(plain, self.level)
-        n = w.put(cid, len(plain), codec, data)
+        if wire is not None and wire[0] in (CODEC_RAW, CODEC_ZSTD):
+            # the verified wire payload (exchange codecs = pack codecs 0/1), kept as
+            # received: a zstd frame that decoded to the chunk, or its plaintext
+            codec, raw_len, data = wire
+        else:
+            codec, data = _compress(plain, self.level)
+            raw_len = len(plain)
+        n = w.put(cid, raw_len, codec, data)
         if n:
             self.chunks_put += 1
             self.bytes_stored += n
@@ -257,9 +266,9 @@ class StoreSink:
                 w.commit()
                 self._uncommitted = 0
 
-    async def put(self, cid: bytes, plain: bytes) -> None:
+    async def put(self, cid: bytes, plain: bytes, wire=None) -> None:
         async with self._lock:
-            await _run(self.threaded, self._put, cid, plain)
+            await _run(self.threaded, self._put, cid, plain, wire)
 
     def _put_manifest(self, mid: bytes, data: bytes):
         if chunk_id(data) != mid:
@@ -379,7 +388,7 @@ class MemorySink:
         await trio.lowlevel.checkpoint()
         return [c for c in cids if c not in self.chunks]
 
-    async def put(self, cid: bytes, plain: bytes) -> None:
+    async def put(self, cid: bytes, plain: bytes, wire=None) -> None:
         await trio.lowlevel.checkpoint()
         if cid not in self.chunks:
             self.chunks[cid] = plain

@@ -25,6 +25,10 @@ reader, the transport's flow control stops the server, and memory stays
 bounded by the channel size plus what the caller chose to request (the swarm
 plan's windows).
 
+Transport: a libp2p stream (PROTOCOL_ID), or, given a FastDialer, a
+node/fast_channel.py channel (same protocol, fewer Python layers; libp2p is the
+fallback when the peer offers none).
+
 Errors: anything the stream raises becomes TransportError; a response that
 does not decode or does not answer the request at the head of the queue is
 RemoteProtocolError; either closes the session and fails every waiter.
@@ -45,7 +49,7 @@ from protocol.exchange_framing import ExchangeDecoder, encode_message
 
 from .transport import TransportError
 
-RECV_MAX = 1 << 18
+RECV_MAX = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -85,9 +89,14 @@ class _GetState:
 
 
 class ExchangeSession:
-    def __init__(self, transport, contact, *, events: trio.MemorySendChannel | None = None):
-        """contact: anything with .id (node id) and .addr (dht.contact.Contact)."""
+    def __init__(self, transport, contact, *, events: trio.MemorySendChannel | None = None,
+                 fast=None):
+        """contact: anything with .id (node id) and .addr (dht.contact.Contact).
+        fast: a node.fast_channel.FastDialer: the session then runs over a fast
+        channel to the peer when it can open one, else over a libp2p stream."""
         self.transport = transport
+        self.fast = fast
+        self.via_fast = False
         self.contact = contact
         self.peer = contact.id
         self.events = events
@@ -128,6 +137,13 @@ class ExchangeSession:
 
     async def connect(self) -> None:
         """Open the stream (run() does it if not done); TransportError on failure."""
+        if self.fast is not None:
+            try:
+                self._stream = await self.fast.open(self.contact.id, self.contact.addr)
+                self.via_fast = True
+                return
+            except TransportError:
+                pass                      # no fast channel: the libp2p stream will do
         try:
             self._stream = await self.transport.open_stream(
                 self.contact.id, self.contact.addr, PROTOCOL_ID)
@@ -258,9 +274,9 @@ class ExchangeSession:
 
 
 @asynccontextmanager
-async def open_session(transport, contact, *, events=None):
+async def open_session(transport, contact, *, events=None, fast=None):
     """An ExchangeSession with its reader running; closed on exit."""
-    s = ExchangeSession(transport, contact, events=events)
+    s = ExchangeSession(transport, contact, events=events, fast=fast)
     await s.connect()                     # a failure raises here, not in a group
     async with trio.open_nursery() as nursery:
         await nursery.start(s.run)

@@ -16,7 +16,8 @@ reading its requests. Answers:
                    past the end, unknown manifests and unreadable hash lists)
     Get         -> per id, in order: a Data frame (encode_data_header, then the
                    payload bytes as stored, in slices so simnet links share
-                   bandwidth per slice) or Missing
+                   bandwidth per slice; on a node/fast_channel.py stream, header
+                   and payload go as one record through send_parts) or Missing
 
 Malformed bytes from a peer (a RemoteProtocolError from the decoder, oversized
 frames included) end that stream: it is closed and counted in
@@ -146,10 +147,15 @@ class ExchangeServer:
             b[self._rng.randrange(len(b))] ^= 0xFF
             payload = bytes(b)
             self.counters["corrupted"] += 1
-        await stream.send_all(encode_data_header(rid, cid, codec, raw_len, len(payload)))
-        view = memoryview(payload)
-        for i in range(0, len(view), SEND_SLICE):
-            await stream.send_all(bytes(view[i:i + SEND_SLICE]))
+        header = encode_data_header(rid, cid, codec, raw_len, len(payload))
+        send_parts = getattr(stream, "send_parts", None)
+        if send_parts is not None:                  # a fast channel: one record per chunk
+            await send_parts((header, payload))
+        else:
+            await stream.send_all(header)
+            view = memoryview(payload)
+            for i in range(0, len(view), SEND_SLICE):
+                await stream.send_all(bytes(view[i:i + SEND_SLICE]))
         self.counters["chunks_sent"] += 1
         self.counters["bytes_sent"] += len(payload)
 

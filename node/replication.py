@@ -111,6 +111,22 @@ class Replication:
         self.server = ExchangeServer(StoreSource(self._serve_store, threaded=True),
                                      rng=self.d.rng)
         self.d.net.set_handler(EXCHANGE, self.server.handle)
+        # the bulk path: the same exchange over node/fast_channel.py (libp2p offers it)
+        from .fast_channel import OFFER_PROTOCOL, FastChannelServer, host_of
+        try:
+            host = host_of(str(getattr(self.d, "listen", "")))
+        except Exception:
+            host = "127.0.0.1"
+        self.fast_server = FastChannelServer(self.d.identity, self.server.handle, host=host)
+        self.d.net.set_handler(OFFER_PROTOCOL, self.fast_server.offer_handler)
+        if self.d.nursery is not None:
+            self.d.nursery.start_soon(self._run_fast_server)
+
+    async def _run_fast_server(self) -> None:
+        try:
+            await self.fast_server.run()
+        except OSError as exc:            # no listener: peers fall back to libp2p streams
+            log.warning("fast channel listener failed: %s", exc)
 
     def close(self) -> None:
         if self._serve_store is not None:
@@ -148,6 +164,7 @@ class Replication:
         """Fetch REF's missing chunks from the network; a JSON document."""
         from .chunk_source import StoreSink
         from .store import ChunkStore
+        from .fast_channel import FastDialer
         from .swarm import DownloadError, Downloader
 
         def resolve():
@@ -190,7 +207,9 @@ class Replication:
                                     f"manifest {mid.hex()[:16]})")
                 async with StoreSink(store, threaded=True) as sink:
                     dl = Downloader(self.d.net, sink, peers=providers, rng=self.d.rng,
-                                    progress=progress, scores=self.d.dht.scores)
+                                    progress=progress, scores=self.d.dht.scores,
+                                    verify_in_thread=True,
+                                    fast=FastDialer(self.d.identity, self.d.net))
                     try:
                         result = await dl.download(mid)
                     except DownloadError as exc:

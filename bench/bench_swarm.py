@@ -1,0 +1,338 @@
+#!/usr/bin/env python3
+"""Swarm restore and raw chunk transfer between real `hypersdk node run` processes on
+127.0.0.1, side by side with libtorrent in the same run. Measures, does not assert.
+
+    .venv/bin/python bench/bench_swarm.py swarm      # 4 seeds -> 1, 2 GiB v1 image
+    .venv/bin/python bench/bench_swarm.py raw        # 1 seed -> 1, incompressible chunks
+    .venv/bin/python bench/bench_swarm.py both
+    options: --seeds 4 --raw-mib 512 --no-anchor --keep
+
+swarm: 4 seed data dirs holding a backup of $BENCH_DATA/disk-v1.img (cached under
+$BENCH_DATA/repos/swarm-seedN, rebuilt when the image's mtime changes: one backup into
+seed0, then copies of its data dir with a fresh `node init` identity each). The seeds
+run `hypersdk node run` (seed0 is the bootstrap of the others), each provides the
+manifest id (`hypersdk dht provide`), then a fresh leecher node starts and
+`hypersdk restore MANIFEST OUT --json` runs against it; the wall time is from that
+command's start to its exit (it includes the fetch from the swarm and writing the
+2 GiB image). OUT's sha256 is compared with the image's; the leecher's peak RSS is
+the node process's VmHWM (/proc/PID/status, read just before it is stopped).
+Then the anchor: `swarm_libtorrent.py swarm --seeds N --runs 1 --profile hp`.
+
+raw: seed0 holds a backup of an image of --raw-mib MiB of random (incompressible)
+data, 1 MiB chunks; a fresh node runs `hypersdk fetch` (no image written). MB/s is
+chunk bytes / the fetch's wall time. The anchor is the libtorrent 1-seed swarm of
+the 2 GiB image (pieces of 1 MiB; the loopback copy ceiling of
+`swarm_libtorrent.py plain` is printed too).
+
+libtorrent: the anchor runs under a Python that can `import libtorrent`: this
+script tries $LT_PYTHON, /usr/bin/python3, then this venv's python, and if none has
+it runs `python -m pip install libtorrent` into this venv once (pip libtorrent 2.1.1;
+also /work/shared/bench/setup_anchors.sh). MB = 10**6 bytes.
+
+Profiling (bench-only): HYPERSDK_PROFILE=DIR in the environment of the nodes makes
+bench/_prof_node.py run them under cProfile (see --profile).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "bench"
+DATA = Path(os.environ.get("BENCH_DATA", "/tmp/bench-data"))
+IMG = DATA / "disk-v1.img"
+PY = Path(sys.executable)
+HYPERSDK = PY.parent / "hypersdk"
+MiB = 1 << 20
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def env_for(data_dir: Path, **extra) -> dict:
+    env = dict(os.environ, HYPERSDK_DATA_DIR=str(data_dir))
+    env.pop("HYPERSDK_DEBUG", None)
+    env.update(extra)
+    return env
+
+
+def hs(data_dir: Path, *args, timeout=900, check=True) -> subprocess.CompletedProcess:
+    p = subprocess.run([str(HYPERSDK), *map(str, args)], capture_output=True, text=True,
+                       env=env_for(data_dir), timeout=timeout)
+    if check and p.returncode != 0:
+        raise SystemExit(f"hypersdk {args} failed ({p.returncode}): {p.stderr}")
+    return p
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(8 * MiB)
+            if not b:
+                return h.hexdigest()
+            h.update(b)
+
+
+def loadavg() -> str:
+    return " ".join(open("/proc/loadavg").read().split()[:3])
+
+
+class NodeProc:
+    def __init__(self, data_dir: Path, bootstrap: str | None = None, profile: bool = False):
+        self.data_dir = data_dir
+        for f in ("node.addrs",):
+            (data_dir / f).unlink(missing_ok=True)
+        argv = [str(HYPERSDK), "node", "run", "--listen", "/ip4/127.0.0.1/tcp/0"]
+        if profile:
+            argv = [str(PY), str(REPO / "bench" / "_prof_node.py"), *argv[1:]]
+        if bootstrap:
+            argv += ["--bootstrap", bootstrap]
+        self.proc = subprocess.Popen(argv, env=env_for(data_dir), stdout=subprocess.DEVNULL,
+                                     stderr=open(data_dir / "bench-node.log", "w"))
+        deadline = time.monotonic() + 60
+        af = data_dir / "node.addrs"
+        while not (af.exists() and af.read_text().strip()):
+            if self.proc.poll() is not None:
+                raise SystemExit(f"node {data_dir} exited: "
+                                 f"{(data_dir / 'bench-node.log').read_text()[-2000:]}")
+            if time.monotonic() > deadline:
+                raise SystemExit(f"node {data_dir} not ready")
+            time.sleep(0.05)
+        self.addr = af.read_text().split()[0]
+
+    def hwm_mib(self) -> float:
+        for line in open(f"/proc/{self.proc.pid}/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+
+def fresh_node_dir(path: Path) -> Path:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    hs(path, "node", "init")
+    return path
+
+
+def build_seeds(img: Path, n: int, tag: str) -> tuple[list[Path], str]:
+    """n seed data dirs holding a backup of img (cached by the image's mtime)."""
+    base = DATA / "repos"
+    base.mkdir(parents=True, exist_ok=True)
+    stamp = f"{img}:{img.stat().st_mtime_ns}:{img.stat().st_size}"
+    dirs = [base / f"{tag}-seed{i}" for i in range(n)]
+    meta = base / f"{tag}-seeds.json"
+    ok = meta.exists() and json.loads(meta.read_text()).get("stamp") == stamp
+    if ok:
+        doc = json.loads(meta.read_text())
+        if doc["n"] >= n and all(d.exists() for d in dirs):
+            return dirs, doc["manifest"]
+    log(f"building {n} seed dirs for {img} ...")
+    d0 = fresh_node_dir(dirs[0])
+    t = time.perf_counter()
+    doc = json.loads(hs(d0, "backup", img, "--chunk-size", str(MiB), "--json").stdout)
+    log(f"  backup into seed0: {time.perf_counter() - t:.1f} s")
+    mid = doc["manifest"]
+    for d in dirs[1:]:
+        shutil.rmtree(d, ignore_errors=True)
+        shutil.copytree(d0, d, symlinks=True,
+                        ignore=shutil.ignore_patterns("node.key", "node.addrs", "*.sock",
+                                                      "peers.json", "bench-node.log"))
+        hs(d, "node", "init")                       # a new identity per copy
+    meta.write_text(json.dumps({"stamp": stamp, "n": n, "manifest": mid}))
+    return dirs, mid
+
+
+def start_swarm(dirs: list[Path], mid: str, profile=False) -> list[NodeProc]:
+    seeds = [NodeProc(dirs[0], profile=profile)]
+    for d in dirs[1:]:
+        seeds.append(NodeProc(d, seeds[0].addr, profile=profile))
+    for s in seeds:
+        hs(s.data_dir, "dht", "provide", mid, timeout=120)
+    return seeds
+
+
+def wait_providers(node_dir: Path, mid: str, want: int, limit=60.0):
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        p = hs(node_dir, "dht", "find", mid, "--count", str(want), "--json", check=False)
+        if p.returncode == 0 and len(json.loads(p.stdout)["providers"]) >= want:
+            return
+        time.sleep(0.2)
+    raise SystemExit(f"leecher did not find {want} providers")
+
+
+def drop_cache_of(path: Path):
+    subprocess.run(f"cat {path} > /dev/null", shell=True)
+
+
+# -- libtorrent anchor ------------------------------------------------------------------
+
+def lt_python() -> str:
+    cands = [os.environ.get("LT_PYTHON"), "/usr/bin/python3", str(PY)]
+    for c in cands:
+        if c and subprocess.run([c, "-c", "import libtorrent"],
+                                capture_output=True).returncode == 0:
+            return c
+    log("no python with libtorrent: pip install libtorrent into this venv")
+    subprocess.run([str(PY), "-m", "pip", "install", "-q", "libtorrent"], check=True)
+    return str(PY)
+
+
+def run_libtorrent(seeds: int) -> dict:
+    py = lt_python()
+    p = subprocess.run([py, str(SHARED / "swarm_libtorrent.py"), "swarm", "--seeds",
+                        str(seeds), "--runs", "1", "--profile", "hp"],
+                       capture_output=True, text=True, timeout=1800)
+    if p.returncode != 0:
+        raise SystemExit(f"swarm_libtorrent.py failed: {p.stderr[-3000:]}")
+    run = None
+    for line in p.stderr.splitlines():
+        line = line.strip()
+        if line.startswith("{") and '"wall_s"' in line:
+            run = json.loads(line)
+    if run is None:
+        raise SystemExit(f"no result from swarm_libtorrent.py: {p.stderr[-2000:]}")
+    return run
+
+
+# -- the two measurements ---------------------------------------------------------------
+
+def run_restore(seeds_n: int, profile: bool, keep: bool) -> dict:
+    dirs, mid = build_seeds(IMG, seeds_n, "swarm")
+    seeds = start_swarm(dirs, mid, profile)
+    leech_dir = fresh_node_dir(DATA / "repos" / "swarm-leech")
+    leech = None
+    out = DATA / "restore" / "bench-swarm-out.img"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.unlink(missing_ok=True)
+    try:
+        leech = NodeProc(leech_dir, seeds[0].addr, profile=profile)
+        wait_providers(leech_dir, mid, seeds_n)
+        drop_cache_of(IMG)
+        os.sync()
+        load = loadavg()
+        t = time.perf_counter()
+        p = hs(leech_dir, "restore", mid, out, "--json", timeout=1800)
+        wall = time.perf_counter() - t
+        doc = json.loads(p.stdout)
+        rss = leech.hwm_mib()
+    finally:
+        for n in [leech, *seeds]:
+            if n is not None:
+                n.stop()
+    same = sha256(out) == sha256(IMG)
+    if not keep:
+        out.unlink(missing_ok=True)
+        shutil.rmtree(leech_dir, ignore_errors=True)
+    f = doc.get("fetched", {})
+    return {"wall_s": round(wall, 2), "MB_per_s": round(IMG.stat().st_size / wall / 1e6, 1),
+            "identical": same, "leecher_rss_MiB": round(rss, 1),
+            "fetch_s": f.get("seconds"), "bytes_fetched": f.get("bytes_fetched"),
+            "chunks_fetched": f.get("chunks_fetched"), "bytes_by_peer": f.get("bytes_by_peer"),
+            "duplicate_bytes": f.get("duplicate_bytes"), "load_before": load}
+
+
+def run_raw(mib: int, profile: bool, keep: bool) -> dict:
+    img = DATA / f"random-{mib}M.img"
+    if not img.exists() or img.stat().st_size != mib * MiB:
+        with open(img, "wb") as f:
+            for _ in range(mib):
+                f.write(os.urandom(MiB))
+    dirs, mid = build_seeds(img, 1, f"raw{mib}")
+    seeds = start_swarm(dirs, mid, profile)
+    leech_dir = fresh_node_dir(DATA / "repos" / "raw-leech")
+    leech = None
+    try:
+        leech = NodeProc(leech_dir, seeds[0].addr, profile=profile)
+        wait_providers(leech_dir, mid, 1)
+        load = loadavg()
+        t = time.perf_counter()
+        p = hs(leech_dir, "fetch", mid, "--json", timeout=1800)
+        wall = time.perf_counter() - t
+        doc = json.loads(p.stdout)
+        rss = leech.hwm_mib()
+    finally:
+        for n in [leech, *seeds]:
+            if n is not None:
+                n.stop()
+    if not keep:
+        shutil.rmtree(leech_dir, ignore_errors=True)
+    return {"wall_s": round(wall, 2), "MB_per_s": round(mib * MiB / wall / 1e6, 1),
+            "fetch_s": doc["seconds"], "bytes_fetched": doc["bytes_fetched"],
+            "fetch_MB_per_s": round(doc["bytes_fetched"] / max(doc["seconds"], 1e-9) / 1e6, 1),
+            "leecher_rss_MiB": round(rss, 1), "load_before": load}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("mode", choices=["swarm", "raw", "both"], nargs="?", default="both")
+    ap.add_argument("--seeds", type=int, default=4)
+    ap.add_argument("--raw-mib", type=int, default=512)
+    ap.add_argument("--no-anchor", action="store_true", help="skip libtorrent")
+    ap.add_argument("--keep", action="store_true", help="keep the restored image")
+    ap.add_argument("--profile", action="store_true",
+                    help="run nodes under cProfile (bench/_prof_node.py; "
+                         "stats in each data dir's node.prof)")
+    a = ap.parse_args()
+    res: dict = {"load_start": loadavg(), "nproc": os.cpu_count()}
+    if a.mode in ("swarm", "both"):
+        res["hypersdk_swarm"] = r = run_restore(a.seeds, a.profile, a.keep)
+        log("hypersdk swarm:", json.dumps(r))
+        if not a.no_anchor:
+            res["lt_swarm"] = r = run_libtorrent(a.seeds)
+            log("libtorrent swarm:", json.dumps({k: v for k, v in r.items()
+                                                 if k not in ("seeders",)}))
+    if a.mode in ("raw", "both"):
+        res["hypersdk_raw"] = r = run_raw(a.raw_mib, a.profile, a.keep)
+        log("hypersdk raw:", json.dumps(r))
+        if not a.no_anchor:
+            res["lt_raw"] = r = run_libtorrent(1)
+            log("libtorrent 1 seed:", json.dumps({k: v for k, v in r.items()
+                                                 if k not in ("seeders",)}))
+    res["load_end"] = loadavg()
+    rows = ["| measurement | hypersdk | libtorrent | ratio (hypersdk / libtorrent) |",
+            "|---|---|---|---|"]
+    if "hypersdk_swarm" in res:
+        h, lt = res["hypersdk_swarm"], res.get("lt_swarm")
+        rows.append(f"| restore 2 GiB, {a.seeds} seeds -> 1, wall | {h['wall_s']:.2f} s "
+                    f"(identical={h['identical']}) | "
+                    + (f"{lt['wall_s']:.2f} s (ok={lt['ok'] and lt['verified_identical']}) | "
+                       f"{h['wall_s'] / lt['wall_s']:.2f}x |" if lt else "- | - |"))
+        rows.append(f"| leecher peak RSS | {h['leecher_rss_MiB']:.0f} MiB | "
+                    + (f"{lt['maxrss_MiB']:.0f} MiB | {h['leecher_rss_MiB'] / lt['maxrss_MiB']:.2f}x |"
+                       if lt else "- | - |"))
+    if "hypersdk_raw" in res:
+        h, lt = res["hypersdk_raw"], res.get("lt_raw")
+        rows.append(f"| raw {a.raw_mib} MiB incompressible, 1 seed -> 1 | "
+                    f"{h['MB_per_s']:.0f} MB/s ({h['wall_s']:.2f} s) | "
+                    + (f"{lt['MB_per_s']:.0f} MB/s (2 GiB, {lt['wall_s']:.2f} s) | "
+                       f"{h['MB_per_s'] / lt['MB_per_s']:.2f}x |" if lt else "- | - |"))
+    rows.append(f"\nload average: start {res['load_start']}, end {res['load_end']}, "
+                f"{res['nproc']} cores")
+    print("\n".join(rows))
+    outdir = Path(os.environ.get("BENCH_OUT", DATA / "results"))
+    outdir.mkdir(parents=True, exist_ok=True)
+    (outdir / "bench_swarm.json").write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
