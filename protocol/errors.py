@@ -49,3 +49,34 @@ class ChunkMissing(IntegrityError):
     def __init__(self, cid: bytes):
         self.cid = cid
         super().__init__(f"chunk {cid.hex()} is missing from the store")
+
+
+class AuditChainBroken(IntegrityError):
+    """An author's audit log breaks at `seq`: a bad signature, a gap, a `prev`
+    that does not name the previous entry, or an entry by another author.
+    `seq` is the first entry that does not fit; `index` (when known) is its
+    position in the input that was checked; `entry_id` the offending entry."""
+
+    def __init__(self, author: bytes, seq: int, reason: str, *, entry_id: bytes | None = None,
+                 index: int | None = None):
+        self.author = author
+        self.seq = seq
+        self.reason = reason
+        self.entry_id = entry_id
+        self.index = index
+        at = f" (input position {index})" if index is not None else ""
+        super().__init__(f"audit log of {author.hex()[:16]} breaks at seq {seq}{at}: {reason}")
+
+
+class ForkDetected(IntegrityError):
+    """Two different, validly signed entries with the same author and seq: proof
+    that the author rewrote its log. Carries both entries (protocol.audit.Entry;
+    their `.raw` bytes are the portable proof)."""
+
+    def __init__(self, first, second):
+        self.first = first
+        self.second = second
+        self.author = first.author
+        self.seq = first.seq
+        super().__init__(f"fork in the audit log of {first.author.hex()[:16]} at seq "
+                         f"{first.seq}: entries {first.id.hex()[:16]} and {second.id.hex()[:16]}")

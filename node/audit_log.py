@@ -1,0 +1,425 @@
+"""Durable audit logs: this node's own signed log and copies of other authors' logs.
+
+Storage: DATA/audit.sqlite (SQLite, WAL, synchronous=FULL), separate from the
+chunk index because the store's index is opened read-only for restore and
+verify (and must work on a full disk) while those ops still append entries,
+and because foreign logs have nothing to do with chunks.
+
+Why SQLite rather than append-only files: the log is read by (author, seq), by
+manifest id (certificates) and by author prefix, it holds logs of many authors
+plus fork proofs, and an append has to be serialised between two processes
+(the CLI and the daemon) together with the seq assignment. SQLite gives all of
+that with a commit that is atomic and durable, recovery that is tested far
+beyond anything we would write for a torn file tail, and the cross-process
+write lock we need. One entry row is small (~250 bytes), so a commit per entry
+costs one WAL fsync, which is nothing next to the backup it records.
+
+Crash safety of an own append (append()):
+    BEGIN IMMEDIATE            -- takes SQLite's write lock: no other process
+                                  can read-then-write the head until we commit
+    read head (seq, id)        -- inside the lock, so seq/prev cannot race
+    sign the entry in memory   -- complete signed bytes before any write
+    INSERT the row; COMMIT     -- one atomic, fsynced transaction
+A kill -9 before COMMIT leaves nothing (the uncommitted WAL frames are
+discarded on the next open); after COMMIT the whole signed entry is there. So
+no torn, half-written or unsigned entry can exist, and two appenders can never
+both take seq N (PRIMARY KEY (author, seq) would refuse it anyway).
+
+Own identity: the node key DATA/node.key (node/identity.py). If it does not
+exist, the first append creates it in the format of `hypersdk node init`; the
+key is linked into place with link(2), which never replaces an existing file,
+so two processes racing to create it end up using the same key.
+
+Foreign logs (add_foreign): entries are checked with protocol.audit.LogView
+against what we already hold (signature, seq order, prev link). A replay is a
+no-op; a gap or bad link is rejected (part 2's anti-entropy fetches missing
+ranges first); two validly signed entries for one (author, seq) are kept in
+`forks` as proof and the author is flagged forked.
+"""
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dht.keys import node_id as node_id_of
+from protocol import audit
+from protocol.errors import AuditChainBroken, ForkDetected, RemoteProtocolError
+
+from .errors import UserError
+from .identity import Identity
+
+DB_NAME = "audit.sqlite"
+KEY_FILE = "node.key"
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS authors(
+    author BLOB PRIMARY KEY, node_id BLOB NOT NULL, forked INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS entries(
+    author BLOB NOT NULL, seq INTEGER NOT NULL, id BLOB NOT NULL, kind TEXT NOT NULL,
+    manifest BLOB, time INTEGER NOT NULL, raw BLOB NOT NULL,
+    PRIMARY KEY(author, seq)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS entries_manifest ON entries(manifest);
+CREATE TABLE IF NOT EXISTS forks(
+    author BLOB NOT NULL, seq INTEGER NOT NULL, id_a BLOB NOT NULL, raw_a BLOB NOT NULL,
+    id_b BLOB NOT NULL, raw_b BLOB NOT NULL, found INTEGER NOT NULL,
+    PRIMARY KEY(author, seq, id_b)) WITHOUT ROWID;
+"""
+
+
+def own_identity(data_dir) -> Identity:
+    """The node key DATA/node.key, created (mode 0600, raw 32 bytes) if absent."""
+    data_dir = Path(data_dir)
+    key = data_dir / KEY_FILE
+    if os.path.lexists(key):
+        return Identity.load(key)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    ident = Identity.generate()
+    tmp = data_dir / f".{KEY_FILE}.new{os.getpid()}"
+    ident.save(tmp)                   # atomic, fsynced, 0600
+    try:
+        os.link(tmp, key)             # never replaces a key another process made
+    except FileExistsError:
+        ident = None
+    finally:
+        os.unlink(tmp)
+    dfd = os.open(data_dir, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    return ident or Identity.load(key)
+
+
+@dataclass
+class Break:
+    """One problem found by verify(): the first break of a chain, or a fork."""
+    author: bytes
+    seq: int
+    reason: str
+    entry_id: bytes | None = None
+
+    def to_json(self) -> dict:
+        return {"author": self.author.hex(), "node_id": node_id_of(self.author).hex(),
+                "seq": self.seq, "reason": self.reason,
+                "entry_id": self.entry_id.hex() if self.entry_id else None}
+
+
+@dataclass
+class VerifyReport:
+    author: bytes
+    entries: int = 0                  # entries checked and valid (before the first break)
+    head: audit.Entry | None = None
+    problems: list[Break] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_json(self) -> dict:
+        return {"author": self.author.hex(), "node_id": node_id_of(self.author).hex(),
+                "entries_checked": self.entries, "ok": self.ok,
+                "head": {"seq": self.head.seq, "id": self.head.id.hex()} if self.head else None,
+                "problems": [p.to_json() for p in self.problems],
+                "seconds": round(self.seconds, 3)}
+
+
+@dataclass
+class AddResult:
+    added: int = 0
+    replays: int = 0
+    forks: list[ForkDetected] = field(default_factory=list)
+    rejected: list[Exception] = field(default_factory=list)
+
+
+class AuditLog:
+    """The audit database of one data dir. One instance per thread/process."""
+
+    def __init__(self, data_dir, *, identity: Identity | None = None):
+        self.data_dir = Path(data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._identity = identity
+        self.db = sqlite3.connect(self.data_dir / DB_NAME, timeout=60, isolation_level=None,
+                                  check_same_thread=False)
+        self.db.execute("PRAGMA synchronous=FULL")
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise UserError(f"audit log {self.data_dir / DB_NAME} has schema {version}, this "
+                            f"hypersdk knows {SCHEMA_VERSION}: upgrade hypersdk")
+        if version < SCHEMA_VERSION:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            # executescript runs outside Python's transaction handling: one
+            # explicit transaction makes the schema appear all at once
+            self.db.executescript(f"BEGIN IMMEDIATE; {SCHEMA} "
+                                  f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+
+    def close(self):
+        self.db.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @property
+    def identity(self) -> Identity:
+        if self._identity is None:
+            self._identity = own_identity(self.data_dir)
+        return self._identity
+
+    @property
+    def own_author(self) -> bytes:
+        return self.identity.public_key
+
+    # -- writes -----------------------------------------------------------------
+    def _insert(self, e: audit.Entry):
+        manifest = e.body.get("manifest")
+        self.db.execute("INSERT OR IGNORE INTO authors(author, node_id) VALUES (?,?)",
+                        (e.author, node_id_of(e.author)))
+        self.db.execute("INSERT INTO entries(author, seq, id, kind, manifest, time, raw) "
+                        "VALUES (?,?,?,?,?,?,?)",
+                        (e.author, e.seq, e.id, e.kind, manifest, e.time, e.raw))
+
+    def append(self, kind: str, body: dict, now_ns: int | None = None) -> audit.Entry:
+        """Sign and durably append one entry to our own log (see the module doc)."""
+        ident = self.identity
+        now_ns = time.time_ns() if now_ns is None else now_ns
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            head = db.execute("SELECT seq, id FROM entries WHERE author=? ORDER BY seq DESC "
+                              "LIMIT 1", (ident.public_key,)).fetchone()
+            seq, prev = (head[0] + 1, bytes(head[1])) if head else (0, None)
+            e = audit.make_entry(ident, seq, prev, now_ns, kind, body)
+            self._insert(e)
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        return e
+
+    def add_foreign(self, entries, *, now_ns: int | None = None,
+                    max_skew: int = audit.DEFAULT_MAX_SKEW_NS) -> AddResult:
+        """Check and store entries of other authors (any order within an author
+        is fine: they are applied by seq). Never raises for bad entries: they are
+        reported in the result (rejected / forks)."""
+        now_ns = time.time_ns() if now_ns is None else now_ns
+        res = AddResult()
+        by_author: dict[bytes, list[audit.Entry]] = {}
+        for e in entries:
+            if not isinstance(e, audit.Entry):
+                try:
+                    e = audit.decode_entry(e, verify=False)
+                except RemoteProtocolError as exc:
+                    res.rejected.append(exc)
+                    continue
+            by_author.setdefault(e.author, []).append(e)
+        db = self.db
+        for author, es in by_author.items():
+            es.sort(key=lambda x: x.seq)
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                view = self._view(author, max_skew)
+                for e in es:
+                    try:
+                        if view.append(e, now=now_ns):
+                            self._insert(e)
+                            res.added += 1
+                        else:
+                            res.replays += 1
+                    except ForkDetected as fork:
+                        self._record_fork(fork, now_ns)
+                        res.forks.append(fork)
+                    except (AuditChainBroken, RemoteProtocolError) as exc:
+                        res.rejected.append(exc)
+                        break         # later entries of this author cannot link either
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+        return res
+
+    def _view(self, author: bytes, max_skew: int) -> audit.LogView:
+        """A LogView positioned at our stored head of author (trusted: verify()
+        is what re-checks stored entries)."""
+        view = audit.LogView(author, lookup=lambda s: self.entry(author, s), max_skew=max_skew)
+        head = self.db.execute("SELECT seq, id, raw FROM entries WHERE author=? ORDER BY seq "
+                               "DESC LIMIT 1", (author,)).fetchone()
+        if head:
+            ids = [bytes(r[0]) for r in self.db.execute(
+                "SELECT id FROM entries WHERE author=? ORDER BY seq", (author,))]
+            view._ids = ids
+            view.first_seq = head[0] + 1 - len(ids)
+            view.head = audit.decode_entry(bytes(head[2]), verify=False)
+        return view
+
+    def _record_fork(self, fork: ForkDetected, now_ns: int):
+        a, b = fork.first, fork.second
+        self.db.execute("INSERT OR IGNORE INTO forks VALUES (?,?,?,?,?,?,?)",
+                        (a.author, a.seq, a.id, a.raw, b.id, b.raw, now_ns))
+        self.db.execute("INSERT OR IGNORE INTO authors(author, node_id) VALUES (?,?)",
+                        (a.author, node_id_of(a.author)))
+        self.db.execute("UPDATE authors SET forked=1 WHERE author=?", (a.author,))
+
+    # -- reads ------------------------------------------------------------------
+    def authors(self) -> list[tuple[bytes, bytes, bool]]:
+        """(public key, node id, forked) of every author we hold entries of."""
+        return [(bytes(a), bytes(n), bool(f)) for a, n, f in self.db.execute(
+            "SELECT author, node_id, forked FROM authors ORDER BY node_id")]
+
+    def find_author(self, prefix: str) -> bytes:
+        """The author whose node id (or public key) hex starts with prefix."""
+        p = prefix.lower()
+        hits = [a for a, n, _ in self.authors() if n.hex().startswith(p) or a.hex().startswith(p)]
+        if not hits and not os.path.lexists(self.data_dir / KEY_FILE):
+            raise UserError(f"no audit log of an author {prefix!r} (this node has no log yet)")
+        if not hits:
+            own = self.own_author
+            if node_id_of(own).hex().startswith(p) or own.hex().startswith(p):
+                return own
+            raise UserError(f"no audit log of an author {prefix!r}")
+        if len(hits) > 1:
+            raise UserError(f"author prefix {prefix!r} is ambiguous ({len(hits)} authors)")
+        return hits[0]
+
+    def heads(self) -> dict[bytes, tuple[int, bytes]]:
+        """author -> (seq, id) of the last entry we hold."""
+        return {bytes(a): (s, bytes(i)) for a, s, i in self.db.execute(
+            "SELECT e.author, e.seq, e.id FROM entries e JOIN (SELECT author, MAX(seq) m "
+            "FROM entries GROUP BY author) h ON e.author=h.author AND e.seq=h.m")}
+
+    def head(self, author: bytes) -> audit.Entry | None:
+        r = self.db.execute("SELECT raw FROM entries WHERE author=? ORDER BY seq DESC LIMIT 1",
+                            (author,)).fetchone()
+        return audit.decode_entry(bytes(r[0])) if r else None
+
+    def entry(self, author: bytes, seq: int) -> audit.Entry | None:
+        r = self.db.execute("SELECT raw FROM entries WHERE author=? AND seq=?",
+                            (author, seq)).fetchone()
+        return audit.decode_entry(bytes(r[0]), verify=False) if r else None
+
+    def raw_rows(self, author: bytes, from_seq: int = 0, to_seq: int | None = None):
+        """(seq, stored id, raw) rows in seq order, unchecked."""
+        to_seq = audit.MAX_SEQ if to_seq is None else to_seq
+        return self.db.execute("SELECT seq, id, raw FROM entries WHERE author=? AND seq>=? "
+                               "AND seq<=? ORDER BY seq", (author, from_seq, to_seq))
+
+    def entries(self, author: bytes, from_seq: int = 0, to_seq: int | None = None,
+                *, verify: bool = True):
+        """The stored entries of author in [from_seq, to_seq], decoded (and their
+        signatures checked unless verify=False); InvalidEntry if one is damaged."""
+        for _, _, raw in self.raw_rows(author, from_seq, to_seq):
+            yield audit.decode_entry(bytes(raw), verify=verify)
+
+    def forks(self, author: bytes | None = None) -> list[ForkDetected]:
+        q = "SELECT raw_a, raw_b FROM forks" + (" WHERE author=?" if author else "") + \
+            " ORDER BY author, seq"
+        return [ForkDetected(audit.decode_entry(bytes(a), verify=False),
+                             audit.decode_entry(bytes(b), verify=False))
+                for a, b in self.db.execute(q, (author,) if author else ())]
+
+    def find_backup_entries(self, manifest_id: bytes) -> list[audit.Entry]:
+        return [audit.decode_entry(bytes(r[0])) for r in self.db.execute(
+            "SELECT raw FROM entries WHERE manifest=? AND kind='backup' ORDER BY time",
+            (manifest_id,))]
+
+    def witnesses_of(self, author: bytes, min_seq: int) -> list[audit.Entry]:
+        """Witness entries by other authors naming a head of author at seq >= min_seq
+        (part 1 scans witness entries; they are few until gossip exists)."""
+        out = []
+        for (raw,) in self.db.execute("SELECT raw FROM entries WHERE kind='witness' AND "
+                                      "author != ?", (author,)):
+            e = audit.decode_entry(bytes(raw))
+            if any(a == author and s >= min_seq for a, s, _ in audit.witness_heads(e)):
+                out.append(e)
+        return out
+
+    # -- verification -------------------------------------------------------------
+    def verify(self, author: bytes) -> VerifyReport:
+        """Re-check every stored entry of author: decoding, signature, the stored
+        id and seq columns, seq order and links. Reports the first break of the
+        chain, then every recorded fork of that author."""
+        t0 = time.perf_counter()
+        rep = VerifyReport(author)
+        view = audit.LogView(author, lookup=lambda s: self.entry(author, s),
+                             max_skew=audit.MAX_TIME)
+        for seq, sid, raw in self.raw_rows(author):
+            try:
+                e = audit.decode_entry(bytes(raw), verify=False)
+            except RemoteProtocolError as exc:
+                rep.problems.append(Break(author, seq, f"entry does not decode: {exc}"))
+                break
+            if e.seq != seq:
+                rep.problems.append(Break(author, seq, f"row for seq {seq} holds entry "
+                                                      f"{e.seq}", e.id))
+                break
+            if bytes(sid) != e.id:
+                rep.problems.append(Break(author, seq, "stored id does not match the entry "
+                                          "(the entry bytes were changed)", e.id))
+                break
+            try:
+                view.append(e)
+            except (AuditChainBroken, ForkDetected) as exc:
+                rep.problems.append(Break(author, seq, getattr(exc, "reason", str(exc)), e.id))
+                break
+            rep.entries += 1
+            rep.head = e
+        for f in self.forks(author):
+            rep.problems.append(Break(author, f.seq, f"fork: two signed entries "
+                                      f"{f.first.id.hex()[:16]} and {f.second.id.hex()[:16]}",
+                                      f.second.id))
+        rep.seconds = time.perf_counter() - t0
+        return rep
+
+
+# -- hooks for the store ops and the fetch path -------------------------------------
+def record(data_dir, kind: str, body: dict, now_ns: int | None = None) -> audit.Entry:
+    """Append one entry to the node's own log in data_dir."""
+    with AuditLog(data_dir) as log:
+        return log.append(kind, body, now_ns)
+
+
+def record_replica(data_dir, manifest_id: bytes, holder: bytes,
+                   now_ns: int | None = None) -> audit.Entry:
+    """Record that `holder` (a 32-byte node id; our own after a fetch) holds a
+    full replica of manifest_id. Called by the fetch path."""
+    return record(data_dir, "replica", {"manifest": bytes(manifest_id), "holder": bytes(holder)},
+                  now_ns)
+
+
+def _bounded_source(source: dict) -> dict:
+    """A manifest's source metadata cut to the bounds of a backup entry."""
+    out = {}
+    for k, v in sorted(source.items())[:audit.MAX_MAP]:
+        k = k[:64]
+        if isinstance(v, bool) or not isinstance(v, (int, str)):
+            v = str(v)
+        if isinstance(v, str):
+            v = v[:audit.MAX_TEXT]
+        elif not -audit.MAX_SEQ <= v <= audit.MAX_SEQ:
+            v = str(v)[:audit.MAX_TEXT]
+        out[k] = v
+    return out
+
+
+def record_after_op(data_dir, kind: str, body: dict, warn=None) -> audit.Entry | None:
+    """The store ops' hook: append an entry once the op has succeeded. The op's
+    result stands even if the append fails (e.g. a full disk during a restore);
+    then `warn` gets one line and None is returned."""
+    if kind == "backup":
+        body = dict(body, source=_bounded_source(body.get("source", {})))
+    try:
+        if kind == "verify" and body.get("holder") is None:
+            body = dict(body, holder=own_identity(data_dir).node_id)
+        return record(data_dir, kind, body)
+    except (OSError, sqlite3.Error, UserError) as exc:
+        if warn:
+            warn(f"warning: the {kind} was not recorded in the audit log: {exc}")
+        return None
