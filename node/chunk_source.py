@@ -20,6 +20,7 @@ implementation can run its blocking SQLite / pack-file work in a thread):
                                              wire=(codec, raw_len, payload): the verified
                                              exchange payload it came as, which a store
                                              keeps as received (no recompression)
+        put_many([(cid, plain, wire), ...])  optional: several puts in one operation
         put_manifest(mid, data)              the manifest, once every chunk is in
         flush()                              make everything put so far durable
 
@@ -269,6 +270,15 @@ class StoreSink:
     async def put(self, cid: bytes, plain: bytes, wire=None) -> None:
         async with self._lock:
             await _run(self.threaded, self._put, cid, plain, wire)
+
+    def _put_many(self, items):
+        for cid, plain, wire in items:
+            self._put(cid, plain, wire)
+
+    async def put_many(self, items) -> None:
+        """put() of each (cid, plain, wire), in one store operation."""
+        async with self._lock:
+            await _run(self.threaded, self._put_many, list(items))
 
     def _put_manifest(self, mid: bytes, data: bytes):
         if chunk_id(data) != mid:

@@ -205,7 +205,7 @@ class Replication:
                     raise UserError(f"{ref}: not found on the network (asked {stats.queries} "
                                     f"peer(s) of {len(self.d.dht.table)} known; none holds "
                                     f"manifest {mid.hex()[:16]})")
-                async with StoreSink(store, threaded=True) as sink:
+                async with StoreSink(store, threaded=True, batch_bytes=256 << 20) as sink:
                     dl = Downloader(self.d.net, sink, peers=providers, rng=self.d.rng,
                                     progress=progress, scores=self.d.dht.scores,
                                     verify_in_thread=True,

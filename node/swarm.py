@@ -51,6 +51,7 @@ compressing the plaintext again.
 """
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -62,11 +63,21 @@ from protocol.errors import ChunkHashMismatch, RemoteProtocolError
 from protocol.exchange import MAX_HAVE, open_data, open_manifest
 from protocol.manifest import Manifest, decode_manifest, split_list
 
-from .exchange_client import ChunkMissing, ExchangeSession, SessionFailed
+from .exchange_client import ChunkData, ChunkMissing, ExchangeSession, SessionFailed
 from .swarm_plan import SwarmPlan, Tunables
 from .transport import TransportError
 
 EVENT_BUFFER = 256
+VERIFY_BATCH = 32        # events applied together (bounds the plaintexts held at once)
+VERIFY_THREADS = max(2, min(4, os.cpu_count() or 2))
+
+
+def _verify(msg):
+    """open_data(msg), or the ChunkHashMismatch / RemoteProtocolError it raised."""
+    try:
+        return open_data(msg)
+    except (ChunkHashMismatch, RemoteProtocolError) as exc:
+        return exc
 
 
 class DownloadError(Exception):
@@ -357,8 +368,43 @@ class Downloader:
                     phase, len(done), len(needed), done_bytes, needed_bytes,
                     dict(self._by_peer), tuple(sorted(self._banned))))
 
-        async def handle(ev) -> bool:
-            """Apply one event; True when it completed a chunk."""
+        async def handle_batch(evs) -> bool:
+            """Apply events in order; the Data ones are verified first, in parallel
+            worker threads when verify_in_thread (at most VERIFY_THREADS at once),
+            and their puts go to the sink as one batch. True when a chunk completed."""
+            verified: dict[int, object] = {}
+            datas = [i for i, ev in enumerate(evs) if type(ev) is ChunkData]
+            if self.verify_in_thread and len(datas) > 1:
+                limiter = trio.CapacityLimiter(VERIFY_THREADS)
+
+                async def one(i):
+                    verified[i] = await trio.to_thread.run_sync(
+                        _verify, evs[i].data, limiter=limiter)
+
+                async with trio.open_nursery() as n:
+                    for i in datas:
+                        n.start_soon(one, i)
+            elif self.verify_in_thread and datas:
+                verified[datas[0]] = await trio.to_thread.run_sync(_verify, evs[datas[0]].data)
+            else:
+                for i in datas:
+                    verified[i] = _verify(evs[i].data)
+            puts: list = []
+            progressed = False
+            for i, ev in enumerate(evs):
+                progressed |= handle(ev, verified.get(i), puts)
+            if puts:
+                put_many = getattr(self.sink, "put_many", None)
+                if put_many is not None:
+                    await put_many(puts)
+                else:
+                    for cid, plain, wire in puts:
+                        await self.sink.put(cid, plain, wire=wire)
+            return progressed
+
+        def handle(ev, verified, puts) -> bool:
+            """Apply one event (Data: already verified, `verified` is the plaintext
+            or the exception); True when it completed a chunk."""
             nonlocal done_bytes
             now = trio.current_time()
             peer = ev.peer
@@ -373,13 +419,8 @@ class Downloader:
                 return False
             msg = ev.data
             cid = msg.id
-            try:
-                # late and extra copies too: a liar is a liar
-                if self.verify_in_thread:     # BLAKE3 + zstd release the GIL
-                    plain = await trio.to_thread.run_sync(open_data, msg)
-                else:
-                    plain = open_data(msg)
-            except (ChunkHashMismatch, RemoteProtocolError):
+            plain = verified                  # late and extra copies too: a liar is a liar
+            if isinstance(plain, Exception):
                 res.bad_chunks += 1
                 plan.on_bad(peer, cid, now)
                 self._penalize(peer)
@@ -389,7 +430,7 @@ class Downloader:
             if cid not in needed or cid in done:
                 plan.on_data(peer, cid, len(msg.payload), now)   # a late or extra copy
                 return False
-            await self.sink.put(cid, plain, wire=(msg.codec, msg.raw_len, msg.payload))
+            puts.append((cid, plain, (msg.codec, msg.raw_len, msg.payload)))
             if on_chunk is not None:
                 on_chunk(cid, plain)
             plan.on_data(peer, cid, len(msg.payload), now)
@@ -419,15 +460,15 @@ class Downloader:
             stall_at = last_progress + self.stall_timeout
             deadline = plan.next_deadline(now)
             wake = stall_at if deadline is None else min(deadline, stall_at)
-            progressed = False
+            evs = []
             with trio.move_on_at(wake):
-                progressed |= await handle(await recv.receive())
-            for _ in range(EVENT_BUFFER):          # drain what is ready, bounded
+                evs.append(await recv.receive())
+            for _ in range(VERIFY_BATCH - 1):      # drain what is ready, bounded
                 try:
-                    ev = recv.receive_nowait()
+                    evs.append(recv.receive_nowait())
                 except trio.WouldBlock:
                     break
-                progressed |= await handle(ev)
+            progressed = await handle_batch(evs) if evs else False
             for peer in list(self._sessions):
                 if plan.is_banned(peer):
                     self._banned.add(peer)
