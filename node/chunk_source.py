@@ -165,6 +165,8 @@ class StoreSink:
     uncommitted tail instead.
     """
 
+    needs_plain = False                   # put(cid, None, wire) stores the wire payload
+
     def __init__(self, store, *, threaded: bool = True, level: int = DEFAULT_ZSTD_LEVEL,
                  batch_bytes: int = 64 << 20):
         self.store = store
@@ -255,6 +257,8 @@ class StoreSink:
             # the verified wire payload (exchange codecs = pack codecs 0/1), kept as
             # received: a zstd frame that decoded to the chunk, or its plaintext
             codec, raw_len, data = wire
+        elif plain is None:
+            raise ValueError("StoreSink.put needs the plaintext or a raw/zstd wire payload")
         else:
             codec, data = _compress(plain, self.level)
             raw_len = len(plain)

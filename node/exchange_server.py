@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 
 CORRUPT_ENV = "HYPERSDK_TEST_CORRUPT_SERVE"
 SEND_SLICE = 256 << 10        # payload bytes per send_all
+READ_AHEAD = 2               # chunks read ahead of the one being sent, per Get
 RECV_MAX = 64 << 10           # requests are small: at most one document at a time
 
 
@@ -123,8 +124,35 @@ class ExchangeServer:
     async def _answer(self, stream, msg) -> None:
         t = type(msg)
         if t is Get:
-            for cid in msg.ids:
-                await self._send_chunk(stream, msg.rid, cid)
+            if len(msg.ids) == 1:
+                await self._send_chunk(stream, msg.rid, msg.ids[0],
+                                       await self.source.get(msg.ids[0]))
+                return
+            # read ahead: the next chunk is read (a thread hop for a store) while
+            # this one is sent; at most READ_AHEAD chunks wait in memory
+            send, recv = trio.open_memory_channel(READ_AHEAD)
+
+            async def reader():
+                async with send:
+                    for cid in msg.ids:
+                        got = await self.source.get(cid)
+                        try:
+                            await send.send((cid, got))
+                        except (trio.BrokenResourceError, trio.ClosedResourceError):
+                            return
+
+            error = None
+            async with trio.open_nursery() as n:
+                n.start_soon(reader)
+                try:
+                    async with recv:
+                        async for cid, got in recv:
+                            await self._send_chunk(stream, msg.rid, cid, got)
+                except Exception as exc:        # re-raised as itself, not in a group
+                    error = exc
+                    n.cancel_scope.cancel()
+            if error is not None:
+                raise error
         elif t is GetManifest:
             data = await self.source.manifest(msg.manifest_id)
             await stream.send_all(encode_message(ManifestData(msg.rid, msg.manifest_id, data)))
@@ -135,8 +163,7 @@ class ExchangeServer:
         else:                                       # the decoder only yields requests
             raise RemoteProtocolError(f"unexpected {t.__name__}")
 
-    async def _send_chunk(self, stream, rid: int, cid: bytes) -> None:
-        got = await self.source.get(cid)
+    async def _send_chunk(self, stream, rid: int, cid: bytes, got) -> None:
         if got is None:
             self.counters["missing"] += 1
             await stream.send_all(encode_message(Missing(rid, cid)))

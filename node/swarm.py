@@ -157,6 +157,8 @@ class Downloader:
         self._banned: set[bytes] = set()
         self._by_peer: dict[bytes, int] = {}
         self._nursery = None
+        self._put_ev: trio.Event | None = None
+        self._put_error: Exception | None = None
 
     # -- the download ----------------------------------------------------------------------
 
@@ -357,6 +359,7 @@ class Downloader:
             if peer in self._sessions and not self._sessions[peer].closed:
                 plan.add_peer(peer, have)
         needed = set(need)
+        keep_plain = getattr(self.sink, "needs_plain", True)
         done: set[bytes] = set()
         needed_bytes = sum(sizes[c] for c in need)
         done_bytes = 0
@@ -394,12 +397,13 @@ class Downloader:
             for i, ev in enumerate(evs):
                 progressed |= handle(ev, verified.get(i), puts)
             if puts:
-                put_many = getattr(self.sink, "put_many", None)
-                if put_many is not None:
-                    await put_many(puts)
+                if self.verify_in_thread and self._nursery is not None:
+                    # double buffering: this batch is written while the next is verified
+                    await self._put_wait()
+                    self._put_ev = trio.Event()
+                    self._nursery.start_soon(self._put_bg, puts, self._put_ev)
                 else:
-                    for cid, plain, wire in puts:
-                        await self.sink.put(cid, plain, wire=wire)
+                    await self._put_batch(puts)
             return progressed
 
         def handle(ev, verified, puts) -> bool:
@@ -430,7 +434,8 @@ class Downloader:
             if cid not in needed or cid in done:
                 plan.on_data(peer, cid, len(msg.payload), now)   # a late or extra copy
                 return False
-            puts.append((cid, plain, (msg.codec, msg.raw_len, msg.payload)))
+            puts.append((cid, plain if keep_plain else None,
+                         (msg.codec, msg.raw_len, msg.payload)))
             if on_chunk is not None:
                 on_chunk(cid, plain)
             plan.on_data(peer, cid, len(msg.payload), now)
@@ -480,8 +485,36 @@ class Downloader:
                 raise DownloadError(f"download of manifest {mid.hex()} stalled: no chunk "
                                     f"arrived for {self.stall_timeout:g} s",
                                     manifest_id=mid, missing=left)
+        await self._put_wait()
         report()
         res.duplicate_bytes += plan.progress().duplicate_bytes
+
+    # -- sink writes ---------------------------------------------------------------------
+
+    async def _put_batch(self, puts) -> None:
+        put_many = getattr(self.sink, "put_many", None)
+        if put_many is not None:
+            await put_many(puts)
+        else:
+            for cid, plain, wire in puts:
+                await self.sink.put(cid, plain, wire=wire)
+
+    async def _put_bg(self, puts, ev) -> None:
+        try:
+            await self._put_batch(puts)
+        except Exception as exc:          # surfaced by the next _put_wait
+            self._put_error = exc
+        finally:
+            ev.set()
+
+    async def _put_wait(self) -> None:
+        """Wait for the batch being written in the background; raise its error."""
+        ev = self._put_ev
+        if ev is not None:
+            await ev.wait()
+            self._put_ev = None
+        if self._put_error is not None:
+            raise self._put_error
 
 
 __all__ = ["Downloader", "DownloadResult", "DownloadProgress", "DownloadError", "EVENT_BUFFER"]
