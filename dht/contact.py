@@ -1,7 +1,7 @@
 """A peer as the DHT knows it: id, one dialable address, and its site."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .keys import ID_BYTES
 
@@ -11,10 +11,14 @@ class Contact:
     id: bytes            # 32 bytes, BLAKE3 of the peer's public key
     addr: str            # e.g. "/ip4/10.1.2.3/tcp/4001" (simnet uses the same form)
     site: str = ""       # operator-declared edge site (diversity limits)
+    # the id as an integer (dht.keys.as_int), computed once: XOR distances to
+    # contacts are the hot path of every lookup and of RoutingTable.closest
+    n: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if not isinstance(self.id, bytes) or len(self.id) != ID_BYTES:
             raise ValueError("contact id must be 32 bytes")
+        object.__setattr__(self, "n", int.from_bytes(self.id, "big"))
 
     @property
     def ip_prefix24(self) -> str:

@@ -64,7 +64,7 @@ import enum
 from dataclasses import dataclass
 
 from .contact import Contact
-from .keys import ID_BYTES, as_int, closest
+from .keys import ID_BYTES, as_int
 
 K = 20                   # Kademlia replication parameter: result size
 ALPHA = 3                # requests in flight per path
@@ -143,7 +143,8 @@ class Lookup:
         self._paths = [_Path() for _ in range(disjoint_paths)]
         self._next_path = 0                        # round-robin start for fairness
         self._finished = False
-        for i, c in enumerate(closest(target, self._unique(seeds), len(seeds))):
+        t = self._t
+        for i, c in enumerate(sorted(self._unique(seeds), key=lambda c: t ^ c.n)):
             self._learn(c, i % disjoint_paths, 1)
 
     # -- inputs -----------------------------------------------------------------------
@@ -178,7 +179,8 @@ class Lookup:
         self._settle(peer, _State.SUCCEEDED)
         self.hops = max(self.hops, peer.depth)
         if not self._finished and not self._paths[peer.path].done:
-            for c in closest(self.target, self._unique(closer), self.k):
+            t = self._t
+            for c in sorted(self._unique(closer), key=lambda c: t ^ c.n)[:self.k]:
                 self._learn(c, peer.path, peer.depth + 1)
         return True
 
@@ -236,7 +238,7 @@ class Lookup:
         return out
 
     def _learn(self, contact: Contact, path: int, depth: int) -> None:
-        peer = _Peer(contact, self._t ^ as_int(contact.id), path, depth)
+        peer = _Peer(contact, self._t ^ contact.n, path, depth)
         self._peers[contact.id] = peer
         bisect.insort(self._paths[path].order, (peer.distance, contact.id))
 

@@ -61,7 +61,7 @@ import random
 from dataclasses import dataclass
 
 from .contact import Contact
-from .keys import ID_BITS, ID_BYTES, as_int, bucket_index
+from .keys import ID_BITS, ID_BYTES, as_int
 
 K = 20
 MAX_PER_PREFIX24 = 2
@@ -101,6 +101,7 @@ class RoutingTable:
         if len(own_id) != ID_BYTES:
             raise ValueError("own id must be 32 bytes")
         self.own_id = own_id
+        self._own_n = as_int(own_id)
         self.k = k
         self.max_per_prefix24 = max_per_prefix24
         self.max_per_site = max_per_site
@@ -197,9 +198,24 @@ class RoutingTable:
 
     def closest(self, target: bytes, n: int) -> list[Contact]:
         """The n stored contacts nearest to target, nearest first."""
+        # By rule 1 the buckets order the distances to target without sorting
+        # the whole table: with b the bucket target falls in, bucket b's
+        # contacts are nearest (below 2**b), then all of buckets < b (in
+        # [2**b, 2**(b+1))), then bucket b+1, b+2, ... (bucket i: [2**i, 2**(i+1))).
         t = as_int(target)
-        contacts = (e.contact for bucket in self._buckets for e in bucket)
-        return sorted(contacts, key=lambda c: t ^ as_int(c.id))[:n]
+        key = lambda c: t ^ c.n                 # noqa: E731
+        buckets = self._buckets
+        b = (t ^ self._own_n).bit_length() - 1
+        out = sorted((e.contact for e in buckets[b]), key=key) if b >= 0 else []
+        if len(out) < n:
+            out += sorted((e.contact for bucket in buckets[:max(b, 0)] for e in bucket),
+                          key=key)
+            for i in range(b + 1, ID_BITS):
+                if len(out) >= n:
+                    break
+                if buckets[i]:
+                    out += sorted((e.contact for e in buckets[i]), key=key)
+        return out[:n]
 
     def stale_buckets(self, now: float, interval: float = REFRESH_INTERVAL) -> list[int]:
         """Buckets to refresh, farthest first (rule 8)."""
@@ -245,7 +261,7 @@ class RoutingTable:
     # -- internals -----------------------------------------------------------
 
     def _index(self, contact_id: bytes) -> int:
-        return bucket_index(self.own_id, contact_id)
+        return (self._own_n ^ int.from_bytes(contact_id, "big")).bit_length() - 1
 
     def _crowding(self, entries: list[_Entry], contact: Contact):
         """(reason, crowding entries oldest first) for the first diversity limit

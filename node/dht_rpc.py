@@ -63,12 +63,12 @@ MAX_RECORDS = 1 << 16
 
 # -- conversions ---------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=8192)        # both are immutable; this is the hot path
+@functools.lru_cache(maxsize=1 << 16)     # both are immutable; this is the hot path
 def to_info(c: Contact) -> PeerInfo:
     return PeerInfo(c.id, c.addr, c.site)
 
 
-@functools.lru_cache(maxsize=8192)
+@functools.lru_cache(maxsize=1 << 16)
 def to_contact(p: PeerInfo) -> Contact:
     return Contact(p.id, p.addr, p.site)
 

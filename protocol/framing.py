@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from dataclasses import fields
 
+import msgpack
+
 from . import codec
 from .dht_messages import MAX_BATCH_KEYS, MAX_PROVIDERS, MESSAGE_TYPES, PeerInfo, SignedRecord
 from .errors import LocalProtocolError, RemoteProtocolError
@@ -47,25 +49,50 @@ class OversizedFrame(RemoteProtocolError):
 # -- encoding ---------------------------------------------------------------------------
 
 def _to_wire(value):
-    if isinstance(value, PeerInfo):
-        return {"id": value.id, "addr": value.addr, "site": value.site}
-    if isinstance(value, SignedRecord):
-        return {"key": value.key, "value": value.value, "author": value.author,
-                "seq": value.seq, "signature": value.signature}
-    if isinstance(value, tuple):
-        return [_to_wire(v) for v in value]
+    """The wire tree of a field value, its maps built with their keys already in
+    canonical (sorted) order, so that msgpack.packb gives the canonical bytes
+    without codec.encode's generic sorting pass."""
+    t = type(value)
+    if t is tuple:
+        return [_peer_wire(v) if type(v) is PeerInfo else v for v in value]
+    if t is PeerInfo:
+        return _peer_wire(value)
+    if t is SignedRecord:
+        return {"author": value.author, "key": value.key, "seq": value.seq,
+                "signature": value.signature, "value": value.value}
     return value
 
 
+def _peer_wire(p: PeerInfo) -> dict:
+    return {"addr": p.addr, "id": p.id, "site": p.site}
+
+
+# each message's map keys (its fields plus "t" and "v") in canonical order
+_ORDER = {tag: tuple(sorted((*names, "t", "v"))) for tag, names in _FIELDS.items()}
+
+
 def encode_payload(msg) -> bytes:
-    """The canonical msgpack document of `msg` (a frame without its length prefix)."""
-    tag = getattr(type(msg), "TAG", None)
-    if MESSAGE_TYPES.get(tag) is not type(msg):
-        raise LocalProtocolError(f"{type(msg).__name__} is not a DHT message")
-    doc = {name: _to_wire(getattr(msg, name)) for name in _FIELDS[tag]
-           if name not in _OPTIONAL or getattr(msg, name) is not None}
-    doc.update(v=VERSION, t=tag)
-    payload = codec.encode(doc)
+    """The canonical msgpack document of `msg` (a frame without its length prefix).
+    A constructed message is valid (dht_messages checks every field), so its
+    tree holds only what the canonical encoding allows; the maps are built in
+    sorted key order and packed directly (tests check the bytes equal
+    codec.encode of the same document)."""
+    cls = type(msg)
+    tag = getattr(cls, "TAG", None)
+    if MESSAGE_TYPES.get(tag) is not cls:
+        raise LocalProtocolError(f"{cls.__name__} is not a DHT message")
+    doc = {}
+    for name in _ORDER[tag]:
+        if name == "t":
+            doc["t"] = tag
+        elif name == "v":
+            doc["v"] = VERSION
+        else:
+            value = getattr(msg, name)
+            if value is None and name in _OPTIONAL:
+                continue
+            doc[name] = _to_wire(value)
+    payload = msgpack.packb(doc, use_bin_type=True)
     if len(payload) > MAX_FRAME:              # unreachable for valid messages; a guard
         raise LocalProtocolError(f"{tag} message of {len(payload)} bytes exceeds {MAX_FRAME}")
     return payload
@@ -85,8 +112,27 @@ def _map(value, keys: frozenset, what: str) -> dict:
     return value
 
 
+# Validated PeerInfo values by (id, addr, site): the same peers arrive in reply
+# after reply, and PeerInfo is immutable, so one validation per distinct peer
+# is enough. Bounded: emptied when full (a flood of fresh peers costs only the
+# validations it would cost without the cache).
+_PEER_CACHE: dict[tuple, PeerInfo] = {}
+PEER_CACHE_SIZE = 1 << 16
+
+
 def _peer(value) -> PeerInfo:
-    return PeerInfo(**_map(value, _PEER_KEYS, "peer"))
+    if type(value) is not dict or value.keys() != _PEER_KEYS:
+        raise RemoteProtocolError(f"peer must be a map with keys {sorted(_PEER_KEYS)}")
+    key = (value["id"], value["addr"], value["site"])
+    if type(key[0]) is not bytes or type(key[1]) is not str or type(key[2]) is not str:
+        return PeerInfo(*key)               # raises LocalProtocolError
+    p = _PEER_CACHE.get(key)
+    if p is None:
+        p = PeerInfo(*key)
+        if len(_PEER_CACHE) >= PEER_CACHE_SIZE:
+            _PEER_CACHE.clear()
+        _PEER_CACHE[key] = p
+    return p
 
 
 def _peer_list(value) -> tuple:

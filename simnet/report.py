@@ -7,9 +7,11 @@ and its seed; "run" is the machine's cost of producing them.
 
 Messages are requests (one stream each; simnet/runner.py counts them). A
 lookup's or provide's count includes the pings its replies trigger (routing
-table upkeep caused by that operation); "reprovide messages per key" is one
-re-announcement of each key as the 22-hourly republish loop does it today
-(one FIND_NODE walk + k ADD_PROVIDERs per key, no keyspace sweep yet).
+table upkeep caused by that operation); "reprovide messages per key" is what
+one node providing [workload] reprovide_keys keys at once costs per key
+(DhtService.provide_many: the keyspace sweep of the 22-hourly republish, a
+few FIND_NODE walks + about one AddProviders per peer); "reprovide held by"
+is, for sampled keys, how many of their k closest honest nodes got the record.
 
 Latencies are simulated (trio virtual) seconds. Quantiles use the nearest-rank
 method, so every reported value is one that was measured.
@@ -39,7 +41,8 @@ def summarize(metrics: dict) -> dict:
     hops = [r["hops"] for r in counted]
     lat = [r["latency"] for r in counted]
     plat = [r["latency"] for r in metrics["provides"]]
-    rep = metrics["reprovide_requests_per_key"]
+    rep = metrics.get("reprovide") or {}
+    held = rep.get("sample_held_by_k_closest") or []
     return {
         "nodes": metrics["nodes"],
         "lookups": len(lookups),
@@ -58,7 +61,10 @@ def summarize(metrics: dict) -> dict:
                                 if counted else None),
         "messages_per_provide": (statistics.mean(r["requests"] for r in metrics["provides"])
                                  if plat else None),
-        "reprovide_messages_per_key": statistics.mean(rep) if rep else None,
+        "reprovide_keys": rep.get("keys"),
+        "reprovide_messages_per_key": rep.get("requests_per_key"),
+        "reprovide_held_median": statistics.median(held) if held else None,
+        "reprovide_held_min": min(held) if held else None,
         "join_seconds": metrics["join"]["seconds"],
         "join_messages_per_node": metrics["join"]["requests_per_node"],
         "background_messages_per_node_hour": metrics["background_requests_per_node_hour"],
@@ -96,7 +102,10 @@ def table(report: dict) -> str:
                                    f"stored on {_fmt(s['provide_stored_median'])} peers"),
         ("messages per lookup", _fmt(s["messages_per_lookup"])),
         ("messages per provide", _fmt(s["messages_per_provide"])),
-        ("reprovide messages per key", _fmt(s["reprovide_messages_per_key"])),
+        ("reprovide messages per key", f"{_fmt(s['reprovide_messages_per_key'])} "
+                                       f"({_fmt(s['reprovide_keys'])} keys from one node; "
+                                       f"held by {_fmt(s['reprovide_held_median'])} of the "
+                                       f"k closest, min {_fmt(s['reprovide_held_min'])})"),
         ("join", f"{_fmt(s['join_seconds'], ' s')} simulated, "
                  f"{_fmt(s['join_messages_per_node'])} messages/node"),
         ("background msgs/node/hour", _fmt(s["background_messages_per_node_hour"])),
@@ -168,11 +177,17 @@ def plot(report: dict, out: Path) -> list[Path]:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    rep = m["reprovide_requests_per_key"]
+    rep = m.get("reprovide") or {}
+    single = [r["requests"] for r in m["provides"]]
+    bars = [("one provide\n(walk + k AddProvider)",
+             statistics.mean(single) if single else 0.0)]
     if rep:
-        ax.hist(rep, bins=min(30, max(1, len(set(rep)))))
-    ax.set(title=f"{name}: reprovide messages per key", xlabel="requests to announce one key",
-           ylabel="keys")
+        bars.append((f"provide_many sweep\n({rep['keys']} keys)", rep["requests_per_key"]))
+    ax.bar([b[0] for b in bars], [b[1] for b in bars], color=["tab:gray", "tab:blue"][:len(bars)])
+    for i, (_, v) in enumerate(bars):
+        ax.annotate(f"{v:.3g}", (i, v), ha="center", va="bottom")
+    ax.set_yscale("log")
+    ax.set(title=f"{name}: messages per provided key", ylabel="requests per key (log)")
     fig.tight_layout()
     fig.savefig(paths[3], dpi=100)
     plt.close(fig)

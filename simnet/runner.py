@@ -36,9 +36,13 @@ Phases, all in virtual time:
    newcomer bootstraps through 3 random live nodes. A lookup whose requester
    left during it is recorded with requester_left and left out of the
    success rate (its count is reported).
-5. Reprovide cost: every key's provider (if still live) re-announces the key
-   once, as the republish loop does every 22 h (DhtService.provide =
-   one FIND_NODE walk + k ADD_PROVIDERs), and the requests are counted.
+5. Reprovide cost: one random honest live node provides [workload]
+   reprovide_keys fresh keys at once with DhtService.provide_many, the
+   keyspace sweep its republish loop runs every 22 h (node/dht_republish.py:
+   a few FIND_NODE walks + about one AddProviders per peer, not a walk and k
+   ADD_PROVIDERs per key); every request it causes is counted, and for 50
+   sampled keys the runner counts how many of the k closest honest live
+   nodes hold the record (the truth, from the nodes' own stores).
 
 Messages: every request is one stream (node/dht_rpc.py), so
 CountingNetwork.connect counts requests. A contextvar names the operation
@@ -290,27 +294,50 @@ class _Sim:
         workload_requests = net.requests - base_requests
         background = workload_requests - (net.attributed - base_attr)
 
-        reprovide: list[int] = []
-        if w.reprovide:
-            async def again(key: bytes, node: _Node):
-                box = [0]
-                _op.set(box)
-                await node.svc.provide(key)
-                reprovide.append(box[0])
-
-            async with trio.open_nursery() as ops:
-                for key in keys:
-                    node = owners.get(key)
-                    if node is not None and node.svc.own.addr in self.live:
-                        ops.start_soon(again, key, node)
+        reprovide = await self._reprovide() if w.reprovide and w.reprovide_keys else None
         provides.sort(key=lambda r: r["t"])
         lookups.sort(key=lambda r: r["t"])
         return {"provides": provides, "lookups": lookups,
-                "reprovide_requests_per_key": sorted(reprovide),
+                "reprovide": reprovide,
                 "workload_seconds": ops_end,
                 "background_requests": background,
                 "background_requests_per_node_hour":
                     background / len(self.live) / (ops_end / 3600) if ops_end > 0 else 0.0}
+
+    async def _reprovide(self) -> dict | None:
+        """Phase 5: one random honest live node provides reprovide_keys fresh keys
+        at once (DhtService.provide_many, the keyspace sweep its republish loop
+        runs), every request it causes counted. Then a sample of keys is checked
+        against the truth: how many of each key's k closest honest live nodes
+        hold the node's provider record."""
+        sc, rng = self.sc, self.rng_work
+        honest = self.honest()
+        if not honest:
+            return None
+        node = rng.choice(honest)
+        keys = [rng.randbytes(32) for _ in range(sc.workload.reprovide_keys)]
+        box = [0]
+        token = _op.set(box)
+        start = trio.current_time()
+        stats = await node.svc.provide_many(keys)
+        seconds = trio.current_time() - start
+        _op.reset(token)
+        now = trio.current_time()
+        k, own = sc.dht.k, node.svc.own
+        others = [n for n in honest if n is not node and n.svc.own.addr in self.live]
+        held = []
+        for key in rng.sample(keys, min(50, len(keys))):
+            t = int.from_bytes(key, "big")
+            nearest = sorted(others, key=lambda n: t ^ n.svc.own.n)[:k]
+            held.append(sum(1 for n in nearest
+                            if any(c.id == own.id for c in n.svc.providers.get(key, now))))
+        self._say(f"reprovide: {len(keys)} keys, {box[0]} requests")
+        return {"keys": len(keys), "requests": box[0],
+                "requests_per_key": box[0] / len(keys),
+                "lookups": stats.lookups, "lookup_queries": stats.lookup_queries,
+                "batches": stats.batches, "batches_failed": stats.batches_failed,
+                "unannounced": stats.unannounced, "seconds": seconds,
+                "sample_held_by_k_closest": held}
 
     def _say(self, msg: str) -> None:
         self.progress(f"{msg} (wall {time.perf_counter() - self.wall0:.0f} s)")

@@ -44,7 +44,10 @@ Format (all times in simulated seconds, bandwidths in Mbit/s):
     [workload]
     provides = 100                 # keys, each provided by one random honest node
     lookups = 200                  # find_providers from random honest nodes
-    reprovide = true               # re-announce every key once at the end and count messages
+    reprovide = true               # at the end, one random honest node provides
+    reprovide_keys = 1000          # this many fresh keys at once (DhtService.provide_many:
+                                   # the keyspace sweep of the republish) and the
+                                   # messages per key are counted
 """
 from __future__ import annotations
 
@@ -98,6 +101,7 @@ class WorkloadSpec:
     provides: int = 100
     lookups: int = 200
     reprovide: bool = True
+    reprovide_keys: int = 1000
 
 
 @dataclass(frozen=True)
@@ -180,7 +184,8 @@ _RULES = {
     "faults": {"malicious": (float, 0, 1, False, False), "drop": (float, 0, 1, False, False),
                "hang": (float, 0, 1, False, False), "malicious_strategy": (str, None, None, 0, 0)},
     "workload": {"provides": (int, 0, None, False, False), "lookups": (int, 0, None, False, False),
-                 "reprovide": (bool, None, None, 0, 0)},
+                 "reprovide": (bool, None, None, 0, 0),
+                 "reprovide_keys": (int, 0, None, False, False)},
 }
 _TOP = {"name": str, "description": str, "seed": int, "duration": float}
 _SPECS = {"network": NetworkSpec, "dht": DhtSpec, "churn": ChurnSpec, "faults": FaultSpec,

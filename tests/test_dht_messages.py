@@ -75,6 +75,7 @@ def test_round_trip_is_identity_and_canonical(msg):
     assert int.from_bytes(frame[:HEADER], "big") == len(frame) - HEADER <= MAX_FRAME
     doc = codec.decode(frame[HEADER:])
     assert doc["v"] == 1 and doc["t"] == msg.TAG
+    assert codec.encode(doc) == frame[HEADER:]     # the direct encoding is the canonical one
     back = decode_message(frame[HEADER:])
     assert back == msg and type(back) is type(msg)
     assert encode_message(back) == frame

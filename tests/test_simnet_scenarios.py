@@ -51,6 +51,10 @@ def test_minimal_scenario_gets_defaults():
     ('[network]\nnodes = 5\n[churn]\nreplace_per_hour = -0.1',
      "s.toml: [churn] replace_per_hour: must be >= 0"),
     ('[network]\nnodes = 5\n[dht]\nk = 0', "s.toml: [dht] k: must be >= 1"),
+    ('[network]\nnodes = 5\n[workload]\nreprovide_keys = -1',
+     "s.toml: [workload] reprovide_keys: must be >= 0"),
+    ('[network]\nnodes = 5\n[workload]\nreprovide_keys = 1.5',
+     "s.toml: [workload] reprovide_keys: must be an integer"),
     ('[network\nnodes = 5', "s.toml: not valid TOML"),
     ('[network]\nnodes = 5\n[workload]\nprovides = 0', "s.toml: [workload] lookups: need provides"),
 ])
@@ -93,9 +97,12 @@ def test_small_scenario_runs_and_repeats_exactly(tmp_path):
                 "reprovide_messages_per_key", "handler_errors"):
         assert s[key] is not None, key
     assert s["handler_errors"] == 0
+    # one node providing 1,000 keys at once: the sweep, not a walk per key
+    assert s["reprovide_keys"] == 1000 and s["reprovide_messages_per_key"] <= 2
+    assert s["reprovide_held_min"] == 20           # every sampled key on all its 20 closest
     assert doc["run"]["wall_seconds"] > 0 and doc["run"]["peak_rss_bytes"] > 0
     assert doc["scenario"]["seed"] == 1
-    assert {"lookups", "provides", "join", "reprovide_requests_per_key"} <= set(doc["metrics"])
+    assert {"lookups", "provides", "join", "reprovide"} <= set(doc["metrics"])
     same = lambda d: {k: v for k, v in d.items() if k != "run"}
     assert same(reports[0]) == same(reports[1])
 
