@@ -25,6 +25,12 @@ discarded on the next open); after COMMIT the whole signed entry is there. So
 no torn, half-written or unsigned entry can exist, and two appenders can never
 both take seq N (PRIMARY KEY (author, seq) would refuse it anyway).
 
+Entries written by the store ops (record_after_op) are appended after the op
+has committed, in a second database: a kill -9 between the two leaves a backup
+without its entry (never an entry without its backup); `audit certificate`
+then says so. A full disk makes the append fail with a warning; the op's
+result stands.
+
 Own identity: the node key DATA/node.key (node/identity.py). If it does not
 exist, the first append creates it in the format of `hypersdk node init`; the
 key is linked into place with link(2), which never replaces an existing file,

@@ -21,7 +21,6 @@ AUTHOR is a hex prefix of a node id (or of a public key); default: this node.
 from __future__ import annotations
 
 import datetime
-import sys
 from pathlib import Path
 
 import click

@@ -297,3 +297,31 @@ def test_certificate_with_a_dropped_chain_entry_fails_at_its_position():
     with pytest.raises(AuditChainBroken) as ei:
         audit.check_certificate(codec.encode(doc))
     assert ei.value.seq == 4
+
+
+_leaf = st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**64 - 1), st.binary(max_size=40),
+                  st.text(max_size=20))
+_tree = st.recursive(_leaf, lambda c: st.one_of(st.lists(c, max_size=4),
+                                                st.dictionaries(st.text(max_size=8), c,
+                                                                max_size=4)), max_leaves=12)
+
+
+@given(st.sampled_from(["v", "author", "seq", "prev", "time", "kind", "body"]), _tree,
+       st.sampled_from(audit.KINDS))
+@settings(max_examples=300, deadline=None)
+def test_validly_signed_hostile_fields_raise_only_remote_protocol_errors(key, value, kind):
+    """A peer can sign anything with its own key: whatever it puts in a field,
+    decoding either yields a schema-valid entry or raises RemoteProtocolError."""
+    doc = {"v": 1, "author": A.public_key, "seq": 1, "prev": bytes(32), "time": T0,
+           "kind": kind, "body": body(kind)}
+    doc[key] = value
+    try:
+        payload = codec.encode(doc)
+    except LocalProtocolError:
+        return
+    raw = codec.encode({"entry": payload, "sig": A.sign(audit.SIG_DOMAIN + payload)})
+    try:
+        e = audit.decode_entry(raw)
+    except RemoteProtocolError:
+        return
+    assert audit.body_problem(e.kind, e.body) is None and e.author == A.public_key
