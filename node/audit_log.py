@@ -210,6 +210,20 @@ class AuditLog:
             raise
         return e
 
+    def witness(self, now_ns: int | None = None) -> audit.Entry | None:
+        """Append a witness entry naming the heads of other authors' logs that we
+        hold (at most MAX_WITNESS_HEADS, the most recently extended first), or
+        None when there are none. Part 2's gossip calls this periodically."""
+        own = self.own_author
+        rows = self.db.execute(
+            "SELECT e.author, e.seq, e.id FROM entries e JOIN (SELECT author, MAX(seq) m "
+            "FROM entries WHERE author != ? GROUP BY author) h ON e.author=h.author AND "
+            "e.seq=h.m ORDER BY e.time DESC LIMIT ?", (own, audit.MAX_WITNESS_HEADS)).fetchall()
+        if not rows:
+            return None
+        heads = sorted([bytes(a), s, bytes(i)] for a, s, i in rows)
+        return self.append("witness", {"heads": heads}, now_ns)
+
     def add_foreign(self, entries, *, now_ns: int | None = None,
                     max_skew: int = audit.DEFAULT_MAX_SKEW_NS) -> AddResult:
         """Check and store entries of other authors (any order within an author

@@ -150,6 +150,11 @@ def test_altered_certificate_is_rejected_with_a_reason(cli, made, tmp_path, how)
     assert reason in lines[0]
 
 
+def log_entries(data_dir, author):
+    with AuditLog(data_dir) as log:
+        return list(log.entries(author))
+
+
 def test_certificate_carries_a_witness_from_another_node(cli, made, tmp_path):
     b, _ = made
     own = Identity.load(cli.data_dir / "node.key")
@@ -158,11 +163,14 @@ def test_certificate_carries_a_witness_from_another_node(cli, made, tmp_path):
     # node W (its own data dir) witnesses our head; its log reaches us (part 2: gossip)
     with AuditLog(tmp_path / "w") as wlog:
         wlog.append("restore", {"manifest": bytes(32), "size": 0, "chunks": 0})
-        w = wlog.append("witness", {"heads": [[own.public_key, head.seq, head.id]]})
+        assert wlog.witness() is None                      # nothing foreign to witness yet
+        wlog.add_foreign(list(log_entries(cli.data_dir, own.public_key)))
+        w = wlog.witness()
+        assert audit.witness_heads(w) == [(own.public_key, head.seq, head.id)]
         w_entries = list(wlog.entries(wlog.own_author))
     with AuditLog(cli.data_dir) as log:
         r = log.add_foreign(w_entries)
-        assert r.added == 2 and not r.rejected
+        assert r.added == 2 and not r.rejected and r.replays == 0
     cert = tmp_path / "c.cert"
     cli("audit", "certificate", "disk.img@1", "-o", cert)
     doc = Cli(tmp_path / "x").json("audit", "check-certificate", cert, "--require-witness")
