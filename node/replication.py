@@ -9,7 +9,9 @@ Registered on the daemon (node/daemon.py COMMANDS) when it starts:
                (replication without writing an image), record it, announce it
     restore    the CLI's store op; when REF is not held completely here (a
                manifest id known only to the network, or chunks missing),
-               fetch what is missing first
+               fetch what is missing first, writing OUT's temporary file as the
+               chunks arrive (node.restore.StagedImage), so that the restore
+               only adds the chunks that were held locally, syncs and renames
 
 Announce: provider records for the manifest id and every chunk id, through
 DhtService.provide_many (one keyspace sweep, not a lookup per key), after a
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 
 import trio
@@ -160,8 +163,11 @@ class Replication:
         return len(ks)
 
     # -- fetch ------------------------------------------------------------------------
-    async def fetch(self, ref: str, events) -> dict:
-        """Fetch REF's missing chunks from the network; a JSON document."""
+    async def fetch(self, ref: str, events, *, out: str | None = None,
+                    force: bool = False) -> dict:
+        """Fetch REF's missing chunks from the network; a JSON document.
+        out: the image a restore will write next: it is written while the chunks
+        arrive (node.restore.stage), and the restore only completes it."""
         from .chunk_source import StoreSink
         from .store import ChunkStore
         from .fast_channel import FastDialer
@@ -205,15 +211,28 @@ class Replication:
                     raise UserError(f"{ref}: not found on the network (asked {stats.queries} "
                                     f"peer(s) of {len(self.d.dht.table)} known; none holds "
                                     f"manifest {mid.hex()[:16]})")
+                staged = None
+                if out is not None and (force or not os.path.lexists(out)) \
+                        and os.path.isdir(os.path.dirname(os.path.abspath(out))):
+                    from .restore import stage
+                    try:
+                        staged = await trio.to_thread.run_sync(stage, out, mid)
+                    except OSError:
+                        staged = None     # the restore itself will say what is wrong
                 async with StoreSink(store, threaded=True, batch_bytes=256 << 20) as sink:
                     dl = Downloader(self.d.net, sink, peers=providers, rng=self.d.rng,
                                     progress=progress, scores=self.d.dht.scores,
                                     verify_in_thread=True,
-                                    fast=FastDialer(self.d.identity, self.d.net))
+                                    fast=FastDialer(self.d.identity, self.d.net),
+                                    tee=staged)
                     try:
                         result = await dl.download(mid)
-                    except DownloadError as exc:
-                        raise UserError(f"fetch {ref}: {exc}") from None
+                    except BaseException as exc:
+                        if staged is not None:
+                            staged.discard()
+                        if isinstance(exc, DownloadError):
+                            raise UserError(f"fetch {ref}: {exc}") from None
+                        raise
             await trio.to_thread.run_sync(record_replica, store, mid, result)
         finally:
             self.transfers.pop(tid, None)
@@ -257,10 +276,18 @@ def register(commands: dict, command_reply) -> None:
         return command_reply(doc, fetch_text(doc), 0)
 
     async def restore(d, args, events):
-        fetched = await d.replication.fetch(str(args["ref"]), events)
+        from .restore import discard_staged
+        out = args.get("out")
+        fetched = await d.replication.fetch(str(args["ref"]), events,
+                                            out=str(out) if out else None,
+                                            force=bool(args.get("force")))
         if not fetched["already_held"]:
             args = dict(args, ref=fetched["manifest"])
-        reply = await local_restore(d, args, events)
+        try:
+            reply = await local_restore(d, args, events)
+        finally:
+            if out:
+                discard_staged(str(out))  # a stage the restore did not take
         if isinstance(reply.doc, dict):
             reply.doc["fetched"] = fetched
         return reply

@@ -38,10 +38,92 @@ class RestoreResult:
                 "seconds": round(self.seconds, 3)}
 
 
+class StagedImage:
+    """An image written while its chunks arrive from the network (a network restore:
+    node/replication.py), which restore() then completes instead of starting over.
+
+    stage(out, manifest_id) creates the temporary file restore() would create and
+    registers it under OUT; the fetch calls write_many([(cid, plain), ...]) from a
+    worker thread for every verified new chunk (written at each position the chunk
+    has in the image); restore(store, ref, OUT) takes the stage if it is for the
+    same manifest, writes only the positions not written yet (read and verified
+    from the store as usual), syncs and renames. OUT stays untouched until then;
+    discard() (or a restore of anything else) removes the temporary file."""
+
+    def __init__(self, out: str, manifest_id: bytes):
+        self.out = os.path.abspath(out)
+        self.manifest_id = manifest_id
+        parent = os.path.dirname(self.out)
+        self.tmp = os.path.join(parent, f".{os.path.basename(self.out)}"
+                                f".hypersdk-partial-{os.getpid()}-stage")
+        self.fd, self.direct = _open_out(self.tmp)
+        self.written: set[int] = set()
+        self.positions: dict[bytes, list[int]] = {}
+        self.chunk_size = 0
+        self.size = 0
+        self._lock = threading.Lock()
+
+    def begin(self, m, ids) -> None:
+        """The manifest and every position's chunk id (ZERO_ID for zero chunks)."""
+        self.chunk_size, self.size = m.chunk_size, m.size
+        pos: dict[bytes, list[int]] = {}
+        for i, cid in enumerate(ids):
+            if cid != ZERO_ID:
+                pos.setdefault(cid, []).append(i)
+        self.positions = pos
+
+    def write_many(self, items) -> None:
+        """Write verified plaintexts at their positions (a worker thread)."""
+        for cid, plain in items:
+            if plain is None:
+                continue
+            for i in self.positions.get(cid, ()):
+                _write_plain(self.fd, self.direct, plain, i * self.chunk_size)
+                with self._lock:
+                    self.written.add(i)
+
+    def discard(self) -> None:
+        _STAGED.pop(self.out, None)
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        if os.path.exists(self.tmp):
+            os.unlink(self.tmp)
+
+
+_STAGED: dict[str, StagedImage] = {}
+
+
+def stage(out: str, manifest_id: bytes) -> StagedImage:
+    """A StagedImage for OUT, registered for the restore(…, OUT) that follows."""
+    old = _STAGED.pop(os.path.abspath(out), None)
+    if old is not None:
+        old.discard()
+    st = StagedImage(out, manifest_id)
+    _STAGED[st.out] = st
+    return st
+
+
+def discard_staged(out: str) -> None:
+    """Remove OUT's stage if nobody took it."""
+    st = _STAGED.pop(os.path.abspath(out), None)
+    if st is not None:
+        st.discard()
+
+
 def restore(store, ref: str, out: str, *, force: bool = False, progress=None,
             on_wait=None, workers: int | None = None,
             direct: bool | None = None) -> RestoreResult:
     """direct: None = O_DIRECT where the filesystem takes it, False = buffered."""
+    staged = _STAGED.pop(os.path.abspath(out), None)
+    try:
+        return _restore(store, ref, out, force, progress, on_wait, workers, direct, staged)
+    finally:
+        if staged is not None:
+            staged.discard()           # used (fd taken, file renamed) or not: cleaned up
+
+
+def _restore(store, ref, out, force, progress, on_wait, workers, direct, staged):
     t0 = time.perf_counter()
     with store.read_lock(on_wait):
         b = catalog.resolve(store, ref)
@@ -53,14 +135,20 @@ def restore(store, ref: str, out: str, *, force: bool = False, progress=None,
         parent = os.path.dirname(os.path.abspath(out))
         if not os.path.isdir(parent):
             raise UserError(f"{parent}: no such directory")
-        tmp = os.path.join(parent, f".{os.path.basename(out)}.hypersdk-partial-{os.getpid()}")
-        try:
-            fd, direct = _open_out(tmp, direct is not False)
-        except OSError as exc:
-            raise UserError(f"cannot write {out}: {exc.strerror}") from None
+        skip: set[int] = set()
+        if staged is not None and staged.manifest_id == m.id and staged.fd is not None:
+            tmp, fd, direct = staged.tmp, staged.fd, staged.direct
+            staged.fd = None                  # ours now
+            skip = staged.written
+        else:
+            tmp = os.path.join(parent, f".{os.path.basename(out)}.hypersdk-partial-{os.getpid()}")
+            try:
+                fd, direct = _open_out(tmp, direct is not False)
+            except OSError as exc:
+                raise UserError(f"cannot write {out}: {exc.strerror}") from None
         try:
             zeros, n = _write_image(store, m, fd, direct, progress,
-                                    workers or default_workers())
+                                    workers or default_workers(), skip)
             os.ftruncate(fd, m.size)
             os.fdatasync(fd)
             os.close(fd)
@@ -124,7 +212,10 @@ def _pwrite_all(fd: int, data, offset: int):
 
 def _write_chunk(store, fd: int, direct: bool, cid: bytes, offset: int) -> int:
     """Read, verify and write one chunk at its offset (runs in a worker thread)."""
-    data = store.read(cid)
+    return _write_plain(fd, direct, store.read(cid), offset)
+
+
+def _write_plain(fd: int, direct: bool, data, offset: int) -> int:
     if direct:
         padded = -(-len(data) // _ALIGN) * _ALIGN       # the last chunk may be short
         buf = _aligned(padded)
@@ -140,7 +231,7 @@ def _write_chunk(store, fd: int, direct: bool, cid: bytes, offset: int) -> int:
 _ALIGN = 4096
 
 
-def _write_image(store, m, fd: int, direct: bool, progress, workers: int):
+def _write_image(store, m, fd: int, direct: bool, progress, workers: int, skip=frozenset()):
     """Workers read, verify and write chunks (any order, each at its offset);
     returns (zero chunks, chunks)."""
     depth = workers * 4
@@ -158,6 +249,10 @@ def _write_image(store, m, fd: int, direct: bool, progress, workers: int):
                 n += 1
                 if cid == ZERO_ID:
                     zeros += 1
+                    if progress:
+                        progress(m.chunk_len(index))
+                    continue
+                if index in skip:             # written by the network fetch (StagedImage)
                     if progress:
                         progress(m.chunk_len(index))
                     continue

@@ -68,7 +68,7 @@ from .swarm_plan import SwarmPlan, Tunables
 from .transport import TransportError
 
 EVENT_BUFFER = 256
-VERIFY_BATCH = 32        # events applied together (bounds the plaintexts held at once)
+VERIFY_BATCH = 16        # events applied together (bounds the plaintexts held at once)
 VERIFY_THREADS = max(2, min(4, os.cpu_count() or 2))
 
 
@@ -137,8 +137,13 @@ class Downloader:
                  tunables: Tunables = Tunables(), stall_timeout: float = 60.0,
                  scores=None, max_providers: int = 32, open_timeout: float = 10.0,
                  request_timeout: float = 30.0, verify_in_thread: bool = False,
-                 fast=None):
+                 fast=None, tee=None):
         self.transport = transport
+        # tee: gets every position's chunk id (tee.begin(manifest, ids)) and, from a
+        # worker thread, the verified plaintext of each new chunk
+        # (tee.write_many([(cid, plain)])): node.restore.StagedImage writes the image
+        # while it downloads. Real nodes only (verify_in_thread).
+        self.tee = tee
         self.fast = fast                  # node.fast_channel.FastDialer, or None
         self.verify_in_thread = verify_in_thread
         self.sink = sink
@@ -317,6 +322,8 @@ class Downloader:
         res.chunks_repeated = total - len(first)
         need = await self.sink.missing(list(first)) if first else []
         res.chunks_local += len(first) - len(need)
+        if self.tee is not None:
+            self.tee.begin(m, ids)
         if not need:
             return
         sizes = {c: m.chunk_len(first[c]) for c in need}
@@ -359,7 +366,8 @@ class Downloader:
             if peer in self._sessions and not self._sessions[peer].closed:
                 plan.add_peer(peer, have)
         needed = set(need)
-        keep_plain = getattr(self.sink, "needs_plain", True)
+        keep_plain = getattr(self.sink, "needs_plain", True) or (
+            self.tee is not None and phase == "chunks")
         done: set[bytes] = set()
         needed_bytes = sum(sizes[c] for c in need)
         done_bytes = 0
@@ -492,6 +500,27 @@ class Downloader:
     # -- sink writes ---------------------------------------------------------------------
 
     async def _put_batch(self, puts) -> None:
+        if self.tee is None or not self.verify_in_thread:
+            await self._sink_put(puts)
+            if self.tee is not None:          # synchronous (simnet, tests)
+                self.tee.write_many([(cid, plain) for cid, plain, _ in puts])
+            return
+        errors: list = []
+
+        async def guarded(fn, *args):
+            try:
+                await fn(*args)
+            except Exception as exc:
+                errors.append(exc)
+
+        async with trio.open_nursery() as n:      # the store and the image in parallel
+            n.start_soon(guarded, self._sink_put, puts)
+            n.start_soon(guarded, trio.to_thread.run_sync, self.tee.write_many,
+                         [(cid, plain) for cid, plain, _ in puts])
+        if errors:
+            raise errors[0]
+
+    async def _sink_put(self, puts) -> None:
         put_many = getattr(self.sink, "put_many", None)
         if put_many is not None:
             await put_many(puts)

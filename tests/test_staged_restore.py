@@ -1,0 +1,67 @@
+"""node/restore.py's StagedImage: a network restore writes OUT's temporary file while
+chunks arrive, and restore() completes it (only the positions not written yet),
+keeps OUT untouched until the rename, and never leaves a temporary file behind."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from conftest import mixed_image, same_bytes
+from node import catalog
+from node.backup import backup
+from node.errors import UserError
+from node.restore import _STAGED, discard_staged, restore, stage
+
+CS = 64 << 10
+
+
+def _leftovers(d):
+    return [p for p in os.listdir(d) if "hypersdk-partial" in p]
+
+
+def _setup(store, tmp_path):
+    img = mixed_image(tmp_path / "img", 40 * CS + 123, seed=4, chunk=CS)
+    r = backup(store, str(img), chunk_size=CS)
+    m = catalog.load_manifest(store, r.manifest_id)
+    ids = [cid for _, cid in catalog.iter_chunk_ids(store, m)]
+    return img, m, ids
+
+
+def test_staged_chunks_plus_store_make_the_image(store, tmp_path):
+    img, m, ids = _setup(store, tmp_path)
+    out = tmp_path / "out.img"
+    st = stage(str(out), m.id)
+    st.begin(m, ids)
+    data = img.read_bytes()
+    # half the chunks "arrive" (a repeated chunk is written at every position)
+    items = [(cid, data[i * CS:(i + 1) * CS]) for i, cid in enumerate(ids) if i % 2]
+    st.write_many(items)
+    assert st.written and not out.exists()
+    written = set(st.written)
+    r = restore(store, m.id.hex(), str(out))
+    assert same_bytes(img, out) and r.chunks == len(ids)
+    assert written and not _leftovers(tmp_path) and not _STAGED
+
+
+def test_a_stage_for_another_manifest_is_discarded(store, tmp_path):
+    img, m, ids = _setup(store, tmp_path)
+    out = tmp_path / "out.img"
+    st = stage(str(out), b"\x01" * 32)
+    st.begin(m, ids)
+    st.write_many([(ids[1], b"\xff" * CS)])           # garbage for a different manifest
+    restore(store, m.id.hex(), str(out))
+    assert same_bytes(img, out) and not _leftovers(tmp_path) and not _STAGED
+
+
+def test_refused_restore_leaves_out_untouched_and_no_stage(store, tmp_path):
+    img, m, ids = _setup(store, tmp_path)
+    out = tmp_path / "out.img"
+    out.write_bytes(b"keep me")
+    stage(str(out), m.id)
+    with pytest.raises(UserError, match="exists"):
+        restore(store, m.id.hex(), str(out))
+    assert out.read_bytes() == b"keep me" and not _leftovers(tmp_path) and not _STAGED
+    stage(str(out), m.id)
+    discard_staged(str(out))
+    assert not _leftovers(tmp_path) and not _STAGED
