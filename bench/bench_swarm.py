@@ -110,6 +110,11 @@ class NodeProc:
             time.sleep(0.05)
         self.addr = af.read_text().split()[0]
 
+    def cpu_s(self) -> float:
+        """User + system CPU seconds of the node process (all its threads) so far."""
+        f = open(f"/proc/{self.proc.pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
     def hwm_mib(self) -> float:
         for line in open(f"/proc/{self.proc.pid}/status"):
             if line.startswith("VmHWM:"):
@@ -230,9 +235,11 @@ def run_restore(seeds_n: int, profile: bool, keep: bool) -> dict:
         drop_cache_of(IMG)
         os.sync()
         load = loadavg()
+        c0 = [n.cpu_s() for n in (leech, *seeds)]
         t = time.perf_counter()
         p = hs(leech_dir, "restore", mid, out, "--json", timeout=1800)
         wall = time.perf_counter() - t
+        c1 = [n.cpu_s() for n in (leech, *seeds)]
         doc = json.loads(p.stdout)
         rss = leech.hwm_mib()
     finally:
@@ -248,7 +255,9 @@ def run_restore(seeds_n: int, profile: bool, keep: bool) -> dict:
             "identical": same, "leecher_rss_MiB": round(rss, 1),
             "fetch_s": f.get("seconds"), "bytes_fetched": f.get("bytes_fetched"),
             "chunks_fetched": f.get("chunks_fetched"), "bytes_by_peer": f.get("bytes_by_peer"),
-            "duplicate_bytes": f.get("duplicate_bytes"), "load_before": load}
+            "duplicate_bytes": f.get("duplicate_bytes"), "load_before": load,
+            "leecher_cpu_s": round(c1[0] - c0[0], 2),
+            "seeds_cpu_s": round(sum(c1[1:]) - sum(c0[1:]), 2)}
 
 
 def run_raw(mib: int, profile: bool, keep: bool) -> dict:
@@ -265,9 +274,11 @@ def run_raw(mib: int, profile: bool, keep: bool) -> dict:
         leech = NodeProc(leech_dir, seeds[0].addr, profile=profile)
         wait_providers(leech_dir, mid, 1)
         load = loadavg()
+        c0 = [n.cpu_s() for n in (leech, *seeds)]
         t = time.perf_counter()
         p = hs(leech_dir, "fetch", mid, "--json", timeout=1800)
         wall = time.perf_counter() - t
+        c1 = [n.cpu_s() for n in (leech, *seeds)]
         doc = json.loads(p.stdout)
         rss = leech.hwm_mib()
     finally:
@@ -279,7 +290,9 @@ def run_raw(mib: int, profile: bool, keep: bool) -> dict:
     return {"wall_s": round(wall, 2), "MB_per_s": round(mib * MiB / wall / 1e6, 1),
             "fetch_s": doc["seconds"], "bytes_fetched": doc["bytes_fetched"],
             "fetch_MB_per_s": round(doc["bytes_fetched"] / max(doc["seconds"], 1e-9) / 1e6, 1),
-            "leecher_rss_MiB": round(rss, 1), "load_before": load}
+            "leecher_rss_MiB": round(rss, 1), "load_before": load,
+            "leecher_cpu_s": round(c1[0] - c0[0], 2),
+            "seeds_cpu_s": round(sum(c1[1:]) - sum(c0[1:]), 2)}
 
 
 def main():

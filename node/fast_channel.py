@@ -37,7 +37,7 @@ TransportError): tampered bytes are never delivered.
 
 Stream semantics as node/transport.py's: send_all, receive_some(max) (b"" at the
 end of stream), aclose(); plus send_parts(parts), which packs several buffers into
-as few records as possible (a Data header and its payload: one record).
+one record per part, in one send (a Data header, then its payload whole).
 """
 from __future__ import annotations
 
@@ -127,11 +127,23 @@ class FastStream:
 
     # -- sending ---------------------------------------------------------------------------
     def _seal(self, plain) -> bytes:
-        n = len(plain) + TAG_LEN
-        prefix = _LEN.pack(n)
-        nonce = self._send_n.to_bytes(12, "big")
-        self._send_n += 1
-        return prefix + self._enc.encrypt(nonce, plain, prefix)
+        return self._seal_many((plain,))
+
+    def _seal_many(self, plains) -> bytearray:
+        """Records of each plaintext, encrypted straight into one buffer (no copy
+        of a plaintext other than its encryption)."""
+        out = bytearray(sum(4 + len(p) + TAG_LEN for p in plains))
+        view = memoryview(out)
+        o = 0
+        for p in plains:
+            n = len(p) + TAG_LEN
+            prefix = _LEN.pack(n)
+            view[o:o + 4] = prefix
+            nonce = self._send_n.to_bytes(12, "big")
+            self._send_n += 1
+            self._enc.encrypt_into(nonce, p, prefix, view[o + 4:o + 4 + n])
+            o += 4 + n
+        return out
 
     async def _send_records(self, plains) -> None:
         if self._closed or self._sent_eof:
@@ -139,7 +151,7 @@ class FastStream:
         async with self._send_lock:
             try:
                 for p in plains:
-                    await self._stream.send_all(self._seal(p))
+                    await self._stream.send_all(self._seal_many((p,)))
             except (trio.BrokenResourceError, OSError) as exc:
                 raise _io_error(exc) from None
 
@@ -153,12 +165,23 @@ class FastStream:
                                   for i in range(0, len(view), MAX_RECORD)])
 
     async def send_parts(self, parts) -> None:
-        """Send the concatenation of `parts` in as few records as possible."""
-        total = sum(len(p) for p in parts)
-        if total <= MAX_RECORD:
-            await self._send_records([b"".join(parts)])
-        else:
-            await self.send_all(b"".join(parts))
+        """Send the concatenation of `parts`: one record per part (each at most
+        MAX_RECORD bytes; larger ones are split), all in one send. The reader gets
+        each part as one piece (a chunk payload arrives whole: no copy to join it)."""
+        if self._closed or self._sent_eof:
+            raise trio.ClosedResourceError("fast stream is closed")
+        plains = []
+        for p in parts:
+            v = memoryview(p)
+            plains.extend(v[i:i + MAX_RECORD] for i in range(0, len(v), MAX_RECORD))
+        plains = [p for p in plains if len(p)]
+        if not plains:
+            return
+        async with self._send_lock:
+            try:
+                await self._stream.send_all(self._seal_many(plains))
+            except (trio.BrokenResourceError, OSError) as exc:
+                raise _io_error(exc) from None
 
     # -- receiving -------------------------------------------------------------------------
     async def _fill(self, view) -> None:

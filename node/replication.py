@@ -219,7 +219,7 @@ class Replication:
                         staged = await trio.to_thread.run_sync(stage, out, mid)
                     except OSError:
                         staged = None     # the restore itself will say what is wrong
-                async with StoreSink(store, threaded=True, batch_bytes=256 << 20) as sink:
+                async with StoreSink(store, threaded=True, batch_bytes=1 << 30) as sink:
                     dl = Downloader(self.d.net, sink, peers=providers, rng=self.d.rng,
                                     progress=progress, scores=self.d.dht.scores,
                                     verify_in_thread=True,

@@ -20,7 +20,8 @@ never parsed, re-encoded or copied more than once:
   - receiving: the body's length is validated from the document (codec,
     raw_len, size rules of exchange.check_data_header) before one body byte is
     buffered; the received pieces are kept as they came (memoryviews, no copy)
-    and joined once into the payload bytes when the last one arrives. Buffering
+    and joined once into the payload bytes when the last one arrives (a body
+    that came as one whole bytes object is used as is). Buffering
     is linear, never quadratic, in the frame size.
 ManifestData.data=None is nil on the wire (the field is always present).
 
@@ -238,7 +239,12 @@ class ExchangeDecoder:
                 if self._body_need:
                     return
                 rid, cid, codec_, raw_len, _ = self._data_header
-                payload = b"".join(self._body)
+                body = self._body
+                if len(body) == 1 and type(body[0].obj) is bytes \
+                        and len(body[0]) == len(body[0].obj):
+                    payload = body[0].obj         # the body came as one whole piece: no copy
+                else:
+                    payload = b"".join(body)
                 self._data_header, self._body = None, []
                 self._ready.append(Data(rid, cid, codec_, raw_len, payload))
                 continue
