@@ -209,6 +209,36 @@ class Lookup:
         answered.sort(key=lambda p: p.distance)
         return [p.contact for p in answered[:self.k]]
 
+    def confirmed(self, min_prefix: int) -> list[Contact]:
+        """The answered prefix: walking the known peers nearest first (failed and
+        unresponsive ones skipped), the peers that SUCCEEDED before the first one
+        still waiting or never contacted, at most k; empty while it holds fewer
+        than `min_prefix`. Every peer closer than these has answered, so they
+        stay among the k closest unless a later reply names closer peers; an
+        optimistic provide stores on them while the walk goes on."""
+        out: list[Contact] = []
+        order = (self._paths[0].order if len(self._paths) == 1 else
+                 sorted(e for path in self._paths for e in path.order))
+        for _, peer_id in order:
+            peer = self._peers[peer_id]
+            if peer.state is _State.SUCCEEDED:
+                out.append(peer.contact)
+                if len(out) >= self.k:
+                    break
+            elif peer.state is _State.WAITING or peer.state is _State.NOT_CONTACTED:
+                break
+        return out if len(out) >= min_prefix else []
+
+    def rank(self, peer_id: bytes) -> int:
+        """How many known peers that have not failed are nearer than `peer_id`
+        (0: it is the nearest); len(known) for an unknown peer."""
+        peer = self._peers.get(peer_id)
+        if peer is None:
+            return len(self._peers)
+        return sum(1 for p in self._peers.values()
+                   if p.distance < peer.distance
+                   and p.state is not _State.FAILED and p.state is not _State.UNRESPONSIVE)
+
     def next_deadline(self) -> float | None:
         """When the earliest request in flight times out (None if none is):
         the latest time the caller should call next() again without a reply."""

@@ -49,6 +49,7 @@ from protocol.dht_messages import (Ack, AddProvider, FindNode, GetProviders, Get
 log = logging.getLogger(__name__)
 EXPIRE_EVERY = 3600.0           # seconds between provider-store sweeps
 LOOKUP_GRACE = 0.5              # seconds a lookup waits past a request's own deadline
+EARLY_STORE_PREFIX = 5          # a provide stores early once this many closest answered
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,11 +231,13 @@ class DhtService:
 
     # -- lookups -------------------------------------------------------------------------
 
-    async def _walk(self, target: bytes, make, absorb=None, seeds=(), k: int | None = None
-                    ) -> tuple[Lookup, LookupStats]:
+    async def _walk(self, target: bytes, make, absorb=None, seeds=(), k: int | None = None,
+                    on_reply=None, on_query=None) -> tuple[Lookup, LookupStats]:
         """Drive a Lookup to its end: send make(rid) to each peer it names, feed the
-        replies back; absorb(peer, reply) -> True stops the walk early. `seeds`:
-        contacts to start from besides the routing table's closest."""
+        replies back; absorb(peer, reply) -> True stops the walk early;
+        on_reply(lookup) hears of every answer once the lookup has taken it in,
+        on_query(lookup, peer) of every query as it is sent.
+        `seeds`: contacts to start from besides the routing table's closest."""
         start = trio.current_time()
         # Each request ends by its own deadline and reports (a timeout is scored or
         # counted); the lookup's deadline, a little later, is only a backstop.
@@ -255,6 +258,8 @@ class DhtService:
                         lookup.on_failure(step.id, now)
                     else:
                         nursery.start_soon(query, step)
+                        if on_query is not None:
+                            on_query(lookup, step)
                     continue
                 deadline = lookup.next_deadline()
                 with trio.move_on_at(now + self.request_timeout if deadline is None else deadline):
@@ -268,6 +273,8 @@ class DhtService:
                     if absorb is not None and absorb(peer, reply):
                         lookup.stop()
                     lookup.on_success(peer.id, self._usable(closer, now), now)
+                    if on_reply is not None:
+                        on_reply(lookup)
             nursery.cancel_scope.cancel()       # late replies are not needed
         stats = LookupStats(lookup.hops, lookup.queries, failures,
                             trio.current_time() - start)
@@ -288,11 +295,50 @@ class DhtService:
         return replies
 
     async def _announce(self, key: bytes) -> int:
-        self.providers.add(key, self.own, trio.current_time())
-        peers, _ = await self.closest_peers(key)
-        replies = await self._fan_out(
-            peers, lambda rid: AddProvider(rid, key, self.info, self.info))
-        return sum(1 for r in replies if isinstance(r, Ack) and r.stored)
+        """Store our provider record on the k peers closest to `key`. Optimistic:
+        while the FIND_NODE walk goes on, each peer in its answered prefix
+        (Lookup.confirmed, once it holds EARLY_STORE_PREFIX peers) gets its
+        ADD_PROVIDER at once, so the stores overlap the walk's last rounds
+        instead of following them; at the end the rest of the k closest get
+        theirs. A peer stored on early that a later reply pushes out of the k
+        closest is an extra message (counted like any request: the simnet
+        runner charges it to the provide) and an extra replica. The walk keeps
+        its alpha bound; the stores are the fan-out, as before. Returns how
+        many of the final k closest stored the record."""
+        now = trio.current_time()
+        self.providers.add(key, self.own, now)
+        acked: dict[bytes, bool] = {}
+        sent: set[bytes] = set()
+
+        async def store(peer: Contact):
+            reply = await self.request(peer, AddProvider(self._rid(), key, self.info, self.info))
+            acked[peer.id] = isinstance(reply, Ack) and reply.stored
+
+        async with trio.open_nursery() as stores:
+            def send(peers):
+                for peer in peers:
+                    if peer.id not in sent:
+                        sent.add(peer.id)
+                        stores.start_soon(store, peer)
+
+            def with_query(lk: Lookup, peer: Contact) -> None:
+                # the walk is converging (its answered prefix is long) and this
+                # peer is among the k nearest known: store with the query, so
+                # the last stores do not wait a round trip after the walk
+                if lk.confirmed(EARLY_STORE_PREFIX) and lk.rank(peer.id) < self.k:
+                    send([peer])
+
+            lookup, _ = await self._walk(
+                key, lambda rid: FindNode(rid, key, self.info),
+                on_reply=lambda lk: send(lk.confirmed(EARLY_STORE_PREFIX)),
+                on_query=with_query)
+            self.table.touch_bucket(bucket_index(self.own.id, key), trio.current_time())
+            peers = lookup.result()
+            send(peers)
+        extra = len(sent) - len(peers)
+        if extra:
+            self.counters["early stores outside the k closest"] += extra
+        return sum(1 for p in peers if acked.get(p.id))
 
     def _rid(self) -> int:
         return self.rng.getrandbits(64)

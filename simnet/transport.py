@@ -130,7 +130,7 @@ class SimStream:
             raise trio.ClosedResourceError("stream closed")
         if self._out.reset:
             raise TransportError("stream reset")
-        await trio.lowlevel.checkpoint()    # a yield: concurrent senders interleave
+        await trio.lowlevel.checkpoint()
         if not data:                        # b"" on the wire would read as EOF
             return
         model = self._net.model
@@ -150,8 +150,7 @@ class SimStream:
         if not self._closed:
             self._closed = True
             self._out.close(self._eof_time())
-        # never blocks: a cancellation point without a trip through the scheduler
-        await trio.lowlevel.checkpoint_if_cancelled()
+        await trio.lowlevel.checkpoint()
 
     def _eof_time(self) -> float:
         at = self._net.model.arrival(self._src, self._dst, 0, trio.current_time())

@@ -73,7 +73,10 @@ def raw_peer(net: SimNetwork, rng: random.Random, i: int, handler) -> Contact:
 async def read_request(stream):
     dec = FrameDecoder()
     while (msg := dec.next_message()) is None:
-        dec.receive_data(await stream.receive_some(dec.room))
+        data = await stream.receive_some(dec.room)
+        if not data:        # the requester gave up before sending (its walk ended):
+            raise trio.ClosedResourceError("no request")   # don't spin on EOF
+        dec.receive_data(data)
     return msg
 
 
