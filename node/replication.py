@@ -41,6 +41,7 @@ from protocol.chunks import ZERO_ID
 from protocol.exchange import PROTOCOL_ID as EXCHANGE
 
 from . import catalog
+from .config import commit_bytes
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -162,6 +163,14 @@ class Replication:
                 await self.d.dht.provide_many(ks)
         return len(ks)
 
+    def _audit_replica(self, mid: bytes) -> None:
+        """A `replica` entry in our audit log (we now hold the whole backup)."""
+        from .audit_log import record_replica as audit_replica
+        try:
+            audit_replica(self.d.data_dir, mid, self.d.identity.node_id)
+        except Exception as exc:          # the replica stands; the log says why not
+            log.warning("audit: cannot record replica of %s: %s", mid.hex()[:16], exc)
+
     # -- fetch ------------------------------------------------------------------------
     async def fetch(self, ref: str, events, *, out: str | None = None,
                     force: bool = False) -> dict:
@@ -219,7 +228,7 @@ class Replication:
                         staged = await trio.to_thread.run_sync(stage, out, mid)
                     except OSError:
                         staged = None     # the restore itself will say what is wrong
-                async with StoreSink(store, threaded=True, batch_bytes=1 << 30) as sink:
+                async with StoreSink(store, threaded=True, batch_bytes=commit_bytes()) as sink:
                     dl = Downloader(self.d.net, sink, peers=providers, rng=self.d.rng,
                                     progress=progress, scores=self.d.dht.scores,
                                     verify_in_thread=True,
@@ -233,7 +242,8 @@ class Replication:
                         if isinstance(exc, DownloadError):
                             raise UserError(f"fetch {ref}: {exc}") from None
                         raise
-            await trio.to_thread.run_sync(record_replica, store, mid, result)
+            if await trio.to_thread.run_sync(record_replica, store, mid, result):
+                await trio.to_thread.run_sync(self._audit_replica, mid)
         finally:
             self.transfers.pop(tid, None)
             await trio.to_thread.run_sync(store.close)

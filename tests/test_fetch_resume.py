@@ -17,7 +17,9 @@ def test_fetch_resumes_after_the_node_is_killed(tmp_path, nodes):
     a = nodes(Cli(tmp_path / "a"))
     mid = a.cli.json("backup", img, "--chunk-size", str(CS))["manifest"]
     e_cli = Cli(tmp_path / "e")
-    e = nodes(e_cli, "--bootstrap", a.addr)
+    # commits every 32 MiB (HYPERSDK_COMMIT_BYTES: the most work a crash can cost)
+    small_commits = {"HYPERSDK_COMMIT_BYTES": "32M"}
+    e = nodes(e_cli, "--bootstrap", a.addr, env=small_commits)
     poll(lambda: e.cli.json("dht", "find", mid)["providers"], 30, "A's provider record",
          interval=0.2)
 
@@ -34,7 +36,7 @@ def test_fetch_resumes_after_the_node_is_killed(tmp_path, nodes):
     assert p.returncode != 0                     # the node died under it
 
     (e_cli.data_dir / "node.addrs").unlink()     # left by the killed node
-    e = nodes(e_cli)                             # rejoins A from peers.json
+    e = nodes(e_cli, env=small_commits)          # rejoins A from peers.json
     poll(lambda: e.cli.json("dht", "find", mid)["providers"], 30, "A again", interval=0.2)
     doc = e.cli.json("fetch", mid)
     total = doc["chunks_fetched"] + doc["chunks_local"]

@@ -43,13 +43,13 @@ def poll(cond, limit: float, what: str, interval: float = 0.05):
 class Node:
     """One `hypersdk node run` process."""
 
-    def __init__(self, cli: Cli, *extra):
+    def __init__(self, cli: Cli, *extra, env: dict | None = None):
         self.cli = cli
         self.addrs_file = cli.data_dir / "node.addrs"
         self.proc = subprocess.Popen(
             [str(HYPERSDK), "node", "run", "--listen", "/ip4/127.0.0.1/tcp/0", *extra],
-            env=cli_env(cli.data_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True)
+            env=cli_env(cli.data_dir, **(env or {})), stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True)
         self.stdout = self.stderr = None
 
     def wait_ready(self, limit: float = READY_LIMIT) -> "Node":
@@ -82,10 +82,11 @@ def nodes():
     """Start nodes with nodes(cli, *args); every one still running is killed at the end."""
     started: list[Node] = []
 
-    def start(cli: Cli, *extra, init: bool = True) -> Node:
+    def start(cli: Cli, *extra, init: bool = True, env: dict | None = None) -> Node:
+        """env: extra environment of the node process (e.g. test switches)."""
         if init and not (cli.data_dir / "node.key").exists():
             cli("node", "init")
-        n = Node(cli, *extra)
+        n = Node(cli, *extra, env=env)
         started.append(n)
         return n.wait_ready()
 

@@ -21,29 +21,8 @@ CS = 64 << 10
 
 
 def _nodes_with(tmp_path, nodes, names, boot=None, **env):
-    out = {}
-    for name in names:
-        cli = Cli(tmp_path / name)
-        extra = ("--bootstrap", boot.addr) if boot is not None else ()
-        if env:
-            cli("node", "init")
-            out[name] = _start_env(nodes, cli, extra, env)
-        else:
-            out[name] = nodes(cli, *extra)
-    return out
-
-
-def _start_env(nodes, cli, extra, env):
-    import test_node_cli as t
-    n = t.Node.__new__(t.Node)
-    n.cli = cli
-    n.addrs_file = cli.data_dir / "node.addrs"
-    n.proc = subprocess.Popen(
-        [str(HYPERSDK), "node", "run", "--listen", "/ip4/127.0.0.1/tcp/0", *extra],
-        env=cli_env(cli.data_dir, **env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True)
-    n.stdout = n.stderr = None
-    return n.wait_ready()
+    extra = ("--bootstrap", boot.addr) if boot is not None else ()
+    return {name: nodes(Cli(tmp_path / name), *extra, env=env) for name in names}
 
 
 def _backup(a, img):
@@ -74,6 +53,10 @@ def test_fetch_then_restore_from_three_peers(tmp_path, nodes):
         assert [x["manifest"] for x in n.cli.json("backups")] == [mid]
         n.cli("verify", mid[:16])
         assert n.cli.json("fetch", mid)["already_held"] is True
+        # and the node's signed audit log says it holds a replica
+        entries = n.cli.json("audit", "log")
+        replicas = [e for e in entries if e["kind"] == "replica"]
+        assert len(replicas) == 1 and replicas[0]["body"]["manifest"] == mid
 
     _providers(d, mid, 3)
     out = tmp_path / "out-d"
