@@ -117,6 +117,7 @@ class FastStream:
         self._send_n = 0
         self._recv_n = 0
         self.peer_id = peer_id
+        self.tally = None          # an object with bytes_in/bytes_out (node `peers`), or None
         self._rbuf = bytearray(MAX_RECORD + TAG_LEN)
         self._pending = b""
         self._off = 0
@@ -143,6 +144,8 @@ class FastStream:
             self._send_n += 1
             self._enc.encrypt_into(nonce, p, prefix, view[o + 4:o + 4 + n])
             o += 4 + n
+        if self.tally is not None:
+            self.tally.bytes_out += len(out)
         return out
 
     async def _send_records(self, plains) -> None:
@@ -208,6 +211,8 @@ class FastStream:
         await self._fill(body)
         nonce = self._recv_n.to_bytes(12, "big")
         self._recv_n += 1
+        if self.tally is not None:
+            self.tally.bytes_in += 4 + n
         try:
             plain = self._dec.decrypt(nonce, body, prefix)
         except InvalidTag:
@@ -336,9 +341,11 @@ async def request_offer(transport, peer_id: bytes, addr: str) -> tuple[int, byte
 class FastDialer:
     """Opens FastStreams to peers: offer over libp2p, then TCP + handshake."""
 
-    def __init__(self, identity, transport):
+    def __init__(self, identity, transport, tallies=None):
+        """tallies: node id -> Tally (node/daemon.py CountingTransport.tallies)."""
         self.identity = identity
         self.transport = transport
+        self.tallies = tallies
 
     async def open(self, peer_id: bytes, addr: str) -> FastStream:
         if os.environ.get(ENV_DISABLE):
@@ -348,7 +355,10 @@ class FastDialer:
                 port, token = await request_offer(self.transport, peer_id, addr)
                 stream = await trio.open_tcp_stream(host_of(addr), port)
                 try:
-                    return await client_handshake(stream, self.identity, peer_id, token)
+                    fs = await client_handshake(stream, self.identity, peer_id, token)
+                    if self.tallies is not None:
+                        fs.tally = self.tallies[peer_id]
+                    return fs
                 except BaseException:
                     with trio.CancelScope(shield=True):
                         await stream.aclose()
@@ -367,8 +377,10 @@ class FastChannelServer:
     transport under OFFER_PROTOCOL."""
 
     def __init__(self, identity, handler, *, host: str = "127.0.0.1",
-                 token_ttl: float = 30.0, max_tokens: int = 4096, max_conns: int = 256):
+                 token_ttl: float = 30.0, max_tokens: int = 4096, max_conns: int = 256,
+                 tallies=None):
         self.identity = identity
+        self.tallies = tallies          # node id -> Tally, or None
         self.handler = handler
         self.host = host
         self.token_ttl = token_ttl
@@ -467,6 +479,8 @@ class FastChannelServer:
                     await stream.aclose()
                 return
             self.counters["accepted"] += 1
+            if self.tallies is not None:
+                fs.tally = self.tallies[fs.peer_id]
             try:
                 await self.handler(fs, fs.peer_id)
             except Exception:

@@ -121,7 +121,8 @@ class Replication:
             host = host_of(str(getattr(self.d, "listen", "")))
         except Exception:
             host = "127.0.0.1"
-        self.fast_server = FastChannelServer(self.d.identity, self.server.handle, host=host)
+        self.fast_server = FastChannelServer(self.d.identity, self.server.handle, host=host,
+                                             tallies=self.d.net.tallies)
         self.d.net.set_handler(OFFER_PROTOCOL, self.fast_server.offer_handler)
         if self.d.nursery is not None:
             self.d.nursery.start_soon(self._run_fast_server)
@@ -232,7 +233,8 @@ class Replication:
                     dl = Downloader(self.d.net, sink, peers=providers, rng=self.d.rng,
                                     progress=progress, scores=self.d.dht.scores,
                                     verify_in_thread=True,
-                                    fast=FastDialer(self.d.identity, self.d.net),
+                                    fast=FastDialer(self.d.identity, self.d.net,
+                                                    self.d.net.tallies),
                                     tee=staged)
                     try:
                         result = await dl.download(mid)

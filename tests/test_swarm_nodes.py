@@ -68,6 +68,9 @@ def test_fetch_then_restore_from_three_peers(tmp_path, nodes):
     # D now holds it: a restore elsewhere needs no network, a second one here neither
     again = d.cli.json("restore", mid, tmp_path / "out-d2")
     assert again["fetched"]["already_held"] is True
+    # `peers` counts the chunk traffic (fast channel or libp2p) per peer
+    got = {p["node_id"]: p["bytes_in"] for p in d.cli.json("peers")}
+    assert sum(got.get(i, 0) for i in ids) >= sum(by_peer.values())
 
 
 def test_restore_survives_a_provider_killed_mid_transfer(tmp_path, nodes):
