@@ -70,7 +70,10 @@ def _is_canonical_tree(value, depth=0) -> bool:
 
 def encode(value) -> bytes:
     """Canonical encoding of a tree of dict/list/int/bytes/str/bool/None."""
-    return msgpack.packb(_canonical(value), use_bin_type=True)
+    try:
+        return msgpack.packb(_canonical(value), use_bin_type=True)
+    except (OverflowError, ValueError) as exc:   # an int outside msgpack's 64-bit range
+        raise LocalProtocolError(f"cannot encode: {exc}") from None
 
 
 def decode(data: bytes, *, max_size: int = MAX_DOC):

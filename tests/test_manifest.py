@@ -111,3 +111,12 @@ def test_claimed_list_length_is_bounded_by_document_size():
     with pytest.raises(RemoteProtocolError):
         codec.decode(b"\xdd\x00\x0f\x42\x40" + b"\x01\x02\x03")
     assert codec.decode(msgpack.packb([1, 2, 3])) == [1, 2, 3]
+
+
+def test_codec_refuses_integers_outside_64_bits_with_a_typed_error():
+    from protocol import codec
+    from protocol.errors import LocalProtocolError
+    for bad in (1 << 64, -(1 << 63) - 1):
+        with pytest.raises(LocalProtocolError):
+            codec.encode({"n": bad})
+    assert codec.decode(codec.encode({"n": (1 << 64) - 1})) == {"n": (1 << 64) - 1}
