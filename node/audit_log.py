@@ -157,11 +157,18 @@ class AuditLog:
             raise UserError(f"audit log {self.data_dir / DB_NAME} has schema {version}, this "
                             f"hypersdk knows {SCHEMA_VERSION}: upgrade hypersdk")
         if version < SCHEMA_VERSION:
-            self.db.execute("PRAGMA journal_mode=WAL")
-            # executescript runs outside Python's transaction handling: one
-            # explicit transaction makes the schema appear all at once
-            self.db.executescript(f"BEGIN IMMEDIATE; {SCHEMA} "
-                                  f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+            # Two processes creating the db at once: switching to WAL can fail with
+            # "database is locked" without waiting on the busy timeout, so creation
+            # runs under a file lock and re-checks the version inside it.
+            from .locks import flock
+            with flock(self.data_dir / "audit.lock", exclusive=True):
+                version = self.db.execute("PRAGMA user_version").fetchone()[0]
+                if version < SCHEMA_VERSION:
+                    self.db.execute("PRAGMA journal_mode=WAL")
+                    # executescript runs outside Python's transaction handling: one
+                    # explicit transaction makes the schema appear all at once
+                    self.db.executescript(f"BEGIN IMMEDIATE; {SCHEMA} "
+                                          f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
 
     def close(self):
         self.db.close()
