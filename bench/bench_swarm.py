@@ -234,14 +234,7 @@ def run_restore(seeds_n: int, profile: bool, keep: bool) -> dict:
         wait_providers(leech_dir, mid, seeds_n)
         drop_cache_of(IMG)
         os.sync()
-        load = loadavg()
-        c0 = [n.cpu_s() for n in (leech, *seeds)]
-        t = time.perf_counter()
-        p = hs(leech_dir, "restore", mid, out, "--json", timeout=1800)
-        wall = time.perf_counter() - t
-        c1 = [n.cpu_s() for n in (leech, *seeds)]
-        doc = json.loads(p.stdout)
-        rss = leech.hwm_mib()
+        run = timed(leech, seeds, leech_dir, "restore", mid, out)
     finally:
         for n in [leech, *seeds]:
             if n is not None:
@@ -250,12 +243,27 @@ def run_restore(seeds_n: int, profile: bool, keep: bool) -> dict:
     if not keep:
         out.unlink(missing_ok=True)
         shutil.rmtree(leech_dir, ignore_errors=True)
-    f = doc.get("fetched", {})
-    return {"wall_s": round(wall, 2), "MB_per_s": round(IMG.stat().st_size / wall / 1e6, 1),
-            "identical": same, "leecher_rss_MiB": round(rss, 1),
+    f = run.pop("doc").get("fetched", {})
+    return {"wall_s": round(run["wall"], 2),
+            "MB_per_s": round(IMG.stat().st_size / run["wall"] / 1e6, 1),
+            "identical": same, "leecher_rss_MiB": run["leecher_rss_MiB"],
             "fetch_s": f.get("seconds"), "bytes_fetched": f.get("bytes_fetched"),
             "chunks_fetched": f.get("chunks_fetched"), "bytes_by_peer": f.get("bytes_by_peer"),
-            "duplicate_bytes": f.get("duplicate_bytes"), "load_before": load,
+            "duplicate_bytes": f.get("duplicate_bytes"), "load_before": run["load_before"],
+            "leecher_cpu_s": run["leecher_cpu_s"], "seeds_cpu_s": run["seeds_cpu_s"]}
+
+
+def timed(leech, seeds, leech_dir, *command) -> dict:
+    """Run `hypersdk COMMAND --json` on the leecher; wall time, its JSON document,
+    load average before, leecher peak RSS and the CPU seconds of every node."""
+    load = loadavg()
+    c0 = [n.cpu_s() for n in (leech, *seeds)]
+    t = time.perf_counter()
+    p = hs(leech_dir, *command, "--json", timeout=1800)
+    wall = time.perf_counter() - t
+    c1 = [n.cpu_s() for n in (leech, *seeds)]
+    return {"wall": wall, "doc": json.loads(p.stdout), "load_before": load,
+            "leecher_rss_MiB": round(leech.hwm_mib(), 1),
             "leecher_cpu_s": round(c1[0] - c0[0], 2),
             "seeds_cpu_s": round(sum(c1[1:]) - sum(c0[1:]), 2)}
 
@@ -273,26 +281,19 @@ def run_raw(mib: int, profile: bool, keep: bool) -> dict:
     try:
         leech = NodeProc(leech_dir, seeds[0].addr, profile=profile)
         wait_providers(leech_dir, mid, 1)
-        load = loadavg()
-        c0 = [n.cpu_s() for n in (leech, *seeds)]
-        t = time.perf_counter()
-        p = hs(leech_dir, "fetch", mid, "--json", timeout=1800)
-        wall = time.perf_counter() - t
-        c1 = [n.cpu_s() for n in (leech, *seeds)]
-        doc = json.loads(p.stdout)
-        rss = leech.hwm_mib()
+        run = timed(leech, seeds, leech_dir, "fetch", mid)
     finally:
         for n in [leech, *seeds]:
             if n is not None:
                 n.stop()
     if not keep:
         shutil.rmtree(leech_dir, ignore_errors=True)
+    doc, wall = run.pop("doc"), run["wall"]
     return {"wall_s": round(wall, 2), "MB_per_s": round(mib * MiB / wall / 1e6, 1),
             "fetch_s": doc["seconds"], "bytes_fetched": doc["bytes_fetched"],
             "fetch_MB_per_s": round(doc["bytes_fetched"] / max(doc["seconds"], 1e-9) / 1e6, 1),
-            "leecher_rss_MiB": round(rss, 1), "load_before": load,
-            "leecher_cpu_s": round(c1[0] - c0[0], 2),
-            "seeds_cpu_s": round(sum(c1[1:]) - sum(c0[1:]), 2)}
+            "leecher_rss_MiB": run["leecher_rss_MiB"], "load_before": run["load_before"],
+            "leecher_cpu_s": run["leecher_cpu_s"], "seeds_cpu_s": run["seeds_cpu_s"]}
 
 
 def main():

@@ -37,7 +37,7 @@ from . import codec
 from .exchange import (
     MESSAGE_TYPES, REQUEST_TYPES, Data, _chunk, _u64, check_data_header)
 from .errors import LocalProtocolError, RemoteProtocolError
-from .framing import HEADER, MAX_FRAME, OversizedFrame
+from .framing import HEADER, MAX_FRAME, OversizedFrame, open_document
 
 VERSION = 1
 _DATA_FIELDS = ("rid", "id", "codec", "raw_len", "size")
@@ -96,14 +96,7 @@ def encode_message(msg) -> bytes:
 def decode_payload(doc_bytes, *, requests_only: bool = False):
     """Parse one document. Returns a message, or for a Data document the tuple
     (rid, id, codec, raw_len, size) of its validated header (the body follows)."""
-    doc = codec.decode(doc_bytes, max_size=MAX_FRAME)
-    if type(doc) is not dict:
-        raise RemoteProtocolError("message is not a map")
-    version, tag = doc.pop("v", None), doc.pop("t", None)
-    if type(version) is not int or version != VERSION:
-        raise RemoteProtocolError(f"unsupported message version {version!r:.20}")
-    if type(tag) is not str or tag not in MESSAGE_TYPES:
-        raise RemoteProtocolError(f"unknown message type {tag!r:.40}")
+    tag, doc = open_document(doc_bytes, MESSAGE_TYPES, VERSION)
     if requests_only and tag not in _REQUEST_TAGS:
         raise RemoteProtocolError(f"{tag} is not a request")
     if doc.keys() != _KEYS[tag]:

@@ -155,16 +155,24 @@ _FROM_WIRE = {"peers": _peer_list, "closer": _peer_list, "providers": _peer_list
               "provider": _peer, "sender": _peer, "record": _record, "keys": _key_list}
 
 
-def decode_message(payload):
-    """Parse one frame payload (no length prefix) into a message."""
+def open_document(payload, types, version: int = VERSION) -> tuple[str, dict]:
+    """(tag, fields) of one message document {"v", "t", fields...} whose tag is a
+    key of `types`; RemoteProtocolError for anything else. Shared by the DHT
+    messages and the chunk exchange (protocol/exchange_framing.py)."""
     doc = codec.decode(payload, max_size=MAX_FRAME)
     if type(doc) is not dict:
         raise RemoteProtocolError("message is not a map")
-    version, tag = doc.pop("v", None), doc.pop("t", None)
-    if type(version) is not int or version != VERSION:
-        raise RemoteProtocolError(f"unsupported message version {version!r:.20}")
-    if type(tag) is not str or tag not in MESSAGE_TYPES:
+    v, tag = doc.pop("v", None), doc.pop("t", None)
+    if type(v) is not int or v != version:
+        raise RemoteProtocolError(f"unsupported message version {v!r:.20}")
+    if type(tag) is not str or tag not in types:
         raise RemoteProtocolError(f"unknown message type {tag!r:.40}")
+    return tag, doc
+
+
+def decode_message(payload):
+    """Parse one frame payload (no length prefix) into a message."""
+    tag, doc = open_document(payload, MESSAGE_TYPES)
     names = _FIELDS[tag]
     if not _REQUIRED[tag] <= doc.keys() <= set(names):
         raise RemoteProtocolError(f"{tag} fields {sorted(doc)} are not {sorted(names)}")
