@@ -31,6 +31,10 @@ flips one byte of the payloads it sends: "all" (or "1") corrupts every
 payload, a number p in (0, 1) corrupts each payload with probability p.
 It exists so that real-process tests can run a lying provider; it must
 never be set in production (the server logs a warning when it is).
+
+TEST-ONLY rate hook: HYPERSDK_TEST_SERVE_RATE (a size per second, e.g. "40M")
+caps the payload bytes this server sends, so that a real-process test can
+interrupt a transfer at a known point however fast the machine is.
 """
 from __future__ import annotations
 
@@ -47,11 +51,13 @@ from protocol.exchange import Get, GetManifest, Have, HaveBits, ManifestData, Mi
 from protocol.exchange_framing import ExchangeDecoder, encode_data_header, encode_message
 from protocol.manifest import LIST_ENTRIES, Manifest, decode_manifest, split_list
 
+from .config import UsageError, parse_size
 from .transport import TransportError
 
 log = logging.getLogger(__name__)
 
 CORRUPT_ENV = "HYPERSDK_TEST_CORRUPT_SERVE"
+RATE_ENV = "HYPERSDK_TEST_SERVE_RATE"
 SEND_SLICE = 256 << 10        # payload bytes per send_all
 READ_AHEAD = 2               # chunks read ahead of the one being sent, per Get
 RECV_MAX = 64 << 10           # requests are small: at most one document at a time
@@ -73,10 +79,25 @@ def corrupt_rate_from_env(environ=os.environ) -> float:
     return p
 
 
+def serve_rate_from_env(environ=os.environ) -> float:
+    """The TEST-ONLY payload rate cap HYPERSDK_TEST_SERVE_RATE asks for, in
+    bytes per second (0: no cap)."""
+    v = environ.get(RATE_ENV, "").strip()
+    if not v:
+        return 0.0
+    try:
+        n = parse_size(v)
+    except UsageError:
+        raise ValueError(f"{RATE_ENV} must be a size per second like 40M, not {v!r}") from None
+    if n < 1:
+        raise ValueError(f"{RATE_ENV} must be at least 1 byte per second")
+    return float(n)
+
+
 class ExchangeServer:
     def __init__(self, source, *, rng: random.Random | None = None,
-                 corrupt: float | None = None, cache_manifests: int = 8,
-                 cache_pieces: int = 16):
+                 corrupt: float | None = None, rate: float | None = None,
+                 cache_manifests: int = 8, cache_pieces: int = 16):
         self.source = source
         self.counters: Counter = Counter()
         self._rng = rng or random.Random()
@@ -84,6 +105,11 @@ class ExchangeServer:
         if self.corrupt:
             log.warning("%s is set: this server CORRUPTS %.0f%% of the chunks it sends "
                         "(a test-only switch)", CORRUPT_ENV, 100 * self.corrupt)
+        self.rate = serve_rate_from_env() if rate is None else rate
+        if self.rate:
+            log.warning("%s is set: this server sends at most %.0f bytes/s "
+                        "(a test-only switch)", RATE_ENV, self.rate)
+        self._send_at = 0.0                         # the rate cap's next free slot
         self._manifests: OrderedDict = OrderedDict()   # mid -> Manifest | None
         self._pieces: OrderedDict = OrderedDict()      # list id -> [ids] | None
         self._cache_manifests = cache_manifests
@@ -174,6 +200,10 @@ class ExchangeServer:
             b[self._rng.randrange(len(b))] ^= 0xFF
             payload = bytes(b)
             self.counters["corrupted"] += 1
+        if self.rate:                                               # TEST-ONLY, see above
+            start = max(trio.current_time(), self._send_at)
+            self._send_at = start + len(payload) / self.rate
+            await trio.sleep_until(start)
         header = encode_data_header(rid, cid, codec, raw_len, len(payload))
         send_parts = getattr(stream, "send_parts", None)
         if send_parts is not None:                  # a fast channel: one record per chunk
@@ -248,4 +278,5 @@ class ExchangeServer:
         return ids
 
 
-__all__ = ["ExchangeServer", "CORRUPT_ENV", "corrupt_rate_from_env"]
+__all__ = ["ExchangeServer", "CORRUPT_ENV", "RATE_ENV", "corrupt_rate_from_env",
+           "serve_rate_from_env"]

@@ -13,7 +13,8 @@ import trio
 from dht.contact import Contact
 from node.chunk_source import MemorySource, StoreSource
 from node.exchange_client import ChunkData, ChunkMissing, SessionFailed, open_session
-from node.exchange_server import CORRUPT_ENV, ExchangeServer, corrupt_rate_from_env
+from node.exchange_server import (
+    CORRUPT_ENV, RATE_ENV, ExchangeServer, corrupt_rate_from_env, serve_rate_from_env)
 from node.packfile import CODEC_ZSTD_DELTA
 from node.transport import TransportError
 from p2p_helpers import STEP_LIMIT, start_transport
@@ -194,6 +195,34 @@ def test_corrupt_env_parsing():
     for bad in ("often", "2"):
         with pytest.raises(ValueError):
             corrupt_rate_from_env({CORRUPT_ENV: bad})
+
+
+def test_rate_env_parsing():
+    assert serve_rate_from_env({}) == 0.0
+    assert serve_rate_from_env({RATE_ENV: "40M"}) == 40 << 20
+    for bad in ("fast", "0", "-3"):
+        with pytest.raises(ValueError, match=RATE_ENV):
+            serve_rate_from_env({RATE_ENV: bad})
+
+
+async def test_test_only_rate_hook_caps_the_payload_rate(nursery, autojump_clock, monkeypatch):
+    monkeypatch.setenv(RATE_ENV, "64K")
+    src = MemorySource()
+    chunks = [random.Random(i).randbytes(CS) for i in range(8)]    # 8 x 64 KiB, raw
+    mid = src.add_image(chunks, CS)
+    net, a, b, server = await sim_pair(nursery, src)
+    assert server.rate == 64 << 10
+    send, recv = trio.open_memory_channel(10)
+    ids = [chunk_id(c) for c in chunks]
+    with trio.fail_after(60):
+        async with open_session(a, b, events=send) as s:
+            t0 = trio.current_time()
+            await s.get(ids)
+            evs = await collect(recv, len(ids))
+            took = trio.current_time() - t0
+    assert [open_data(e.data) for e in evs] == chunks
+    # 512 KiB at 64 KiB/s: the first chunk leaves at once, the 8th after 7 s
+    assert 7.0 <= took < 9.0, took
 
 
 async def test_test_only_corruption_hook(nursery, autojump_clock, monkeypatch):

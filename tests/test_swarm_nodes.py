@@ -75,8 +75,11 @@ def test_fetch_then_restore_from_three_peers(tmp_path, nodes):
 
 def test_restore_survives_a_provider_killed_mid_transfer(tmp_path, nodes):
     img = random_image(tmp_path / "img", 96 << 20, seed=5)
-    a = nodes(Cli(tmp_path / "a"))
-    rest = _nodes_with(tmp_path, nodes, "bce", boot=a)
+    # every provider serves at most 24 MiB/s (a test-only cap): the restore
+    # takes >= 1.3 s, so B dies mid-transfer however fast the machine is
+    cap = {"HYPERSDK_TEST_SERVE_RATE": "24M"}
+    a = nodes(Cli(tmp_path / "a"), env=cap)
+    rest = _nodes_with(tmp_path, nodes, "bce", boot=a, **cap)
     b, c, e = rest["b"], rest["c"], rest["e"]
     mid = _backup(a, img)
     _providers(b, mid, 1)
