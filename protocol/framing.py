@@ -155,11 +155,12 @@ _FROM_WIRE = {"peers": _peer_list, "closer": _peer_list, "providers": _peer_list
               "provider": _peer, "sender": _peer, "record": _record, "keys": _key_list}
 
 
-def open_document(payload, types, version: int = VERSION) -> tuple[str, dict]:
+def open_document(payload, types, version: int = VERSION,
+                  max_size: int = MAX_FRAME) -> tuple[str, dict]:
     """(tag, fields) of one message document {"v", "t", fields...} whose tag is a
     key of `types`; RemoteProtocolError for anything else. Shared by the DHT
-    messages and the chunk exchange (protocol/exchange_framing.py)."""
-    doc = codec.decode(payload, max_size=MAX_FRAME)
+    messages, the chunk exchange (protocol/exchange_framing.py) and audit gossip."""
+    doc = codec.decode(payload, max_size=max_size)
     if type(doc) is not dict:
         raise RemoteProtocolError("message is not a map")
     v, tag = doc.pop("v", None), doc.pop("t", None)
@@ -194,17 +195,21 @@ class FrameDecoder:
                 ...
 
     After a RemoteProtocolError the decoder stays failed: drop the peer.
+    `decode` parses one payload (DHT messages by default) and `max_frame`
+    bounds a payload, so other protocols reuse the framing.
     """
 
-    def __init__(self):
+    def __init__(self, decode=None, max_frame: int = MAX_FRAME):
         self._buf = bytearray()
         self._eof = False
         self._error: str | None = None
+        self._decode = decode_message if decode is None else decode
+        self.max_frame = max_frame
 
     @property
     def room(self) -> int:
         """How many bytes receive_data accepts now (>= 1 once next_message returned None)."""
-        return MAX_FRAME + HEADER - len(self._buf)
+        return self.max_frame + HEADER - len(self._buf)
 
     def receive_data(self, data: bytes) -> None:
         self._raise_if_failed()
@@ -228,7 +233,7 @@ class FrameDecoder:
         payload = bytes(self._buf[HEADER:HEADER + n])
         del self._buf[:HEADER + n]
         try:
-            return decode_message(payload)
+            return self._decode(payload)
         except RemoteProtocolError as exc:
             self._fail(str(exc))
 
@@ -236,8 +241,8 @@ class FrameDecoder:
         if len(self._buf) < HEADER:
             return None
         n = int.from_bytes(self._buf[:HEADER], "big")
-        if n > MAX_FRAME:
-            self._fail(f"frame length {n} exceeds {MAX_FRAME}", OversizedFrame)
+        if n > self.max_frame:
+            self._fail(f"frame length {n} exceeds {self.max_frame}", OversizedFrame)
         return n
 
     def _fail(self, reason: str, error: type = RemoteProtocolError):
