@@ -1,0 +1,407 @@
+"""Proof of possession ("/hypersdk/possession/1"): messages, frames, answers, checks.
+
+Goal: let a verifier (`hypersdk verify REF --network`) learn whether a replica
+holder still holds a backup's chunks, without downloading them. The verifier
+sends a Challenge: a fresh 32-byte nonce and a random sample of the
+manifest's chunk ids; the holder answers, per sampled id, BLAKE3(nonce ||
+plaintext chunk), or None for "I do not hold it". The verifier compares each
+answer with the one it computes from a copy of the chunk it holds or fetches.
+
+Why this shape:
+- The answer binds the nonce, and the nonce is fresh per challenge, so an
+  answer (or a whole Proof) recorded earlier is worthless later: a holder
+  must read the chunk at challenge time. A holder that kept only the answers
+  to old nonces answers wrong ("damaged").
+- The answer is over the plaintext (after decompression), so it does not
+  depend on how either side stores the chunk (raw, zstd, zstd delta).
+- A random sample of s out of n chunks catches a holder missing a fraction f
+  of them with probability about 1 - (1 - f)^s (s = 64, f = 5%: 96%).
+  Repeated verifications compound that.
+- "I do not hold it" is an answer, not an error: an honest holder that lost a
+  chunk (or found it damaged in its store, which reads as missing) says so,
+  and the verifier records "missing".
+
+Non-goals: which holders to ask (the caller: audit `replica` entries, DHT
+providers), how the verifier gets its reference copies (a `reader` the caller
+provides), scoring peers (node/).
+
+One request per stream (as the DHT): the verifier opens a stream, sends one
+Challenge frame, reads one Proof or Refused frame back, and closes.
+
+    request                                     tag          response, echo rid     tag
+    Challenge(rid, manifest, nonce, ids)        "challenge"  Proof(rid, manifest,   "proof"
+                                                                answers)
+                                                             or Refused(rid, reason) "refused"
+
+Frames: a 4-byte big-endian payload length (framing.HEADER) and one canonical
+msgpack map {"v": VERSION, "t": tag, <field>: <value>...} (framing.open_document
+parses it; codec.encode builds it). None answers are nil. Every constructible
+message is valid; constructors raise LocalProtocolError, decoders turn that
+into RemoteProtocolError, and nothing else ever escapes a decoder.
+
+Bounds: ids and answers 1..MAX_SAMPLE = 64 (a Challenge is ~2.3 KiB, a Proof
+~2.2 KiB); a frame's payload is at most MAX_MESSAGE = 4 KiB, checked on the
+length prefix before any of the body is buffered (OversizedFrame); Refused
+reasons are at most MAX_REASON characters. Challenge ids are distinct and never
+ZERO_ID (zero chunks are never stored, so there is nothing to prove).
+
+Result of a check (protocol.audit.VERIFY_RESULTS):
+    "damaged"  at least one answer differs from the verifier's reference
+    "missing"  none wrong, but the holder said "not held" for at least one id
+    "ok"       none wrong or missing and at least one answer verified
+    "failed"   nothing could be verified: the proof does not answer the
+               challenge, or the verifier had no reference for any answered id
+("unreachable" is decided by the caller that could not get a proof at all.)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Iterable, Mapping
+
+import blake3
+
+from . import codec
+from .chunks import ID_LEN, ZERO_ID, chunk_id
+from .errors import LocalProtocolError, RemoteProtocolError
+from .framing import HEADER, OversizedFrame, open_document
+
+PROTOCOL_ID = "/hypersdk/possession/1"
+VERSION = 1
+NONCE_LEN = 32
+MAX_SAMPLE = 64               # ids per challenge: bounds the holder's work per request
+MAX_MESSAGE = 4 << 10         # payload bytes of one frame (largest valid: ~2.3 KiB)
+MAX_REASON = 200              # characters of a Refused reason
+MAX_U64 = (1 << 64) - 1
+
+__all__ = ["PROTOCOL_ID", "VERSION", "NONCE_LEN", "MAX_SAMPLE", "MAX_MESSAGE", "MAX_REASON",
+           "Challenge", "Proof", "Refused", "Precomputed", "ProofResult", "answer", "sample",
+           "reference", "answers_challenge", "check", "encode_payload", "encode_message",
+           "decode_payload", "decode_frame", "PossessionDecoder", "OversizedFrame"]
+
+
+# -- field checks: LocalProtocolError and nothing else ---------------------------------
+
+def _u64(name: str, v) -> None:
+    if type(v) is not int or not 0 <= v <= MAX_U64:
+        raise LocalProtocolError(f"{name} must be an integer in 0..2**64-1, not {v!r:.40}")
+
+
+def _bytes32(name: str, v) -> None:
+    if type(v) is not bytes or len(v) != ID_LEN:
+        raise LocalProtocolError(f"{name} must be {ID_LEN} bytes")
+
+
+def _count(name: str, v) -> None:
+    if type(v) is not tuple or not 1 <= len(v) <= MAX_SAMPLE:
+        raise LocalProtocolError(f"{name} must be a tuple of 1..{MAX_SAMPLE} items")
+
+
+# -- messages -------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Challenge:
+    """Prove you hold these chunks of `manifest`: answer BLAKE3(nonce || chunk) each."""
+    TAG: ClassVar[str] = "challenge"
+    rid: int
+    manifest: bytes
+    nonce: bytes
+    ids: tuple
+
+    def __post_init__(self):
+        _u64("rid", self.rid)
+        _bytes32("manifest", self.manifest)
+        _bytes32("nonce", self.nonce)
+        _count("ids", self.ids)
+        for cid in self.ids:
+            _bytes32("chunk id", cid)
+            if cid == ZERO_ID:
+                raise LocalProtocolError("the zero chunk is never challenged")
+        if len(set(self.ids)) != len(self.ids):
+            raise LocalProtocolError("challenge ids must be distinct")
+
+
+@dataclass(frozen=True, slots=True)
+class Proof:
+    """answers[i] = BLAKE3(nonce || chunk ids[i]), or None: not held."""
+    TAG: ClassVar[str] = "proof"
+    rid: int
+    manifest: bytes
+    answers: tuple
+
+    def __post_init__(self):
+        _u64("rid", self.rid)
+        _bytes32("manifest", self.manifest)
+        _count("answers", self.answers)
+        for a in self.answers:
+            if a is not None:
+                _bytes32("answer", a)
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """The holder will not answer now (e.g. "busy", "rate limited"): no verdict."""
+    TAG: ClassVar[str] = "refused"
+    rid: int
+    reason: str
+
+    def __post_init__(self):
+        _u64("rid", self.rid)
+        if type(self.reason) is not str or len(self.reason) > MAX_REASON:
+            raise LocalProtocolError(f"reason must be text of at most {MAX_REASON} characters")
+
+
+MESSAGE_TYPES = {cls.TAG: cls for cls in (Challenge, Proof, Refused)}
+REQUEST_TAGS = frozenset({"challenge"})
+RESPONSE_TAGS = frozenset({"proof", "refused"})
+_FIELDS = {"challenge": ("rid", "manifest", "nonce", "ids"),
+           "proof": ("rid", "manifest", "answers"),
+           "refused": ("rid", "reason")}
+_KEYS = {tag: frozenset(names) for tag, names in _FIELDS.items()}
+_LISTS = frozenset({"ids", "answers"})
+
+
+# -- answers, sampling, checking ----------------------------------------------------------
+
+def answer(nonce: bytes, plain) -> bytes:
+    """BLAKE3(nonce || plain): a holder's answer for one chunk (plain = the
+    chunk's plaintext; bytes, bytearray or memoryview, not copied)."""
+    if type(nonce) is not bytes or len(nonce) != NONCE_LEN:
+        raise LocalProtocolError(f"nonce must be {NONCE_LEN} bytes")
+    h = blake3.blake3(nonce)
+    h.update(plain)
+    return h.digest()
+
+
+def sample(ids: Iterable[bytes], n: int, rng) -> list[bytes]:
+    """min(n, #distinct) distinct non-zero ids of `ids`, drawn uniformly at random
+    with `rng` (a random.Random; the same rng state gives the same sample).
+    ZERO_ID is excluded (zero chunks are never stored). n in 1..MAX_SAMPLE."""
+    if type(n) is not int or not 1 <= n <= MAX_SAMPLE:
+        raise LocalProtocolError(f"sample size must be 1..{MAX_SAMPLE}, not {n!r:.20}")
+    distinct = [c for c in dict.fromkeys(ids) if c != ZERO_ID]
+    return rng.sample(distinct, min(n, len(distinct)))
+
+
+@dataclass(frozen=True, slots=True)
+class Precomputed:
+    """An expected answer the verifier computed already (see `reference`)."""
+    answer: bytes
+
+
+def reference(cid: bytes, nonce: bytes, plain) -> Precomputed | None:
+    """The expected answer for chunk `cid` from the verifier's copy `plain`, or
+    None when the copy is absent or does not hash to `cid` (a bad reference
+    must not make an honest holder look damaged). Lets a verifier drop each
+    plaintext as soon as it is read, instead of keeping a whole sample."""
+    if plain is None or chunk_id(plain) != cid:
+        return None
+    return Precomputed(answer(nonce, plain))
+
+
+@dataclass(frozen=True, slots=True)
+class ProofResult:
+    """What `check` concluded. wrong_ids / missing_ids are the evidence."""
+    result: str                       # "ok" | "damaged" | "missing" | "failed"
+    asked: int
+    proven: int = 0                   # answer equals the reference
+    wrong: int = 0                    # answer differs from the reference
+    not_held: int = 0                 # the holder said None
+    unverifiable: int = 0             # answered, but the verifier had no reference
+    wrong_ids: tuple = field(default=())
+    missing_ids: tuple = field(default=())
+    reason: str = ""
+
+
+def answers_challenge(ch: Challenge, proof) -> bool:
+    """True if `proof` is a Proof for exactly this challenge (rid, manifest, count)."""
+    return (type(proof) is Proof and proof.rid == ch.rid and proof.manifest == ch.manifest
+            and len(proof.answers) == len(ch.ids))
+
+
+def check(ch: Challenge, proof: Proof, expected: Mapping) -> ProofResult:
+    """Judge `proof` against `expected[cid]` for each challenged id: the verifier's
+    plaintext copy of the chunk (checked against cid first; a copy that does not
+    hash to cid is no reference), a Precomputed answer, or None / absent (no
+    reference: that answer is unverifiable). A None answer counts as not held
+    whether or not there is a reference. See the module docstring for results."""
+    if not answers_challenge(ch, proof):
+        return ProofResult("failed", len(ch.ids), reason="proof does not answer the challenge")
+    proven = unverifiable = 0
+    wrong, missing = [], []
+    for cid, got in zip(ch.ids, proof.answers):
+        if got is None:
+            missing.append(cid)
+            continue
+        ref = expected.get(cid)
+        if ref is not None and type(ref) is not Precomputed:
+            ref = reference(cid, ch.nonce, ref)
+        if ref is None:
+            unverifiable += 1
+        elif ref.answer == got:
+            proven += 1
+        else:
+            wrong.append(cid)
+    if wrong:
+        result, reason = "damaged", f"{len(wrong)} wrong answer(s)"
+    elif missing:
+        result, reason = "missing", f"{len(missing)} chunk(s) not held"
+    elif proven:
+        result, reason = "ok", ""
+    else:
+        result, reason = "failed", "no answer could be verified (no reference chunks)"
+    return ProofResult(result, len(ch.ids), proven, len(wrong), len(missing), unverifiable,
+                       tuple(wrong), tuple(missing), reason)
+
+
+# -- encoding -----------------------------------------------------------------------------
+
+def encode_payload(msg) -> bytes:
+    """The canonical document of `msg` (a frame without its length prefix)."""
+    tag = getattr(type(msg), "TAG", None)
+    if MESSAGE_TYPES.get(tag) is not type(msg):
+        raise LocalProtocolError(f"{type(msg).__name__} is not a possession message")
+    doc = {name: (list(v) if type(v := getattr(msg, name)) is tuple else v)
+           for name in _FIELDS[tag]}
+    doc.update(v=VERSION, t=tag)
+    payload = codec.encode(doc)
+    if len(payload) > MAX_MESSAGE:            # unreachable for valid messages; a guard
+        raise LocalProtocolError(f"{tag} message of {len(payload)} bytes exceeds {MAX_MESSAGE}")
+    return payload
+
+
+def encode_message(msg) -> bytes:
+    """One frame: 4-byte big-endian length + canonical payload."""
+    payload = encode_payload(msg)
+    return len(payload).to_bytes(HEADER, "big") + payload
+
+
+# -- decoding -----------------------------------------------------------------------------
+
+def decode_payload(payload, tags: frozenset = frozenset(MESSAGE_TYPES)):
+    """The message that is `payload` (no length prefix), whose tag is in `tags`
+    (REQUEST_TAGS on a holder, RESPONSE_TAGS on a verifier)."""
+    if len(payload) > MAX_MESSAGE:
+        raise RemoteProtocolError(f"message of {len(payload)} bytes exceeds {MAX_MESSAGE}")
+    tag, doc = open_document(payload, MESSAGE_TYPES, VERSION)
+    if tag not in tags:
+        raise RemoteProtocolError(f"unexpected {tag} message")
+    if doc.keys() != _KEYS[tag]:
+        raise RemoteProtocolError(f"{tag} fields {sorted(doc)} are not {sorted(_KEYS[tag])}")
+    for name in _LISTS & doc.keys():
+        if type(doc[name]) is not list:
+            raise RemoteProtocolError(f"{name} must be a list")
+        doc[name] = tuple(doc[name])
+    try:
+        return MESSAGE_TYPES[tag](**doc)
+    except LocalProtocolError as exc:
+        raise RemoteProtocolError(f"invalid {tag} message: {exc}") from None
+
+
+def decode_frame(frame, tags: frozenset = frozenset(MESSAGE_TYPES)):
+    """The one message that is exactly `frame` (RemoteProtocolError otherwise)."""
+    dec = PossessionDecoder(tags)
+    data = bytes(frame)
+    if len(data) > dec.room:
+        raise RemoteProtocolError("more than one bounded frame")
+    dec.receive_data(data)
+    dec.receive_data(b"")
+    msg = dec.next_message()
+    if msg is None:
+        raise RemoteProtocolError("no frame")
+    if dec.trailing:
+        raise RemoteProtocolError("bytes after the frame")
+    return msg
+
+
+class PossessionDecoder:
+    """Reads the one frame of a stream direction (the h11 pattern, no I/O).
+
+        while (msg := dec.next_message()) is None:
+            data = await stream.receive_some(dec.room)
+            dec.receive_data(data)                    # b"" marks end of stream
+        if dec.trailing: ...                          # more bytes than one frame
+
+    Holds at most HEADER + MAX_MESSAGE bytes; an oversized length prefix raises
+    OversizedFrame as soon as its 4 bytes arrive. next_message returns None
+    until the frame is complete, then the message once (None afterwards); a
+    stream that ends inside the frame raises RemoteProtocolError. A stream that
+    ends before its first byte is no protocol error: `ended_empty` becomes True
+    and next_message keeps returning None (the caller decides what silence
+    means). After a RemoteProtocolError the decoder stays failed.
+    """
+
+    def __init__(self, tags: frozenset = frozenset(MESSAGE_TYPES)):
+        self._tags = tags
+        self._buf = bytearray()
+        self._eof = False
+        self._taken = False
+        self._error: str | None = None
+
+    @property
+    def room(self) -> int:
+        """How many bytes receive_data accepts now."""
+        if self._eof or self._error is not None:
+            return 0
+        return HEADER + MAX_MESSAGE - len(self._buf)
+
+    @property
+    def started(self) -> bool:
+        """Some bytes of the frame arrived (tells a stall from silence)."""
+        return bool(self._buf) or self._taken
+
+    @property
+    def ended_empty(self) -> bool:
+        """The stream ended before any byte arrived."""
+        return self._eof and not self._buf and not self._taken
+
+    @property
+    def trailing(self) -> bool:
+        """Bytes arrived after the one frame."""
+        return self._taken and bool(self._buf)
+
+    def receive_data(self, data) -> None:
+        self._raise_if_failed()
+        if self._eof and data:
+            raise LocalProtocolError("data received after end of stream")
+        if len(data) > self.room:
+            raise LocalProtocolError(f"{len(data)} bytes exceed the decoder's room {self.room}")
+        if not data:
+            self._eof = True
+            return
+        self._buf += data
+        self._body_len()                              # reject an oversized prefix at once
+
+    def next_message(self):
+        """The frame's message once complete, else None."""
+        self._raise_if_failed()
+        if self._taken:
+            return None
+        n = self._body_len()
+        if n is None or len(self._buf) < HEADER + n:
+            if self._eof and self._buf:
+                self._fail("stream ended inside a frame")
+            return None
+        payload = bytes(self._buf[HEADER:HEADER + n])
+        del self._buf[:HEADER + n]
+        self._taken = True
+        try:
+            return decode_payload(payload, self._tags)
+        except RemoteProtocolError as exc:
+            self._fail(str(exc))
+
+    def _body_len(self) -> int | None:
+        if len(self._buf) < HEADER:
+            return None
+        n = int.from_bytes(self._buf[:HEADER], "big")
+        if n > MAX_MESSAGE:
+            self._fail(f"frame length {n} exceeds {MAX_MESSAGE}", OversizedFrame)
+        return n
+
+    def _fail(self, reason: str, error: type = RemoteProtocolError):
+        self._error = reason
+        self._buf.clear()
+        raise error(reason)
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise RemoteProtocolError(f"decoder failed earlier: {self._error}")
