@@ -59,7 +59,7 @@ from .identity import Identity
 
 DB_NAME = "audit.sqlite"
 KEY_FILE = "node.key"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2     # 2: witnessed heads and contradicted witnesses
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS authors(
     author BLOB PRIMARY KEY, node_id BLOB NOT NULL, forked INTEGER NOT NULL DEFAULT 0
@@ -73,6 +73,15 @@ CREATE TABLE IF NOT EXISTS forks(
     author BLOB NOT NULL, seq INTEGER NOT NULL, id_a BLOB NOT NULL, raw_a BLOB NOT NULL,
     id_b BLOB NOT NULL, raw_b BLOB NOT NULL, found INTEGER NOT NULL,
     PRIMARY KEY(author, seq, id_b)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS witnessed(
+    author BLOB NOT NULL, seq INTEGER NOT NULL, id BLOB NOT NULL,
+    witness BLOB NOT NULL, witness_seq INTEGER NOT NULL,
+    PRIMARY KEY(author, seq, witness, witness_seq)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS contradictions(
+    author BLOB NOT NULL, seq INTEGER NOT NULL, id BLOB NOT NULL,
+    witness BLOB NOT NULL, witness_seq INTEGER NOT NULL, witnessed_id BLOB NOT NULL,
+    found INTEGER NOT NULL,
+    PRIMARY KEY(author, seq, witness, witness_seq)) WITHOUT ROWID;
 """
 
 
@@ -138,17 +147,32 @@ class VerifyReport:
 class AddResult:
     added: int = 0
     replays: int = 0
-    forks: list[ForkDetected] = field(default_factory=list)
-    rejected: list[Exception] = field(default_factory=list)
+    forks: list[ForkDetected] = field(default_factory=list)        # new fork proofs
+    rejected: list[Exception] = field(default_factory=list)        # invalid: an offence
+    new: list[audit.Entry] = field(default_factory=list)           # the entries added
+    gaps: dict[bytes, int] = field(default_factory=dict)           # author -> seq we lack
+    future: list[Exception] = field(default_factory=list)          # too far ahead of us
+    contradictions: int = 0                                         # witnesses contradicted
 
 
 class AuditLog:
     """The audit database of one data dir. One instance per thread/process."""
 
     def __init__(self, data_dir, *, identity: Identity | None = None):
+        """data_dir None: a private in-memory log (simnet nodes, tests); then
+        `identity` is required."""
+        self._identity = identity
+        if data_dir is None:
+            if identity is None:
+                raise ValueError("an in-memory AuditLog needs its identity")
+            self.data_dir = None
+            self.db = sqlite3.connect(":memory:", isolation_level=None,
+                                      check_same_thread=False)
+            self.db.executescript(f"BEGIN; {SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; "
+                                  "COMMIT;")
+            return
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self._identity = identity
         self.db = sqlite3.connect(self.data_dir / DB_NAME, timeout=60, isolation_level=None,
                                   check_same_thread=False)
         self.db.execute("PRAGMA synchronous=FULL")
@@ -167,8 +191,18 @@ class AuditLog:
                     self.db.execute("PRAGMA journal_mode=WAL")
                     # executescript runs outside Python's transaction handling: one
                     # explicit transaction makes the schema appear all at once
-                    self.db.executescript(f"BEGIN IMMEDIATE; {SCHEMA} "
-                                          f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+                    self.db.executescript(f"BEGIN IMMEDIATE; {SCHEMA}")
+                    try:
+                        if version == 1:          # index the witness entries we hold
+                            for (raw,) in self.db.execute(
+                                    "SELECT raw FROM entries WHERE kind='witness'").fetchall():
+                                self._index_witness(audit.decode_entry(bytes(raw), verify=False),
+                                                    0)
+                        self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                        self.db.execute("COMMIT")
+                    except BaseException:
+                        self.db.execute("ROLLBACK")
+                        raise
 
     def close(self):
         self.db.close()
@@ -190,13 +224,46 @@ class AuditLog:
         return self.identity.public_key
 
     # -- writes -----------------------------------------------------------------
-    def _insert(self, e: audit.Entry):
+    def _insert(self, e: audit.Entry, now_ns: int | None = None) -> int:
+        """Store one checked entry; returns how many witness contradictions it
+        revealed (see _index_witness)."""
         manifest = e.body.get("manifest")
         self.db.execute("INSERT OR IGNORE INTO authors(author, node_id) VALUES (?,?)",
                         (e.author, node_id_of(e.author)))
         self.db.execute("INSERT INTO entries(author, seq, id, kind, manifest, time, raw) "
                         "VALUES (?,?,?,?,?,?,?)",
                         (e.author, e.seq, e.id, e.kind, manifest, e.time, e.raw))
+        found = time.time_ns() if now_ns is None else now_ns
+        n = 0
+        # a witness that saw this (author, seq) as another entry: the log was rewritten
+        for w, ws, wid in self.db.execute(
+                "SELECT witness, seq, id FROM witnessed WHERE author=? AND seq=? AND id!=?",
+                (e.author, e.seq, e.id)).fetchall():
+            n += self._contradiction(e.author, e.seq, e.id, bytes(w), ws, bytes(wid), found)
+        if e.kind == "witness":
+            n += self._index_witness(e, found)
+        return n
+
+    def _index_witness(self, w: audit.Entry, found: int) -> int:
+        n = 0
+        for a, seq, hid in audit.witness_heads(w):
+            self.db.execute("INSERT OR IGNORE INTO witnessed VALUES (?,?,?,?,?)",
+                            (a, seq, hid, w.author, w.seq))
+            r = self.db.execute("SELECT id FROM entries WHERE author=? AND seq=?",
+                                (a, seq)).fetchone()
+            if r is not None and bytes(r[0]) != hid:
+                n += self._contradiction(a, seq, bytes(r[0]), w.author, w.seq, hid, found)
+        return n
+
+    def _contradiction(self, author, seq, held_id, witness, witness_seq, witnessed_id,
+                       found) -> int:
+        """Witness `witness` (its entry witness_seq) signed that author's entry seq
+        was witnessed_id; the log we hold has held_id there: proof that the log
+        was rewritten after it was witnessed (or that the witness lied, which it
+        signed). Kept, and reported by verify()."""
+        cur = self.db.execute("INSERT OR IGNORE INTO contradictions VALUES (?,?,?,?,?,?,?)",
+                              (author, seq, held_id, witness, witness_seq, witnessed_id, found))
+        return cur.rowcount
 
     def append(self, kind: str, body: dict, now_ns: int | None = None) -> audit.Entry:
         """Sign and durably append one entry to our own log (see the module doc)."""
@@ -209,7 +276,7 @@ class AuditLog:
                               "LIMIT 1", (ident.public_key,)).fetchone()
             seq, prev = (head[0] + 1, bytes(head[1])) if head else (0, None)
             e = audit.make_entry(ident, seq, prev, now_ns, kind, body)
-            self._insert(e)
+            self._insert(e, now_ns)
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
@@ -235,7 +302,8 @@ class AuditLog:
                     max_skew: int = audit.DEFAULT_MAX_SKEW_NS) -> AddResult:
         """Check and store entries of other authors (any order within an author
         is fine: they are applied by seq). Never raises for bad entries: they are
-        reported in the result (rejected / forks)."""
+        reported in the result (rejected / forks / gaps: where our copy of an
+        author's log ends when an entry could not be attached)."""
         now_ns = time.time_ns() if now_ns is None else now_ns
         res = AddResult()
         by_author: dict[bytes, list[audit.Entry]] = {}
@@ -254,15 +322,22 @@ class AuditLog:
             try:
                 view = self._view(author, max_skew)
                 for e in es:
+                    if e.seq > view.next_seq:
+                        res.gaps[author] = view.next_seq     # not an offence: ask for it
+                        break
                     try:
                         if view.append(e, now=now_ns):
-                            self._insert(e)
+                            res.contradictions += self._insert(e, now_ns)
                             res.added += 1
+                            res.new.append(e)
                         else:
                             res.replays += 1
                     except ForkDetected as fork:
-                        self._record_fork(fork, now_ns)
-                        res.forks.append(fork)
+                        if self._record_fork(fork, now_ns):
+                            res.forks.append(fork)
+                    except audit.FutureEntry as exc:
+                        res.future.append(exc)
+                        break
                     except (AuditChainBroken, RemoteProtocolError) as exc:
                         res.rejected.append(exc)
                         break         # later entries of this author cannot link either
@@ -275,25 +350,51 @@ class AuditLog:
 
     def _view(self, author: bytes, max_skew: int) -> audit.LogView:
         """A LogView positioned at our stored head of author (trusted: verify()
-        is what re-checks stored entries)."""
+        is what re-checks stored entries). The ids of earlier entries are read
+        from the database only when needed (a replay or a fork)."""
         view = audit.LogView(author, lookup=lambda s: self.entry(author, s), max_skew=max_skew)
-        head = self.db.execute("SELECT seq, id, raw FROM entries WHERE author=? ORDER BY seq "
+        head = self.db.execute("SELECT seq, raw FROM entries WHERE author=? ORDER BY seq "
                                "DESC LIMIT 1", (author,)).fetchone()
         if head:
-            ids = [bytes(r[0]) for r in self.db.execute(
-                "SELECT id FROM entries WHERE author=? ORDER BY seq", (author,))]
-            view._ids = ids
-            view.first_seq = head[0] + 1 - len(ids)
-            view.head = audit.decode_entry(bytes(head[2]), verify=False)
+            view._ids = _StoredIds(self.db, author, head[0] + 1)
+            view.head = audit.decode_entry(bytes(head[1]), verify=False)
         return view
 
-    def _record_fork(self, fork: ForkDetected, now_ns: int):
+    def add_fork_proof(self, first, second, *, now_ns: int | None = None) -> ForkDetected | None:
+        """Check a fork proof (two validly signed entries of one author and seq
+        with different ids) and keep it; the author is flagged forked. Returns
+        the fork if it is new here, None if already held. InvalidEntry if the
+        entries do not prove a fork."""
+        a, b = audit.decode_entry(first), audit.decode_entry(second)
+        if a.author != b.author or a.seq != b.seq or a.id == b.id:
+            raise audit.InvalidEntry("a fork proof needs two different entries of one author "
+                                     "and seq")
+        now_ns = time.time_ns() if now_ns is None else now_ns
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            held = db.execute("SELECT 1 FROM forks WHERE author=? AND seq=? AND ((id_a=? AND "
+                              "id_b=?) OR (id_a=? AND id_b=?))",
+                              (a.author, a.seq, a.id, b.id, b.id, a.id)).fetchone()
+            fork = None if held else ForkDetected(a, b)
+            if fork is not None:
+                self._record_fork(fork, now_ns)
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        return fork
+
+    def _record_fork(self, fork: ForkDetected, now_ns: int) -> bool:
+        """Keep a fork proof; True if it is new."""
         a, b = fork.first, fork.second
-        self.db.execute("INSERT OR IGNORE INTO forks VALUES (?,?,?,?,?,?,?)",
-                        (a.author, a.seq, a.id, a.raw, b.id, b.raw, now_ns))
+        cur = self.db.execute("INSERT OR IGNORE INTO forks VALUES (?,?,?,?,?,?,?)",
+                              (a.author, a.seq, a.id, a.raw, b.id, b.raw, now_ns))
         self.db.execute("INSERT OR IGNORE INTO authors(author, node_id) VALUES (?,?)",
                         (a.author, node_id_of(a.author)))
         self.db.execute("UPDATE authors SET forked=1 WHERE author=?", (a.author,))
+        return cur.rowcount > 0
 
     # -- reads ------------------------------------------------------------------
     def authors(self) -> list[tuple[bytes, bytes, bool]]:
@@ -358,15 +459,63 @@ class AuditLog:
             (manifest_id,))]
 
     def witnesses_of(self, author: bytes, min_seq: int) -> list[audit.Entry]:
-        """Witness entries by other authors naming a head of author at seq >= min_seq
-        (part 1 scans witness entries; they are few until gossip exists)."""
+        """Witness entries by other authors naming a head of author at seq >= min_seq."""
         out = []
-        for (raw,) in self.db.execute("SELECT raw FROM entries WHERE kind='witness' AND "
-                                      "author != ?", (author,)):
-            e = audit.decode_entry(bytes(raw))
-            if any(a == author and s >= min_seq for a, s, _ in audit.witness_heads(e)):
-                out.append(e)
+        for w, ws in self.db.execute(
+                "SELECT DISTINCT witness, witness_seq FROM witnessed WHERE author=? AND seq>=? "
+                "AND witness!=? ORDER BY witness, witness_seq", (author, min_seq, author)
+                ).fetchall():
+            e = self.entry(bytes(w), ws)
+            if e is not None:
+                out.append(audit.decode_entry(e.raw))
         return out
+
+    def contradictions(self, author: bytes | None = None) -> list[dict]:
+        """Witnesses contradicted by the log we hold (see _contradiction)."""
+        q = ("SELECT author, seq, id, witness, witness_seq, witnessed_id FROM contradictions"
+             + (" WHERE author=?" if author else "") + " ORDER BY author, seq")
+        return [{"author": bytes(a), "seq": s, "held_id": bytes(i), "witness": bytes(w),
+                 "witness_seq": ws, "witnessed_id": bytes(wi)}
+                for a, s, i, w, ws, wi in self.db.execute(q, (author,) if author else ())]
+
+    def raw_range(self, author: bytes, start: int, count: int,
+                  max_bytes: int | None = None) -> list[bytes]:
+        """Signed entries of author from seq start: at most count, and at most
+        max_bytes in all (at least one entry if any)."""
+        out, total = [], 0
+        for (raw,) in self.db.execute("SELECT raw FROM entries WHERE author=? AND seq>=? "
+                                      "ORDER BY seq LIMIT ?", (author, start, count)):
+            raw = bytes(raw)
+            if out and max_bytes is not None and total + len(raw) > max_bytes:
+                break
+            out.append(raw)
+            total += len(raw)
+        return out
+
+    def find_backup_by_name(self, name: str) -> bytes | None:
+        """The manifest of the newest backup entry named `name`, in any log held."""
+        for (raw,) in self.db.execute("SELECT raw FROM entries WHERE kind='backup' ORDER BY "
+                                      "time DESC"):
+            e = audit.decode_entry(bytes(raw), verify=False)
+            if e.body["name"] == name:
+                return e.body["manifest"]
+        return None
+
+    def replica_holders(self, manifest_id: bytes) -> list[bytes]:
+        """Node ids that replica entries (in any log held) name as holders."""
+        out = set()
+        for (raw,) in self.db.execute("SELECT raw FROM entries WHERE manifest=? AND "
+                                      "kind='replica'", (manifest_id,)):
+            out.add(audit.decode_entry(bytes(raw), verify=False).body["holder"])
+        return sorted(out)
+
+    def has_news(self, author: bytes, after_seq: int) -> bool:
+        """Does author's log hold an entry after after_seq that is not a witness?"""
+        return self.db.execute("SELECT 1 FROM entries WHERE author=? AND seq>? AND "
+                               "kind!='witness' LIMIT 1", (author, after_seq)).fetchone() is not None
+
+    def fork_authors(self) -> set[bytes]:
+        return {bytes(a) for (a,) in self.db.execute("SELECT author FROM authors WHERE forked")}
 
     # -- verification -------------------------------------------------------------
     def verify(self, author: bytes) -> VerifyReport:
@@ -402,8 +551,40 @@ class AuditLog:
             rep.problems.append(Break(author, f.seq, f"fork: two signed entries "
                                       f"{f.first.id.hex()[:16]} and {f.second.id.hex()[:16]}",
                                       f.second.id))
+        for c in self.contradictions(author):
+            rep.problems.append(Break(
+                author, c["seq"], f"rewritten: witness {node_id_of(c['witness']).hex()[:16]} "
+                f"(its entry {c['witness_seq']}) signed that entry {c['seq']} was "
+                f"{c['witnessed_id'].hex()[:16]}, the log holds {c['held_id'].hex()[:16]}",
+                c["held_id"]))
         rep.seconds = time.perf_counter() - t0
         return rep
+
+
+class _StoredIds:
+    """The ids of an author's stored entries 0..n-1 as a LogView wants them
+    (len, [i], [-1], append), read from the database on demand: checking one
+    new entry against a long log costs a query, not a scan of the log."""
+
+    def __init__(self, db, author: bytes, n: int):
+        self.db, self.author, self.n = db, author, n
+        self.extra: list[bytes] = []
+
+    def __len__(self):
+        return self.n + len(self.extra)
+
+    def __getitem__(self, i: int) -> bytes:
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        if i >= self.n:
+            return self.extra[i - self.n]
+        return bytes(self.db.execute("SELECT id FROM entries WHERE author=? AND seq=?",
+                                     (self.author, i)).fetchone()[0])
+
+    def append(self, i: bytes) -> None:
+        self.extra.append(i)
 
 
 # -- hooks for the store ops and the fetch path -------------------------------------

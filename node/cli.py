@@ -218,16 +218,24 @@ def _op_restore(store, a, ui):
 
 @cli.command()
 @click.argument("ref", required=False)
+@click.option("--network", is_flag=True,
+              help="Verify REF on the network: its signed backup entry, its manifest, and "
+                   "every replica holder by possession challenges (needs the running node).")
 @json_option
 @click.pass_context
-def verify(ctx, ref, as_json):
+def verify(ctx, ref, network, as_json):
     """Re-read and re-hash chunks of backup REF, or of the whole store."""
-    run_op(ctx, "verify", as_json, ref=ref)
+    if network and not ref:
+        raise UserError("verify --network needs a REF (a backup name, NAME@N or manifest id)")
+    run_op(ctx, "verify", as_json, ref=ref, network=network)
 
 
 @store_op("verify", readonly=True)
 def _op_verify(store, a, ui):
     from .verify import verify_backup, verify_store
+    if a.get("network"):
+        raise UserError("verify --network needs the running node on this data dir "
+                        "(start it with `hypersdk node run`)")
     ref = a["ref"]
     if ref:
         from . import catalog
@@ -380,6 +388,26 @@ def simnet_run(scenario, nodes, seed, out, as_json):
     files = report.write(doc, out_dir)
     emit(as_json, {"summary": doc["summary"], "run": doc["run"], "files": list(map(str, files))},
          report.table(doc) + f"\nreport            {files[0]} (+ {len(files) - 1} plots)")
+
+
+@simnet.command("gossip")
+@click.option("--nodes", type=click.IntRange(2, 100_000), default=1000, show_default=True)
+@click.option("--latency", type=click.FloatRange(0.0, 10.0), default=0.05, show_default=True,
+              help="one-way link delay, seconds")
+@click.option("--seed", type=int, default=1, show_default=True)
+@click.option("--entries", type=click.IntRange(1, 10_000), default=20, show_default=True)
+@click.option("--fanout", type=click.IntRange(0, 64), default=4, show_default=True)
+@click.option("--sync-interval", type=click.FloatRange(0.1, 3600.0), default=5.0,
+              show_default=True, help="anti-entropy period, seconds")
+@json_option
+def simnet_gossip(nodes, latency, seed, entries, fanout, sync_interval, as_json):
+    """Audit-log gossip on NODES simulated nodes: spread times, bandwidth, partition heal."""
+    from simnet.gossip_run import GossipConfig, run_gossip, summary
+    r = run_gossip(GossipConfig(nodes=nodes, latency=latency, seed=seed, entries=entries,
+                                fanout=fanout, sync_interval=sync_interval))
+    emit(as_json, r, summary(r))
+    if r["spread"]["missing_deliveries"] or r["heal"]["converged_after_s"] is None:
+        raise SystemExit(3)
 
 
 from . import cli_node  # noqa: E402,F401  (registers node, join, peers, status, dht)

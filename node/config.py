@@ -55,3 +55,26 @@ def commit_bytes() -> int:
     if n < 1:
         raise UsageError("HYPERSDK_COMMIT_BYTES must be at least 1 byte")
     return n
+
+
+def _seconds(name: str, default: float) -> float:
+    text = os.environ.get(name)
+    if not text:
+        return default
+    try:
+        v = float(text)
+    except ValueError:
+        raise UsageError(f"{name} must be a number of seconds, not {text!r}") from None
+    if not 0.1 <= v <= 86400 * 7:
+        raise UsageError(f"{name} must be between 0.1 s and 7 days")
+    return v
+
+
+def audit_sync_interval() -> float:
+    """Seconds between audit anti-entropy rounds (HYPERSDK_AUDIT_SYNC, default 30)."""
+    return _seconds("HYPERSDK_AUDIT_SYNC", 30.0)
+
+
+def audit_witness_interval() -> float:
+    """Seconds between witness entries (HYPERSDK_AUDIT_WITNESS, default 600)."""
+    return _seconds("HYPERSDK_AUDIT_WITNESS", 600.0)

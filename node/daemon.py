@@ -315,6 +315,7 @@ async def _status(d: "Daemon", args, events):
             "store": {"chunks": stats["unique_chunks"], "stored_bytes": stats["stored_bytes"],
                       "backups": stats["backups"]},
             "bootstrap": dict(d.bootstrap_state),
+            "audit": d.audit.status() if d.audit is not None else {},
             "transfers": list(d.replication.transfers.values()),
             "requests": [{"cmd": c, "seconds": round(trio.current_time() - t, 3)}
                          for c, t in d.in_flight.values()],
@@ -426,6 +427,10 @@ class Daemon:
         if "fetch" not in COMMANDS:
             replication.register(COMMANDS, CommandReply)
         self.replication = replication.Replication(self)
+        from node import net_verify
+        if "verify" in COMMANDS and not getattr(COMMANDS["verify"], "network", False):
+            net_verify.register(COMMANDS, CommandReply)
+        self.audit = None                   # node.net_verify.AuditNet once running
         self.nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED):
@@ -456,6 +461,9 @@ class Daemon:
                     await nursery.start(self.dht.run)
                     self.nursery = nursery
                     self.replication.start_serving()
+                    from node.net_verify import AuditNet
+                    self.audit = AuditNet(self)
+                    await self.audit.start(nursery)
                     await nursery.start(self._serve_control)
                     self.started = trio.current_time()
                     _write_atomic(addrs_file, "".join(a + "\n" for a in self.addrs))
@@ -463,6 +471,8 @@ class Daemon:
                     task_status.started(self)
             finally:
                 self.replication.close()
+                if self.audit is not None:
+                    self.audit.close()
                 _unlink(addrs_file)
 
     def open_store(self, *, readonly: bool = False):

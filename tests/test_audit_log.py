@@ -114,14 +114,14 @@ def test_foreign_logs_replays_gaps_and_forks(tmp_path):
         r = log.add_foreign([e.raw for e in es], now_ns=T0)          # replays + one new
         assert (r.added, r.replays) == (1, 4)
         assert log.heads()[a.public_key] == (4, es[4].id)
-        # a gap is rejected, not stored
+        # a gap is not stored: reported with the seq we lack (gossip asks for it)
         later = audit.make_entry(a, 7, bytes(32), T0, "restore", restore_body())
         r = log.add_foreign([later], now_ns=T0)
-        assert r.added == 0 and "gap" in str(r.rejected[0])
-        # from the future
+        assert r.added == 0 and r.gaps == {a.public_key: 5} and not r.rejected
+        # from the future: not stored, not an offence
         fut = audit.make_entry(a, 5, es[4].id, T0 + 10**12, "restore", restore_body())
         r = log.add_foreign([fut], now_ns=T0)
-        assert isinstance(r.rejected[0], audit.FutureEntry)
+        assert isinstance(r.future[0], audit.FutureEntry) and not r.rejected and r.added == 0
         # garbage
         r = log.add_foreign([b"\x00garbage"], now_ns=T0)
         assert r.rejected and r.added == 0
