@@ -27,8 +27,10 @@ both take seq N (PRIMARY KEY (author, seq) would refuse it anyway).
 
 Entries written by the store ops (record_after_op) are appended after the op
 has committed, in a second database: a kill -9 between the two leaves a backup
-without its entry (never an entry without its backup); `audit certificate`
-then says so. A full disk makes the append fail with a warning; the op's
+without its entry (never an entry without its backup). reconcile() closes
+that gap: it appends the missing backup / replica entry of every catalog
+backup that has none (the node runs it at start; until then `audit
+certificate` says the entry is missing). A full disk makes the append fail with a warning; the op's
 result stands.
 
 Own identity: the node key DATA/node.key (node/identity.py). If it does not
@@ -600,6 +602,31 @@ def record_replica(data_dir, manifest_id: bytes, holder: bytes,
     full replica of manifest_id. Called by the fetch path."""
     return record(data_dir, "replica", {"manifest": bytes(manifest_id), "holder": bytes(holder)},
                   now_ns)
+
+
+def reconcile(data_dir, store) -> list[audit.Entry]:
+    """Append the backup (or, for a fetched replica, replica) entry of every
+    catalog backup our own log lacks: an op killed between its commit and its
+    audit append. Returns the entries appended."""
+    from . import catalog
+    out = []
+    with AuditLog(data_dir) as log:
+        own = log.own_author
+        have = {(bytes(m), k) for m, k in log.db.execute(
+            "SELECT manifest, kind FROM entries WHERE author=? AND kind IN ('backup', "
+            "'replica')", (own,))}
+        for b in catalog.list_backups(store):
+            if b.stats.get("replica"):
+                if (b.manifest_id, "replica") not in have:
+                    out.append(log.append("replica", {"manifest": b.manifest_id,
+                                                      "holder": node_id_of(own)}))
+            elif (b.manifest_id, "backup") not in have:
+                m = catalog.load_manifest(store, b.manifest_id)
+                out.append(log.append("backup", {
+                    "manifest": b.manifest_id, "name": b.name[:audit.MAX_NAME], "size": m.size,
+                    "chunks": m.n_chunks, "source": _bounded_source(m.source)}))
+            have.add((b.manifest_id, "replica" if b.stats.get("replica") else "backup"))
+    return out
 
 
 def _bounded_source(source: dict) -> dict:

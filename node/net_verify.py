@@ -62,8 +62,15 @@ class AuditNet:
         from .config import audit_sync_interval, audit_witness_interval
         from .possession import PROTOCOL_ID, PossessionServer
         d = self.d
-        self.log = await trio.to_thread.run_sync(
-            lambda: AuditLog(d.data_dir, identity=d.identity))
+        def open_log():
+            from .audit_log import reconcile
+            with d.open_store(readonly=True) as store:
+                added = reconcile(d.data_dir, store)      # ops killed before their entry
+            if added:
+                log.warning("audit: appended %d entries missing after an interrupted op",
+                            len(added))
+            return AuditLog(d.data_dir, identity=d.identity)
+        self.log = await trio.to_thread.run_sync(open_log)
         self.gossip = AuditGossip(
             d.net, self.log, lambda: [c for b in d.dht.table.buckets() for c in b],
             rng=random.Random(d.rng.getrandbits(64)), scores=d.dht.scores,

@@ -195,3 +195,16 @@ def test_kill_9_during_appends_leaves_a_valid_log(tmp_path):
             e = log.append("restore", restore_body(round_))
             assert e.seq == rep.head.seq + 1 and e.prev == rep.head.id
             reported = e.seq
+
+
+def test_reconcile_appends_the_entries_an_interrupted_op_missed(store, tmp_path):
+    from node.backup import backup
+    img = tmp_path / "disk.img"
+    img.write_bytes(bytes(range(256)) * 4096)
+    r = backup(store, str(img), name="vm", chunk_size=64 << 10)   # no audit entry: the op
+    assert len(audit_log.reconcile(store.root, store)) == 1       # was "killed" before it
+    with AuditLog(store.root) as log:
+        (e,) = [x for x in log.entries(log.own_author) if x.kind == "backup"]
+        assert e.body["manifest"] == r.manifest_id and e.body["name"] == "vm"
+        assert e.body["size"] == 256 * 4096 and e.body["chunks"] == r.chunks
+    assert audit_log.reconcile(store.root, store) == []            # idempotent
