@@ -52,6 +52,15 @@ Rules
    the nearer ones are (almost surely) empty, and the lookup of the nearest
    non-empty bucket already covers them. `refresh_target(i)` draws a random id
    in bucket i's range from the injected `random.Random`.
+9. Learned contacts: peers named in replies (`learn`) that never answered us.
+   They are kept apart, per bucket, only while the bucket and its learned
+   list together hold fewer than k (a bucket with room is where a lookup
+   lacks contacts), never handed to other peers (`closest` includes them
+   only with `learned=True`, for our own lookups) and never counted as
+   fresh. One failure forgets a learned contact; when it answers, `observe`
+   makes it a member like any other. So a join's self-lookup fills the far
+   buckets from its replies and only the buckets still empty need a refresh
+   walk (`known`), without trusting anything a peer merely claimed.
 """
 from __future__ import annotations
 
@@ -112,6 +121,7 @@ class RoutingTable:
         self._cache: list[list[_Entry]] = [[] for _ in range(ID_BITS)]     # oldest first
         self._pending: dict[int, bytes] = {}       # bucket index -> id being pinged
         self._touched: dict[int, float] = {}       # bucket index -> last lookup or contact heard
+        self._learned: dict[int, list[Contact]] = {}  # rule 9: bucket index -> unverified
 
     # -- inputs --------------------------------------------------------------
 
@@ -128,6 +138,8 @@ class RoutingTable:
             if entry.contact != contact and self._crowding(bucket, contact) is None:
                 entry.contact = contact
             return Outcome(Status.UPDATED)
+        if b in self._learned:
+            self._unlearn(b, contact.id)
         crowded = self._crowding(bucket, contact)
         if crowded is not None:
             return Outcome(Status.REJECTED, reason=crowded[0])
@@ -168,6 +180,8 @@ class RoutingTable:
             return None
         b = self._index(contact_id)
         _pop(self._cache[b], contact_id)
+        if b in self._learned:
+            self._unlearn(b, contact_id)
         entry = _find(self._buckets[b], contact_id)
         if entry is None:
             return None
@@ -185,10 +199,43 @@ class RoutingTable:
             return None
         b = self._index(contact_id)
         _pop(self._cache[b], contact_id)
+        if b in self._learned:
+            self._unlearn(b, contact_id)
         if self._pending.get(b) == contact_id:
             del self._pending[b]
         entry = _find(self._buckets[b], contact_id)
         return None if entry is None else self._evict(b, entry)
+
+    def learn(self, contact: Contact) -> bool:
+        """A peer named in a reply (rule 9): remember it unverified if its bucket
+        has room. True if it was added."""
+        if contact.id == self.own_id:
+            return False
+        b = (self._own_n ^ contact.n).bit_length() - 1
+        bucket = self._buckets[b]
+        learned = self._learned.get(b)
+        if len(bucket) + (len(learned) if learned else 0) >= self.k:
+            return False
+        cid = contact.id
+        if learned is not None:
+            for c in learned:
+                if c.id == cid:
+                    return False
+        for e in bucket:
+            if e.contact.id == cid:
+                return False
+        if learned is None:
+            self._learned[b] = [contact]
+        else:
+            learned.append(contact)
+        return True
+
+    def known(self, index: int) -> int:
+        """Members plus learned contacts of bucket `index`."""
+        return len(self._buckets[index]) + len(self._learned.get(index, ()))
+
+    def learned(self, index: int) -> list[Contact]:
+        return list(self._learned.get(index, ()))
 
     def touch_bucket(self, index: int, now: float) -> None:
         """A lookup for a target in bucket `index`'s range completed."""
@@ -196,8 +243,9 @@ class RoutingTable:
 
     # -- queries -------------------------------------------------------------
 
-    def closest(self, target: bytes, n: int) -> list[Contact]:
-        """The n stored contacts nearest to target, nearest first."""
+    def closest(self, target: bytes, n: int, *, learned: bool = False) -> list[Contact]:
+        """The n stored contacts nearest to target, nearest first; with
+        `learned`, the learned contacts too (rule 9: for our own lookups only)."""
         # By rule 1 the buckets order the distances to target without sorting
         # the whole table: with b the bucket target falls in, bucket b's
         # contacts are nearest (below 2**b), then all of buckets < b (in
@@ -205,16 +253,33 @@ class RoutingTable:
         t = as_int(target)
         key = lambda c: t ^ c.n                 # noqa: E731
         buckets = self._buckets
+        extra = self._learned if learned and self._learned else None
         b = (t ^ self._own_n).bit_length() - 1
-        out = sorted((e.contact for e in buckets[b]), key=key) if b >= 0 else []
+        if extra is None:
+            out = sorted((e.contact for e in buckets[b]), key=key) if b >= 0 else []
+            if len(out) < n:
+                out += sorted((e.contact for bucket in buckets[:max(b, 0)] for e in bucket),
+                              key=key)
+                for i in range(b + 1, ID_BITS):
+                    if len(out) >= n:
+                        break
+                    if buckets[i]:
+                        out += sorted((e.contact for e in buckets[i]), key=key)
+            return out[:n]
+
+        def members(i: int) -> list[Contact]:
+            got = [e.contact for e in buckets[i]]
+            more = extra.get(i)
+            return got + more if more else got
+
+        out = sorted(members(b), key=key) if b >= 0 else []
         if len(out) < n:
-            out += sorted((e.contact for bucket in buckets[:max(b, 0)] for e in bucket),
-                          key=key)
+            out += sorted((c for i in range(max(b, 0)) for c in members(i)), key=key)
             for i in range(b + 1, ID_BITS):
                 if len(out) >= n:
                     break
-                if buckets[i]:
-                    out += sorted((e.contact for e in buckets[i]), key=key)
+                if buckets[i] or i in extra:
+                    out += sorted(members(i), key=key)
         return out[:n]
 
     def stale_buckets(self, now: float, interval: float = REFRESH_INTERVAL) -> list[int]:
@@ -262,6 +327,15 @@ class RoutingTable:
 
     def _index(self, contact_id: bytes) -> int:
         return (self._own_n ^ int.from_bytes(contact_id, "big")).bit_length() - 1
+
+    def _unlearn(self, b: int, contact_id: bytes) -> None:
+        learned = self._learned[b]
+        for j, c in enumerate(learned):
+            if c.id == contact_id:
+                del learned[j]
+                break
+        if not learned:
+            del self._learned[b]
 
     def _crowding(self, entries: list[_Entry], contact: Contact):
         """(reason, crowding entries oldest first) for the first diversity limit

@@ -32,7 +32,6 @@ Scoring rules (PeerScores; time is an argument, like the dht/ cores):
 """
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass
 
@@ -63,14 +62,31 @@ MAX_RECORDS = 1 << 16
 
 # -- conversions ---------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=1 << 16)     # both are immutable; this is the hot path
+# Both are immutable and converting them is the hot path (every reply carries k
+# peers): conversions are cached by id (a bytes hash is computed once per
+# object, a dataclass hash on every call), checked against addr and site.
+# Bounded: emptied when full.
+_CACHE_SIZE = 1 << 16
+_INFOS: dict[bytes, PeerInfo] = {}
+_CONTACTS: dict[bytes, Contact] = {}
+
+
 def to_info(c: Contact) -> PeerInfo:
-    return PeerInfo(c.id, c.addr, c.site)
+    p = _INFOS.get(c.id)
+    if p is None or p.addr != c.addr or p.site != c.site:
+        if len(_INFOS) >= _CACHE_SIZE:
+            _INFOS.clear()
+        p = _INFOS[c.id] = PeerInfo(c.id, c.addr, c.site)
+    return p
 
 
-@functools.lru_cache(maxsize=1 << 16)
 def to_contact(p: PeerInfo) -> Contact:
-    return Contact(p.id, p.addr, p.site)
+    c = _CONTACTS.get(p.id)
+    if c is None or c.addr != p.addr or c.site != p.site:
+        if len(_CONTACTS) >= _CACHE_SIZE:
+            _CONTACTS.clear()
+        c = _CONTACTS[p.id] = Contact(p.id, p.addr, p.site)
+    return c
 
 
 # -- one request, one reply ------------------------------------------------------------
@@ -131,6 +147,8 @@ async def close_quietly(stream) -> None:
 
 async def request(transport, contact: Contact, msg, timeout: float):
     """Send `msg` to `contact` and return its reply, or raise RequestFailed."""
+    if getattr(transport, "rpc_enabled", False):
+        return await _request_rpc(transport, contact, msg, timeout)
     reader = None
     try:
         with trio.fail_after(timeout):
@@ -152,6 +170,34 @@ async def request(transport, contact: Contact, msg, timeout: float):
     if not answers(msg, reply):
         raise RequestFailed("wrong reply", misbehaved=True)
     if reader.trailing:
+        raise RequestFailed("trailing data", misbehaved=True)
+    return reply
+
+
+async def _request_rpc(transport, contact: Contact, msg, timeout: float):
+    """`request` over a transport's one-shot request path (simnet's fast path,
+    simnet/transport.py): the same frame out, the same checks on the frame back."""
+    try:        # the transport enforces the deadline (no cancel scope per request)
+        data = await transport.rpc(contact.id, contact.addr, PROTOCOL, encode_message(msg),
+                                   timeout)
+    except trio.TooSlowError:
+        raise RequestFailed("timeout") from None
+    except (TransportError, trio.BrokenResourceError, trio.ClosedResourceError):
+        raise RequestFailed("unreachable") from None
+    dec = FrameDecoder()
+    try:
+        dec.receive_data(data[:dec.room])
+        dec.receive_data(b"")
+        reply = dec.next_message()
+    except RemoteProtocolError as exc:
+        raise RequestFailed(offence(exc), misbehaved=True) from None
+    if len(data) > MAX_FRAME + HEADER:
+        raise RequestFailed("trailing data", misbehaved=True)
+    if reply is None:
+        raise RequestFailed("unreachable")
+    if not answers(msg, reply):
+        raise RequestFailed("wrong reply", misbehaved=True)
+    if dec.room < MAX_FRAME + HEADER:
         raise RequestFailed("trailing data", misbehaved=True)
     return reply
 
@@ -284,14 +330,55 @@ class Responder:
                 return
             now = trio.current_time()
             deadline.deadline = now + svc.request_timeout       # as long again to answer
-            svc.counters["requests served"] += 1
-            if req.sender is not None and req.sender.id == peer_id:
-                svc.observe(to_contact(req.sender), now)
-            elif req.sender is not None:                        # a claim we cannot check
-                svc.counters["false sender"] += 1
-            await stream.send_all(encode_message(self._answer(req, peer_id, now)))
+            await stream.send_all(encode_message(self._respond(req, peer_id, now)))
         if req is None:                          # the deadline passed inside the request
             svc.penalize(peer_id, "stalled", trio.current_time())
+
+    def handle_rpc(self, data: bytes, peer_id: bytes) -> bytes | None:
+        """The synchronous form of `handle` for a transport's one-shot request
+        path (simnet/transport.py, "Fast requests"): one request frame in, the
+        reply frame out, or None to close without answering. Same checks, same
+        penalties, same answers; never raises."""
+        svc = self.svc
+        now = trio.current_time()
+        try:
+            if not svc.running or svc.scores.banned(peer_id, now):
+                svc.counters["refused"] += 1
+                return None
+            dec = FrameDecoder()
+            try:
+                if len(data) > dec.room:
+                    svc.penalize(peer_id, "oversized", now)
+                    return None
+                dec.receive_data(data)
+                dec.receive_data(b"")
+                req = dec.next_message()
+            except RemoteProtocolError as exc:
+                svc.penalize(peer_id, offence(exc), now)
+                return None
+            if req is None:                      # it asked nothing
+                return None
+            if type(req) not in RESPONSE_TYPE:
+                svc.penalize(peer_id, "not a request", now)
+                return None
+            if dec.room < MAX_FRAME + HEADER:
+                svc.penalize(peer_id, "trailing data", now)
+                return None
+            return encode_message(self._respond(req, peer_id, now))
+        except Exception as exc:                 # a bug: keep it for tests, not for the peer
+            svc.counters["handler errors"] += 1
+            svc.errors.append(exc)
+            log.exception("DHT handler failed")
+            return None
+
+    def _respond(self, req, peer_id: bytes, now: float):
+        svc = self.svc
+        svc.counters["requests served"] += 1
+        if req.sender is not None and req.sender.id == peer_id:
+            svc.observe(to_contact(req.sender), now)
+        elif req.sender is not None:                            # a claim we cannot check
+            svc.counters["false sender"] += 1
+        return self._answer(req, peer_id, now)
 
     async def _read_request(self, reader: FrameReader, peer_id: bytes):
         """The one request of a stream, or None (the peer is penalized if it misbehaved)."""

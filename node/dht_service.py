@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import trio
 
 from dht.contact import Contact
-from dht.keys import bucket_index
+from dht.keys import ID_BITS, bucket_index
 from dht.lookup import ALPHA, FINISHED, K, REQUEST_TIMEOUT, Lookup
 from dht.providers import REPUBLISH_INTERVAL, ProviderStore, Republisher
 from dht.routing import MAX_PER_PREFIX24, REFRESH_K, MAX_PER_SITE, REFRESH_INTERVAL, RoutingTable
@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 EXPIRE_EVERY = 3600.0           # seconds between provider-store sweeps
 LOOKUP_GRACE = 0.5              # seconds a lookup waits past a request's own deadline
 EARLY_STORE_PREFIX = 5          # a provide stores early once this many closest answered
+JOIN_MIN_KNOWN = 2              # a join walks into a far bucket knowing fewer contacts
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +89,10 @@ class DhtService:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                self.transport.set_handler(PROTOCOL, Responder(self).handle)
+                responder = Responder(self)
+                self.transport.set_handler(PROTOCOL, responder.handle)
+                if hasattr(self.transport, "set_rpc_handler"):     # simnet's fast path
+                    self.transport.set_rpc_handler(PROTOCOL, responder.handle_rpc)
                 nursery.start_soon(self._refresh_loop)
                 nursery.start_soon(self._expire_loop)
                 nursery.start_soon(self._republish_loop)
@@ -110,17 +114,45 @@ class DhtService:
         now = trio.current_time()
         for seed in seeds:
             self.observe(seed, now)
-        await self.closest_peers(self.own.id)
-        await self.refresh()
+        peers, _ = await self.closest_peers(self.own.id)
+        # The self-lookup's k closest have all answered, so every bucket nearer
+        # than the farthest of them is complete: a lookup into its range
+        # completed (routing rule 8). Its replies also taught us far contacts
+        # (routing rule 9); a walk is left only for the buckets still knowing
+        # fewer than JOIN_MIN_KNOWN contacts.
+        now = trio.current_time()
+        cover = (bucket_index(self.own.id, peers[-1].id) if len(peers) >= self.k
+                 else ID_BITS)       # fewer than k found: the walk saw everyone it could
+        for i in range(min(cover, ID_BITS)):
+            self.table.touch_bucket(i, now)
+        stale = self.table.stale_buckets(now, self.refresh_interval)
+        for i in stale:
+            if i >= cover and self.table.known(i) < JOIN_MIN_KNOWN:
+                await self._refresh_bucket(i)
 
     async def refresh(self) -> None:
-        """Look up a random id in each stale bucket, farthest first (routing rule 8).
-        Each walk stops once the REFRESH_K closest it found have answered: every
-        peer that answers lands in our table, and a few live contacts per range
-        are what routing needs; a full k-closest walk costs about three times as
-        many requests for the same table."""
+        """Look up a random id in each stale bucket, farthest first (routing rule 8)."""
         for i in self.table.stale_buckets(trio.current_time(), self.refresh_interval):
-            await self.closest_peers(self.table.refresh_target(i), k=REFRESH_K)
+            await self._refresh_bucket(i)
+
+    async def _refresh_bucket(self, i: int) -> None:
+        """One refresh walk into bucket i: a random target in its range, until
+        REFRESH_K peers in that range have answered (or the REFRESH_K closest
+        found have). Every peer that answers lands in our table, and a few live
+        contacts per range are what routing needs: walking on to the target's
+        own k closest costs several times as many requests for the same table."""
+        target = self.table.refresh_target(i)
+        own = self.own.id
+        in_range = 0
+
+        def absorb(peer: Contact, reply) -> bool:
+            nonlocal in_range
+            in_range += bucket_index(own, peer.id) == i
+            return in_range >= REFRESH_K
+
+        await self._walk(target, lambda rid: FindNode(rid, target, self.info), absorb,
+                         k=REFRESH_K)
+        self.table.touch_bucket(i, trio.current_time())
 
     async def find_node(self, target: bytes) -> list[Contact]:
         return (await self.closest_peers(target))[0]
@@ -240,8 +272,8 @@ class DhtService:
         `seeds`: contacts to start from besides the routing table's closest."""
         start = trio.current_time()
         # Each request ends by its own deadline and reports (a timeout is scored or
-        # counted); the lookup's deadline, a little later, is only a backstop.
-        lookup = Lookup(target, [*seeds, *self.table.closest(target, self.k)],
+        # counted); the lookup's own deadline, a little later, never fires first.
+        lookup = Lookup(target, [*seeds, *self.table.closest(target, self.k, learned=True)],
                         own_id=self.own.id, k=k or self.k, alpha=self.alpha,
                         disjoint_paths=self.disjoint_paths,
                         request_timeout=self.request_timeout + LOOKUP_GRACE)
@@ -261,27 +293,32 @@ class DhtService:
                         if on_query is not None:
                             on_query(lookup, step)
                     continue
-                deadline = lookup.next_deadline()
-                with trio.move_on_at(now + self.request_timeout if deadline is None else deadline):
-                    peer, reply = await receive.receive()
-                    now = trio.current_time()
-                    if reply is None:
-                        failures += 1
-                        lookup.on_failure(peer.id, now)
-                        continue
-                    closer = reply.peers if isinstance(reply, Nodes) else reply.closer
-                    if absorb is not None and absorb(peer, reply):
-                        lookup.stop()
-                    lookup.on_success(peer.id, self._usable(closer, now), now)
-                    if on_reply is not None:
-                        on_reply(lookup)
+                # WAITING means a request is in flight, and every request ends
+                # by its own deadline and reports: no timer is needed here.
+                peer, reply = await receive.receive()
+                now = trio.current_time()
+                if reply is None:
+                    failures += 1
+                    lookup.on_failure(peer.id, now)
+                    continue
+                closer = reply.peers if isinstance(reply, Nodes) else reply.closer
+                if absorb is not None and absorb(peer, reply):
+                    lookup.stop()
+                usable = self._usable(closer, now)
+                learn = self.table.learn
+                for c in usable:
+                    learn(c)
+                lookup.on_success(peer.id, usable, now)
+                if on_reply is not None:
+                    on_reply(lookup)
             nursery.cancel_scope.cancel()       # late replies are not needed
         stats = LookupStats(lookup.hops, lookup.queries, failures,
                             trio.current_time() - start)
         return lookup, stats
 
     def _usable(self, peers, now: float) -> list[Contact]:
-        return [to_contact(p) for p in peers if not self.scores.banned(p.id, now)]
+        banned = self.scores.banned
+        return [to_contact(p) for p in peers if not banned(p.id, now)]
 
     async def _fan_out(self, peers: list[Contact], make) -> list:
         replies: list = []

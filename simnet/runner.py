@@ -44,8 +44,9 @@ Phases, all in virtual time:
    sampled keys the runner counts how many of the k closest honest live
    nodes hold the record (the truth, from the nodes' own stores).
 
-Messages: every request is one stream (node/dht_rpc.py), so
-CountingNetwork.connect counts requests. A contextvar names the operation
+Messages: every request is one stream (node/dht_rpc.py) or, on the fast
+path runs use (simnet/transport.py, "Fast requests"), one rpc, so
+CountingNetwork.connect and .rpc count requests. A contextvar names the operation
 a task works for; trio copies it into the tasks a task starts, so the
 requests of a lookup's parallel queries (and the pings its replies trigger)
 are charged to that lookup. What no operation claims is background upkeep
@@ -79,18 +80,25 @@ class CountingNetwork(SimNetwork):
     """A SimNetwork that counts opened streams (= requests), in total and for
     the operation named by the caller's context."""
 
-    def __init__(self, model):
-        super().__init__(model)
+    def __init__(self, model, *, fast_rpc: bool = True):
+        super().__init__(model, fast_rpc=fast_rpc)
         self.requests = 0
         self.attributed = 0
 
-    async def connect(self, src, peer_id, addr, protocol):
+    def _count(self) -> None:
         self.requests += 1
         box = _op.get()
         if box is not None:
             box[0] += 1
             self.attributed += 1
+
+    async def connect(self, src, peer_id, addr, protocol):
+        self._count()
         return await super().connect(src, peer_id, addr, protocol)
+
+    async def rpc(self, src, peer_id, addr, protocol, data, timeout=None):
+        self._count()
+        return await super().rpc(src, peer_id, addr, protocol, data, timeout)
 
 
 @dataclass

@@ -26,6 +26,7 @@ from protocol.dht_messages import (Ack, AddProviders, FindNode, Nodes, Pong, Put
 from protocol.framing import HEADER, MAX_FRAME, FrameDecoder, encode_message
 from simnet.network import NetworkModel
 from simnet.transport import LinkModel, SimNetwork
+from node.transport import TransportError
 
 HOUR = 3600.0
 
@@ -35,9 +36,11 @@ def _contact(rng: random.Random, i: int) -> Contact:
                    f"site{i % 40}")
 
 
-async def start_network(nursery, n: int, *, seed: int = 1, model=None, **opts):
-    """A SimNetwork with n running DhtServices (not yet joined)."""
-    net = SimNetwork(model)
+async def start_network(nursery, n: int, *, seed: int = 1, model=None, fast_rpc=False,
+                        **opts):
+    """A SimNetwork with n running DhtServices (not yet joined); fast_rpc: the
+    one-shot request path simnet runs use (simnet/transport.py)."""
+    net = SimNetwork(model, fast_rpc=fast_rpc)
     await nursery.start(net.run)
     rng = random.Random(seed)
     nodes = []
@@ -588,4 +591,50 @@ async def test_republishing_idles_once_nothing_is_provided(nursery, autojump_clo
     assert trio.current_time() - t0 == 5 * 24 * HOUR
     providers, _ = await nodes[2].find_providers(key)
     assert providers == []
+    assert_healthy(net, nodes)
+
+
+# -- the fast request path (simnet runs) ----------------------------------------------------
+
+async def test_fast_rpc_path_finds_providers_and_drops_misbehaving_peers(nursery,
+                                                                        autojump_clock):
+    """Over SimNetwork(fast_rpc=True) the same service answers through
+    Responder.handle_rpc and asks through dht_rpc._request_rpc: lookups work,
+    bad replies and bad requests cost the same penalties as on streams."""
+    net, nodes = await start_network(nursery, 40, seed=8, fast_rpc=True)
+    await join(nodes)
+    rng = random.Random(8 + 1000)
+    key = rng.randbytes(32)
+    assert await nodes[3].provide(key) == 20
+    for svc in rng.sample(nodes, 5):
+        providers, _ = await svc.find_providers(key)
+        assert nodes[3].own in providers
+    victim = nodes[0]
+    replies = {"garbage": b"\x00\x00\x00\x10" + bytes(range(16)),
+               "wrong reply": encode_message(Pong(1)),
+               "trailing": encode_message(Nodes(7, [])) + b"\x00"}
+    bad = {}
+    for i, (name, reply) in enumerate(replies.items()):
+        c = _contact(rng, 100 + i)
+        net.add_node(c.id, c.addr).set_rpc_handler(PROTOCOL, lambda data, peer, r=reply: r)
+        bad[name] = c
+    for c in bad.values():
+        assert await victim.request(c, FindNode(7, b"t" * 32, victim.info)) is None
+    assert victim.counters["penalty: malformed"] == 1
+    assert victim.counters["penalty: wrong reply"] == 1
+    assert victim.counters["penalty: trailing data"] == 1
+    for i, (payload, reason) in enumerate([(b"\x00\x00\x00\x05hello", "malformed"),
+                                           ((2**32 - 1).to_bytes(HEADER, "big"), "oversized"),
+                                           (encode_message(Pong(1)), "not a request")]):
+        c = _contact(rng, 200 + i)
+        attacker = net.add_node(c.id, c.addr)
+        before = victim.counters[f"penalty: {reason}"]
+        with pytest.raises(TransportError):                 # closed without a reply
+            await attacker.rpc(victim.own.id, victim.own.addr, PROTOCOL, payload)
+        assert victim.counters[f"penalty: {reason}"] == before + 1, (reason, victim.counters)
+    reply = await nodes[1].transport.rpc(victim.own.id, victim.own.addr, PROTOCOL,
+                                         encode_message(FindNode(5, b"t" * 32)))
+    dec = FrameDecoder()
+    dec.receive_data(reply)
+    assert isinstance(dec.next_message(), Nodes)
     assert_healthy(net, nodes)

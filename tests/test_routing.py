@@ -472,3 +472,52 @@ def test_random_operations_keep_the_table_consistent(scenario):
         check_invariants(rt, own, [own, target, c.id])
     for b in range(ID_BITS):
         assert bucket_index(own, rt.refresh_target(b)) == b
+
+
+# -- rule 9: learned contacts ------------------------------------------------------
+
+def test_learned_contacts_fill_only_room_and_stay_out_of_answers_to_others():
+    rt = table(k=3)
+    a, b, c, d = peer(1), peer(2), peer(3), peer(4)
+    rt.observe(a, 0)
+    assert rt.learn(b) and rt.learn(c)
+    assert not rt.learn(b) and not rt.learn(a)          # known already
+    assert not rt.learn(d)                              # member + learned fill k
+    assert not rt.learn(Contact(OWN, "/ip4/10.9.9.1/tcp/4001"))
+    assert rt.known(FAR) == 3 and len(rt) == 1 and rt.learned(FAR) == [b, c]
+    assert rt.closest(OWN, 10) == [a]                   # never handed to other peers
+    t = as_int(OWN)
+    assert rt.closest(OWN, 10, learned=True) == sorted([a, b, c], key=lambda x: t ^ x.n)
+    assert rt.stale_buckets(now=20, interval=10) == [FAR]  # learning is not hearing
+    rt.observe(b, 5)                                    # it answered: a member now
+    assert rt.buckets()[FAR] == [a, b] and rt.learned(FAR) == [c]
+    rt.failed(c.id, 6)                                  # one failure forgets it
+    assert rt.learned(FAR) == [] and rt.known(FAR) == 2
+    near = peer(9, 10)
+    assert rt.learn(near) and rt.closest(near.id, 1, learned=True) == [near]
+    rt.remove(near.id)
+    assert rt.known(10) == 0
+
+
+@given(st.lists(st.tuples(st.sampled_from(["observe", "learn", "failed"]),
+                          st.integers(0, 40), st.sampled_from([FAR, 250, 200, 3])),
+                max_size=80),
+       st.binary(min_size=32, max_size=32))
+@settings(max_examples=60, deadline=None)
+def test_closest_with_learned_is_the_sorted_union(ops, target):
+    rt = table(k=3)
+    for t, (op, n, b) in enumerate(ops):
+        c = peer(n, b)
+        if op == "observe":
+            rt.observe(c, t)
+        elif op == "learn":
+            rt.learn(c)
+        else:
+            rt.failed(c.id, t)
+    every = [c for bucket in rt.buckets() for c in bucket]
+    every += [c for i in range(ID_BITS) for c in rt.learned(i)]
+    assert len({c.id for c in every}) == len(every)     # learned never duplicates a member
+    tn = as_int(target)
+    want = sorted(every, key=lambda c: tn ^ c.n)
+    for n in (1, 3, 7, 100):
+        assert rt.closest(target, n, learned=True) == want[:n]

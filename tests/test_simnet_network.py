@@ -471,3 +471,64 @@ async def test_scale_smoke_5000_nodes_20000_streams(nursery, autojump_clock):
     assert net.handler_errors == []
     print(f"\nscale smoke: 5000 nodes, 20000 streams, {trio.current_time():.1f} s "
           f"virtual, {wall:.2f} s wall")
+
+
+# -- the fast request path (SimNetwork(fast_rpc=True)) -----------------------------
+
+async def start_rpc_net(nursery, model, regions):
+    net = SimNetwork(model, fast_rpc=True)
+    await nursery.start(net.run)
+    nodes = []
+    for i, region in enumerate(regions):
+        model.set_region(addr(i), region)
+        t = net.add_node(pid(i), addr(i))
+        t.set_rpc_handler(REQ, lambda data, peer: b"re:" + data)
+        nodes.append(t)
+    return net, nodes
+
+
+async def test_rpc_takes_one_round_trip_and_reports_failures_like_streams(nursery,
+                                                                          autojump_clock):
+    model = NetworkModel(rng=random.Random(1))
+    net, (a, b, c) = await start_rpc_net(nursery, model, ["na-east", "ap-east", "eu-west"])
+    assert a.rpc_enabled and not SimNetwork(model).fast_rpc
+    t0 = trio.current_time()
+    assert await a.rpc(b.peer_id, b.addr, REQ, b"x") == b"re:x"
+    assert trio.current_time() - t0 == pytest.approx(DEFAULT_RTT["na-east", "ap-east"])
+    with pytest.raises(TransportError):                     # nobody speaks it
+        await a.rpc(b.peer_id, b.addr, "/other/1", b"x")
+    with pytest.raises(TransportError):                     # wrong peer id at that address
+        await a.rpc(pid(9), b.addr, REQ, b"x")
+    b.set_rpc_handler(REQ, lambda data, peer: None)         # closes without a reply
+    with pytest.raises(TransportError):
+        await a.rpc(b.peer_id, b.addr, REQ, b"x")
+    model.set_fault(c.addr, "hang")                         # never answers: callers time out
+    with trio.move_on_after(30) as scope:
+        await a.rpc(c.peer_id, c.addr, REQ, b"x")
+    assert scope.cancelled_caught
+    model.clear_fault(c.addr)
+    model.set_fault(c.addr, "drop")
+    with pytest.raises(TransportError):
+        await a.rpc(c.peer_id, c.addr, REQ, b"x")
+    model.clear_fault(c.addr)
+    model.set_fault(c.addr, "corrupt", flips=1)             # what c sends is corrupted
+    assert await a.rpc(c.peer_id, c.addr, REQ, b"abc") != b"re:abc"
+
+
+async def test_rpc_fails_when_the_peer_leaves_while_the_request_is_out(nursery,
+                                                                       autojump_clock):
+    model = NetworkModel(rng=random.Random(1))
+    net, (a, b) = await start_rpc_net(nursery, model, ["na-east", "ap-east"])
+    got = []
+
+    async def ask():
+        try:
+            got.append(await a.rpc(b.peer_id, b.addr, REQ, b"x"))
+        except TransportError as exc:
+            got.append(exc)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(ask)
+        await trio.sleep(DEFAULT_RTT["na-east", "ap-east"] / 4)
+        net.remove_node(b.addr)
+    assert len(got) == 1 and isinstance(got[0], TransportError)

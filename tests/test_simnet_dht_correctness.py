@@ -1,0 +1,90 @@
+"""Lookup correctness after a simnet join: a FIND_NODE walk from a random node
+finds the true k closest live nodes (brute force over every node's id).
+
+The join is the real one (simnet/runner.py phases 1-3: DhtService.bootstrap
+through the bootstrap nodes, joins spread over the join window); then, instead
+of the workload, `lookups` walks for random targets from random nodes are
+checked against the truth. A "wrong region" lookup is one whose nearest
+result is not within the true k closest (it converged somewhere else); the
+check wants none, and every result equal to the truth.
+
+Run at larger sizes as a script:
+    .venv/bin/python tests/test_simnet_dht_correctness.py 3000 300
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from simnet import runner                                  # noqa: E402
+from simnet.scenario import parse                          # noqa: E402
+
+
+class _CheckSim(runner._Sim):
+    lookups = 100
+
+    async def _workload(self) -> dict:
+        rng = self.rng_work
+        k = self.sc.dht.k
+        nodes = list(self.live.values())
+        ids = [n.svc.own.n for n in nodes]
+        exact = wrong_region = missing = 0
+        for _ in range(self.lookups):
+            target = rng.randbytes(32)
+            node = rng.choice(nodes)
+            t = int.from_bytes(target, "big")
+            truth = sorted((i for i in ids if i != node.svc.own.n), key=lambda i: t ^ i)[:k]
+            got = [c.n for c in await node.svc.find_node(target)]
+            if got == truth:
+                exact += 1
+            else:
+                missing += len(set(truth) - set(got))
+                if not got or got[0] not in truth:
+                    wrong_region += 1
+        return {"check": {"lookups": self.lookups, "exact": exact,
+                          "wrong_region": wrong_region, "missing": missing}}
+
+
+def check(nodes: int, lookups: int, seed: int = 1, bootstrap: int = 5,
+          join_window: float = 120.0) -> dict:
+    sc = parse(f"""
+seed = {seed}
+[network]
+nodes = {nodes}
+bootstrap_nodes = {bootstrap}
+join_window = {join_window}
+[workload]
+provides = 0
+lookups = 0
+reprovide = false
+""", src="check.toml", default_name="check")
+    runner.seed_scheduler(sc.seed)
+    sim = _CheckSim(sc)
+    sim.lookups = lookups
+    metrics = trio.run(sim.run, clock=trio.testing.MockClock(autojump_threshold=0))
+    return metrics["check"]
+
+
+def test_lookups_after_join_find_the_true_k_closest():
+    got = check(nodes=600, lookups=100)
+    assert got["wrong_region"] == 0
+    assert got["exact"] == got["lookups"], got
+
+
+@pytest.mark.slow
+def test_lookups_after_join_find_the_true_k_closest_3000_nodes():
+    got = check(nodes=3000, lookups=300, bootstrap=10, join_window=300.0)
+    assert got["wrong_region"] == 0
+    assert got["exact"] >= 0.99 * got["lookups"], got
+
+
+if __name__ == "__main__":
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 3000
+    m = int(sys.argv[2]) if len(sys.argv) > 2 else 300
+    print(check(nodes=n, lookups=m, bootstrap=10 if n >= 2000 else 5,
+                join_window=600.0 if n >= 5000 else 300.0 if n >= 2000 else 120.0))
