@@ -68,7 +68,7 @@ from .transport import TransportError
 
 log = logging.getLogger(__name__)
 
-FANOUT = 4
+FANOUT = 3
 SUBSCRIPTION_TTL = 300.0
 MAX_SUBSCRIBERS = 64
 SYNC_INTERVAL = 30.0

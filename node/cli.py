@@ -396,7 +396,7 @@ def simnet_run(scenario, nodes, seed, out, as_json):
               help="one-way link delay, seconds")
 @click.option("--seed", type=int, default=1, show_default=True)
 @click.option("--entries", type=click.IntRange(1, 10_000), default=20, show_default=True)
-@click.option("--fanout", type=click.IntRange(0, 64), default=4, show_default=True)
+@click.option("--fanout", type=click.IntRange(0, 64), default=3, show_default=True)
 @click.option("--sync-interval", type=click.FloatRange(0.1, 3600.0), default=5.0,
               show_default=True, help="anti-entropy period, seconds")
 @json_option

@@ -30,7 +30,7 @@ import trio
 import trio.testing
 
 from dht.contact import Contact
-from node.audit_gossip import AuditGossip
+from node.audit_gossip import FANOUT, AuditGossip
 from node.audit_log import AuditLog
 from node.dht_service import DhtService
 from node.identity import Identity
@@ -49,7 +49,7 @@ class GossipConfig:
     seed: int = 1
     entries: int = 20
     spacing: float = 2.0                # s between the spread phase's entries
-    fanout: int = 6
+    fanout: int = FANOUT
     sync_interval: float = 5.0
     partition_entries: int = 10         # per side
     partition_time: float = 30.0

@@ -52,6 +52,8 @@ def test_backup_on_a_is_verified_from_d_with_challenges_to_b_and_c(tmp_path, nod
         return {"backup", "replica"} <= kinds
     poll(d_knows, 60, "A's, B's and C's logs at D", interval=0.5)
 
+    st = d.cli.json("status")["audit"]                     # gossip figures in `status`
+    assert st["entries_added"] >= 3 and st["neighbours"] >= 1 and st["rejected"] == 0
     doc = d.cli.json("verify", mid, "--network")
     assert doc["ok"] is True, doc
     e = doc["backup_entry"]
