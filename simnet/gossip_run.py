@@ -114,6 +114,7 @@ async def _run(cfg: GossipConfig) -> dict:
         join_wall = time.perf_counter() - wall0
         for n in nodes:
             await nursery.start(n.gossip.run)
+        await trio.sleep(5.0)            # the overlay forms (neighbours chosen, Hellos sent)
 
         def traffic(kind="out"):
             return sum(n.gossip.counters[f"bytes {kind}"] for n in nodes)
