@@ -7,6 +7,8 @@ implementation can run its blocking SQLite / pack-file work in a thread):
         manifest(mid) -> bytes | None        canonical manifest encoding
         have(cids) -> list[bool]
         get(cid) -> (codec, raw_len, payload) | None
+                                             payload: bytes-like (StoreSource: a
+                                             memoryview of the record read, no copy);
                                              codec is exchange.CODEC_RAW or CODEC_ZSTD:
                                              a delta record is decoded and re-encoded
                                              (exchange.data_from_plain), never sent as stored
@@ -140,7 +142,7 @@ class StoreSource:
             codec, raw_len, stored = self.store.read_stored(cid, loc)
         except IntegrityError:
             return None                   # damaged here: say Missing, let others serve it
-        return codec, raw_len, bytes(stored)
+        return codec, raw_len, stored     # a view of the record as read: no copy
 
     async def get(self, cid: bytes) -> Stored | None:
         return await _run(self.threaded, self._get, cid)

@@ -35,6 +35,11 @@ third party is detected: a TCP close without it is a TransportError). Any
 failure to authenticate a record closes the channel with FastChannelError (a
 TransportError): tampered bytes are never delivered.
 
+Memory: records are sealed into one send buffer per stream (reused, no fresh
+buffer per chunk) and read into one receive buffer; the first stream of a
+process calls tune_malloc() so that the ~1 MiB buffers the bulk path allocates
+and frees per chunk are reused instead of page-faulted in again each time.
+
 Stream semantics as node/transport.py's: send_all, receive_some(max) (b"" at the
 end of stream), aclose(); plus send_parts(parts), which packs several buffers into
 one record per part, in one send (a Data header, then its payload whole).
@@ -77,6 +82,39 @@ _LEN = struct.Struct(">I")
 ENV_DISABLE = "HYPERSDK_NO_FAST_CHANNEL"
 
 
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+MALLOC_MMAP_THRESHOLD = 32 << 20      # > any record or chunk payload (4 MiB, 8 MiB)
+MALLOC_TRIM_THRESHOLD = 128 << 20
+_malloc_tuned: bool | None = None
+
+
+def tune_malloc() -> bool:
+    """Keep the buffers of bulk traffic in the process (glibc; once per process).
+
+    Every chunk record allocates ~1 MiB buffers (a decrypted record, a pack read)
+    that die a few ms later. With glibc's defaults (a dynamic mmap threshold, and
+    a trim threshold of twice that) freed ones are handed back to the kernel
+    (munmap, or madvise / brk trim of the arena top), so each new one faults its
+    pages in again: ~170,000 page faults per 2 GiB swarm restore on the leecher,
+    paid partly inside AES-GCM calls that hold the GIL. Fixed thresholds above
+    the largest buffer keep that memory for reuse instead; peak RSS stays the
+    peak of live buffers (bounded by the windows), it just is not given back in
+    between. Returns whether it was applied (False off glibc)."""
+    global _malloc_tuned
+    if _malloc_tuned is None:
+        _malloc_tuned = False
+        try:
+            import ctypes
+            mallopt = ctypes.CDLL(None).mallopt
+            mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+            _malloc_tuned = (mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD) == 1
+                             and mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD) == 1)
+        except (OSError, AttributeError):
+            pass
+    return _malloc_tuned
+
+
 class FastChannelError(TransportError):
     """The channel failed: handshake refused, identity mismatch, a bad record."""
 
@@ -110,6 +148,7 @@ class FastStream:
 
     def __init__(self, stream: trio.SocketStream, send_key: bytes, recv_key: bytes,
                  peer_id: bytes):
+        tune_malloc()
         self._stream = stream
         self._sock = stream.socket
         self._enc = AESGCM(send_key)
@@ -119,6 +158,7 @@ class FastStream:
         self.peer_id = peer_id
         self.tally = None          # an object with bytes_in/bytes_out (node `peers`), or None
         self._rbuf = bytearray(MAX_RECORD + TAG_LEN)
+        self._sbuf = bytearray()       # records are sealed into it (reused: see _seal_many)
         self._pending = b""
         self._off = 0
         self._eof = False
@@ -128,13 +168,18 @@ class FastStream:
 
     # -- sending ---------------------------------------------------------------------------
     def _seal(self, plain) -> bytes:
-        return self._seal_many((plain,))
+        return bytes(self._seal_many((plain,)))
 
-    def _seal_many(self, plains) -> bytearray:
-        """Records of each plaintext, encrypted straight into one buffer (no copy
-        of a plaintext other than its encryption)."""
-        out = bytearray(sum(4 + len(p) + TAG_LEN for p in plains))
-        view = memoryview(out)
+    def _seal_many(self, plains) -> memoryview:
+        """Records of each plaintext, encrypted straight into the stream's send
+        buffer (no copy of a plaintext other than its encryption). The buffer is
+        reused by the next call, so the caller (holding _send_lock) sends the view
+        before sealing again: a fresh 1 MiB buffer per chunk cost a page fault per
+        4 KiB written into it."""
+        total = sum(4 + len(p) + TAG_LEN for p in plains)
+        if len(self._sbuf) < total:
+            self._sbuf = bytearray(total)
+        view = memoryview(self._sbuf)[:total]
         o = 0
         for p in plains:
             n = len(p) + TAG_LEN
@@ -145,8 +190,8 @@ class FastStream:
             self._enc.encrypt_into(nonce, p, prefix, view[o + 4:o + 4 + n])
             o += 4 + n
         if self.tally is not None:
-            self.tally.bytes_out += len(out)
-        return out
+            self.tally.bytes_out += total
+        return view
 
     async def _send_records(self, plains) -> None:
         if self._closed or self._sent_eof:

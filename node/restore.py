@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import queue
 import threading
 import time
 from collections import deque
@@ -43,12 +44,29 @@ class StagedImage:
     node/replication.py), which restore() then completes instead of starting over.
 
     stage(out, manifest_id) creates the temporary file restore() would create and
-    registers it under OUT; the fetch calls write_many([(cid, plain), ...]) from a
-    worker thread for every verified new chunk (written at each position the chunk
-    has in the image); restore(store, ref, OUT) takes the stage if it is for the
-    same manifest, writes only the positions not written yet (read and verified
-    from the store as usual), syncs and renames. OUT stays untouched until then;
-    discard() (or a restore of anything else) removes the temporary file."""
+    registers it under OUT; the fetch hands it every verified new chunk, which is
+    written at each position the chunk has in the image; restore(store, ref, OUT)
+    takes the stage if it is for the same manifest, writes only the positions not
+    written yet (read and verified from the store as usual), syncs and renames. OUT
+    stays untouched until then; discard() (or a restore of anything else) removes
+    the temporary file.
+
+    Two ways in, both from worker threads:
+      write_many([(cid, plain), ...])     writes at once (synchronous);
+      buf = buffer(n); ...; submit(cid, buf, n)
+                                          the fetch's verifiers decode a chunk straight
+                                          into a page-aligned buffer of the stage's
+                                          pool and, once it is verified, submit it;
+                                          one writer thread writes it (O_DIRECT with no
+                                          copy) and returns the buffer to the pool.
+                                          buffer() blocks while all POOL_BYTES are
+                                          queued (backpressure), so verifying never
+                                          waits for the disk unless the disk is behind.
+                                          release(buf) returns an unused buffer.
+    finish() waits for the queued writes and stops the writer, raising its first
+    error (restore() calls it before it takes the file; the fetch before it ends)."""
+
+    POOL_BYTES = 24 << 20
 
     def __init__(self, out: str, manifest_id: bytes):
         self.out = os.path.abspath(out)
@@ -61,7 +79,13 @@ class StagedImage:
         self.positions: dict[bytes, list[int]] = {}
         self.chunk_size = 0
         self.size = 0
+        self.capacity = 0                 # bytes a pool buffer holds (chunk_size + 1)
         self._lock = threading.Lock()
+        self._free: queue.SimpleQueue | None = None
+        self._queue: queue.Queue | None = None
+        self._writer: threading.Thread | None = None
+        self._closed = False
+        self._error: BaseException | None = None
 
     def begin(self, m, ids) -> None:
         """The manifest and every position's chunk id (ZERO_ID for zero chunks)."""
@@ -82,8 +106,107 @@ class StagedImage:
                 with self._lock:
                     self.written.add(i)
 
+    # -- the pool and the writer thread
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._writer is not None or self._closed or self.fd is None:
+                return
+            self.capacity = self.chunk_size + 1
+            size = -(-(self.capacity) // _ALIGN) * _ALIGN
+            self._free = queue.SimpleQueue()
+            for _ in range(max(4, self.POOL_BYTES // size)):
+                self._free.put(mmap.mmap(-1, size))
+            self._queue = queue.Queue()
+            self._writer = threading.Thread(target=self._write_loop, daemon=True,
+                                            name="stage-writer")
+            self._writer.start()
+
+    def buffer(self, n: int):
+        """A page-aligned buffer for a chunk of n <= capacity bytes (blocks while
+        every buffer is queued for writing); RuntimeError once the stage is closed."""
+        if self._writer is None:
+            self._start()
+        if self._error is not None:
+            raise self._error
+        if self._closed or self._free is None:
+            raise RuntimeError("the staged image is closed")
+        if n > self.capacity - 1:
+            raise ValueError(f"a {n}-byte chunk does not fit the stage's buffers")
+        buf = self._free.get()
+        if buf is None:                   # closed: pass the sentinel on to other waiters
+            self._free.put(None)
+            raise RuntimeError("the staged image is closed")
+        return buf
+
+    def release(self, buf) -> None:
+        self._free.put(buf)
+
+    def submit(self, cid: bytes, buf, n: int) -> None:
+        """Queue buf[:n], a verified plaintext from buffer(), for writing at cid's
+        positions; the buffer goes back to the pool once written (a stage closed
+        meanwhile leaves those positions to restore())."""
+        if self._closed:
+            self._free.put(buf)
+            return
+        self._queue.put((cid, buf, n))
+
+    def _write_loop(self) -> None:
+        q = self._queue
+        while True:
+            item = q.get()
+            try:
+                if item is None:
+                    return
+                cid, buf, n = item
+                try:
+                    if self._error is None:
+                        self.write_aligned(cid, buf, n)
+                except BaseException as exc:      # reported by buffer() and finish()
+                    self._error = exc
+                finally:
+                    self._free.put(buf)
+            finally:
+                q.task_done()
+
+    def finish(self) -> None:
+        """Wait for every submitted write, stop the writer; raise its first error."""
+        with self._lock:
+            self._closed = True
+        w = self._writer
+        if w is not None:
+            self._queue.put(None)
+            w.join()
+            self._writer = None
+            self._free.put(None)          # a buffer() still waiting fails instead
+        if self._error is not None:
+            raise self._error
+
+    def write_aligned(self, cid: bytes, buf, n: int) -> None:
+        """Write a verified plaintext held at buf[:n] at its positions. buf is
+        page-aligned (an mmap) with room for n rounded up to a page: O_DIRECT writes
+        go straight from it (its bytes past n are zeroed), no copy."""
+        if self.direct:
+            padded = -(-n // _ALIGN) * _ALIGN
+            if padded > n:
+                buf[n:padded] = bytes(padded - n)
+            view = memoryview(buf)[:padded]
+        else:
+            view = memoryview(buf)[:n]
+        try:
+            for i in self.positions.get(cid, ()):
+                _pwrite_all(self.fd, view, i * self.chunk_size)
+                with self._lock:
+                    self.written.add(i)
+        finally:
+            view.release()
+
     def discard(self) -> None:
         _STAGED.pop(self.out, None)
+        try:
+            self.finish()
+        except BaseException:
+            pass                          # discarded anyway
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
@@ -137,6 +260,10 @@ def _restore(store, ref, out, force, progress, on_wait, workers, direct, staged)
             raise UserError(f"{parent}: no such directory")
         skip: set[int] = set()
         if staged is not None and staged.manifest_id == m.id and staged.fd is not None:
+            try:
+                staged.finish()               # its queued writes are in the file
+            except OSError as exc:
+                raise UserError(f"cannot write {out}: {exc.strerror}") from None
             tmp, fd, direct = staged.tmp, staged.fd, staged.direct
             staged.fd = None                  # ours now
             skip = staged.written

@@ -23,9 +23,10 @@ Steps of one download (every wait bounded):
    (Have ranges of MAX_HAVE, in parallel across peers).
 6. The plan loop (SwarmPlan's docstring, "The glue loop"): expire(now);
    send next_requests(now) as Get batches on each peer's session; wait for
-   the next event or deadline; for each Data: open_data (verify) ->
-   sink.put -> plan.on_data; ChunkHashMismatch or an undecodable payload ->
-   plan.on_bad (the plan bans after max_bad) and the DHT's scores are told
+   the next event or deadline; for each Data: open_data_into (verify; a
+   new chunk then goes to the tee) -> sink.put -> plan.on_data;
+   ChunkHashMismatch or an undecodable payload -> plan.on_bad (the plan
+   bans after max_bad) and the DHT's scores are told
    (`scores.penalize(peer, "malformed", now)`, if given); Missing ->
    plan.on_missing; a session that fails -> plan.remove_peer (only its
    in-flight chunks go back to the pool).
@@ -43,16 +44,26 @@ a chunk no provider holds is an error, never a hang.
 
 Time is trio.current_time() (virtual under simnet's MockClock); verification
 and MemorySink/StoreSink(threaded=False) are synchronous there, so simulated
-throughput is exact. Real nodes pass verify_in_thread=True: open_data runs in
-a worker thread (BLAKE3 and zstd release the GIL), so the session readers keep
-the sockets drained meanwhile. The sink is given the verified wire payload
-too (sink.put(cid, plain, wire=...)): a store keeps it as received instead of
-compressing the plaintext again.
+throughput is exact. Real nodes pass verify_in_thread=True: the Data events of a
+batch (up to VERIFY_BATCH) are split into up to VERIFY_THREADS shares, each verified
+in one worker thread (BLAKE3 and zstd release the GIL), so the session readers keep
+the sockets drained meanwhile. A zstd payload is decompressed into a reusable
+page-aligned buffer (protocol.exchange.open_data_into): the thread's scratch
+buffer, or for a new chunk of a restore one of the tee's pool buffers, which goes
+to the tee's writer thread once verified (O_DIRECT straight from it; verifying
+never waits for the disk unless the pool is used up). No per-chunk plaintext
+allocation; the plaintext is only copied out when the sink or the phase needs it
+(sink.needs_plain, hash lists). The sink is given the verified wire payload
+(sink.put(cid, plain, wire=...)): a store keeps it as received instead of
+compressing the plaintext again; it stores a batch in the background while the
+next one is verified (double buffering).
 """
 from __future__ import annotations
 
+import mmap
 import os
 import random
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -60,7 +71,7 @@ import trio
 
 from protocol.chunks import ID_LEN, ZERO_ID
 from protocol.errors import ChunkHashMismatch, RemoteProtocolError
-from protocol.exchange import MAX_HAVE, open_data, open_manifest
+from protocol.exchange import CODEC_RAW, MAX_HAVE, open_data_into, open_manifest
 from protocol.manifest import Manifest, decode_manifest, split_list
 
 from .exchange_client import ChunkData, ChunkMissing, ExchangeSession, SessionFailed
@@ -68,16 +79,56 @@ from .swarm_plan import SwarmPlan, Tunables
 from .transport import TransportError
 
 EVENT_BUFFER = 256
-VERIFY_BATCH = 16        # events applied together (bounds the plaintexts held at once)
+VERIFY_BATCH = 32        # events applied together (bounds the payloads held at once)
 VERIFY_THREADS = max(2, min(4, os.cpu_count() or 2))
+_PAGE = mmap.PAGESIZE
+_tls = threading.local()
 
 
-def _verify(msg):
-    """open_data(msg), or the ChunkHashMismatch / RemoteProtocolError it raised."""
-    try:
-        return open_data(msg)
-    except (ChunkHashMismatch, RemoteProtocolError) as exc:
-        return exc
+def _scratch(n: int) -> mmap.mmap:
+    """This thread's page-aligned plaintext buffer, of at least n bytes. Reused for
+    every chunk the thread verifies: a fresh 1 MiB plaintext per chunk cost a page
+    fault per 4 KiB (glibc hands freed thread-arena memory back to the kernel)."""
+    buf = getattr(_tls, "buf", None)
+    if buf is None or len(buf) < n:
+        buf = _tls.buf = mmap.mmap(-1, -(-n // _PAGE) * _PAGE)
+    return buf
+
+
+def _open_batch(msgs, writes, tee, keep: bool) -> list:
+    """Verify Data messages in this thread, one result per message: the
+    ChunkHashMismatch / RemoteProtocolError open_data_into raised, else the
+    plaintext bytes (keep) or True. writes[i]: message i is a new chunk whose
+    verified plaintext goes into the tee (the image): decoded straight into one of
+    the tee's pool buffers (tee.buffer) and submitted to its writer thread (or,
+    for a tee without a pool, written with tee.write_many)."""
+    out = []
+    pooled = hasattr(tee, "submit")
+    for msg, write in zip(msgs, writes):
+        raw = msg.codec == CODEC_RAW
+        own = None                        # a tee pool buffer this message holds
+        if write and pooled and msg.raw_len <= tee.chunk_size:
+            own = buf = tee.buffer(msg.raw_len)
+        else:
+            buf = None if raw else _scratch(msg.raw_len + _PAGE)
+        try:
+            plain = open_data_into(msg, buf)
+        except (ChunkHashMismatch, RemoteProtocolError) as exc:
+            if own is not None:
+                tee.release(own)
+            out.append(exc)
+            continue
+        out.append((msg.payload if raw else bytes(plain)) if keep else True)
+        if write:
+            if own is not None:
+                if raw:
+                    own[:msg.raw_len] = msg.payload
+                plain.release()
+                tee.submit(msg.id, own, msg.raw_len)   # the writer thread owns it now
+            else:
+                tee.write_many([(msg.id, plain)])
+        plain.release()
+    return out
 
 
 class DownloadError(Exception):
@@ -139,10 +190,14 @@ class Downloader:
                  request_timeout: float = 30.0, verify_in_thread: bool = False,
                  fast=None, tee=None):
         self.transport = transport
-        # tee: gets every position's chunk id (tee.begin(manifest, ids)) and, from a
-        # worker thread, the verified plaintext of each new chunk
-        # (tee.write_many([(cid, plain)])): node.restore.StagedImage writes the image
-        # while it downloads. Real nodes only (verify_in_thread).
+        # tee: gets every position's chunk id (tee.begin(manifest, ids)) and, right
+        # after its check (in a worker thread when verify_in_thread), the verified
+        # plaintext of each new chunk: with a buffer pool (node.restore.StagedImage:
+        # buffer/submit/release, written by its own writer thread) the chunk is
+        # decoded straight into a pool buffer and submitted; else
+        # tee.write_many([(cid, plain)]). tee.finish() (if it has one) at the end of
+        # the chunk phase waits for the queued writes and raises a write error.
+        # StagedImage writes the image while it downloads.
         self.tee = tee
         self.fast = fast                  # node.fast_channel.FastDialer, or None
         self.verify_in_thread = verify_in_thread
@@ -324,11 +379,16 @@ class Downloader:
         res.chunks_local += len(first) - len(need)
         if self.tee is not None:
             self.tee.begin(m, ids)
-        if not need:
-            return
-        sizes = {c: m.chunk_len(first[c]) for c in need}
-        haves = await self._haves(mid, ids, set(need))
-        await self._swarm("chunks", mid, need, sizes, haves, recv, res, None)
+        if need:
+            sizes = {c: m.chunk_len(first[c]) for c in need}
+            haves = await self._haves(mid, ids, set(need))
+            await self._swarm("chunks", mid, need, sizes, haves, recv, res, None)
+        finish = getattr(self.tee, "finish", None)
+        if finish is not None:                # the image's queued writes are done
+            if self.verify_in_thread:
+                await trio.to_thread.run_sync(finish)
+            else:
+                finish()
 
     async def _haves(self, mid: bytes, ids: list, need: set) -> dict:
         out: dict[bytes, set] = {}
@@ -366,8 +426,8 @@ class Downloader:
             if peer in self._sessions and not self._sessions[peer].closed:
                 plan.add_peer(peer, have)
         needed = set(need)
-        keep_plain = getattr(self.sink, "needs_plain", True) or (
-            self.tee is not None and phase == "chunks")
+        keep_plain = getattr(self.sink, "needs_plain", True) or on_chunk is not None
+        tee = self.tee if phase == "chunks" else None
         done: set[bytes] = set()
         needed_bytes = sum(sizes[c] for c in need)
         done_bytes = 0
@@ -380,43 +440,63 @@ class Downloader:
                     dict(self._by_peer), tuple(sorted(self._banned))))
 
         async def handle_batch(evs) -> bool:
-            """Apply events in order; the Data ones are verified first, in parallel
-            worker threads when verify_in_thread (at most VERIFY_THREADS at once),
-            and their puts go to the sink as one batch. True when a chunk completed."""
-            verified: dict[int, object] = {}
+            """Apply events in order; the Data ones are verified first (and, when
+            new, written into the tee right after their check, from the buffer they
+            were decoded into), in up to VERIFY_THREADS worker threads when
+            verify_in_thread, each taking a share of the batch; their puts go to
+            the sink as one batch. True when a chunk completed."""
             datas = [i for i, ev in enumerate(evs) if type(ev) is ChunkData]
-            if self.verify_in_thread and len(datas) > 1:
-                limiter = trio.CapacityLimiter(VERIFY_THREADS)
+            results: dict[int, object] = {}
+            if datas:
+                msgs = [evs[i].data for i in datas]
+                writes = []
+                if tee is not None:
+                    claimed = set()          # the first copy of a new chunk is written
+                    for msg in msgs:
+                        cid = msg.id
+                        w = cid in needed and cid not in done and cid not in claimed
+                        if w:
+                            claimed.add(cid)
+                        writes.append(w)
+                else:
+                    writes = [False] * len(msgs)
+                k = min(VERIFY_THREADS, len(msgs)) if self.verify_in_thread else 1
+                if k > 1:
+                    groups = [None] * k
 
-                async def one(i):
-                    verified[i] = await trio.to_thread.run_sync(
-                        _verify, evs[i].data, limiter=limiter)
+                    async def one(g):
+                        groups[g] = await trio.to_thread.run_sync(
+                            _open_batch, msgs[g::k], writes[g::k], tee, keep_plain)
 
-                async with trio.open_nursery() as n:
-                    for i in datas:
-                        n.start_soon(one, i)
-            elif self.verify_in_thread and datas:
-                verified[datas[0]] = await trio.to_thread.run_sync(_verify, evs[datas[0]].data)
-            else:
-                for i in datas:
-                    verified[i] = _verify(evs[i].data)
+                    async with trio.open_nursery() as n:
+                        for g in range(k):
+                            n.start_soon(one, g)
+                    out = [None] * len(msgs)
+                    for g in range(k):
+                        out[g::k] = groups[g]
+                elif self.verify_in_thread:
+                    out = await trio.to_thread.run_sync(
+                        _open_batch, msgs, writes, tee, keep_plain)
+                else:
+                    out = _open_batch(msgs, writes, tee, keep_plain)
+                results = dict(zip(datas, out))
             puts: list = []
             progressed = False
             for i, ev in enumerate(evs):
-                progressed |= handle(ev, verified.get(i), puts)
+                progressed |= handle(ev, results.get(i), puts)
             if puts:
                 if self.verify_in_thread and self._nursery is not None:
-                    # double buffering: this batch is written while the next is verified
+                    # double buffering: this batch is stored while the next is verified
                     await self._put_wait()
                     self._put_ev = trio.Event()
                     self._nursery.start_soon(self._put_bg, puts, self._put_ev)
                 else:
-                    await self._put_batch(puts)
+                    await self._sink_put(puts)
             return progressed
 
         def handle(ev, verified, puts) -> bool:
             """Apply one event (Data: already verified, `verified` is the plaintext
-            or the exception); True when it completed a chunk."""
+            (keep_plain), True, or the exception); True when it completed a chunk."""
             nonlocal done_bytes
             now = trio.current_time()
             peer = ev.peer
@@ -499,27 +579,6 @@ class Downloader:
 
     # -- sink writes ---------------------------------------------------------------------
 
-    async def _put_batch(self, puts) -> None:
-        if self.tee is None or not self.verify_in_thread:
-            await self._sink_put(puts)
-            if self.tee is not None:          # synchronous (simnet, tests)
-                self.tee.write_many([(cid, plain) for cid, plain, _ in puts])
-            return
-        errors: list = []
-
-        async def guarded(fn, *args):
-            try:
-                await fn(*args)
-            except Exception as exc:
-                errors.append(exc)
-
-        async with trio.open_nursery() as n:      # the store and the image in parallel
-            n.start_soon(guarded, self._sink_put, puts)
-            n.start_soon(guarded, trio.to_thread.run_sync, self.tee.write_many,
-                         [(cid, plain) for cid, plain, _ in puts])
-        if errors:
-            raise errors[0]
-
     async def _sink_put(self, puts) -> None:
         put_many = getattr(self.sink, "put_many", None)
         if put_many is not None:
@@ -530,7 +589,7 @@ class Downloader:
 
     async def _put_bg(self, puts, ev) -> None:
         try:
-            await self._put_batch(puts)
+            await self._sink_put(puts)
         except Exception as exc:          # surfaced by the next _put_wait
             self._put_error = exc
         finally:

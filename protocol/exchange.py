@@ -350,6 +350,82 @@ def open_data(msg: Data) -> bytes:
     return plain
 
 
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_DID_LEN = (0, 1, 2, 4)
+_FCS_LEN = (0, 2, 4, 8)
+
+
+def zstd_frame_size(payload) -> int:
+    """The compressed size of the zstd frame that starts `payload` (RFC 8878: header,
+    blocks, optional checksum), found by walking the block headers without decoding.
+    RemoteProtocolError when the bytes are not a zstd frame or it is cut short."""
+    n = len(payload)
+    if n < 6 or bytes(payload[:4]) != _ZSTD_MAGIC:
+        raise RemoteProtocolError("zstd payload does not decode: not a zstd frame")
+    fhd = payload[4]
+    if fhd & 0x08:
+        raise RemoteProtocolError("zstd payload does not decode: reserved header bit set")
+    single = fhd >> 5 & 1
+    fcs = _FCS_LEN[fhd >> 6] or single          # flag 0: 1 byte when single-segment
+    off = 5 + (1 - single) + _DID_LEN[fhd & 3] + fcs
+    while True:
+        if off + 3 > n:
+            raise RemoteProtocolError("zstd payload does not decode: truncated frame")
+        bh = payload[off] | payload[off + 1] << 8 | payload[off + 2] << 16
+        kind = bh >> 1 & 3
+        if kind == 3:
+            raise RemoteProtocolError("zstd payload does not decode: reserved block type")
+        off += 3 + (1 if kind == 1 else bh >> 3)
+        if bh & 1:
+            break
+    if fhd & 0x04:
+        off += 4                                    # content checksum
+    if off > n:
+        raise RemoteProtocolError("zstd payload does not decode: truncated frame")
+    return off
+
+
+def open_data_into(msg: Data, buf) -> memoryview:
+    """open_data(msg) without allocating: the verified plaintext as a memoryview,
+    of msg.payload (RAW) or of the start of `buf` (ZSTD: decompressed straight into
+    it; `buf` is a writable buffer of at least raw_len + 1 bytes, reused by the
+    caller, so the view is valid until the caller writes to `buf` again).
+    Same checks and errors as open_data: exactly one frame (its size from the block
+    headers must be the whole payload), declared size, decoded size == raw_len,
+    BLAKE3(plaintext) == id."""
+    if type(msg) is not Data:
+        raise LocalProtocolError("open_data_into takes a Data message")
+    if msg.codec == CODEC_RAW:
+        plain = memoryview(msg.payload)
+    else:
+        raw_len = msg.raw_len
+        out = memoryview(buf)
+        if len(out) <= raw_len:
+            raise LocalProtocolError(f"buffer of {len(out)} bytes for a {raw_len}-byte chunk")
+        size = zstd_frame_size(msg.payload)
+        if size != len(msg.payload):
+            raise RemoteProtocolError(f"zstd payload does not decode: {len(msg.payload) - size}"
+                                      f" bytes after the frame")
+        try:
+            declared = zstandard.frame_content_size(msg.payload)
+            if declared not in (-1, raw_len):
+                raise RemoteProtocolError(
+                    f"zstd frame declares {declared} bytes, raw_len is {raw_len}")
+            reader = _zd().stream_reader(msg.payload, read_across_frames=False)
+            got = reader.readinto(out[:raw_len + 1])     # + 1: a longer frame shows
+        except zstandard.ZstdError as exc:
+            raise RemoteProtocolError(f"zstd payload does not decode: {exc}") from None
+        if got != raw_len:
+            raise RemoteProtocolError(
+                f"zstd payload decodes to {got}{'+' if got > raw_len else ''} bytes, "
+                f"raw_len is {raw_len}")
+        plain = out[:raw_len]
+    actual = chunk_id(plain)
+    if actual != msg.id:
+        raise ChunkHashMismatch(msg.id, actual, "received from a peer")
+    return plain
+
+
 def open_manifest(msg: ManifestData):
     """The verified, decoded Manifest of `msg`, or None when the peer lacks it.
 

@@ -485,3 +485,40 @@ def test_one_mib_data_frame_throughput():
     assert got == msg
     print(f"\n1 MiB Data frame: encode {enc:,.0f} MB/s, decode {decd:,.0f} MB/s")
     assert enc > 1000 and decd > 1000
+
+
+def test_open_data_into_checks_like_open_data_without_allocating():
+    from protocol.exchange import open_data_into, zstd_frame_size
+    plain = bytes(100_000) + b"\x01"
+    cid = chunk_id(plain)
+    buf = bytearray(len(plain) + 1)
+    for z in (zstandard.ZstdCompressor().compress(plain),
+              zstandard.ZstdCompressor(write_content_size=False).compress(plain),
+              zstandard.ZstdCompressor(write_checksum=True, level=19).compress(plain)):
+        assert zstd_frame_size(z) == len(z)
+        view = open_data_into(Data(1, cid, CODEC_ZSTD, len(plain), z), buf)
+        assert view == plain and view.obj is buf            # decoded into the buffer
+    raw = os.urandom(1000)
+    assert open_data_into(Data(1, chunk_id(raw), CODEC_RAW, 1000, raw), None) == raw
+    z = zstandard.ZstdCompressor(write_checksum=True).compress(plain)
+    no_size = zstandard.ZstdCompressor(write_content_size=False).compress(plain)
+    bad_sum = z[:-1] + bytes([z[-1] ^ 1])
+    bad = {"not zstd": b"not a zstd frame", "trailing bytes": z + b"\x00",
+           "two frames": z + z, "truncated": z[:-3], "no checksum": z[:-4],
+           "bad checksum": bad_sum, "skippable": b"\x50\x2a\x4d\x18" + bytes(8) + z,
+           "declares more": zstandard.ZstdCompressor().compress(plain + b"x"),
+           "more, no size": zstandard.ZstdCompressor(
+               write_content_size=False).compress(plain + b"x")}
+    for name, payload in bad.items():
+        for opener in (open_data, lambda d: open_data_into(d, buf)):
+            with pytest.raises(RemoteProtocolError):
+                opener(Data(1, cid, CODEC_ZSTD, len(plain), payload))
+    bomb = zstandard.ZstdCompressor(write_content_size=False).compress(bytes(MAX_CHUNK))
+    with pytest.raises(RemoteProtocolError):
+        open_data_into(Data(1, cid, CODEC_ZSTD, 1000, bomb), buf)
+    with pytest.raises(RemoteProtocolError):             # shorter than raw_len
+        open_data_into(Data(1, cid, CODEC_ZSTD, len(plain) + 1, no_size), buf + b"x")
+    with pytest.raises(ChunkHashMismatch):
+        open_data_into(Data(1, chunk_id(b"other"), CODEC_ZSTD, len(plain), z), buf)
+    with pytest.raises(LocalProtocolError):               # no room for raw_len + 1
+        open_data_into(Data(1, cid, CODEC_ZSTD, len(plain), z), bytearray(len(plain)))

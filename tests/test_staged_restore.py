@@ -65,3 +65,48 @@ def test_refused_restore_leaves_out_untouched_and_no_stage(store, tmp_path):
     stage(str(out), m.id)
     discard_staged(str(out))
     assert not _leftovers(tmp_path) and not _STAGED
+
+
+def test_pool_buffers_go_through_the_writer_thread(store, tmp_path):
+    """The fetch's path: decode into a pool buffer, submit it; the writer thread
+    writes it (buffers are reused: more chunks than the pool holds); restore()
+    waits for the queued writes before it takes the file."""
+    img, m, ids = _setup(store, tmp_path)
+    out = tmp_path / "out.img"
+    st = stage(str(out), m.id)
+    st.begin(m, ids)
+    data = img.read_bytes()
+    st.POOL_BYTES = 4 * CS                        # 4 buffers for ~40 chunks: reuse
+    sent = set()
+    for i, cid in enumerate(ids):
+        if cid in sent or not any(data[i * CS:(i + 1) * CS]):
+            continue
+        plain = data[i * CS:(i + 1) * CS]
+        buf = st.buffer(len(plain))
+        if i % 7 == 3:                            # e.g. a copy that failed its check
+            st.release(buf)
+            continue
+        buf[:len(plain)] = plain
+        st.submit(cid, buf, len(plain))
+        sent.add(cid)
+    r = restore(store, m.id.hex(), str(out))
+    assert same_bytes(img, out) and r.chunks == len(ids)
+    assert st.written and not _leftovers(tmp_path) and not _STAGED
+    with pytest.raises(RuntimeError, match="closed"):
+        st.buffer(CS)                             # finished: no buffer, no hang
+
+
+def test_a_write_error_of_the_writer_thread_fails_the_restore(store, tmp_path):
+    img, m, ids = _setup(store, tmp_path)
+    out = tmp_path / "out.img"
+    st = stage(str(out), m.id)
+    st.begin(m, ids)
+    os.close(st.fd)
+    st.fd = os.open(st.tmp, os.O_RDONLY)          # every write fails (EBADF)
+    data = img.read_bytes()
+    buf = st.buffer(CS)
+    buf[:CS] = data[CS:2 * CS]
+    st.submit(ids[1], buf, CS)
+    with pytest.raises(UserError, match="cannot write"):
+        restore(store, m.id.hex(), str(out))
+    assert not out.exists() and not _leftovers(tmp_path) and not _STAGED

@@ -423,3 +423,56 @@ async def test_download_over_libp2p(nursery):
     assert res.chunks_fetched == 32 - 1 - 3 + 1
     assert set(res.bytes_by_peer) == {p.id for p in peers}
     assert_complete(sink, src, mid)
+
+
+# ------------------------------------------------------------------ the tee (image while fetching)
+
+@pytest.mark.parametrize("threaded", [False, True])
+@pytest.mark.parametrize("corrupt", [False, True])
+async def test_the_tee_gets_each_new_chunk_after_its_check(nursery, tmp_path, request,
+                                                           threaded, corrupt):
+    """A restore writes the image while chunks arrive (node.restore.StagedImage as
+    the tee): zstd payloads (decoded into the verifier's scratch buffer) and raw ones,
+    every position of a repeated chunk; a corrupt provider's copies are never written
+    (restore() only completes the positions the tee did not write, so a wrong byte
+    written there would survive into OUT). threaded: the real nodes' path (worker
+    threads, real clock); else simnet's (synchronous, virtual time)."""
+    from conftest import mixed_image, same_bytes
+    from node.restore import _STAGED, restore, stage
+    from node.store import ChunkStore
+    if not threaded:
+        request.getfixturevalue("autojump_clock")
+    cs = 64 << 10
+    img = mixed_image(tmp_path / "disk.img", 30 * cs + 333, seed=5, chunk=cs)
+    data = img.read_bytes()
+    chunks = [data[i:i + cs] for i in range(0, len(data), cs)]
+    chunks[12] = chunks[20] = chunks[4]          # a repeated (compressible or random) chunk
+    img.write_bytes(b"".join(chunks))
+    src = MemorySource(compress=True)
+    mid = src.add_image(chunks, cs)
+    ids = image_ids(src, mid)
+    net = await Net(nursery, up=None if threaded else 50 * MBIT).start()
+    peers = [net.provider(MemorySource(src.chunks, src.manifests, compress=True))
+             for _ in range(2)]
+    if corrupt:
+        peers.append(net.provider(MemorySource(src.chunks, src.manifests, compress=True,
+                                               corrupt=1.0, rng=random.Random(3))))
+    out = tmp_path / "out.img"
+    with ChunkStore(tmp_path / "b") as b:
+        staged = stage(str(out), mid)
+        with trio.fail_after(LIMIT):
+            async with StoreSink(b, threaded=threaded) as sink:
+                res = await net.downloader(sink, peers, tee=staged,
+                                           verify_in_thread=threaded).download(mid)
+        assert res.chunks_fetched == len({c for c in ids if c != ZERO_ID}) + 1   # + the list
+        nonzero = {i for i, c in enumerate(ids) if c != ZERO_ID}
+        assert staged.written <= nonzero and {4, 12, 20} <= nonzero
+        if not corrupt:
+            assert staged.written == nonzero
+        else:
+            assert res.bad_chunks >= 1
+        written = set(staged.written)
+        from node.replication import record_replica
+        record_replica(b, mid, res)              # the catalog row a fetch adds
+        restore(b, mid.hex(), str(out))
+    assert written and same_bytes(img, out) and not _STAGED
