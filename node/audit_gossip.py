@@ -127,8 +127,8 @@ class AuditGossip:
         async with trio.open_nursery() as n:
             self._nursery = n
             self.net.set_handler(PROTOCOL_ID, self.handle)
-            head = await self._db(self.log.heads)
-            self._own_spread = head.get(self.own_author, (-1,))[0]
+            head = await self._db(self.log.head_seq, self.own_author)
+            self._own_spread = -1 if head is None else head
             n.start_soon(self._sync_loop)
             n.start_soon(self._neighbour_loop)
             if self.own_poll:
@@ -157,8 +157,8 @@ class AuditGossip:
     async def spread_own(self) -> int:
         """Push own entries not pushed yet; returns how many."""
         def read():
-            h = self.log.heads().get(self.own_author)
-            if h is None or h[0] <= self._own_spread:
+            h = self.log.head_seq(self.own_author)
+            if h is None or h <= self._own_spread:
                 return []
             return self.log.raw_range(self.own_author, self._own_spread + 1, MAX_QUEUE)
         raws = await self._db(read)

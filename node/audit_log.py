@@ -425,6 +425,10 @@ class AuditLog:
             "SELECT e.author, e.seq, e.id FROM entries e JOIN (SELECT author, MAX(seq) m "
             "FROM entries GROUP BY author) h ON e.author=h.author AND e.seq=h.m")}
 
+    def head_seq(self, author: bytes) -> int | None:
+        r = self.db.execute("SELECT MAX(seq) FROM entries WHERE author=?", (author,)).fetchone()
+        return r[0]
+
     def head(self, author: bytes) -> audit.Entry | None:
         r = self.db.execute("SELECT raw FROM entries WHERE author=? ORDER BY seq DESC LIMIT 1",
                             (author,)).fetchone()
