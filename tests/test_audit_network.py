@@ -71,6 +71,19 @@ def test_backup_on_a_is_verified_from_d_with_challenges_to_b_and_c(tmp_path, nod
     # ... which reaches A by gossip
     poll(lambda: len([x for x in a.cli.json("audit", "log", ids[d][:16]) if x["kind"] == "verify"])
          == 3, 60, "D's verify entries at A", interval=0.5)
+    # B, C and D witness A's log (every 2 s here) and their witness entries reach A:
+    # A's certificate of the backup then checks offline with --require-witness
+    cert = tmp_path / "vm1.cert"
+
+    def witnessed():
+        a.cli("audit", "certificate", "vm1", "-o", cert)
+        return a.cli("audit", "check-certificate", cert, "--require-witness", ok=None
+                     ).returncode == 0
+    poll(witnessed, 60, "a witnessed certificate", interval=0.5)
+    rep = Cli(tmp_path / "offline").json("audit", "check-certificate", cert)
+    from dht.keys import node_id
+    by = {node_id(bytes.fromhex(w["author"])).hex() for w in rep["witnesses"]}
+    assert rep["witnessed"] and by and by <= {ids[b], ids[c], ids[d]}
     # by name, too (a backup entry's name, D has no catalog entry for it)
     assert d.cli.json("verify", "vm1", "--network")["manifest"] == mid
 
