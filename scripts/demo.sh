@@ -13,10 +13,12 @@ H="$PWD/.venv/bin/hypersdk"
 SIZE=${DEMO_SIZE:-256M}
 WORK=$(mktemp -d /tmp/hypersdk-demo.XXXXXX)
 export HYPERSDK_DATA_DIR="$WORK/store"
-PIDS=""
-cleanup() {
+cleanup() {   # stop the nodes (start_node runs in $(...) subshells: pids go to a file)
+    PIDS=$(cat "$WORK/node.pids" 2>/dev/null || true)
     for p in $PIDS; do kill "$p" 2>/dev/null || true; done
-    for p in $PIDS; do wait "$p" 2>/dev/null || true; done
+    for p in $PIDS; do   # bounded wait for each node to exit cleanly
+        i=0; while kill -0 "$p" 2>/dev/null && [ $i -lt 100 ]; do i=$((i + 1)); sleep 0.1; done
+    done
     rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -58,7 +60,7 @@ start_node() {     # start_node DIR [--bootstrap ADDR]: run a node, wait for its
     dir=$1; shift
     [ -f "$dir/node.key" ] || "$H" --data-dir "$dir" node init >/dev/null
     "$H" --data-dir "$dir" node run --listen /ip4/127.0.0.1/tcp/0 "$@" >"$dir.log" 2>&1 &
-    PIDS="$PIDS $!"
+    echo $! >> "$WORK/node.pids"
     i=0
     until [ -s "$dir/node.addrs" ]; do
         i=$((i + 1)); [ $i -le 300 ] || { echo "node $dir did not start"; cat "$dir.log"; exit 1; }
