@@ -45,14 +45,15 @@ a chunk no provider holds is an error, never a hang.
 Time is trio.current_time() (virtual under simnet's MockClock); verification
 and MemorySink/StoreSink(threaded=False) are synchronous there, so simulated
 throughput is exact. Real nodes pass verify_in_thread=True: the Data events of a
-batch (up to VERIFY_BATCH) are split into up to VERIFY_THREADS shares, each verified
-in one worker thread (BLAKE3 and zstd release the GIL), so the session readers keep
-the sockets drained meanwhile. A zstd payload is decompressed into a reusable
-page-aligned buffer (protocol.exchange.open_data_into): the thread's scratch
-buffer, or for a new chunk of a restore one of the tee's pool buffers, which goes
-to the tee's writer thread once verified (O_DIRECT straight from it; verifying
-never waits for the disk unless the pool is used up). No per-chunk plaintext
-allocation; the plaintext is only copied out when the sink or the phase needs it
+batch (up to VERIFY_BATCH) are verified by up to VERIFY_THREADS worker threads (one
+thread hop each; each takes the next message when it gets free; BLAKE3 and zstd
+release the GIL), so the session readers keep the sockets drained meanwhile. A
+zstd payload is decompressed into a reusable page-aligned buffer
+(protocol.exchange.open_data_into): the thread's scratch buffer, or for a new
+chunk of a restore one of the tee's pool buffers, which goes to the tee's writer
+thread once verified (O_DIRECT straight from it; verifying never waits for the
+disk unless the pool is used up). No per-chunk plaintext allocation; the
+plaintext is only copied out when the sink or the phase needs it
 (sink.needs_plain, hash lists). The sink is given the verified wire payload
 (sink.put(cid, plain, wire=...)): a store keeps it as received instead of
 compressing the plaintext again; it stores a batch in the background while the
@@ -95,16 +96,20 @@ def _scratch(n: int) -> mmap.mmap:
     return buf
 
 
-def _open_batch(msgs, writes, tee, keep: bool) -> list:
-    """Verify Data messages in this thread, one result per message: the
-    ChunkHashMismatch / RemoteProtocolError open_data_into raised, else the
-    plaintext bytes (keep) or True. writes[i]: message i is a new chunk whose
-    verified plaintext goes into the tee (the image): decoded straight into one of
-    the tee's pool buffers (tee.buffer) and submitted to its writer thread (or,
-    for a tee without a pool, written with tee.write_many)."""
-    out = []
+def _open_batch(msgs, writes, tee, keep: bool, order=None, out=None) -> list:
+    """Verify Data messages in this thread: out[i] becomes the
+    ChunkHashMismatch / RemoteProtocolError open_data_into raised for msgs[i],
+    else its plaintext bytes (keep) or True. writes[i]: msgs[i] is a new chunk
+    whose verified plaintext goes into the tee (the image): decoded straight into
+    one of the tee's pool buffers (tee.buffer) and submitted to its writer thread
+    (or, for a tee without a pool, written with tee.write_many).
+    order: an iterator of indices shared by the threads verifying one batch (each
+    takes the next index when it is free, so they finish together); default all."""
+    if out is None:
+        out = [None] * len(msgs)
     pooled = hasattr(tee, "submit")
-    for msg, write in zip(msgs, writes):
+    for i in (range(len(msgs)) if order is None else order):
+        msg, write = msgs[i], writes[i]
         raw = msg.codec == CODEC_RAW
         own = None                        # a tee pool buffer this message holds
         if write and pooled and msg.raw_len <= tee.chunk_size:
@@ -116,13 +121,13 @@ def _open_batch(msgs, writes, tee, keep: bool) -> list:
         except (ChunkHashMismatch, RemoteProtocolError) as exc:
             if own is not None:
                 tee.release(own)
-            out.append(exc)
+            out[i] = exc
             continue
-        out.append((msg.payload if raw else bytes(plain)) if keep else True)
+        out[i] = (msg.payload if raw else bytes(plain)) if keep else True
         if write:
             if own is not None:
                 if raw:
-                    own[:msg.raw_len] = msg.payload
+                    tee.fill(own, msg.payload)
                 plain.release()
                 tee.submit(msg.id, own, msg.raw_len)   # the writer thread owns it now
             else:
@@ -443,8 +448,8 @@ class Downloader:
             """Apply events in order; the Data ones are verified first (and, when
             new, written into the tee right after their check, from the buffer they
             were decoded into), in up to VERIFY_THREADS worker threads when
-            verify_in_thread, each taking a share of the batch; their puts go to
-            the sink as one batch. True when a chunk completed."""
+            verify_in_thread, each taking the next message when it is free; their
+            puts go to the sink as one batch. True when a chunk completed."""
             datas = [i for i, ev in enumerate(evs) if type(ev) is ChunkData]
             results: dict[int, object] = {}
             if datas:
@@ -462,18 +467,22 @@ class Downloader:
                     writes = [False] * len(msgs)
                 k = min(VERIFY_THREADS, len(msgs)) if self.verify_in_thread else 1
                 if k > 1:
-                    groups = [None] * k
+                    out = [None] * len(msgs)
+                    order = iter(range(len(msgs)))      # shared: next() holds the GIL
+                    errors: list = []
 
-                    async def one(g):
-                        groups[g] = await trio.to_thread.run_sync(
-                            _open_batch, msgs[g::k], writes[g::k], tee, keep_plain)
+                    async def one():
+                        try:
+                            await trio.to_thread.run_sync(
+                                _open_batch, msgs, writes, tee, keep_plain, order, out)
+                        except Exception as exc:    # raised below as itself
+                            errors.append(exc)
 
                     async with trio.open_nursery() as n:
-                        for g in range(k):
-                            n.start_soon(one, g)
-                    out = [None] * len(msgs)
-                    for g in range(k):
-                        out[g::k] = groups[g]
+                        for _ in range(k):
+                            n.start_soon(one)
+                    if errors:
+                        raise errors[0]
                 elif self.verify_in_thread:
                     out = await trio.to_thread.run_sync(
                         _open_batch, msgs, writes, tee, keep_plain)

@@ -86,7 +86,10 @@ def test_pool_buffers_go_through_the_writer_thread(store, tmp_path):
         if i % 7 == 3:                            # e.g. a copy that failed its check
             st.release(buf)
             continue
-        buf[:len(plain)] = plain
+        if i % 2:
+            st.fill(buf, plain)                   # the raw-chunk path (GIL released)
+        else:
+            buf[:len(plain)] = plain
         st.submit(cid, buf, len(plain))
         sent.add(cid)
     r = restore(store, m.id.hex(), str(out))
