@@ -250,6 +250,10 @@ class Lookup:
             return len(self._waiting)
         return self._paths[path].in_flight
 
+    def knows(self, peer_id: bytes) -> bool:
+        """The lookup has seen this peer (as a seed or in a reply)."""
+        return peer_id in self._peers
+
     def path_of(self, peer_id: bytes) -> int | None:
         """The path a known peer belongs to (None if unknown)."""
         peer = self._peers.get(peer_id)

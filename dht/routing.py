@@ -77,7 +77,8 @@ MAX_PER_PREFIX24 = 2
 MAX_PER_SITE = 4
 MAX_FAILURES = 3
 REFRESH_INTERVAL = 3600.0
-REFRESH_K = 5            # a refresh walk ends once this many closest peers answered
+REFRESH_K = 5            # a refresh walk ends once this many closest peers answered,
+REFRESH_ANSWERS = 2      # or once this many peers in the bucket's range did
 PING_AFTER = 900.0       # a contact not heard from for this long is questionable
 
 

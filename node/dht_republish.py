@@ -9,8 +9,9 @@ MAX_BATCH_KEYS keys. So the cost is set by the network's size, not by the
 number of keys: a few lookups to complete the keyspace plus about one
 AddProviders per peer (issue: "at most 2 messages per key per republish").
 
-One lookup at a time (the sweep is sequential; a lookup already keeps alpha
-requests in flight), while batches are sent in the background, at most
+One lookup at a time per sweep (a sweep is sequential; a lookup already keeps
+alpha requests in flight); with many keys (KEYS_PER_PART per slice) the keys
+are split by their top bits into up to SWEEP_PARTS slices swept at once, while batches are sent in the background, at most
 BATCH_CONCURRENCY at once, so a slow peer does not hold up the walk. A batch
 that fails (no reply, or Ack(stored=False)) is counted, not retried: the next
 republish (22 h) comes well before the records expire (48 h), as for the
@@ -35,6 +36,8 @@ from dht.reprovide import Batch, LookupRequest, Sweep, SweepStats
 from protocol.dht_messages import MAX_BATCH_KEYS, Ack, AddProviders
 
 BATCH_CONCURRENCY = 16          # AddProviders requests in flight at once
+SWEEP_PARTS = 8                 # at most this many sweeps at once, over keyspace slices
+KEYS_PER_PART = 10_000          # a slice per this many keys (fewer: one sweep)
 
 
 @dataclass(slots=True)
@@ -49,9 +52,22 @@ async def announce_keys(svc, keys) -> RepublishStats:
     """Announce every key of `keys` to its k closest peers with one sweep; also
     (re)store our own provider record for each key locally."""
     start = trio.current_time()
+    keys = list(keys)
     for key in keys:
         svc.providers.add(key, svc.own, start)
-    sweep = Sweep(keys, own_id=svc.own.id, k=svc.k, max_batch_keys=MAX_BATCH_KEYS)
+    # Independent sweeps over disjoint keyspace slices run at once (dht/reprovide.py:
+    # "run one Sweep per keyspace prefix concurrently"): each is sequential, so
+    # one sweep of 100,000 keys on 10,000 nodes is ~770 lookups one after another.
+    # A slice needs enough keys per node that its own lookups stay amortised.
+    parts = 1
+    while parts < SWEEP_PARTS and len(keys) >= parts * 2 * KEYS_PER_PART:
+        parts *= 2
+    shift = 8 - (parts.bit_length() - 1)
+    slices: list[list[bytes]] = [[] for _ in range(parts)]
+    for key in keys:
+        slices[key[0] >> shift if parts > 1 else 0].append(key)
+    sweeps = [Sweep(part, own_id=svc.own.id, k=svc.k, max_batch_keys=MAX_BATCH_KEYS)
+              for part in slices if part or parts == 1]
     limiter = trio.CapacityLimiter(BATCH_CONCURRENCY)
     failed = 0
 
@@ -66,7 +82,7 @@ async def announce_keys(svc, keys) -> RepublishStats:
         if not (isinstance(reply, Ack) and reply.stored):
             failed += 1
 
-    async with trio.open_nursery() as nursery:
+    async def run(sweep: Sweep, nursery) -> None:
         while (event := sweep.next_event()) is not FINISHED:
             if isinstance(event, LookupRequest):
                 peers, stats = await svc.closest_peers(event.target, seeds=event.seeds)
@@ -75,7 +91,12 @@ async def announce_keys(svc, keys) -> RepublishStats:
                 nursery.start_soon(send, event)
             else:                   # WAITING: impossible, each lookup is awaited above
                 raise AssertionError(f"unexpected sweep event {event!r}")
-    s = sweep.stats
+
+    async with trio.open_nursery() as nursery:
+        for sweep in sweeps:
+            nursery.start_soon(run, sweep, nursery)
+    total = {f.name: sum(getattr(sw.stats, f.name) for sw in sweeps)
+             for f in dataclasses.fields(SweepStats)}
     svc.counters["republish batches failed"] += failed
-    return RepublishStats(**dataclasses.asdict(s), batches_failed=failed,
+    return RepublishStats(**total, batches_failed=failed,
                           seconds=trio.current_time() - start)

@@ -9,8 +9,9 @@ and owns the background tasks:
 
     run()  ├─ request handler  node.dht_rpc.Responder: one request per stream
            ├─ bucket refresh   every refresh_interval/4: look up a random id in each stale
-           │                   bucket, until the REFRESH_K closest answered (a refresh only
-           │                   needs live contacts in the range, not a record's k holders)
+           │                   bucket, until REFRESH_ANSWERS peers in its range answered (a
+           │                   refresh only needs live contacts in the range, not a
+           │                   record's k holders)
            ├─ provider expiry  every hour: drop expired provider records
            └─ republish        every 22 h: re-announce every provided key with one
                                keyspace sweep (node/dht_republish.py): a few lookups
@@ -38,7 +39,8 @@ from dht.contact import Contact
 from dht.keys import ID_BITS, bucket_index
 from dht.lookup import ALPHA, FINISHED, K, REQUEST_TIMEOUT, Lookup
 from dht.providers import REPUBLISH_INTERVAL, ProviderStore, Republisher
-from dht.routing import MAX_PER_PREFIX24, REFRESH_K, MAX_PER_SITE, REFRESH_INTERVAL, RoutingTable
+from dht.routing import (MAX_PER_PREFIX24, MAX_PER_SITE, REFRESH_ANSWERS, REFRESH_INTERVAL,
+                         REFRESH_K, RoutingTable)
 from node.dht_republish import RepublishStats, announce_keys
 from node.dht_rpc import (PROTOCOL, PeerScores, RecordStore, RequestFailed, Responder,
                           request, to_contact, to_info)
@@ -137,10 +139,14 @@ class DhtService:
 
     async def _refresh_bucket(self, i: int) -> None:
         """One refresh walk into bucket i: a random target in its range, until
-        REFRESH_K peers in that range have answered (or the REFRESH_K closest
-        found have). Every peer that answers lands in our table, and a few live
-        contacts per range are what routing needs: walking on to the target's
-        own k closest costs several times as many requests for the same table."""
+        REFRESH_ANSWERS peers in that range have answered (or the REFRESH_K
+        closest found have: a range with nobody in it), REFRESH_ANSWERS in
+        flight. The answers prove the range has live members (they land in our
+        table, and the bucket is fresh) and their replies teach us up to k more
+        of the range (routing rule 9): that is what routing needs. Walking on to
+        the target's own k closest costs several times as many requests for the
+        same table, and with ~14 buckets per node an hour it is most of a quiet
+        network's traffic."""
         target = self.table.refresh_target(i)
         own = self.own.id
         in_range = 0
@@ -148,10 +154,10 @@ class DhtService:
         def absorb(peer: Contact, reply) -> bool:
             nonlocal in_range
             in_range += bucket_index(own, peer.id) == i
-            return in_range >= REFRESH_K
+            return in_range >= REFRESH_ANSWERS
 
         await self._walk(target, lambda rid: FindNode(rid, target, self.info), absorb,
-                         k=REFRESH_K)
+                         k=REFRESH_K, alpha=min(self.alpha, REFRESH_ANSWERS))
         self.table.touch_bucket(i, trio.current_time())
 
     async def find_node(self, target: bytes) -> list[Contact]:
@@ -264,7 +270,8 @@ class DhtService:
     # -- lookups -------------------------------------------------------------------------
 
     async def _walk(self, target: bytes, make, absorb=None, seeds=(), k: int | None = None,
-                    on_reply=None, on_query=None) -> tuple[Lookup, LookupStats]:
+                    on_reply=None, on_query=None, alpha: int | None = None
+                    ) -> tuple[Lookup, LookupStats]:
         """Drive a Lookup to its end: send make(rid) to each peer it names, feed the
         replies back; absorb(peer, reply) -> True stops the walk early;
         on_reply(lookup) hears of every answer once the lookup has taken it in,
@@ -274,7 +281,7 @@ class DhtService:
         # Each request ends by its own deadline and reports (a timeout is scored or
         # counted); the lookup's own deadline, a little later, never fires first.
         lookup = Lookup(target, [*seeds, *self.table.closest(target, self.k, learned=True)],
-                        own_id=self.own.id, k=k or self.k, alpha=self.alpha,
+                        own_id=self.own.id, k=k or self.k, alpha=alpha or self.alpha,
                         disjoint_paths=self.disjoint_paths,
                         request_timeout=self.request_timeout + LOOKUP_GRACE)
         send, receive = trio.open_memory_channel(math.inf)
@@ -305,9 +312,10 @@ class DhtService:
                 if absorb is not None and absorb(peer, reply):
                     lookup.stop()
                 usable = self._usable(closer, now)
-                learn = self.table.learn
+                learn, knows = self.table.learn, lookup.knows
                 for c in usable:
-                    learn(c)
+                    if not knows(c.id):         # a peer the walk knows was learned already
+                        learn(c)
                 lookup.on_success(peer.id, usable, now)
                 if on_reply is not None:
                     on_reply(lookup)

@@ -638,3 +638,39 @@ async def test_fast_rpc_path_finds_providers_and_drops_misbehaving_peers(nursery
     dec.receive_data(reply)
     assert isinstance(dec.next_message(), Nodes)
     assert_healthy(net, nodes)
+
+
+async def test_provide_many_sweeps_keyspace_slices_at_once(nursery, autojump_clock,
+                                                            monkeypatch):
+    """Many keys: up to SWEEP_PARTS sweeps over disjoint slices run concurrently;
+    every key still reaches exactly its k closest, at well under 2 messages/key."""
+    from node import dht_republish
+    monkeypatch.setattr(dht_republish, "KEYS_PER_PART", 250)
+    net, nodes = await start_network(nursery, 200, seed=23, refresh_interval=100 * HOUR,
+                                     fast_rpc=True)
+    await join(nodes)
+    rng = random.Random(23 + 1000)
+    provider = nodes[9]
+    keys = [rng.randbytes(32) for _ in range(3000)]
+    t0 = trio.current_time()
+    concurrent = []
+    real = provider.closest_peers
+
+    async def counting(*a, **kw):
+        concurrent.append(trio.current_time())
+        return await real(*a, **kw)
+
+    provider.closest_peers = counting
+    s = await provider.provide_many(keys)
+    seconds = trio.current_time() - t0
+    assert s.keys == 3000 and s.unannounced == 0 and s.batches_failed == 0
+    assert s.messages_per_key <= 1
+    # 8 slices at once: their first lookups all start together
+    assert sum(1 for t in concurrent if t == t0) == dht_republish.SWEEP_PARTS
+    assert seconds < s.lookups * 0.5                # far less than the lookups in a row
+    now = trio.current_time()
+    by_id = {svc.own.id: svc for svc in nodes}
+    for key in rng.sample(keys, 50):
+        holders = closest(key, [x.own for x in nodes if x is not provider], 20)
+        assert all(provider.own in by_id[c.id].providers.get(key, now) for c in holders)
+    assert_healthy(net, nodes)
