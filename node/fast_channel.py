@@ -28,8 +28,8 @@ signature over the transcript (which binds both ephemeral keys: no MITM, no
 replay across sessions). Keys: HKDF-SHA256(X25519(c_eph, s_eph), salt=th) ->
 32 bytes client->server, 32 bytes server->client.
 
-Records: length L (4 bytes BE, 16 < L <= MAX_RECORD + 16, checked before any of
-it is read) | AES-GCM(key, nonce = record counter (12 bytes BE), plaintext, aad =
+Records: length L (4 bytes BE, 16 < L <= MAX_RECORD + 16, checked before the
+record is waited for; the reader reads ahead into a fixed RECV_BUFFER) | AES-GCM(key, nonce = record counter (12 bytes BE), plaintext, aad =
 the length prefix). An empty plaintext is the end of stream (so truncation by a
 third party is detected: a TCP close without it is a TransportError). Any
 failure to authenticate a record closes the channel with FastChannelError (a
@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import mmap
 import os
 import secrets
 import struct
@@ -73,6 +74,7 @@ MAGIC = b"HSDKFC1\x00"
 TOKEN_LEN = 16
 MAX_RECORD = 4 << 20                  # plaintext bytes per record
 TAG_LEN = 16
+RECV_BUFFER = MAX_RECORD + TAG_LEN + 4 + (1 << 20)   # > one whole record (reads ahead)
 HANDSHAKE_TIMEOUT = 10.0
 OFFER_REQUEST = b"\x01"
 OFFER_LEN = 1 + 2 + TOKEN_LEN
@@ -157,7 +159,9 @@ class FastStream:
         self._recv_n = 0
         self.peer_id = peer_id
         self.tally = None          # an object with bytes_in/bytes_out (node `peers`), or None
-        self._rbuf = bytearray(MAX_RECORD + TAG_LEN)
+        self._rbuf = mmap.mmap(-1, RECV_BUFFER)  # received, not yet decrypted: [_rpos, _rend)
+        self._rview = memoryview(self._rbuf)
+        self._rpos = self._rend = 0
         self._sbuf = bytearray()       # records are sealed into it (reused: see _seal_many)
         self._pending = b""
         self._off = 0
@@ -232,28 +236,41 @@ class FastStream:
                 raise _io_error(exc) from None
 
     # -- receiving -------------------------------------------------------------------------
-    async def _fill(self, view) -> None:
-        got = 0
-        n = len(view)
-        while got < n:
+    async def _need(self, n: int) -> None:
+        """Make the n bytes after the read position available in the receive buffer
+        (contiguous), reading as much as the socket has each time: a 1 MiB chunk's
+        two records usually take one or two recv calls, not a call per length prefix
+        and per body. n <= the buffer's size (the caller checked a record's length)."""
+        have = self._rend - self._rpos
+        if have >= n:
+            return
+        buf = self._rview
+        if self._rpos + n > len(buf):             # no room behind: move the tail to the front
+            buf[:have] = buf[self._rpos:self._rend]
+            self._rpos, self._rend = 0, have
+        while self._rend - self._rpos < n:
             try:
-                k = await self._sock.recv_into(view[got:], n - got)
+                k = await self._sock.recv_into(buf[self._rend:], len(buf) - self._rend)
             except OSError as exc:
                 raise _io_error(exc) from None
             if k == 0:
                 raise FastChannelError("fast channel: connection closed without an "
                                        "end-of-stream record (truncated)")
-            got += k
+            self._rend += k
 
     async def _next_record(self) -> None:
-        head = memoryview(self._rbuf)[:4]
-        await self._fill(head)
-        prefix = bytes(head)
+        await self._need(4)
+        o = self._rpos
+        prefix = bytes(self._rview[o:o + 4])
         n, = _LEN.unpack(prefix)
         if not TAG_LEN <= n <= MAX_RECORD + TAG_LEN:
             raise FastChannelError(f"fast channel: record length {n} out of bounds")
-        body = memoryview(self._rbuf)[:n]
-        await self._fill(body)
+        await self._need(4 + n)
+        o = self._rpos
+        body = self._rview[o + 4:o + 4 + n]
+        self._rpos = o + 4 + n
+        if self._rpos == self._rend:
+            self._rpos = self._rend = 0
         nonce = self._recv_n.to_bytes(12, "big")
         self._recv_n += 1
         if self.tally is not None:
@@ -262,6 +279,8 @@ class FastStream:
             plain = self._dec.decrypt(nonce, body, prefix)
         except InvalidTag:
             raise FastChannelError("fast channel: a record failed authentication") from None
+        finally:
+            body.release()
         if not plain:
             self._eof = True
         self._pending, self._off = plain, 0
