@@ -107,6 +107,18 @@ def _held(store, cids: list[bytes]) -> set[bytes]:
     return out
 
 
+def _locations(store, cids: list[bytes]) -> dict[bytes, tuple]:
+    """cid -> (pack, offset, stored_len, raw_len, codec) of those held."""
+    out: dict[bytes, tuple] = {}
+    for i in range(0, len(cids), _IN_BATCH):
+        part = cids[i:i + _IN_BATCH]
+        q = ("SELECT id, pack, offset, stored_len, raw_len, codec FROM chunks "
+             "WHERE id IN (%s)" % ",".join("?" * len(part)))
+        for r in store.db.execute(q, part):
+            out[bytes(r[0])] = tuple(r[1:])
+    return out
+
+
 def _manifest_row(store, mid: bytes) -> bytes | None:
     r = store.db.execute("SELECT body FROM manifests WHERE id=?", (mid,)).fetchone()
     return bytes(r[0]) if r else None
@@ -117,19 +129,52 @@ def _manifest_row(store, mid: bytes) -> bytes | None:
 class StoreSource:
     """Serves a ChunkStore. Records stored raw or zstd go out as stored (no
     decompression, no copy beyond the pack read); zstd deltas are decoded
-    (store.read verifies them) and re-encoded with data_from_plain."""
+    (store.read verifies them) and re-encoded with data_from_plain.
+
+    threaded: have() also returns the locations of the chunks it finds (one
+    query, in the thread it runs anyway) and keeps up to LOCATIONS of them; a
+    get() of such a chunk reads its record in the event loop when every byte of
+    it is in the page cache (packfile.read_record_cached: a read that never waits
+    for the disk) from an already open pack, and its header matches: no thread
+    hop per chunk. Anything else (not cached, a delta, a stale location) takes
+    the thread path as before."""
+
+    LOCATIONS = 1 << 17
 
     def __init__(self, store, *, threaded: bool = True, level: int = DEFAULT_ZSTD_LEVEL):
         self.store = store
         self.threaded = threaded
         self.level = level
+        self._locs: dict[bytes, tuple] = {}
+        self.served_cached = 0
 
     async def manifest(self, mid: bytes) -> bytes | None:
         return await _run(self.threaded, _manifest_row, self.store, mid)
 
     async def have(self, cids: list[bytes]) -> list[bool]:
-        held = await _run(self.threaded, _held, self.store, list(cids))
-        return [c in held for c in cids]
+        if not self.threaded:
+            held = await _run(self.threaded, _held, self.store, list(cids))
+            return [c in held for c in cids]
+        locs = await _run(self.threaded, _locations, self.store, list(cids))
+        if len(self._locs) + len(locs) > self.LOCATIONS:
+            self._locs.clear()
+        if len(locs) <= self.LOCATIONS:
+            self._locs.update(locs)
+        return [c in locs for c in cids]
+
+    def _get_cached(self, cid: bytes):
+        loc = self._locs.get(cid)
+        if loc is None or loc[4] == packfile.CODEC_ZSTD_DELTA:
+            return None
+        pack, offset, stored_len, raw_len, codec = loc
+        fd = self.store._fds.get(pack)     # an open pack only (opening one is I/O)
+        if fd is None:
+            return None
+        got = packfile.read_record_cached(fd, offset, cid, stored_len)
+        if got is None or got[0] != codec or got[1] != raw_len:
+            return None
+        self.served_cached += 1
+        return got
 
     def _get(self, cid: bytes):
         loc = self.store.location(cid)
@@ -145,6 +190,11 @@ class StoreSource:
         return codec, raw_len, stored     # a view of the record as read: no copy
 
     async def get(self, cid: bytes) -> Stored | None:
+        if self.threaded and self._locs:
+            got = self._get_cached(cid)
+            if got is not None:
+                await trio.lowlevel.checkpoint()
+                return got
         return await _run(self.threaded, self._get, cid)
 
     def _read(self, cid: bytes):

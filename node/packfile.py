@@ -57,6 +57,29 @@ def read_record(fd: int, offset: int, cid: bytes, stored_len: int, where: str):
     return codec, raw_len, memoryview(buf)[HDR_LEN:]
 
 
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", None)
+
+
+def read_record_cached(fd: int, offset: int, cid: bytes, stored_len: int):
+    """read_record without ever waiting for the disk: (codec, raw_len, stored view)
+    when every byte of the record is in the page cache (preadv with RWF_NOWAIT)
+    and its header matches, else None (not cached, short, not supported, or a
+    header that does not match: the caller takes its usual path, which reports)."""
+    if _RWF_NOWAIT is None:
+        return None
+    buf = bytearray(HDR_LEN + stored_len)
+    try:
+        got = os.preadv(fd, [buf], offset, _RWF_NOWAIT)
+    except OSError:                       # EAGAIN: not cached; EOPNOTSUPP, ...
+        return None
+    if got != len(buf):
+        return None
+    magic, codec, rid, raw_len, slen = HEADER.unpack_from(buf)
+    if magic != MAGIC or rid != cid or slen != stored_len or codec not in CODECS:
+        return None
+    return codec, raw_len, memoryview(buf)[HDR_LEN:]
+
+
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _fallocate = None

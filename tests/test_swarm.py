@@ -476,3 +476,35 @@ async def test_the_tee_gets_each_new_chunk_after_its_check(nursery, tmp_path, re
         record_replica(b, mid, res)              # the catalog row a fetch adds
         restore(b, mid.hex(), str(out))
     assert written and same_bytes(img, out) and not _STAGED
+
+
+async def test_store_source_serves_cached_records_without_a_thread_and_falls_back(tmp_path):
+    """StoreSource(threaded=True): have() keeps the locations it found, and get()
+    reads a record whose pages are cached in the event loop; the answer is the
+    same as the thread path's, and a stale location (here: pointing at another
+    record) is never served: the header check sends it down the thread path."""
+    from conftest import mixed_image
+    from node.backup import backup
+    from node.catalog import iter_chunk_ids, load_manifest
+    from node.store import ChunkStore
+    cs = 64 << 10
+    img = mixed_image(tmp_path / "disk.img", 12 * cs, chunk=cs)
+    with ChunkStore(tmp_path / "a") as a:
+        r = backup(a, str(img), chunk_size=cs)
+        ids = list(dict.fromkeys(c for _, c in iter_chunk_ids(
+            a, load_manifest(a, r.manifest_id)) if c != ZERO_ID))
+        assert len(ids) > 2
+        for c in ids:
+            a.read(c)                                # opens the pack, warms the cache
+        threaded = StoreSource(a, threaded=True)
+        plain = StoreSource(a, threaded=False)
+        assert await threaded.have(ids) == [True] * len(ids)
+        for c in ids:
+            got, want = await threaded.get(c), await plain.get(c)
+            assert (got[0], got[1], bytes(got[2])) == (want[0], want[1], bytes(want[2]))
+        assert threaded.served_cached == len(ids)
+        threaded._locs[ids[0]] = threaded._locs[ids[1]]       # stale: another record
+        got = await threaded.get(ids[0])
+        assert bytes(got[2]) == bytes((await plain.get(ids[0]))[2])
+        assert threaded.served_cached == len(ids)
+        assert await threaded.get(chunk_id(b"not held")) is None
