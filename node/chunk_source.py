@@ -35,7 +35,9 @@ directly, which keeps simnet's virtual time exact (a thread hop would be
 zero virtual time anyway, but autojump could fire while a thread works).
 
 StoreSink and resume: put() appends records to the pack at once; every
-`batch_bytes` of records is committed (fdatasync, then the index rows), so an
+`batch_bytes` of records is committed (fdatasync, then the index rows; when
+threaded, by the PackWriter's commit thread, at most one commit in flight, so
+the puts never wait for a 256 MiB fdatasync), so an
 interrupted download keeps every committed chunk and the next attempt asks
 missing() and fetches only the rest. The sink holds the store's write lock
 from open() to close() (one writer per store; gc waits, so it cannot collect
@@ -236,8 +238,10 @@ class StoreSink:
         stack = ExitStack()
         try:
             stack.enter_context(self.store.write_lock())
-            self._writer = stack.enter_context(
-                self.store.writer(batch_bytes=1 << 62))   # we commit, never in the background
+            # threaded: the writer commits every batch_bytes in its background thread;
+            # else (simnet) _put commits synchronously, nothing runs behind trio's back
+            self._writer = stack.enter_context(self.store.writer(
+                batch_bytes=self.batch_bytes if self.threaded else 1 << 62))
         except BaseException:
             stack.close()
             raise
@@ -320,7 +324,8 @@ class StoreSink:
             self.bytes_stored += n
             self._uncommitted += n
             if self._uncommitted >= self.batch_bytes:
-                w.commit()
+                if not self.threaded:
+                    w.commit()
                 self._uncommitted = 0
 
     async def put(self, cid: bytes, plain: bytes, wire=None) -> None:

@@ -56,8 +56,8 @@ disk unless the pool is used up). No per-chunk plaintext allocation; the
 plaintext is only copied out when the sink or the phase needs it
 (sink.needs_plain, hash lists). The sink is given the verified wire payload
 (sink.put(cid, plain, wire=...)): a store keeps it as received instead of
-compressing the plaintext again; it stores a batch in the background while the
-next one is verified (double buffering).
+compressing the plaintext again; it stores batches in the background while the
+next ones are verified (up to PUT_DEPTH batches queued).
 """
 from __future__ import annotations
 
@@ -65,6 +65,7 @@ import mmap
 import os
 import random
 import threading
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -82,6 +83,7 @@ from .transport import TransportError
 EVENT_BUFFER = 256
 VERIFY_BATCH = 32        # events applied together (bounds the payloads held at once)
 VERIFY_THREADS = max(2, min(4, os.cpu_count() or 2))
+PUT_DEPTH = 2            # verified batches that may wait to be stored (each <= VERIFY_BATCH)
 _PAGE = mmap.PAGESIZE
 _tls = threading.local()
 
@@ -222,7 +224,7 @@ class Downloader:
         self._banned: set[bytes] = set()
         self._by_peer: dict[bytes, int] = {}
         self._nursery = None
-        self._put_ev: trio.Event | None = None
+        self._put_evs: deque = deque()    # trio.Events of the batches being stored
         self._put_error: Exception | None = None
 
     # -- the download ----------------------------------------------------------------------
@@ -231,6 +233,7 @@ class Downloader:
         t0 = trio.current_time()
         send, recv = trio.open_memory_channel(EVENT_BUFFER)
         self._sessions, self._failed, self._banned, self._by_peer = {}, {}, set(), {}
+        self._put_evs, self._put_error = deque(), None
         error: Exception | None = None
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
@@ -495,10 +498,13 @@ class Downloader:
                 progressed |= handle(ev, results.get(i), puts)
             if puts:
                 if self.verify_in_thread and self._nursery is not None:
-                    # double buffering: this batch is stored while the next is verified
-                    await self._put_wait()
-                    self._put_ev = trio.Event()
-                    self._nursery.start_soon(self._put_bg, puts, self._put_ev)
+                    # this batch is stored while the next ones are verified (at most
+                    # PUT_DEPTH batches queued: a slow write or commit does not stall
+                    # verifying at once)
+                    await self._put_wait(PUT_DEPTH - 1)
+                    ev = trio.Event()
+                    self._put_evs.append(ev)
+                    self._nursery.start_soon(self._put_bg, puts, ev)
                 else:
                     await self._sink_put(puts)
             return progressed
@@ -604,12 +610,13 @@ class Downloader:
         finally:
             ev.set()
 
-    async def _put_wait(self) -> None:
-        """Wait for the batch being written in the background; raise its error."""
-        ev = self._put_ev
-        if ev is not None:
-            await ev.wait()
-            self._put_ev = None
+    async def _put_wait(self, keep: int = 0) -> None:
+        """Wait until at most `keep` batches are being stored in the background
+        (the oldest first: the sink's lock stores them in order); raise an error
+        one of them hit."""
+        while len(self._put_evs) > keep:
+            await self._put_evs[0].wait()
+            self._put_evs.popleft()
         if self._put_error is not None:
             raise self._put_error
 
