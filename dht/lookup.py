@@ -250,6 +250,14 @@ class Lookup:
             return len(self._waiting)
         return self._paths[path].in_flight
 
+    def closest_known(self, n: int) -> list[Contact]:
+        """The n nearest peers known that have not failed (answered, in flight
+        or never asked), nearest first."""
+        live = [p for p in self._peers.values()
+                if p.state is not _State.FAILED and p.state is not _State.UNRESPONSIVE]
+        live.sort(key=lambda p: p.distance)
+        return [p.contact for p in live[:n]]
+
     def knows(self, peer_id: bytes) -> bool:
         """The lookup has seen this peer (as a seed or in a reply)."""
         return peer_id in self._peers

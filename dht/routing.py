@@ -58,9 +58,10 @@ Rules
    lacks contacts), never handed to other peers (`closest` includes them
    only with `learned=True`, for our own lookups) and never counted as
    fresh. One failure forgets a learned contact; when it answers, `observe`
-   makes it a member like any other. So a join's self-lookup fills the far
-   buckets from its replies and only the buckets still empty need a refresh
-   walk (`known`), without trusting anything a peer merely claimed.
+   makes it a member like any other. Learned contacts seed our walks (a
+   join's refresh walk into a bucket asks them first, so it is short), but
+   only members count as covering a bucket (`size`): other peers' lookups
+   see our members only.
 """
 from __future__ import annotations
 
@@ -230,6 +231,10 @@ class RoutingTable:
         else:
             learned.append(contact)
         return True
+
+    def size(self, index: int) -> int:
+        """Members of bucket `index` (contacts that answered or contacted us)."""
+        return len(self._buckets[index])
 
     def known(self, index: int) -> int:
         """Members plus learned contacts of bucket `index`."""

@@ -52,7 +52,8 @@ log = logging.getLogger(__name__)
 EXPIRE_EVERY = 3600.0           # seconds between provider-store sweeps
 LOOKUP_GRACE = 0.5              # seconds a lookup waits past a request's own deadline
 EARLY_STORE_PREFIX = 5          # a provide stores early once this many closest answered
-JOIN_MIN_KNOWN = 2              # a join walks into a far bucket knowing fewer contacts
+PROVIDE_WALK_K = 15             # a provide's walk ends once this many closest answered
+JOIN_MIN_MEMBERS = 2            # a join walks into a far bucket with fewer members
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,9 +120,12 @@ class DhtService:
         peers, _ = await self.closest_peers(self.own.id)
         # The self-lookup's k closest have all answered, so every bucket nearer
         # than the farthest of them is complete: a lookup into its range
-        # completed (routing rule 8). Its replies also taught us far contacts
-        # (routing rule 9); a walk is left only for the buckets still knowing
-        # fewer than JOIN_MIN_KNOWN contacts.
+        # completed (routing rule 8). A farther bucket with fewer than
+        # JOIN_MIN_MEMBERS members gets a refresh walk; the far contacts the
+        # replies taught us (routing rule 9) seed it, so it is short. Learned
+        # contacts alone do not cover a bucket: the peers that route through
+        # us see only members (a table whose far quarter is only learned
+        # sends every lookup for that quarter to the wrong region).
         now = trio.current_time()
         cover = (bucket_index(self.own.id, peers[-1].id) if len(peers) >= self.k
                  else ID_BITS)       # fewer than k found: the walk saw everyone it could
@@ -129,7 +133,7 @@ class DhtService:
             self.table.touch_bucket(i, now)
         stale = self.table.stale_buckets(now, self.refresh_interval)
         for i in stale:
-            if i >= cover and self.table.known(i) < JOIN_MIN_KNOWN:
+            if i >= cover and self.table.size(i) < JOIN_MIN_MEMBERS:
                 await self._refresh_bucket(i)
 
     async def refresh(self) -> None:
@@ -345,7 +349,12 @@ class DhtService:
         (Lookup.confirmed, once it holds EARLY_STORE_PREFIX peers) gets its
         ADD_PROVIDER at once, so the stores overlap the walk's last rounds
         instead of following them; at the end the rest of the k closest get
-        theirs. A peer stored on early that a later reply pushes out of the k
+        theirs. The walk ends once the PROVIDE_WALK_K closest have answered:
+        the k closest are then the k nearest known that have not failed, and
+        the record's store is what checks the rest are alive (a peer nearer
+        the key than those answers' peers would have to be unknown to all of
+        the PROVIDE_WALK_K nearest, whose tables cover their neighbourhood);
+        it saves the walk's last rounds, alpha queries per round trip. A peer stored on early that a later reply pushes out of the k
         closest is an extra message (counted like any request: the simnet
         runner charges it to the provide) and an extra replica. The walk keeps
         its alpha bound; the stores are the fan-out, as before. Returns how
@@ -366,19 +375,17 @@ class DhtService:
                         sent.add(peer.id)
                         stores.start_soon(store, peer)
 
-            def with_query(lk: Lookup, peer: Contact) -> None:
-                # the walk is converging (its answered prefix is long) and this
-                # peer is among the k nearest known: store with the query, so
-                # the last stores do not wait a round trip after the walk
-                if lk.confirmed(EARLY_STORE_PREFIX) and lk.rank(peer.id) < self.k:
-                    send([peer])
+            def on_reply(lk: Lookup) -> None:
+                # the walk is converging (its answered prefix is long): store on
+                # the k nearest known now, so the stores overlap the walk's end
+                if lk.confirmed(EARLY_STORE_PREFIX):
+                    send(lk.closest_known(self.k))
 
             lookup, _ = await self._walk(
-                key, lambda rid: FindNode(rid, key, self.info),
-                on_reply=lambda lk: send(lk.confirmed(EARLY_STORE_PREFIX)),
-                on_query=with_query)
+                key, lambda rid: FindNode(rid, key, self.info), k=PROVIDE_WALK_K,
+                on_reply=on_reply)
             self.table.touch_bucket(bucket_index(self.own.id, key), trio.current_time())
-            peers = lookup.result()
+            peers = lookup.closest_known(self.k)
             send(peers)
         extra = len(sent) - len(peers)
         if extra:
