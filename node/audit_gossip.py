@@ -62,8 +62,8 @@ from protocol.audit_gossip import (
     GetRange, Heads, Hello, Push, Sync, answers, bucket_of, differing, digests, encode_message,
     frame_decoder)
 from protocol.errors import RemoteProtocolError
-from protocol.framing import HEADER
 
+from .dht_rpc import FrameReader, PeerClosed
 from .transport import TransportError
 
 log = logging.getLogger(__name__)
@@ -277,7 +277,7 @@ class AuditGossip:
             except RemoteProtocolError:
                 self._penalize(peer_id, "malformed")
                 return
-            except _Closed:
+            except PeerClosed:
                 return
             self.counters["bytes in"] += n
             t = type(req)
@@ -529,7 +529,7 @@ class AuditGossip:
         except RemoteProtocolError:
             self._penalize(c.id, "malformed")
             raise _Failed("malformed", misbehaved=True) from None
-        except (_Closed, TransportError, trio.BrokenResourceError, trio.ClosedResourceError):
+        except (PeerClosed, TransportError, trio.BrokenResourceError, trio.ClosedResourceError):
             raise _Failed("unreachable") from None
         if not answers(msg, reply):
             self._penalize(c.id, "wrong reply")
@@ -567,27 +567,12 @@ class _Failed(Exception):
         self.misbehaved = misbehaved
 
 
-class _Closed(Exception):
-    pass
-
-
 async def _read_one(stream):
     """One message off a stream: (message, bytes read). RemoteProtocolError for
-    bad bytes, _Closed at an EOF before a complete frame."""
-    dec = frame_decoder()
-    n = 0
-    for _ in range(1 << 16):                    # bounded: each round reads >= 1 byte
-        msg = dec.next_message()
-        if msg is not None:
-            return msg, n
-        data = await stream.receive_some(dec.room)
-        if not data:
-            dec.receive_data(b"")
-            if dec.next_message() is None:
-                raise _Closed()
-        n += len(data)
-        dec.receive_data(data)
-    raise RemoteProtocolError("frame never completed")
+    bad bytes, PeerClosed at an EOF before a frame began."""
+    reader = FrameReader(stream, frame_decoder())
+    msg = await reader.message()
+    return msg, reader.received
 
 
-__all__ = ["AuditGossip", "PROTOCOL_ID", "FANOUT", "SYNC_INTERVAL", "WITNESS_INTERVAL", "HEADER"]
+__all__ = ["AuditGossip", "PROTOCOL_ID", "FANOUT", "SYNC_INTERVAL", "WITNESS_INTERVAL"]

@@ -106,16 +106,17 @@ class PeerClosed(Exception):
 
 
 class FrameReader:
-    """Reads one message off a stream, never buffering more than one frame."""
+    """Reads one message off a stream, never buffering more than one frame.
+    `decoder`: a FrameDecoder of another protocol (DHT messages by default)."""
 
-    def __init__(self, stream):
+    def __init__(self, stream, decoder: FrameDecoder | None = None):
         self._stream = stream
-        self._dec = FrameDecoder()
+        self._dec = decoder if decoder is not None else FrameDecoder()
         self._eof = False
         self.received = 0            # bytes read, to tell "stalled" from "silent"
 
     async def message(self):
-        """The next message. RemoteProtocolError for bad bytes, _Closed at a clean EOF."""
+        """The next message. RemoteProtocolError for bad bytes, PeerClosed at a clean EOF."""
         while (msg := self._dec.next_message()) is None:
             if self._eof:
                 raise PeerClosed()
@@ -128,7 +129,7 @@ class FrameReader:
     @property
     def trailing(self) -> bool:
         """Bytes arrived after the message (there must be exactly one frame)."""
-        return self._dec.room < MAX_FRAME + HEADER
+        return self._dec.room < self._dec.max_frame + HEADER
 
 
 def offence(exc: RemoteProtocolError) -> str:

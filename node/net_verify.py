@@ -32,7 +32,6 @@ import random
 import trio
 
 from dht.contact import Contact
-from protocol import audit
 from protocol.chunks import ZERO_ID
 from protocol.errors import ProtocolError
 from protocol.manifest import decode_manifest, split_list
@@ -53,6 +52,7 @@ class AuditNet:
         self.log = None
         self.gossip = None
         self.possession = None
+        self.source = None
         self._store = None
 
     async def start(self, nursery) -> None:
@@ -77,7 +77,8 @@ class AuditNet:
             sync_interval=audit_sync_interval(), witness_interval=audit_witness_interval())
         await nursery.start(self.gossip.run)
         self._store = d.open_store(readonly=True)
-        self.possession = PossessionServer(StoreSource(self._store, threaded=True))
+        self.source = StoreSource(self._store, threaded=True)   # challenges and verify --network
+        self.possession = PossessionServer(self.source)
         d.net.set_handler(PROTOCOL_ID, self.possession.handle)
 
     def close(self) -> None:
@@ -171,10 +172,7 @@ class AuditNet:
 
     async def _manifest(self, mid, providers, entry, cache) -> tuple[dict, list | None]:
         """(check report, the chunk ids) of the manifest, or ids None if unobtainable."""
-        from .chunk_source import StoreSource
-        data = None
-        with self.d.open_store(readonly=True) as store:
-            data = await StoreSource(store, threaded=True).manifest(mid)
+        data = await self.source.manifest(mid)
         source = "local store"
         if data is None:
             data, source = await self._fetch_manifest(mid, providers)
@@ -226,13 +224,10 @@ class AuditNet:
 
     def _reader(self, providers, cache):
         """async reader(cid) -> verified plaintext: the local store, else a provider."""
-        from .chunk_source import StoreSource
-
         async def read(cid: bytes):
             if cid in cache:
                 return cache[cid]
-            with self.d.open_store(readonly=True) as store:
-                plain = await StoreSource(store, threaded=True).read(cid)
+            plain = await self.source.read(cid)
             if plain is None:
                 plain = await self._fetch_chunk(cid, providers)
             if plain is not None:

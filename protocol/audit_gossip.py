@@ -42,10 +42,9 @@ from dataclasses import dataclass, fields
 
 import blake3
 
-from . import codec
 from .audit import ID_LEN, KEY_LEN, MAX_ENTRY, MAX_SEQ
 from .errors import LocalProtocolError, RemoteProtocolError
-from .framing import HEADER, FrameDecoder, open_document
+from .framing import HEADER, FrameDecoder, encode_document, open_document
 
 PROTOCOL_ID = "/hypersdk/audit/1"
 VERSION = 1
@@ -226,23 +225,9 @@ RESPONSE_TYPE = {Push: Ack, Sync: Heads, GetRange: Entries, ForkProof: Ack, Hell
 _FIELDS = {tag: tuple(f.name for f in fields(cls)) for tag, cls in MESSAGE_TYPES.items()}
 
 
-def _wire(v):
-    if type(v) is tuple:
-        return [_wire(x) for x in v]
-    return v
-
-
 def encode_message(msg) -> bytes:
     """One frame: 4-byte big-endian length + the canonical document."""
-    tag = getattr(type(msg), "TAG", None)
-    if MESSAGE_TYPES.get(tag) is not type(msg):
-        raise LocalProtocolError(f"{type(msg).__name__} is not an audit gossip message")
-    doc = {"v": VERSION, "t": tag}
-    for name in _FIELDS[tag]:
-        doc[name] = _wire(getattr(msg, name))
-    payload = codec.encode(doc)
-    if len(payload) > MAX_FRAME:
-        raise LocalProtocolError(f"{tag} message of {len(payload)} bytes exceeds {MAX_FRAME}")
+    payload = encode_document(msg, MESSAGE_TYPES, VERSION, MAX_FRAME)
     return len(payload).to_bytes(HEADER, "big") + payload
 
 

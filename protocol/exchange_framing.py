@@ -37,7 +37,7 @@ from . import codec
 from .exchange import (
     MESSAGE_TYPES, REQUEST_TYPES, Data, _chunk, _u64, check_data_header)
 from .errors import LocalProtocolError, RemoteProtocolError
-from .framing import HEADER, MAX_FRAME, OversizedFrame, open_document
+from .framing import HEADER, MAX_FRAME, OversizedFrame, encode_document, open_document
 
 VERSION = 1
 _DATA_FIELDS = ("rid", "id", "codec", "raw_len", "size")
@@ -72,13 +72,7 @@ def encode_payload(msg) -> bytes:
     if tag == "data":
         return encode_data_header(msg.rid, msg.id, msg.codec, msg.raw_len,
                                   len(msg.payload))[HEADER:]
-    doc = {name: (list(v) if type(v := getattr(msg, name)) is tuple else v)
-           for name in _FIELDS[tag]}
-    doc.update(v=VERSION, t=tag)
-    payload = codec.encode(doc)
-    if len(payload) > MAX_FRAME:              # unreachable for valid messages; a guard
-        raise LocalProtocolError(f"{tag} message of {len(payload)} bytes exceeds {MAX_FRAME}")
-    return payload
+    return encode_document(msg, MESSAGE_TYPES, VERSION, MAX_FRAME)
 
 
 def encode_message(msg) -> bytes:

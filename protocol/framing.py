@@ -98,6 +98,29 @@ def encode_payload(msg) -> bytes:
     return payload
 
 
+_DOC_FIELDS: dict[type, tuple] = {}
+
+
+def encode_document(msg, types: dict, version: int, max_size: int) -> bytes:
+    """The canonical document {"v", "t", fields...} of a dataclass message whose
+    TAG names it in `types` (the generic form of encode_payload, used by the
+    chunk exchange, possession challenges and audit gossip). A constructed
+    message is valid, so exceeding max_size is a local bug: LocalProtocolError."""
+    cls = type(msg)
+    tag = getattr(cls, "TAG", None)
+    if types.get(tag) is not cls:
+        raise LocalProtocolError(f"{cls.__name__} is not a message of this protocol")
+    names = _DOC_FIELDS.get(cls)
+    if names is None:
+        names = _DOC_FIELDS[cls] = tuple(f.name for f in fields(cls))
+    doc = {name: getattr(msg, name) for name in names}
+    doc.update(v=version, t=tag)
+    payload = codec.encode(doc)
+    if len(payload) > max_size:               # unreachable for valid messages; a guard
+        raise LocalProtocolError(f"{tag} message of {len(payload)} bytes exceeds {max_size}")
+    return payload
+
+
 def encode_message(msg) -> bytes:
     """One frame: 4-byte big-endian length + canonical payload."""
     payload = encode_payload(msg)

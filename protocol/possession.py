@@ -60,10 +60,9 @@ from typing import ClassVar, Iterable, Mapping
 
 import blake3
 
-from . import codec
 from .chunks import ID_LEN, ZERO_ID, chunk_id
 from .errors import LocalProtocolError, RemoteProtocolError
-from .framing import HEADER, OversizedFrame, open_document
+from .framing import HEADER, FrameDecoder, OversizedFrame, encode_document, open_document
 
 PROTOCOL_ID = "/hypersdk/possession/1"
 VERSION = 1
@@ -257,16 +256,7 @@ def check(ch: Challenge, proof: Proof, expected: Mapping) -> ProofResult:
 
 def encode_payload(msg) -> bytes:
     """The canonical document of `msg` (a frame without its length prefix)."""
-    tag = getattr(type(msg), "TAG", None)
-    if MESSAGE_TYPES.get(tag) is not type(msg):
-        raise LocalProtocolError(f"{type(msg).__name__} is not a possession message")
-    doc = {name: (list(v) if type(v := getattr(msg, name)) is tuple else v)
-           for name in _FIELDS[tag]}
-    doc.update(v=VERSION, t=tag)
-    payload = codec.encode(doc)
-    if len(payload) > MAX_MESSAGE:            # unreachable for valid messages; a guard
-        raise LocalProtocolError(f"{tag} message of {len(payload)} bytes exceeds {MAX_MESSAGE}")
-    return payload
+    return encode_document(msg, MESSAGE_TYPES, VERSION, MAX_MESSAGE)
 
 
 def encode_message(msg) -> bytes:
@@ -313,7 +303,7 @@ def decode_frame(frame, tags: frozenset = frozenset(MESSAGE_TYPES)):
     return msg
 
 
-class PossessionDecoder:
+class PossessionDecoder(FrameDecoder):
     """Reads the one frame of a stream direction (the h11 pattern, no I/O).
 
         while (msg := dec.next_message()) is None:
@@ -331,18 +321,15 @@ class PossessionDecoder:
     """
 
     def __init__(self, tags: frozenset = frozenset(MESSAGE_TYPES)):
-        self._tags = tags
-        self._buf = bytearray()
-        self._eof = False
+        super().__init__(lambda payload: decode_payload(payload, tags), MAX_MESSAGE)
         self._taken = False
-        self._error: str | None = None
 
     @property
     def room(self) -> int:
         """How many bytes receive_data accepts now."""
         if self._eof or self._error is not None:
             return 0
-        return HEADER + MAX_MESSAGE - len(self._buf)
+        return super().room
 
     @property
     def started(self) -> bool:
@@ -359,49 +346,12 @@ class PossessionDecoder:
         """Bytes arrived after the one frame."""
         return self._taken and bool(self._buf)
 
-    def receive_data(self, data) -> None:
-        self._raise_if_failed()
-        if self._eof and data:
-            raise LocalProtocolError("data received after end of stream")
-        if len(data) > self.room:
-            raise LocalProtocolError(f"{len(data)} bytes exceed the decoder's room {self.room}")
-        if not data:
-            self._eof = True
-            return
-        self._buf += data
-        self._body_len()                              # reject an oversized prefix at once
-
     def next_message(self):
-        """The frame's message once complete, else None."""
+        """The frame's message once complete (once), else None."""
         self._raise_if_failed()
         if self._taken:
             return None
-        n = self._body_len()
-        if n is None or len(self._buf) < HEADER + n:
-            if self._eof and self._buf:
-                self._fail("stream ended inside a frame")
-            return None
-        payload = bytes(self._buf[HEADER:HEADER + n])
-        del self._buf[:HEADER + n]
-        self._taken = True
-        try:
-            return decode_payload(payload, self._tags)
-        except RemoteProtocolError as exc:
-            self._fail(str(exc))
-
-    def _body_len(self) -> int | None:
-        if len(self._buf) < HEADER:
-            return None
-        n = int.from_bytes(self._buf[:HEADER], "big")
-        if n > MAX_MESSAGE:
-            self._fail(f"frame length {n} exceeds {MAX_MESSAGE}", OversizedFrame)
-        return n
-
-    def _fail(self, reason: str, error: type = RemoteProtocolError):
-        self._error = reason
-        self._buf.clear()
-        raise error(reason)
-
-    def _raise_if_failed(self) -> None:
-        if self._error is not None:
-            raise RemoteProtocolError(f"decoder failed earlier: {self._error}")
+        msg = super().next_message()
+        if msg is not None:
+            self._taken = True
+        return msg
