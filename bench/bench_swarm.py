@@ -185,8 +185,17 @@ def wait_providers(node_dir: Path, mid: str, want: int, limit=60.0):
     raise SystemExit(f"leecher did not find {want} providers")
 
 
-def drop_cache_of(path: Path):
-    subprocess.run(f"cat {path} > /dev/null", shell=True)
+def read_into_cache(*paths: Path):
+    """Read files into the page cache, as swarm_libtorrent.py does with the image
+    its seeds serve before each run: both sides' seeds serve from memory."""
+    for path in paths:
+        with open(path, "rb") as f:
+            while f.read(8 * MiB):
+                pass
+
+
+def seed_packs(dirs: list[Path]) -> list[Path]:
+    return sorted(p for d in dirs for p in (d / "packs").glob("pack-*.dat"))
 
 
 # -- libtorrent anchor ------------------------------------------------------------------
@@ -232,7 +241,7 @@ def run_restore(seeds_n: int, profile: bool, keep: bool) -> dict:
     try:
         leech = NodeProc(leech_dir, seeds[0].addr, profile=profile)
         wait_providers(leech_dir, mid, seeds_n)
-        drop_cache_of(IMG)
+        read_into_cache(IMG, *seed_packs(dirs))
         os.sync()
         run = timed(leech, seeds, leech_dir, "restore", mid, out)
     finally:
@@ -281,6 +290,7 @@ def run_raw(mib: int, profile: bool, keep: bool) -> dict:
     try:
         leech = NodeProc(leech_dir, seeds[0].addr, profile=profile)
         wait_providers(leech_dir, mid, 1)
+        read_into_cache(*seed_packs(dirs))
         run = timed(leech, seeds, leech_dir, "fetch", mid)
     finally:
         for n in [leech, *seeds]:

@@ -164,7 +164,11 @@ class StoreSource:
             self._locs.update(locs)
         return [c in locs for c in cids]
 
-    def _get_cached(self, cid: bytes):
+    def get_cached(self, cid: bytes):
+        """get(cid) at once when its record is in the page cache (see the class
+        docstring), else None (get() then takes the thread path)."""
+        if not self._locs:
+            return None
         loc = self._locs.get(cid)
         if loc is None or loc[4] == packfile.CODEC_ZSTD_DELTA:
             return None
@@ -193,7 +197,7 @@ class StoreSource:
 
     async def get(self, cid: bytes) -> Stored | None:
         if self.threaded and self._locs:
-            got = self._get_cached(cid)
+            got = self.get_cached(cid)
             if got is not None:
                 await trio.lowlevel.checkpoint()
                 return got
@@ -240,8 +244,10 @@ class StoreSink:
             stack.enter_context(self.store.write_lock())
             # threaded: the writer commits every batch_bytes in its background thread;
             # else (simnet) _put commits synchronously, nothing runs behind trio's back
+            # direct: what a fetch stores goes to the disk, not into fresh page-cache
+            # pages (node/pack_direct.py)
             self._writer = stack.enter_context(self.store.writer(
-                batch_bytes=self.batch_bytes if self.threaded else 1 << 62))
+                batch_bytes=self.batch_bytes if self.threaded else 1 << 62, direct=True))
         except BaseException:
             stack.close()
             raise

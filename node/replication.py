@@ -139,15 +139,24 @@ class Replication:
             self._serve_store = None
 
     # -- announce ---------------------------------------------------------------------
-    async def announce(self, mid: bytes) -> int:
-        """Provider records for the manifest and its chunks; how many keys."""
+    async def announce(self, mid: bytes, *, background: bool = False) -> int:
+        """Provider records for the manifest and its chunks; how many keys.
+        background: return once the keys are known; the node's nursery announces
+        them (a fetch or restore is done when its data is stored, not when the
+        DHT has heard of it)."""
         def keys():
             with self.d.open_store(readonly=True) as store:
                 return announce_keys(store, mid)
         ks = await trio.to_thread.run_sync(keys)
+        if background:
+            self.d.nursery.start_soon(self._provide, ks)
+        else:
+            await self._provide(ks)
+        return len(ks)
+
+    async def _provide(self, ks: list) -> None:
         with trio.move_on_after(ANNOUNCE_TIMEOUT):
             await self.d.dht.provide_many(ks)
-        return len(ks)
 
     async def announce_all(self) -> int:
         """Announce every backup and replica in the catalog; how many keys."""
@@ -249,7 +258,7 @@ class Replication:
         finally:
             self.transfers.pop(tid, None)
             await trio.to_thread.run_sync(store.close)
-        keys = await self.announce(mid)
+        keys = await self.announce(mid, background=True)
         doc.update(chunks_fetched=result.chunks_fetched, bytes_fetched=result.bytes_fetched,
                    chunks_local=result.chunks_local, duplicate_bytes=result.duplicate_bytes,
                    bad_chunks=result.bad_chunks,

@@ -110,6 +110,8 @@ class Tunables:
     initial_window: float = 4
     max_window: float = 32
     max_batch: int = MAX_GET_IDS          # ids per Get request
+    refill_fraction: float = 0.25         # a busy peer gets more once this much of its
+                                          # window is free (a Get per few chunks)
     target_latency: float = 0.5           # seconds of work queued on a peer
     initial_timeout: float = 30.0         # deadline while a peer's rate is unknown
     min_timeout: float = 2.0
@@ -264,6 +266,8 @@ class SwarmPlan:
         for p in order:
             free = self._free(p)
             batch = out.setdefault(p.id, [])
+            if p.inflight and free < max(1, int(p.window * self.t.refill_fraction)):
+                continue                      # top up in batches, not one Get per chunk
             while free > 0 and len(batch) < self.t.max_batch:
                 c = self._pop_candidate(p)
                 if c is None:

@@ -303,3 +303,57 @@ def test_malloc_is_tuned_once_on_glibc():
     from node.fast_channel import tune_malloc
     glibc = platform.libc_ver()[0] == "glibc"
     assert tune_malloc() is glibc and tune_malloc() is glibc
+
+
+async def test_page_cached_records_are_sent_several_per_send(nursery, tmp_path):
+    """A StoreSource whose records are in the page cache answers a Get over the fast
+    channel from the event loop (ExchangeServer._send_cached: no thread hop, several
+    chunks per send); a chunk it does not hold still gets its Missing, in order, and
+    the chunks after it are served (the usual path takes over at the miss)."""
+    from conftest import mixed_image
+    from node.backup import backup
+    from node.chunk_source import StoreSource
+    from node.store import ChunkStore
+    from protocol.chunks import ZERO_ID
+    from protocol.exchange import Data, Get, Have, HaveBits, Missing
+    from protocol.exchange_framing import ExchangeDecoder, encode_message
+    from protocol.manifest import decode_manifest, split_list
+
+    img = mixed_image(tmp_path / "img", 12 * MiB, seed=4)
+    store = ChunkStore(tmp_path / "store")
+    try:
+        mid = backup(store, str(img), chunk_size=MiB).manifest_id
+        m = decode_manifest(store.db.execute("SELECT body FROM manifests WHERE id=?",
+                                             (mid,)).fetchone()[0])
+        ids = [c for li in range(len(m.lists))
+               for c in split_list(store.read(m.lists[li]), m.list_len(li)) if c != ZERO_ID]
+        for cid in ids:                       # the records are now in the page cache
+            store.read(cid)
+        src = StoreSource(store)
+        server = ExchangeServer(src)
+        srv, sid = await _server(nursery, server.handle)
+        ask = ids[:3] + [chunk_id(b"not held")] + ids[3:]
+        dec = ExchangeDecoder()
+        got = []
+        with trio.fail_after(STEP_LIMIT):
+            fs = await _dial(srv, Identity.generate(), sid.node_id)
+            await fs.send_all(encode_message(Have(1, mid, 0, m.n_chunks)))
+            await fs.send_all(encode_message(Get(2, tuple(ask))))
+            while len(got) < 1 + len(ask):
+                msg = dec.next_message()
+                if msg is None:
+                    dec.receive_data(await fs.receive_some(4 * MiB))
+                else:
+                    got.append(msg)
+            await fs.aclose()
+        assert type(got[0]) is HaveBits and len(list(got[0].positions())) == len(ids)
+        answers = got[1:]
+        assert [type(a) for a in answers] == [Data] * 3 + [Missing] + [Data] * (len(ids) - 3)
+        datas = [a for a in answers if type(a) is Data]
+        assert [a.id for a in datas] == ids
+        assert [open_data(a) for a in datas] == [store.read(c) for c in ids]
+        assert src.served_cached == len(ids)          # no thread hop for a cached record
+        assert server.counters["chunks_sent"] == len(ids)
+        assert server.counters["missing"] == 1
+    finally:
+        store.close()

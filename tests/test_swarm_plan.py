@@ -39,6 +39,7 @@ class Sim:
     first_batches: list | None = None
     removed: dict = field(default_factory=dict)         # peer -> in flight when removed
     steps: int = 0
+    gets: int = 0                                       # batches issued (one Get each)
 
     def issue(self):
         before = {p: set(self.plan.in_flight(p)) for p in self.peers}
@@ -46,6 +47,7 @@ class Sim:
         if self.first_batches is None:
             self.first_batches = batches
         endgame = self.plan.endgame
+        self.gets += len(batches)
         for peer, ids in batches:
             sp = self.peers[peer]
             assert peer not in self.removed
@@ -143,6 +145,22 @@ def test_all_chunks_complete_exactly_once_with_mixed_rates():
     assert served["p0"] > served["p2"]               # the fastest serves more than the slowest
     dups = [r for r in sim.requests if r[3]]
     assert len(dups) <= 2 * 4 * 32                    # endgame only, bounded by the windows
+
+
+def test_a_busy_peer_is_topped_up_in_batches_not_with_a_get_per_chunk():
+    n = 600
+
+    def run(fraction):
+        sim = make(n, [SimPeer(f"p{i}", ALL(n), rate=400e6) for i in range(2)],
+                   refill_fraction=fraction)
+        sim.run()
+        check_complete(sim, n)
+        return sim
+
+    per_chunk, batched = run(0.0), run(0.25)      # 0.0: a Get as soon as a slot is free
+    assert per_chunk.gets >= n // 2                # about one Get per completed chunk
+    assert batched.gets * 4 <= per_chunk.gets
+    assert batched.now <= per_chunk.now * 1.05     # the windows stay full enough (sim time)
 
 
 def test_duplicates_only_in_endgame_and_cancelled():
