@@ -1,0 +1,136 @@
+#!/usr/bin/env python3
+"""The disk write paths a network restore uses, measured on this machine. Measures,
+does not assert (BENCHMARKS.md, swarm section, says what the figures explain).
+
+    .venv/bin/python bench/bench_write_paths.py pagecache [--mb 700] [--runs 3] [--wait 20]
+    .venv/bin/python bench/bench_write_paths.py mix [--runs 3]
+
+pagecache: the same MB written into a new file two ways, --runs times, --wait s
+apart; wall time and CPU time (this process) of each:
+  buffered   os.write of 1 MiB blocks into the page cache, then fdatasync;
+  direct     O_DIRECT 4 MiB writes from one reused aligned buffer (what
+             node/pack_direct.py does for fetched chunks), then fdatasync.
+  The buffered CPU time depends on the state of the VM's free memory: the first
+  touch of a page the host has taken back (virtio-balloon free page reporting is
+  on here) is a host fault. It cannot be forced from inside the VM, hence repeats.
+mix: what one 2 GiB swarm restore writes, in two threads at once: 1,250 O_DIRECT
+1 MiB writes at random positions of a sparse 2 GiB file (the image: node/restore.py)
+and 166 sequential O_DIRECT 4 MiB writes (the packs), each file fsync'ed; wall time
+and MB/s of the whole. Files go to $BENCH_DATA (default /tmp/bench-data).
+"""
+from __future__ import annotations
+
+import argparse
+import mmap
+import os
+import random
+import threading
+import time
+from pathlib import Path
+
+MiB = 1 << 20
+DATA = Path(os.environ.get("BENCH_DATA", "/tmp/bench-data"))
+
+
+def _block(n: int) -> mmap.mmap:
+    buf = mmap.mmap(-1, n)
+    buf.write(os.urandom(n))
+    return buf
+
+
+def buffered(path: Path, mb: int) -> dict:
+    data = os.urandom(MiB)
+    t, c = time.perf_counter(), time.process_time()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for _ in range(mb):
+            os.write(fd, data)
+        w, wc = time.perf_counter() - t, time.process_time() - c
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    return {"write_s": round(w, 3), "write_cpu_s": round(wc, 3),
+            "with_fdatasync_s": round(time.perf_counter() - t, 3)}
+
+
+def direct(path: Path, mb: int) -> dict:
+    buf = _block(4 * MiB)
+    t, c = time.perf_counter(), time.process_time()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o600)
+    try:
+        for _ in range(mb // 4):
+            os.write(fd, buf)
+        w, wc = time.perf_counter() - t, time.process_time() - c
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    return {"write_s": round(w, 3), "write_cpu_s": round(wc, 3),
+            "with_fdatasync_s": round(time.perf_counter() - t, 3)}
+
+
+def cmd_pagecache(a) -> None:
+    DATA.mkdir(parents=True, exist_ok=True)
+    p = DATA / "write-paths.tmp"
+    try:
+        for run in range(1, a.runs + 1):
+            if run > 1:
+                time.sleep(a.wait)       # the measured condition, not synchronisation
+            print(f"run {run} buffered", buffered(p, a.mb), flush=True)
+            p.unlink()
+            print(f"run {run} direct  ", direct(p, a.mb), flush=True)
+            p.unlink()
+    finally:
+        p.unlink(missing_ok=True)
+
+
+def _writer(path: Path, buf, size: int, positions) -> float:
+    t = time.perf_counter()
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o600)
+    try:
+        view = memoryview(buf)[:size]
+        for p in positions:
+            os.pwrite(fd, view, p * size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+    return time.perf_counter() - t
+
+
+def cmd_mix(a) -> None:
+    DATA.mkdir(parents=True, exist_ok=True)
+    buf = _block(4 * MiB)
+    for run in range(1, a.runs + 1):
+        img = random.Random(run).sample(range(2048), 1250)
+        res: dict = {}
+        jobs = [("image", DATA / "mix-image.tmp", MiB, img),
+                ("packs", DATA / "mix-packs.tmp", 4 * MiB, range(166))]
+        t = time.perf_counter()
+        threads = [threading.Thread(target=lambda j=j: res.__setitem__(
+            j[0], round(_writer(j[1], buf, j[2], j[3]), 2))) for j in jobs]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        wall = time.perf_counter() - t
+        mb = (1250 * MiB + 166 * 4 * MiB) / 1e6
+        print(f"run {run}: {res} total {wall:.2f} s, {mb / wall:.0f} MB/s", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("pagecache")
+    p.add_argument("--mb", type=int, default=700)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--wait", type=float, default=20.0)
+    p.set_defaults(fn=cmd_pagecache)
+    m = sub.add_parser("mix")
+    m.add_argument("--runs", type=int, default=3)
+    m.set_defaults(fn=cmd_mix)
+    a = ap.parse_args()
+    a.fn(a)
+
+
+if __name__ == "__main__":
+    main()
