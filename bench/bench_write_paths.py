@@ -38,34 +38,27 @@ def _block(n: int) -> mmap.mmap:
     return buf
 
 
-def buffered(path: Path, mb: int) -> dict:
-    data = os.urandom(MiB)
+def _timed_write(path: Path, flags: int, block, count: int) -> dict:
+    """Write `block` count times into a new file opened with flags, then fdatasync."""
     t, c = time.perf_counter(), time.process_time()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | flags, 0o600)
     try:
-        for _ in range(mb):
-            os.write(fd, data)
+        for _ in range(count):
+            os.write(fd, block)
         w, wc = time.perf_counter() - t, time.process_time() - c
         os.fdatasync(fd)
     finally:
         os.close(fd)
     return {"write_s": round(w, 3), "write_cpu_s": round(wc, 3),
             "with_fdatasync_s": round(time.perf_counter() - t, 3)}
+
+
+def buffered(path: Path, mb: int) -> dict:
+    return _timed_write(path, 0, os.urandom(MiB), mb)
 
 
 def direct(path: Path, mb: int) -> dict:
-    buf = _block(4 * MiB)
-    t, c = time.perf_counter(), time.process_time()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o600)
-    try:
-        for _ in range(mb // 4):
-            os.write(fd, buf)
-        w, wc = time.perf_counter() - t, time.process_time() - c
-        os.fdatasync(fd)
-    finally:
-        os.close(fd)
-    return {"write_s": round(w, 3), "write_cpu_s": round(wc, 3),
-            "with_fdatasync_s": round(time.perf_counter() - t, 3)}
+    return _timed_write(path, os.O_DIRECT, _block(4 * MiB), mb // 4)
 
 
 def cmd_pagecache(a) -> None:

@@ -49,6 +49,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -271,20 +272,27 @@ class AuditLog:
         """Sign and durably append one entry to our own log (see the module doc)."""
         ident = self.identity
         now_ns = time.time_ns() if now_ns is None else now_ns
-        db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._immediate() as db:
             head = db.execute("SELECT seq, id FROM entries WHERE author=? ORDER BY seq DESC "
                               "LIMIT 1", (ident.public_key,)).fetchone()
             seq, prev = (head[0] + 1, bytes(head[1])) if head else (0, None)
             e = audit.make_entry(ident, seq, prev, now_ns, kind, body)
             self._insert(e, now_ns)
+        return e
+
+    @contextmanager
+    def _immediate(self):
+        """A BEGIN IMMEDIATE transaction (SQLite's write lock at once: see the module
+        doc), committed on exit, rolled back on any exception."""
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
-        return e
 
     def witness(self, now_ns: int | None = None) -> audit.Entry | None:
         """Append a witness entry naming the heads of other authors' logs that we
@@ -317,11 +325,9 @@ class AuditLog:
                     res.rejected.append(exc)
                     continue
             by_author.setdefault(e.author, []).append(e)
-        db = self.db
         for author, es in by_author.items():
             es.sort(key=lambda x: x.seq)
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with self._immediate():
                 view = self._view(author, max_skew)
                 for e in es:
                     if e.seq > view.next_seq:
@@ -343,11 +349,6 @@ class AuditLog:
                     except (AuditChainBroken, RemoteProtocolError) as exc:
                         res.rejected.append(exc)
                         break         # later entries of this author cannot link either
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
         return res
 
     def _view(self, author: bytes, max_skew: int) -> audit.LogView:
@@ -372,20 +373,13 @@ class AuditLog:
             raise audit.InvalidEntry("a fork proof needs two different entries of one author "
                                      "and seq")
         now_ns = time.time_ns() if now_ns is None else now_ns
-        db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._immediate() as db:
             held = db.execute("SELECT 1 FROM forks WHERE author=? AND seq=? AND ((id_a=? AND "
                               "id_b=?) OR (id_a=? AND id_b=?))",
                               (a.author, a.seq, a.id, b.id, b.id, a.id)).fetchone()
             fork = None if held else ForkDetected(a, b)
             if fork is not None:
                 self._record_fork(fork, now_ns)
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
         return fork
 
     def _record_fork(self, fork: ForkDetected, now_ns: int) -> bool:

@@ -157,7 +157,8 @@ class ExchangeServer:
                 done = await self._send_cached(send_parts, msg.rid, msg.ids, cached)
                 if done == len(msg.ids):
                     return
-                msg = Get(msg.rid, msg.ids[done:])      # the rest: read as below
+                if done:
+                    msg = Get(msg.rid, msg.ids[done:])  # the rest: read as below
             if len(msg.ids) == 1:
                 await self._send_chunk(stream, msg.rid, msg.ids[0],
                                        await self.source.get(msg.ids[0]))

@@ -1,10 +1,10 @@
 """DirectAppender: a pack's appends written with O_DIRECT from one reused buffer.
 
-Why. A buffered write puts every byte into newly allocated page-cache pages. On
-a VM whose free memory the host has reclaimed (virtio-balloon free page
-reporting, as on our test machines) the first touch of each such page costs a
-host fault: writing 700 MB into the page cache measured 0.12 s of CPU right
-after memory was freed and 0.7-1.5 s once the host had taken it back. A fetch
+Why. A buffered write puts every byte into newly allocated page-cache pages, and
+their first touch is what costs: on our test VM, writing 700 MB into the page
+cache measured 0.11-0.12 CPU-s at some times and 0.7-1.5 CPU-s at others (likely
+pages the host had taken back through virtio-balloon free page reporting; see
+BENCHMARKS.md, swarm section; bench/bench_write_paths.py pagecache). A fetch
 that stores what it downloads (node/chunk_source.StoreSink) wrote ~660 MB that
 way per 2 GiB restore. Here the records are copied into one page-aligned buffer
 that stays mapped for the writer's life, and full 4 KiB blocks go to the disk
@@ -35,8 +35,9 @@ CAPACITY = CHUNK + ALIGN     # the buffer: CHUNK plus the kept partial block
 
 
 def open_direct(path) -> int | None:
-    """An O_DIRECT write descriptor for path, or None where O_DIRECT is not
-    supported (tmpfs, some network filesystems): the caller writes buffered."""
+    """An O_DIRECT write descriptor for path, or None where the filesystem refuses
+    O_DIRECT (EINVAL: tmpfs before Linux 6.6, some network filesystems): the
+    caller writes buffered."""
     flag = getattr(os, "O_DIRECT", 0)
     if not flag:
         return None
