@@ -113,3 +113,32 @@ def test_a_write_error_of_the_writer_thread_fails_the_restore(store, tmp_path):
     with pytest.raises(UserError, match="cannot write"):
         restore(store, m.id.hex(), str(out))
     assert not out.exists() and not _leftovers(tmp_path) and not _STAGED
+
+
+def test_every_writer_thread_drains_and_stops(store, tmp_path):
+    """Several writes in flight (StagedImage.WRITERS threads): finish() returns only
+    when every queued write is in the file and every writer thread has ended."""
+    import threading
+    img, m, ids = _setup(store, tmp_path)
+    out = tmp_path / "out.img"
+    st = stage(str(out), m.id)
+    st.WRITERS = 4
+    st.POOL_BYTES = 6 * CS
+    st.begin(m, ids)
+    data = img.read_bytes()
+    sent = set()
+    for i, cid in enumerate(ids):
+        if cid in sent or not any(data[i * CS:(i + 1) * CS]):
+            continue
+        buf = st.buffer(CS)
+        buf[:len(data[i * CS:(i + 1) * CS])] = data[i * CS:(i + 1) * CS]
+        st.submit(cid, buf, len(data[i * CS:(i + 1) * CS]))
+        sent.add(cid)
+    names = {t.name for t in threading.enumerate() if t.name.startswith("stage-writer")}
+    assert len(names) == 4
+    st.finish()
+    assert not [t for t in threading.enumerate() if t.name.startswith("stage-writer")]
+    want = {i for i, cid in enumerate(ids) if cid in sent}
+    assert st.written == want
+    restore(store, m.id.hex(), str(out))
+    assert same_bytes(img, out) and not _leftovers(tmp_path) and not _STAGED
