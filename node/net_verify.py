@@ -74,7 +74,8 @@ class AuditNet:
         self.gossip = AuditGossip(
             d.net, self.log, lambda: [c for b in d.dht.table.buckets() for c in b],
             rng=random.Random(d.rng.getrandbits(64)), scores=d.dht.scores,
-            sync_interval=audit_sync_interval(), witness_interval=audit_witness_interval())
+            sync_interval=audit_sync_interval(), witness_interval=audit_witness_interval(),
+            busy=lambda: bool(getattr(getattr(d, "replication", None), "transfers", None)))
         await nursery.start(self.gossip.run)
         self._store = d.open_store(readonly=True)
         self.source = StoreSource(self._store, threaded=True)   # challenges and verify --network

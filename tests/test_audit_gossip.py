@@ -335,3 +335,32 @@ def test_simnet_gossip_1000_nodes_50ms_links():
     assert s["reached_all_s"]["max"] < 1.0, s
     assert h["nodes_complete"] == 1000 and h["distinct_head_digests"] == 1, h
     assert r["totals"]["entries rejected"] == 0 and r["handler_errors"] == 0
+
+
+async def test_catch_up_pulls_wait_while_the_node_moves_bulk_data(nursery, autojump_clock):
+    """A node that joins while it restores (busy) pulls the logs it lacks after the
+    transfer, not during it; a busy() that never clears delays them max_defer s."""
+    net = await Net(nursery, 3, sync_interval=1e6, fanout=0).start()   # no pushes
+    for g in net.nodes:
+        await g.append("verify", body())
+    for g in net.nodes[1:]:
+        await net.nodes[0].sync_with(g.contact)       # node 0 holds all 3 logs
+    assert net.total(net.nodes[0]) == 3
+    moving = [True]
+    late = await net.add()
+    late.busy, late.max_defer = (lambda: moving[0]), 60.0
+    t0 = trio.current_time()
+    nursery.start_soon(late.sync_with, net.nodes[0].contact)
+    await trio.sleep(10)
+    assert net.total(late) == 0                       # nothing pulled yet
+    assert late.counters["pulls deferred"] >= 1
+    moving[0] = False
+    await net.until(lambda: net.total(late) == 3, "catch-up after the transfer", limit=5)
+    assert 10 <= trio.current_time() - t0 < 11
+
+    stuck = await net.add()                           # a transfer that never ends
+    stuck.busy, stuck.max_defer = (lambda: True), 30.0
+    t1 = trio.current_time()
+    nursery.start_soon(stuck.sync_with, net.nodes[0].contact)
+    await net.until(lambda: net.total(stuck) == 3, "catch-up after max_defer", limit=40)
+    assert 30 <= trio.current_time() - t1 < 31
