@@ -9,7 +9,6 @@ import trio
 from hypothesis import given, settings, strategies as st
 
 from dht.contact import Contact
-from dht.keys import node_id
 from node import audit_gossip as ag
 from node.audit_gossip import AuditGossip
 from node.audit_log import AuditLog
