@@ -1,6 +1,5 @@
 """Chunk exchange messages and framing: round trips, bounds, hostile bytes, verification."""
 import os
-import time
 
 import msgpack
 import pytest
@@ -466,25 +465,25 @@ def test_answers():
     assert not answers(Missing(1, b"a" * 32), Missing(1, b"a" * 32))
 
 
-def test_one_mib_data_frame_throughput():
+def test_one_mib_data_frame_decodes_from_pieces_and_a_whole_body_is_not_copied():
+    """Throughput is measured in bench/ (no timing asserts here); what makes it fast is
+    checked: a 1 MiB Data frame decodes the same from 64 KiB pieces, and a body that
+    arrives as one whole bytes object (the fast channel delivers a chunk payload as its
+    own record) becomes the payload itself, not a copy."""
     plain = os.urandom(1 << 20)
     msg = Data(7, chunk_id(plain), CODEC_RAW, len(plain), plain)
-    n = 50
-    t = time.perf_counter()
-    for _ in range(n):
-        frame = encode_message(msg)
-    enc = len(frame) * n / (time.perf_counter() - t) / 1e6
-    pieces = [frame[i:i + 65536] for i in range(0, len(frame), 65536)]
-    t = time.perf_counter()
-    for _ in range(n):
-        dec = ExchangeDecoder()
-        for p in pieces:
-            dec.receive_data(p)
-        got = dec.next_message()
-    decd = len(frame) * n / (time.perf_counter() - t) / 1e6
-    assert got == msg
-    print(f"\n1 MiB Data frame: encode {enc:,.0f} MB/s, decode {decd:,.0f} MB/s")
-    assert enc > 1000 and decd > 1000
+    frame = encode_message(msg)
+    dec = ExchangeDecoder()
+    for i in range(0, len(frame), 65536):
+        dec.receive_data(frame[i:i + 65536])
+    assert dec.next_message() == msg
+    head, body = bytes(frame[:len(frame) - len(plain)]), bytes(frame[len(frame) - len(plain):])
+    dec = ExchangeDecoder()
+    dec.receive_data(head)
+    assert dec.next_message() is None
+    dec.receive_data(body)
+    got = dec.next_message()
+    assert got == msg and got.payload is body
 
 
 def test_open_data_into_checks_like_open_data_without_allocating():
