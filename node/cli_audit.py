@@ -22,15 +22,18 @@ from __future__ import annotations
 
 import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from protocol import audit
 from protocol.errors import AuditChainBroken, ForkDetected, RemoteProtocolError
 
 from .cli import cli, emit, json_option
 from .config import default_data_dir
 from .errors import UsageError, UserError
+
+if TYPE_CHECKING:                 # imported where used: it loads cryptography (~10 ms of
+    from protocol import audit    # every CLI command's start otherwise)
 
 
 def _data_dir(ctx) -> Path:
@@ -55,6 +58,7 @@ def _when(ns: int) -> str:
 
 
 def _summary(e: audit.Entry) -> str:
+    from protocol import audit
     b = e.body
     m = b.get("manifest", b"").hex()[:16]
     if e.kind == "backup":
@@ -130,6 +134,7 @@ def audit_verify_cmd(ctx, author, all_, as_json):
               help="write to FILE (default: stdout)")
 @click.pass_context
 def audit_certificate_cmd(ctx, ref, output):
+    from protocol import audit
     """Export a self-contained certificate of backup REF (name, NAME@N, manifest id)."""
     out = None
     if output is None:
@@ -204,6 +209,7 @@ def _backup_entry(ctx, log, ref: str) -> audit.Entry:
 @json_option
 @click.pass_context
 def audit_check_certificate_cmd(ctx, file, require_witness, as_json):
+    from protocol import audit
     """Verify certificate FILE offline (no network, no store)."""
     try:
         data = Path(file).read_bytes()
