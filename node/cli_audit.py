@@ -134,8 +134,8 @@ def audit_verify_cmd(ctx, author, all_, as_json):
               help="write to FILE (default: stdout)")
 @click.pass_context
 def audit_certificate_cmd(ctx, ref, output):
-    from protocol import audit
     """Export a self-contained certificate of backup REF (name, NAME@N, manifest id)."""
+    from protocol import audit
     out = None
     if output is None:
         out = click.get_binary_stream("stdout")
@@ -209,8 +209,8 @@ def _backup_entry(ctx, log, ref: str) -> audit.Entry:
 @json_option
 @click.pass_context
 def audit_check_certificate_cmd(ctx, file, require_witness, as_json):
-    from protocol import audit
     """Verify certificate FILE offline (no network, no store)."""
+    from protocol import audit
     try:
         data = Path(file).read_bytes()
     except OSError as exc:

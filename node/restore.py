@@ -65,7 +65,7 @@ class StagedImage:
                                           queued (backpressure), so verifying never
                                           waits for the disk unless the disk is behind.
                                           release(buf) returns an unused buffer.
-    finish() waits for the queued writes and stops the writer, raising its first
+    finish() waits for the queued writes and stops the writers, raising the first
     error (restore() calls it before it takes the file; the fetch before it ends).
 
     Why several writers: an O_DIRECT write returns when the device has the data, so

@@ -182,3 +182,22 @@ def test_help_lists_every_command(cli):
     for cmd in ("backup", "restore", "verify", "backups", "delete", "gc", "store"):
         assert cmd in out
     assert "stats" in cli("store", "--help").stdout
+
+
+def test_every_command_has_its_help_text():
+    """`hypersdk X --help` and the command lists show each command's docstring; a
+    statement placed before it (a lazy import, say) silently drops it."""
+    import click
+
+    from node import cli_audit, cli_node  # noqa: F401  (they add their commands)
+    from node.cli import cli
+
+    def walk(cmd, path):
+        yield path, cmd
+        if isinstance(cmd, click.Group):
+            for name, sub in cmd.commands.items():
+                yield from walk(sub, f"{path} {name}")
+
+    missing = [p for p, c in walk(cli, "hypersdk") if not (c.help or "").strip()]
+    assert len(list(walk(cli, "hypersdk"))) > 10
+    assert missing == []
