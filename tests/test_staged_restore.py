@@ -128,11 +128,12 @@ def test_every_writer_thread_drains_and_stops(store, tmp_path):
     data = img.read_bytes()
     sent = set()
     for i, cid in enumerate(ids):
-        if cid in sent or not any(data[i * CS:(i + 1) * CS]):
+        plain = data[i * CS:(i + 1) * CS]
+        if cid in sent or not any(plain):
             continue
-        buf = st.buffer(CS)
-        buf[:len(data[i * CS:(i + 1) * CS])] = data[i * CS:(i + 1) * CS]
-        st.submit(cid, buf, len(data[i * CS:(i + 1) * CS]))
+        buf = st.buffer(len(plain))
+        buf[:len(plain)] = plain
+        st.submit(cid, buf, len(plain))
         sent.add(cid)
     names = {t.name for t in threading.enumerate() if t.name.startswith("stage-writer")}
     assert len(names) == 4
