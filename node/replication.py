@@ -39,10 +39,20 @@ import trio
 
 from protocol.chunks import ZERO_ID
 from protocol.exchange import PROTOCOL_ID as EXCHANGE
+from protocol.manifest import decode_manifest
 
+# everything a fetch or restore uses is imported here, when the daemon starts: imported
+# inside fetch(), the first network command of a node's life paid 16 ms for it
 from . import catalog
+from .audit_log import record_replica as audit_replica
+from .chunk_source import StoreSink, StoreSource
 from .config import commit_bytes
 from .errors import UserError
+from .exchange_server import ExchangeServer
+from .fast_channel import OFFER_PROTOCOL, FastChannelServer, FastDialer, host_of
+from .restore import discard_staged, stage
+from .store import ChunkStore
+from .swarm import DownloadError, Downloader
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +76,6 @@ def held_completely(store, mid: bytes) -> bool:
     row = store.db.execute("SELECT body FROM manifests WHERE id=?", (mid,)).fetchone()
     if row is None:
         return False
-    from protocol.manifest import decode_manifest
     m = decode_manifest(bytes(row[0]))
     if any(lid != ZERO_ID and not store.has(lid) for lid in m.lists):
         return False
@@ -109,14 +118,11 @@ class Replication:
 
     # -- serving ----------------------------------------------------------------------
     def start_serving(self) -> None:
-        from .chunk_source import StoreSource
-        from .exchange_server import ExchangeServer
         self._serve_store = self.d.open_store(readonly=True)
         self.server = ExchangeServer(StoreSource(self._serve_store, threaded=True),
                                      rng=self.d.rng)
         self.d.net.set_handler(EXCHANGE, self.server.handle)
         # the bulk path: the same exchange over node/fast_channel.py (libp2p offers it)
-        from .fast_channel import OFFER_PROTOCOL, FastChannelServer, host_of
         try:
             host = host_of(str(getattr(self.d, "listen", "")))
         except Exception:
@@ -175,7 +181,6 @@ class Replication:
 
     def _audit_replica(self, mid: bytes) -> None:
         """A `replica` entry in our audit log (we now hold the whole backup)."""
-        from .audit_log import record_replica as audit_replica
         try:
             audit_replica(self.d.data_dir, mid, self.d.identity.node_id)
         except Exception as exc:          # the replica stands; the log says why not
@@ -187,10 +192,6 @@ class Replication:
         """Fetch REF's missing chunks from the network; a JSON document.
         out: the image a restore will write next: it is written while the chunks
         arrive (node.restore.stage), and the restore only completes it."""
-        from .chunk_source import StoreSink
-        from .store import ChunkStore
-        from .fast_channel import FastDialer
-        from .swarm import DownloadError, Downloader
 
         def resolve():
             with self.d.open_store(readonly=True) as store:
@@ -233,7 +234,6 @@ class Replication:
                 staged = None
                 if out is not None and (force or not os.path.lexists(out)) \
                         and os.path.isdir(os.path.dirname(os.path.abspath(out))):
-                    from .restore import stage
                     try:
                         staged = await trio.to_thread.run_sync(stage, out, mid)
                     except OSError:
@@ -297,7 +297,6 @@ def register(commands: dict, command_reply) -> None:
         return command_reply(doc, fetch_text(doc), 0)
 
     async def restore(d, args, events):
-        from .restore import discard_staged
         out = args.get("out")
         fetched = await d.replication.fetch(str(args["ref"]), events,
                                             out=str(out) if out else None,
