@@ -14,7 +14,8 @@ head of that queue. Answers to get_manifest/have wake their caller. Answers
 to get(ids) are delivered, one per id in request order, as events on the
 `events` channel the session was given (several sessions may share one):
 
-    ChunkData(peer, data)        an unverified exchange.Data: use open_data()
+    ChunkData(peer, data, at)    an unverified exchange.Data: use open_data();
+                                 at: trio.current_time() when its last byte was read
     ChunkMissing(peer, cid)
     SessionFailed(peer, error)   the session is over (TransportError or
                                  RemoteProtocolError); every get() still
@@ -56,6 +57,8 @@ RECV_MAX = 4 << 20
 class ChunkData:
     peer: bytes
     data: Data
+    at: float          # when it arrived; the swarm measures the peer's rate with it, not
+                       # with the later time its batch of events is verified and applied
 
 
 @dataclass(frozen=True)
@@ -237,7 +240,7 @@ class ExchangeSession:
             head.next += 1
             if head.next == len(req.ids):
                 self._queue.popleft()
-            ev = (ChunkData(self.peer, msg) if type(msg) is Data
+            ev = (ChunkData(self.peer, msg, trio.current_time()) if type(msg) is Data
                   else ChunkMissing(self.peer, msg.id))
             await self.events.send(ev)
             return

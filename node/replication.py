@@ -263,6 +263,8 @@ class Replication:
                    chunks_local=result.chunks_local, duplicate_bytes=result.duplicate_bytes,
                    bad_chunks=result.bad_chunks,
                    bytes_by_peer={p.hex(): n for p, n in result.bytes_by_peer.items()},
+                   rate_by_peer={p.hex(): round(r) for p, r in result.rate_by_peer.items()},
+                   slow_peers=[p.hex() for p in result.slow_peers],
                    banned=[p.hex() for p in result.banned],
                    failed_peers=[p.hex() for p in result.failed_peers],
                    seconds=round(result.seconds, 3), announced_keys=keys)

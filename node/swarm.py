@@ -24,7 +24,8 @@ Steps of one download (every wait bounded):
 6. The plan loop (SwarmPlan's docstring, "The glue loop"): expire(now);
    send next_requests(now) as Get batches on each peer's session; wait for
    the next event or deadline; for each Data: open_data_into (verify; a
-   new chunk then goes to the tee) -> sink.put -> plan.on_data;
+   new chunk then goes to the tee) -> sink.put -> plan.on_data (given the
+   event's arrival time, ChunkData.at, for the peer's rate);
    ChunkHashMismatch or an undecodable payload -> plan.on_bad (the plan
    bans after max_bad) and the DHT's scores are told
    (`scores.penalize(peer, "malformed", now)`, if given); Missing ->
@@ -180,6 +181,8 @@ class DownloadResult:
     failed_peers: list = field(default_factory=list)
     seconds: float = 0.0          # trio clock (virtual under simnet)
     chunk_seconds: float = 0.0    # of which the chunk phase
+    rate_by_peer: dict = field(default_factory=dict)   # bytes/s each peer delivered at
+    slow_peers: list = field(default_factory=list)     # peers slow at the end (held at 1)
 
 
 @dataclass(frozen=True)
@@ -535,13 +538,13 @@ class Downloader:
                     self._banned.add(peer)
                 return False
             if cid not in needed or cid in done:
-                plan.on_data(peer, cid, len(msg.payload), now)   # a late or extra copy
+                plan.on_data(peer, cid, len(msg.payload), ev.at)   # a late or extra copy
                 return False
             puts.append((cid, plain if keep_plain else None,
                          (msg.codec, msg.raw_len, msg.payload)))
             if on_chunk is not None:
                 on_chunk(cid, plain)
-            plan.on_data(peer, cid, len(msg.payload), now)
+            plan.on_data(peer, cid, len(msg.payload), ev.at)
             done.add(cid)
             done_bytes += len(msg.payload)
             res.chunks_fetched += 1
@@ -591,6 +594,12 @@ class Downloader:
         await self._put_wait()
         report()
         res.duplicate_bytes += plan.progress().duplicate_bytes
+        if phase == "chunks":
+            for peer in plan.peers():
+                if plan.rate(peer) is not None:
+                    res.rate_by_peer[peer] = plan.rate(peer)
+                if plan.is_slow(peer):
+                    res.slow_peers.append(peer)
 
     # -- sink writes ---------------------------------------------------------------------
 

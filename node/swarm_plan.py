@@ -64,6 +64,9 @@ Rules, in the order next_requests(now) applies them:
 3. Rate. Per peer, bytes over busy time, both decayed by rate_decay per
    arrival: an arrival's busy time is the time since the later of the previous
    arrival and its own send, so pipelined requests are not double counted.
+   An arrival's time is when its bytes arrived (on_data's `now`; the swarm passes
+   the session reader's timestamp), not when a busy downloader got to verify it:
+   a peer is measured by what it delivers, not by how busy the downloader is.
 4. Deadlines. A request sent as the k-th outstanding one of a peer with rate r
    expires at now + max(min_timeout, timeout_slack * k * size / r)
    (initial_timeout while r is unknown). expire(now) handles them: responses
@@ -457,6 +460,10 @@ class SwarmPlan:
 
     def rate(self, peer: Peer) -> float | None:
         return self._peers[peer].rate
+
+    def peers(self) -> list[Peer]:
+        """The peers the plan knows (added, not removed; banned ones included)."""
+        return list(self._peers)
 
     def is_slow(self, peer: Peer) -> bool:
         return self._peers[peer].slow

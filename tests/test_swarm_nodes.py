@@ -65,6 +65,8 @@ def test_fetch_then_restore_from_three_peers(tmp_path, nodes):
     by_peer = doc["fetched"]["bytes_by_peer"]
     ids = {n.cli.json("status")["node_id"] for n in (a, b, c)}
     assert set(by_peer) == ids and all(v > 0 for v in by_peer.values())
+    rates = doc["fetched"]["rate_by_peer"]        # bytes/s, measured as chunks arrived
+    assert set(rates) == ids and all(r > 0 for r in rates.values())
     # D now holds it: a restore elsewhere needs no network, a second one here neither
     again = d.cli.json("restore", mid, tmp_path / "out-d2")
     assert again["fetched"]["already_held"] is True
