@@ -45,7 +45,8 @@ import trio
 
 from protocol.errors import RemoteProtocolError
 from protocol.exchange import (
-    MAX_GET_IDS, PROTOCOL_ID, Data, Get, GetManifest, Have, HaveBits, ManifestData, Missing)
+    MAX_GET_IDS, PROTOCOL_ID, Cancel, Data, Get, GetManifest, Have, HaveBits, ManifestData,
+    Missing)
 from protocol.exchange_framing import ExchangeDecoder, encode_message
 
 from .transport import TransportError
@@ -186,6 +187,21 @@ class ExchangeSession:
             req = Get(next(self._rids), tuple(ids[i:i + MAX_GET_IDS]))
             await self._send(req, _GetState(req))
 
+    async def cancel(self, ids) -> None:
+        """Tell the peer not to send these chunks of our earlier get()s (another
+        peer's copy arrived first): those it has not sent yet are answered with
+        ChunkMissing instead of ChunkData. Best effort: a copy already on its way
+        still arrives; a session that is closed ignores it."""
+        ids = list(ids)
+        for i in range(0, len(ids), MAX_GET_IDS):
+            async with self._send_lock:
+                if self._closed:
+                    return
+                try:
+                    await self._write(encode_message(Cancel(tuple(ids[i:i + MAX_GET_IDS]))))
+                except TransportError:
+                    return                # the session has failed; its reader says so
+
     async def _call(self, req):
         w = _Waiter(req)
         await self._send(req, w)
@@ -199,13 +215,18 @@ class ExchangeSession:
             if self._closed:
                 raise self.error or TransportError("session closed")
             self._queue.append(entry)
-            try:
-                await self._stream.send_all(encode_message(req))
-            except (TransportError, trio.BrokenResourceError, trio.ClosedResourceError,
-                    OSError) as exc:
-                err = TransportError(f"send to {self.peer.hex()[:12]} failed: {exc}")
-                await self._fail(err)
-                raise err from None
+            await self._write(encode_message(req))
+
+    async def _write(self, frame: bytes) -> None:
+        """Write one frame (the caller holds the send lock); a failure fails the
+        session and raises TransportError."""
+        try:
+            await self._stream.send_all(frame)
+        except (TransportError, trio.BrokenResourceError, trio.ClosedResourceError,
+                OSError) as exc:
+            err = TransportError(f"send to {self.peer.hex()[:12]} failed: {exc}")
+            await self._fail(err)
+            raise err from None
 
     # -- the reader ----------------------------------------------------------------------
 

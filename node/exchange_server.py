@@ -3,13 +3,12 @@
     server = ExchangeServer(source)                     # a node.chunk_source.ChunkSource
     transport.set_handler(PROTOCOL_ID, server.handle)
 
-One stream carries any number of pipelined requests. The handler reads one
-request, answers it completely, then reads the next: requests are processed
-in order and never read ahead of the answers (the ExchangeDecoder holds at
-most one frame; its `room` is 0 while a parsed request waits), so the work a
-peer can queue on us is bounded by what fits in the transport's buffers, and
-backpressure comes from send_all: a requester that stops reading stops us
-reading its requests. Answers:
+One stream carries any number of pipelined requests, answered in order. A
+reader task decodes them while an answerer answers them: up to READ_REQUESTS
+requests (each Get at most MAX_GET_IDS ids) wait decoded, so a Cancel sent
+after them is seen while the Gets it cancels still wait. The reader blocks
+when that queue is full, so backpressure still comes from send_all: a
+requester that stops reading stops us reading its requests. Answers:
 
     GetManifest -> ManifestData (None when the manifest is not held)
     Have        -> HaveBits over manifest positions (0 for zero chunks, positions
@@ -18,6 +17,10 @@ reading its requests. Answers:
                    payload bytes as stored, in slices so simnet links share
                    bandwidth per slice; on a node/fast_channel.py stream, header
                    and payload go as one record through send_parts) or Missing
+    Cancel      -> no answer of its own: each id it names that a queued or
+                   unfinished Get of this stream still has to answer is answered
+                   with Missing instead of Data (counters["cancelled"]); ids no Get
+                   waits for are ignored, so the cancelled set stays bounded
 
 Malformed bytes from a peer (a RemoteProtocolError from the decoder, oversized
 frames included) end that stream: it is closed and counted in
@@ -47,7 +50,7 @@ import trio
 
 from protocol.chunks import ID_LEN, ZERO_ID
 from protocol.errors import ProtocolError, RemoteProtocolError
-from protocol.exchange import Get, GetManifest, Have, HaveBits, ManifestData, Missing
+from protocol.exchange import Cancel, Get, GetManifest, Have, HaveBits, ManifestData, Missing
 from protocol.exchange_framing import ExchangeDecoder, encode_data_header, encode_message
 from protocol.manifest import LIST_ENTRIES, Manifest, decode_manifest, split_list
 
@@ -62,6 +65,36 @@ SEND_SLICE = 256 << 10        # payload bytes per send_all
 SEND_BATCH = 2 << 20          # payload bytes per send of page-cached chunks (fast channel)
 READ_AHEAD = 2               # chunks read ahead of the one being sent, per Get
 RECV_MAX = 64 << 10           # requests are small: at most one document at a time
+READ_REQUESTS = 16            # requests decoded ahead of the one being answered, per stream
+
+
+class _Asked:
+    """One stream's unanswered Get ids (a count each: two Gets may ask for one id)
+    and which of them a Cancel named."""
+    __slots__ = ("pending", "cancelled")
+
+    def __init__(self):
+        self.pending: Counter = Counter()
+        self.cancelled: set[bytes] = set()
+
+    def asked(self, ids) -> None:
+        for cid in ids:
+            self.pending[cid] += 1
+
+    def cancel(self, ids) -> None:
+        self.cancelled.update(cid for cid in ids if cid in self.pending)
+
+    def answered(self, cid: bytes) -> bool:
+        """cid is answered now: True when that answer is to be Missing (cancelled)."""
+        n = self.pending[cid] - 1
+        if n > 0:
+            self.pending[cid] = n
+        else:
+            del self.pending[cid]
+        if cid in self.cancelled:
+            self.cancelled.discard(cid)
+            return True
+        return False
 
 
 def corrupt_rate_from_env(environ=os.environ) -> float:
@@ -119,18 +152,23 @@ class ExchangeServer:
     async def handle(self, stream, peer_id: bytes) -> None:
         """A Transport handler: serve one stream until EOF or a protocol error."""
         self.counters["streams"] += 1
-        dec = ExchangeDecoder(requests_only=True)
+        asked = _Asked()
+        send, recv = trio.open_memory_channel(READ_REQUESTS)
+        failure: list[BaseException] = []
         try:
-            while True:
-                msg = dec.next_message()
-                if msg is None:
-                    if dec.room == 0:             # EOF seen and nothing pending
-                        return
-                    data = await stream.receive_some(min(dec.room, RECV_MAX))
-                    dec.receive_data(data)
-                    continue
-                self.counters["requests"] += 1
-                await self._answer(stream, msg)
+            async with trio.open_nursery() as n:
+                async def guarded(fn, *args):
+                    try:
+                        await fn(*args)
+                    except Exception as exc:         # the first error ends the stream
+                        if not failure:
+                            failure.append(exc)
+                        n.cancel_scope.cancel()
+
+                n.start_soon(guarded, self._read_requests, stream, send, asked)
+                n.start_soon(guarded, self._answer_requests, stream, recv, asked)
+            if failure:
+                raise failure[0]
         except RemoteProtocolError as exc:
             self.counters["malformed"] += 1
             log.debug("dropping exchange stream from %s: %s", peer_id.hex()[:12], exc)
@@ -146,22 +184,52 @@ class ExchangeServer:
                 except Exception:
                     pass
 
+    async def _read_requests(self, stream, send, asked: _Asked) -> None:
+        """Decode requests into `send` (Cancels are applied at once); at EOF, close
+        it: the answerer answers what is queued, then the stream ends."""
+        dec = ExchangeDecoder(requests_only=True)
+        async with send:
+            while True:
+                msg = dec.next_message()
+                if msg is None:
+                    if dec.room == 0:             # EOF seen and nothing pending
+                        return
+                    dec.receive_data(await stream.receive_some(min(dec.room, RECV_MAX)))
+                    continue
+                if type(msg) is Cancel:
+                    self.counters["cancels"] += 1
+                    asked.cancel(msg.ids)
+                    continue
+                if type(msg) is Get:
+                    asked.asked(msg.ids)
+                await send.send(msg)
+
+    async def _answer_requests(self, stream, recv, asked: _Asked) -> None:
+        async with recv:
+            async for msg in recv:
+                self.counters["requests"] += 1
+                await self._answer(stream, msg, asked)
+
     # -- answers -------------------------------------------------------------------------
 
-    async def _answer(self, stream, msg) -> None:
+    async def _get(self, cid: bytes, asked: _Asked):
+        """The stored chunk, unless it is cancelled already (then None: not read)."""
+        return None if cid in asked.cancelled else await self.source.get(cid)
+
+    async def _answer(self, stream, msg, asked: _Asked) -> None:
         t = type(msg)
         if t is Get:
             send_parts = getattr(stream, "send_parts", None)
             cached = getattr(self.source, "get_cached", None)
             if send_parts is not None and cached is not None and not self.rate:
-                done = await self._send_cached(send_parts, msg.rid, msg.ids, cached)
+                done = await self._send_cached(send_parts, msg.rid, msg.ids, cached, asked)
                 if done == len(msg.ids):
                     return
                 if done:
                     msg = Get(msg.rid, msg.ids[done:])  # the rest: read as below
             if len(msg.ids) == 1:
                 await self._send_chunk(stream, msg.rid, msg.ids[0],
-                                       await self.source.get(msg.ids[0]))
+                                       await self._get(msg.ids[0], asked), asked)
                 return
             # read ahead: the next chunk is read (a thread hop for a store) while
             # this one is sent; at most READ_AHEAD chunks wait in memory
@@ -170,7 +238,7 @@ class ExchangeServer:
             async def reader():
                 async with send:
                     for cid in msg.ids:
-                        got = await self.source.get(cid)
+                        got = await self._get(cid, asked)
                         try:
                             await send.send((cid, got))
                         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -182,7 +250,7 @@ class ExchangeServer:
                 try:
                     async with recv:
                         async for cid, got in recv:
-                            await self._send_chunk(stream, msg.rid, cid, got)
+                            await self._send_chunk(stream, msg.rid, cid, got, asked)
                 except Exception as exc:        # re-raised as itself, not in a group
                     error = exc
                     n.cancel_scope.cancel()
@@ -198,18 +266,25 @@ class ExchangeServer:
         else:                                       # the decoder only yields requests
             raise RemoteProtocolError(f"unexpected {t.__name__}")
 
-    async def _send_cached(self, send_parts, rid: int, ids, cached) -> int:
+    async def _send_cached(self, send_parts, rid: int, ids, cached, asked: _Asked) -> int:
         """Answer ids[0], ids[1], ... from the source's page-cached records (read in
         the event loop, no thread hop) over a fast channel, several chunks per send
         (about SEND_BATCH payload bytes); stop at the first id that is not cached.
-        The number of ids answered."""
+        The number of ids answered (a cancelled one is answered with Missing)."""
         parts: list = []
         pending = 0
         done = 0
         for cid in ids:
+            if cid in asked.cancelled:
+                asked.answered(cid)
+                self.counters["cancelled"] += 1
+                parts.append(encode_message(Missing(rid, cid)))
+                done += 1
+                continue
             got = cached(cid)
             if got is None:
                 break
+            asked.answered(cid)
             parts += self._data_frame(rid, cid, got)
             pending += len(got[2])
             done += 1
@@ -232,15 +307,19 @@ class ExchangeServer:
         self.counters["bytes_sent"] += len(payload)
         return encode_data_header(rid, cid, codec, raw_len, len(payload)), payload
 
-    async def _send_chunk(self, stream, rid: int, cid: bytes, got) -> None:
-        if got is None:
-            self.counters["missing"] += 1
-            await stream.send_all(encode_message(Missing(rid, cid)))
-            return
-        if self.rate:                                               # TEST-ONLY, see above
+    async def _send_chunk(self, stream, rid: int, cid: bytes, got, asked: _Asked) -> None:
+        if got is not None and self.rate and cid not in asked.cancelled:   # TEST-ONLY
             start = max(trio.current_time(), self._send_at)
             self._send_at = start + len(got[2]) / self.rate
             await trio.sleep_until(start)
+        if asked.answered(cid):
+            self.counters["cancelled"] += 1
+            got = None
+        elif got is None:
+            self.counters["missing"] += 1
+        if got is None:
+            await stream.send_all(encode_message(Missing(rid, cid)))
+            return
         header, payload = self._data_frame(rid, cid, got)
         send_parts = getattr(stream, "send_parts", None)
         if send_parts is not None:                  # a fast channel: one record per chunk

@@ -22,6 +22,10 @@ Steps of one download (every wait bounded):
 5. Have: each peer is asked for its bits over the manifest's positions
    (Have ranges of MAX_HAVE, in parallel across peers).
 6. The plan loop (SwarmPlan's docstring, "The glue loop"): expire(now);
+   send a Cancel for each copy plan.take_cancelled() names (another peer's
+   copy arrived first: the peer answers Missing for it if it has not sent it
+   yet, so a slow peer's queue does not hold the download's tail; copies
+   already in the socket buffers still arrive, as duplicates);
    send next_requests(now) as Get batches on each peer's session; wait for
    the next event or deadline; for each Data: open_data_into (verify; a
    new chunk then goes to the tee) -> sink.put -> plan.on_data (given the
@@ -555,7 +559,7 @@ class Downloader:
         while not plan.finished:
             now = trio.current_time()
             plan.expire(now)
-            plan.take_cancelled()          # the protocol has no cancel: late copies are dups
+            await self._cancel(plan.take_cancelled())
             for peer, batch in plan.next_requests(now):
                 s = self._sessions.get(peer)
                 try:
@@ -600,6 +604,17 @@ class Downloader:
                     res.rate_by_peer[peer] = plan.rate(peer)
                 if plan.is_slow(peer):
                     res.slow_peers.append(peer)
+
+    async def _cancel(self, redundant) -> None:
+        """Cancel the copies another peer's answer made redundant (endgame): a copy
+        its peer has not sent yet costs a Missing frame instead of the chunk."""
+        by_peer: dict[bytes, list] = {}
+        for peer, cid in redundant:
+            by_peer.setdefault(peer, []).append(cid)
+        for peer, ids in by_peer.items():
+            s = self._sessions.get(peer)
+            if s is not None and not s.closed:
+                await s.cancel(ids)
 
     # -- sink writes ---------------------------------------------------------------------
 

@@ -19,6 +19,18 @@ One request/response stream protocol:
                                                           Data(rid, id, codec, raw_len,
                                                                payload)           "data"
                                                           or Missing(rid, id)     "missing"
+    Cancel(ids)                          "cancel"       none: each id an earlier Get on
+                                                          this stream asked for and the
+                                                          responder has not sent yet is
+                                                          answered with Missing instead
+                                                          of Data (still one answer per
+                                                          id, in order); other ids are
+                                                          ignored
+
+Cancel is how a downloader that got a chunk from one peer stops the copies it asked
+others for in its endgame: a copy not yet sent costs a Missing frame instead of the
+chunk. It races with the answers (a Data may already be on its way), so a downloader
+takes either answer for a cancelled id.
 
 ManifestData.data is the manifest's canonical encoding (protocol.manifest);
 None means "not held" (a value, not an error). The receiver checks
@@ -47,6 +59,7 @@ Bounds (tests/test_exchange.py checks the worst case of every type):
   ids             32 bytes; never ZERO_ID (zero chunks are never sent)
   Have.count      1..MAX_HAVE = 262,144 positions -> at most 32 KiB of bits
   Get.ids         1..MAX_GET_IDS = 64 distinct ids
+  Cancel.ids      1..MAX_GET_IDS = 64 distinct ids
   Data.raw_len    1..MAX_CHUNK (protocol.chunks, 8 MiB)
   Data.payload    RAW: exactly raw_len bytes; ZSTD: 1..zstd_bound(raw_len) bytes
   ManifestData    data of at most MAX_MANIFEST = 60 KiB: ~1,800 hash lists, i.e.
@@ -97,6 +110,17 @@ def _chunk(name: str, v) -> None:
     _id(name, v)
     if v == ZERO_ID:
         raise LocalProtocolError(f"{name} is the zero chunk, which is never sent")
+
+
+def _chunk_ids(v) -> tuple:
+    """1..MAX_GET_IDS distinct non-zero chunk ids (Get, Cancel), as a tuple."""
+    if type(v) not in (list, tuple) or not 0 < len(v) <= MAX_GET_IDS:
+        raise LocalProtocolError(f"ids must be a sequence of 1..{MAX_GET_IDS} chunk ids")
+    for cid in v:
+        _chunk("chunk id", cid)
+    if len(set(v)) != len(v):
+        raise LocalProtocolError("ids must not repeat")
+    return tuple(v)
 
 
 def bits_len(count: int) -> int:
@@ -212,14 +236,18 @@ class Get:
 
     def __post_init__(self):
         _u64("rid", self.rid)
-        v = self.ids
-        if type(v) not in (list, tuple) or not 0 < len(v) <= MAX_GET_IDS:
-            raise LocalProtocolError(f"ids must be a sequence of 1..{MAX_GET_IDS} chunk ids")
-        for cid in v:
-            _chunk("chunk id", cid)
-        if len(set(v)) != len(v):
-            raise LocalProtocolError("ids must not repeat")
-        object.__setattr__(self, "ids", tuple(v))
+        object.__setattr__(self, "ids", _chunk_ids(self.ids))
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    """Do not send these chunks of earlier Gets on this stream (Missing instead); no
+    answer of its own."""
+    TAG: ClassVar[str] = "cancel"
+    ids: tuple[bytes, ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "ids", _chunk_ids(self.ids))
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,20 +300,22 @@ class Missing:
         _chunk("chunk id", self.id)
 
 
-Request = Union[GetManifest, Have, Get]
+Request = Union[GetManifest, Have, Get, Cancel]
 Response = Union[ManifestData, HaveBits, Data, Missing]
 Message = Union[Request, Response]
 
-REQUEST_TYPES = (GetManifest, Have, Get)
+REQUEST_TYPES = (GetManifest, Have, Get, Cancel)      # what a responder accepts
 MESSAGE_TYPES: dict[str, type] = {
-    cls.TAG: cls for cls in (GetManifest, ManifestData, Have, HaveBits, Get, Data, Missing)
+    cls.TAG: cls
+    for cls in (GetManifest, ManifestData, Have, HaveBits, Get, Cancel, Data, Missing)
 }
 
 
 def answers(request, response) -> bool:
     """True when `response` is a valid answer to `request` (type, rid and the
-    echoed fields; for Get, any one of its ids: check the order with the ids)."""
-    if response.rid != request.rid:
+    echoed fields; for Get, any one of its ids: check the order with the ids).
+    Nothing answers a Cancel."""
+    if response.rid != getattr(request, "rid", None):
         return False
     if type(request) is GetManifest:
         return type(response) is ManifestData and response.manifest_id == request.manifest_id

@@ -103,7 +103,7 @@ def decode_payload(doc_bytes, *, requests_only: bool = False):
             _chunk("chunk id", cid)
             check_data_header(codec_, raw_len, size)
             return header
-        if tag == "get" and type(doc["ids"]) is not list:
+        if tag in ("get", "cancel") and type(doc["ids"]) is not list:
             raise LocalProtocolError("ids must be a list")
         return MESSAGE_TYPES[tag](**doc)
     except LocalProtocolError as exc:

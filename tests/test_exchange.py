@@ -11,7 +11,7 @@ from protocol.chunks import MAX_CHUNK, ZERO_ID, chunk_id
 from protocol.errors import ChunkHashMismatch, LocalProtocolError, RemoteProtocolError
 from protocol.exchange import (
     CODEC_RAW, CODEC_ZSTD, MAX_GET_IDS, MAX_HAVE, MAX_MANIFEST, MAX_PAYLOAD, MAX_U64,
-    MESSAGE_TYPES, Data, Get, GetManifest, Have, HaveBits, ManifestData, Missing, answers,
+    MESSAGE_TYPES, Cancel, Data, Get, GetManifest, Have, HaveBits, ManifestData, Missing, answers,
     data_from_plain, open_data, open_manifest, pack_bits, zstd_bound)
 from protocol.exchange_framing import (
     HEADER, MAX_FRAME, ExchangeDecoder, OversizedFrame, decode_frame, decode_payload,
@@ -42,6 +42,7 @@ STRATEGIES = {
     Have: st.builds(Have, rids, ids, st.integers(0, MAX_U64), st.integers(1, MAX_HAVE)),
     HaveBits: have_bits(),
     Get: st.builds(Get, rids, st.lists(ids, min_size=1, max_size=MAX_GET_IDS, unique=True)),
+    Cancel: st.builds(Cancel, st.lists(ids, min_size=1, max_size=MAX_GET_IDS, unique=True)),
     Data: datas(),
     Missing: st.builds(Missing, rids, ids),
 }
@@ -68,7 +69,7 @@ def feed(dec: ExchangeDecoder, data: bytes, eof: bool = True) -> list:
 
 def test_every_message_type_has_a_strategy_and_a_unique_tag():
     assert set(STRATEGIES) == set(MESSAGE_TYPES.values())
-    assert len(MESSAGE_TYPES) == 7
+    assert len(MESSAGE_TYPES) == 8
 
 
 @given(messages)
@@ -110,6 +111,7 @@ def test_largest_valid_message_of_every_type_fits_its_limit():
         Have(MAX_U64, b"m" * 32, MAX_U64, MAX_HAVE),
         HaveBits(MAX_U64, b"m" * 32, MAX_U64, MAX_HAVE, b"\xff" * (MAX_HAVE // 8)),
         Get(MAX_U64, tuple(bytes([0xFF] * 31) + bytes([i + 1]) for i in range(MAX_GET_IDS))),
+        Cancel(tuple(bytes([0xFF] * 31) + bytes([i + 1]) for i in range(MAX_GET_IDS))),
         Data(MAX_U64, b"d" * 32, CODEC_RAW, MAX_CHUNK, big),
         Data(MAX_U64, b"d" * 32, CODEC_ZSTD, MAX_CHUNK, worst_zstd),
         Missing(MAX_U64, b"d" * 32),
@@ -118,7 +120,7 @@ def test_largest_valid_message_of_every_type_fits_its_limit():
     for m in worst:
         assert len(encode_payload(m)) < MAX_FRAME
         assert decode_frame(encode_message(m)) == m
-    assert len(encode_message(worst[6])) == HEADER + len(encode_payload(worst[6])) + MAX_PAYLOAD
+    assert len(encode_message(worst[7])) == HEADER + len(encode_payload(worst[7])) + MAX_PAYLOAD
 
 
 @given(st.lists(messages, min_size=1, max_size=4))
@@ -388,7 +390,8 @@ def test_server_decoder_refuses_responses_before_their_body():
     hdr = encode_data_header(1, b"d" * 32, CODEC_RAW, 1000, 1000)
     with pytest.raises(RemoteProtocolError, match="not a request"):
         ExchangeDecoder(requests_only=True).receive_data(hdr)
-    for m in (GetManifest(1, b"m" * 32), Have(2, b"m" * 32, 0, 5), Get(3, (b"c" * 32,))):
+    for m in (GetManifest(1, b"m" * 32), Have(2, b"m" * 32, 0, 5), Get(3, (b"c" * 32,)),
+              Cancel((b"c" * 32,))):
         assert feed(ExchangeDecoder(requests_only=True), encode_message(m)) == [m]
 
 
@@ -443,6 +446,8 @@ def test_hostile_frame_is_a_remote_protocol_error(name):
     lambda: Have(1, b"m" * 32, 0, MAX_HAVE + 1), lambda: Get(1, ()),
     lambda: Get(1, (ZERO_ID,)), lambda: Get(1, (b"c" * 32,) * 2),
     lambda: Get(1, tuple(bytes([1, i]) * 16 for i in range(MAX_GET_IDS + 1))),
+    lambda: Cancel(()), lambda: Cancel((ZERO_ID,)), lambda: Cancel((b"c" * 32,) * 2),
+    lambda: Cancel(tuple(bytes([1, i]) * 16 for i in range(MAX_GET_IDS + 1))),
     lambda: Data(1, b"c" * 32, 0, 3, b"ab"), lambda: Data(1, b"c" * 32, 0, 0, b""),
     lambda: Data(1, b"c" * 32, 1, 3, b""), lambda: Data(1, b"c" * 32, 0, 3, bytearray(b"abc")),
     lambda: Data(1, b"c" * 32, 1, 1, bytes(zstd_bound(1) + 1)),
@@ -457,6 +462,7 @@ def test_answers():
     g = Get(5, (b"a" * 32, b"b" * 32))
     assert answers(g, Missing(5, b"a" * 32)) and answers(g, Data(5, b"b" * 32, 0, 1, b"x"))
     assert not answers(g, Missing(5, b"c" * 32)) and not answers(g, Missing(6, b"a" * 32))
+    assert not answers(Cancel((b"a" * 32,)), Missing(5, b"a" * 32))   # Cancel has no answer
     assert answers(GetManifest(1, b"m" * 32), ManifestData(1, b"m" * 32, None))
     assert not answers(GetManifest(1, b"m" * 32), ManifestData(1, b"n" * 32, None))
     h = Have(2, b"m" * 32, 8, 3)

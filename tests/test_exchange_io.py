@@ -225,6 +225,35 @@ async def test_test_only_rate_hook_caps_the_payload_rate(nursery, autojump_clock
     assert 7.0 <= took < 9.0, took
 
 
+async def test_cancel_turns_unsent_answers_into_missing(nursery, autojump_clock):
+    """A Cancel is read while earlier Gets are still being answered: ids not sent yet
+    are answered Missing, in order; an id already sent, and one never asked for, are
+    ignored and do not linger (asked again, they come as Data)."""
+    src = MemorySource()
+    chunks = [random.Random(i).randbytes(CS) for i in range(5)]
+    src.add_image(chunks, CS)
+    net, a, b, server = await sim_pair(nursery, src, rate=64 << 10)   # 1 chunk/s
+    ids = [chunk_id(c) for c in chunks]
+    send, recv = trio.open_memory_channel(10)
+    with trio.fail_after(60):
+        async with open_session(a, b, events=send) as s:
+            await s.get(ids[:3])
+            await s.get(ids[3:])
+            first = await recv.receive()                 # ids[0] left at once
+            assert type(first) is ChunkData and first.data.id == ids[0]
+            await s.cancel([ids[0], ids[2], ids[4], b"\x09" * 32])
+            evs = await collect(recv, 4)
+            got = [(type(e).__name__, e.data.id if type(e) is ChunkData else e.cid)
+                   for e in evs]
+            assert got == [("ChunkData", ids[1]), ("ChunkMissing", ids[2]),
+                           ("ChunkData", ids[3]), ("ChunkMissing", ids[4])]
+            assert server.counters["cancelled"] == 2 and server.counters["missing"] == 0
+            await s.get([ids[0], ids[2]])                # nothing lingers
+            evs = await collect(recv, 2)
+            assert [open_data(e.data) for e in evs] == [chunks[0], chunks[2]]
+    assert server.counters["chunks_sent"] == 5 and server.counters["malformed"] == 0
+
+
 async def test_test_only_corruption_hook(nursery, autojump_clock, monkeypatch):
     monkeypatch.setenv(CORRUPT_ENV, "all")
     src = MemorySource(compress=True)

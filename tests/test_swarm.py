@@ -184,6 +184,39 @@ class Finder:
         return list(self.contacts), None
 
 
+async def test_endgame_copies_are_cancelled_at_a_slow_provider(
+        nursery, autojump_clock, monkeypatch):
+    """A slow provider (its server sends 1 MiB/s) whose chunks are also asked of a
+    fast one: once the fast copy is in, the slow provider's copy is cancelled, and
+    if it has not sent it yet it answers Missing instead. Fewer duplicate bytes
+    than the same download without Cancel."""
+    src, mid, _ = small_image(n=400)
+
+    async def run():
+        net = await Net(nursery, up=100 * MBIT).start()
+        fast = net.provider(MemorySource(src.chunks, src.manifests))
+        slow = net.provider(MemorySource(src.chunks, src.manifests))
+        server = net.providers[slow.id][1]
+        server.rate = 1 << 20
+        sink = MemorySink()
+        with trio.fail_after(LIMIT):
+            res = await net.downloader(sink, [fast, slow]).download(mid)
+        assert_complete(sink, src, mid)
+        assert res.banned == [] and res.failed_peers == []
+        return res, server.counters
+
+    res, counters = await run()
+    assert counters["cancels"] > 0 and counters["cancelled"] > 0
+    assert counters["missing"] == 0          # every Missing it sent was a cancel
+
+    async def no_cancel(self, redundant):
+        pass
+    monkeypatch.setattr(Downloader, "_cancel", no_cancel)
+    res_without, counters = await run()
+    assert counters["cancels"] == 0
+    assert res.duplicate_bytes < res_without.duplicate_bytes
+
+
 async def test_chunks_come_from_all_providers_found_through_the_finder(
         nursery, autojump_clock):
     src, mid, chunks = small_image(n=60)
