@@ -89,8 +89,10 @@ Rules, in the order next_requests(now) applies them:
    a copy is expected when the peer's queue (its in-flight bytes at its rate)
    and the chunk are through; a chunk in flight is expected when the answers
    ahead of it on its peer's stream (answered in order) and it are through at
-   that peer's rate, or now if that is past. So a chunk queued deep at a slow or
-   busy peer is copied to an idle one, and one about to arrive is not (with 4
+   that peer's rate; if that is d in the past, d from now (a stalled peer's
+   chunks are copied soon, not only once they expire). So a chunk queued deep
+   at a slow, busy or stalled peer is copied to an idle one, and one about to
+   arrive is not (with 4
    equal seeds on 127.0.0.1, endgame copies fell from 2-28 MB per restore to
    0.5-10 MB). While a peer's rate is unknown (fewer than one arrival), the
    earlier rule holds: any chunk in flight elsewhere.
@@ -352,7 +354,9 @@ class SwarmPlan:
             t = max(q.last_arrival, min(r.sent for r in q.inflight.values()))
             for c in q.inflight:
                 t += self._size(c) / q.rate
-                at = max(t, now)              # overdue: expected any moment from now
+                # overdue by d: expected d from now (the later, the less trusted), so
+                # a stalled peer's chunks soon go to a peer that would deliver sooner
+                at = t if t >= now else 2 * now - t
                 if at < out.get(c, inf):
                     out[c] = at
         return out

@@ -23,6 +23,7 @@ class SimPeer:
     kind: str = "honest"              # honest | corrupt | hung | liar (answers Missing)
     busy_until: float = 0.0
     leave_at: float | None = None
+    hang_at: float | None = None      # from then on it answers nothing
 
 
 @dataclass
@@ -68,7 +69,7 @@ class Sim:
         self.plan.take_cancelled()
 
     def _serve(self, sp: SimPeer, c: bytes):
-        if sp.kind == "hung":
+        if sp.kind == "hung" or (sp.hang_at is not None and self.now >= sp.hang_at):
             return
         arrive = self.now + sp.rtt / 2
         sp.busy_until = max(sp.busy_until, arrive) + (MiB / sp.rate if sp.kind != "liar" else 0)
@@ -204,6 +205,18 @@ def test_endgame_copies_what_waits_at_a_slower_peer():
     # within 5% of both rates' sum (copies of chunks about to arrive elsewhere, as
     # the endgame asked for before, took it to 0.90 s, 11% over, here)
     assert with_copies.now < 1.05 * n * MiB / 260e6
+
+
+def test_endgame_copies_what_a_stalled_peer_holds_before_it_expires():
+    """A peer that stops answering halfway: in the endgame its overdue chunks are due
+    later the longer they are overdue, so the other peer copies them long before their
+    deadlines expire (min_timeout 2 s; waiting for that ended at 2.8 s here)."""
+    n = 200
+    sim = make(n, [SimPeer("a", ALL(n), rate=100e6),
+                   SimPeer("b", ALL(n), rate=100e6, hang_at=0.5)])
+    sim.run()
+    check_complete(sim, n)
+    assert sim.now < 1.5
 
 
 def test_rarest_first_on_the_first_batch_ties_random():
