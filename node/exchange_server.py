@@ -90,7 +90,7 @@ class _Asked:
         if n > 0:
             self.pending[cid] = n
         else:
-            del self.pending[cid]
+            self.pending.pop(cid, None)
         if cid in self.cancelled:
             self.cancelled.discard(cid)
             return True
