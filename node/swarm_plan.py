@@ -92,10 +92,9 @@ Rules, in the order next_requests(now) applies them:
    that peer's rate; if that is d in the past, d from now (a stalled peer's
    chunks are copied soon, not only once they expire). So a chunk queued deep
    at a slow, busy or stalled peer is copied to an idle one, and one about to
-   arrive is not (with 4
-   equal seeds on 127.0.0.1, endgame copies fell from 2-28 MB per restore to
-   0.5-10 MB). While a peer's rate is unknown (fewer than one arrival), the
-   earlier rule holds: any chunk in flight elsewhere.
+   arrive is not (4 equal seeds on 127.0.0.1: 3-14 MB of duplicates per 2 GiB
+   restore, mean 6, against 2-38, mean 17). While the copying peer's rate is
+   unknown (no arrival yet), the earlier rule holds: any chunk in flight elsewhere.
 7. Bad data. on_bad(peer, chunk) excludes that peer for that chunk, halves its
    window, and after max_bad (3) bad chunks bans it: it is never asked again
    (add_peer with its id is ignored), and its in-flight chunks go back to the pool.
