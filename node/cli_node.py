@@ -196,7 +196,7 @@ def status(ctx, as_json):
               f"store          {s['store']['chunks']} chunks, "
               f"{human(s['store']['stored_bytes'])} stored, {s['store']['backups']} backups",
               f"transfers      {len(s['transfers']) or 'none'}",
-              f"served         " + (", ".join(f"{k} {v}" for k, v in sorted(s["served"].items()))
+              "served         " + (", ".join(f"{k} {v}" for k, v in sorted(s["served"].items()))
                                     or "nothing yet")]
     emit(as_json, s, "\n".join(lines))
 

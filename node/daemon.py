@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import errno
 import fcntl
 import json
 import logging
