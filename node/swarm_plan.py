@@ -89,11 +89,12 @@ Rules, in the order next_requests(now) applies them:
    a copy is expected when the peer's queue (its in-flight bytes at its rate)
    and the chunk are through; a chunk in flight is expected when the answers
    ahead of it on its peer's stream (answered in order) and it are through at
-   that peer's rate; if that is d in the past, d from now (a stalled peer's
-   chunks are copied soon, not only once they expire). So a chunk queued deep
-   at a slow, busy or stalled peer is copied to an idle one, and one about to
-   arrive is not (4 equal seeds on 127.0.0.1: 3-14 MB of duplicates per 2 GiB
-   restore, mean 6, against 2-38, mean 17). While the copying peer's rate is
+   that peer's rate; if that is d in the past, d - overdue_grace (0.1 s) from
+   now, at least now (a stalled peer's chunks are copied soon, not only once
+   they expire; a chunk a little late is most likely on its way, arrivals come
+   in bursts). So a chunk queued deep at a slow, busy or stalled peer is
+   copied to an idle one, and one about to arrive is not (BENCHMARKS.md, swarm
+   section, has the duplicates this saves). While the copying peer's rate is
    unknown (no arrival yet), the earlier rule holds: any chunk in flight elsewhere.
 7. Bad data. on_bad(peer, chunk) excludes that peer for that chunk, halves its
    window, and after max_bad (3) bad chunks bans it: it is never asked again
@@ -136,6 +137,7 @@ class Tunables:
     recover_factor: float = 0.5
     min_samples: int = 4
     max_extra_copies: int = 2
+    overdue_grace: float = 0.1            # endgame: lateness (s) still taken as "due now"
     pause_base: float = 1.0
     pause_max: float = 60.0
 
@@ -353,9 +355,11 @@ class SwarmPlan:
             t = max(q.last_arrival, min(r.sent for r in q.inflight.values()))
             for c in q.inflight:
                 t += self._size(c) / q.rate
-                # overdue by d: expected d from now (the later, the less trusted), so
-                # a stalled peer's chunks soon go to a peer that would deliver sooner
-                at = t if t >= now else 2 * now - t
+                # overdue by d: expected d - overdue_grace from now (the later, the
+                # less trusted), so a stalled peer's chunks soon go to a peer that
+                # would deliver sooner; a chunk just past its estimate is most likely
+                # on its way (arrivals come in bursts: one receive carries several)
+                at = t if t >= now else now + max(0.0, now - t - self.t.overdue_grace)
                 if at < out.get(c, inf):
                     out[c] = at
         return out
