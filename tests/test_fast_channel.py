@@ -305,46 +305,59 @@ def test_malloc_is_tuned_once_on_glibc():
     assert tune_malloc() is glibc and tune_malloc() is glibc
 
 
+def _cached_store(tmp_path, make_image=None):
+    """A store holding an image (default: 12 MiB mixed), its records read into the
+    page cache: (store, manifest id, manifest, the non-zero chunk ids in order)."""
+    from conftest import mixed_image
+    from node.backup import backup
+    from node.store import ChunkStore
+    from protocol.chunks import ZERO_ID
+    from protocol.manifest import decode_manifest, split_list
+
+    img = (make_image or (lambda p: mixed_image(p, 12 * MiB, seed=4)))(tmp_path / "img")
+    store = ChunkStore(tmp_path / "store")
+    mid = backup(store, str(img), chunk_size=MiB).manifest_id
+    m = decode_manifest(store.db.execute("SELECT body FROM manifests WHERE id=?",
+                                         (mid,)).fetchone()[0])
+    ids = [c for li in range(len(m.lists))
+           for c in split_list(store.read(m.lists[li]), m.list_len(li)) if c != ZERO_ID]
+    for cid in ids:                           # the records are now in the page cache
+        store.read(cid)
+    return store, mid, m, ids
+
+
+async def _answers(fs, n: int) -> list:
+    from protocol.exchange_framing import ExchangeDecoder
+    dec, got = ExchangeDecoder(), []
+    while len(got) < n:
+        msg = dec.next_message()
+        if msg is None:
+            dec.receive_data(await fs.receive_some(4 * MiB))
+        else:
+            got.append(msg)
+    return got
+
+
 async def test_page_cached_records_are_sent_several_per_send(nursery, tmp_path):
     """A StoreSource whose records are in the page cache answers a Get over the fast
     channel from the event loop (ExchangeServer._send_cached: no thread hop, several
     chunks per send); a chunk it does not hold still gets its Missing, in order, and
     the chunks after it are served (the usual path takes over at the miss)."""
-    from conftest import mixed_image
-    from node.backup import backup
     from node.chunk_source import StoreSource
-    from node.store import ChunkStore
-    from protocol.chunks import ZERO_ID
     from protocol.exchange import Data, Get, Have, HaveBits, Missing
-    from protocol.exchange_framing import ExchangeDecoder, encode_message
-    from protocol.manifest import decode_manifest, split_list
+    from protocol.exchange_framing import encode_message
 
-    img = mixed_image(tmp_path / "img", 12 * MiB, seed=4)
-    store = ChunkStore(tmp_path / "store")
+    store, mid, m, ids = _cached_store(tmp_path)
     try:
-        mid = backup(store, str(img), chunk_size=MiB).manifest_id
-        m = decode_manifest(store.db.execute("SELECT body FROM manifests WHERE id=?",
-                                             (mid,)).fetchone()[0])
-        ids = [c for li in range(len(m.lists))
-               for c in split_list(store.read(m.lists[li]), m.list_len(li)) if c != ZERO_ID]
-        for cid in ids:                       # the records are now in the page cache
-            store.read(cid)
         src = StoreSource(store)
         server = ExchangeServer(src)
         srv, sid = await _server(nursery, server.handle)
         ask = ids[:3] + [chunk_id(b"not held")] + ids[3:]
-        dec = ExchangeDecoder()
-        got = []
         with trio.fail_after(STEP_LIMIT):
             fs = await _dial(srv, Identity.generate(), sid.node_id)
             await fs.send_all(encode_message(Have(1, mid, 0, m.n_chunks)))
             await fs.send_all(encode_message(Get(2, tuple(ask))))
-            while len(got) < 1 + len(ask):
-                msg = dec.next_message()
-                if msg is None:
-                    dec.receive_data(await fs.receive_some(4 * MiB))
-                else:
-                    got.append(msg)
+            got = await _answers(fs, 1 + len(ask))
             await fs.aclose()
         assert type(got[0]) is HaveBits and len(list(got[0].positions())) == len(ids)
         answers = got[1:]
@@ -355,5 +368,40 @@ async def test_page_cached_records_are_sent_several_per_send(nursery, tmp_path):
         assert src.served_cached == len(ids)          # no thread hop for a cached record
         assert server.counters["chunks_sent"] == len(ids)
         assert server.counters["missing"] == 1
+    finally:
+        store.close()
+
+
+async def test_a_cancel_reaches_page_cached_answers_queued_behind_others(nursery, tmp_path):
+    """Over the fast channel, a Cancel sent behind two Gets is read while the server
+    still sends the first one's 20 MiB (more than the socket buffers; nobody reads
+    them yet): the second Get's cancelled ids are answered Missing from the cached
+    path, its others as Data."""
+    from conftest import random_image
+    from node.chunk_source import StoreSource
+    from protocol.exchange import Cancel, Data, Get, Have, HaveBits, Missing
+    from protocol.exchange_framing import encode_message
+
+    store, mid, m, ids = _cached_store(tmp_path, lambda p: random_image(p, 24 * MiB))
+    try:
+        src = StoreSource(store)
+        server = ExchangeServer(src)
+        srv, sid = await _server(nursery, server.handle)
+        first, second = ids[:-4], ids[-4:]
+        with trio.fail_after(STEP_LIMIT):
+            fs = await _dial(srv, Identity.generate(), sid.node_id)
+            await fs.send_all(encode_message(Have(1, mid, 0, m.n_chunks)))   # (locations)
+            await fs.send_all(encode_message(Get(2, tuple(first))))
+            await fs.send_all(encode_message(Get(3, tuple(second))))
+            await fs.send_all(encode_message(Cancel((second[1], second[3]))))
+            got = await _answers(fs, 1 + len(ids))
+            await fs.aclose()
+        assert type(got[0]) is HaveBits
+        assert [type(a) for a in got[1:1 + len(first)]] == [Data] * len(first)
+        tail = [(type(a), a.rid, a.id) for a in got[1 + len(first):]]
+        assert tail == [(Data, 3, second[0]), (Missing, 3, second[1]),
+                        (Data, 3, second[2]), (Missing, 3, second[3])]
+        assert server.counters["cancelled"] == 2 and server.counters["missing"] == 0
+        assert src.served_cached == len(ids) - 2      # the cached path answered them all
     finally:
         store.close()
