@@ -61,9 +61,13 @@ Rules, in the order next_requests(now) applies them:
    So a window settles at what keeps the peer busy without queueing more than
    target_latency of work on it, clamped to [1, max_window]. A corrupt chunk
    halves the window; a timeout sets it to 1.
-3. Rate. Per peer, bytes over busy time, both decayed by rate_decay per
-   arrival: an arrival's busy time is the time since the later of the previous
-   arrival and its own send, so pipelined requests are not double counted.
+3. Rate. Per peer, bytes over busy time: an arrival's busy time is the time
+   since the later of the previous arrival and its own send, so pipelined
+   requests are not double counted. Both sums decay by exp(-busy / rate_horizon),
+   an average over the last ~0.25 s of busy time, not over the last few
+   arrivals: arrivals come in bursts (one receive carries several chunks; the
+   downloader reads while it is not verifying), and an average over arrivals
+   swung 0.2-2.6x around a peer's true rate with the burst phase.
    An arrival's time is when its bytes arrived (on_data's `now`; the swarm passes
    the session reader's timestamp), not when a busy downloader got to verify it:
    a peer is measured by what it delivers, not by how busy the downloader is.
@@ -79,9 +83,14 @@ Rules, in the order next_requests(now) applies them:
    hostage forever and every download ends: finished, or stuck().
 5. Slow peers. A peer with at least min_samples arrivals whose rate is below
    slow_factor (1/4) of the median rate of the other measured, unbanned peers
-   is slow: its window is held at 1, and every chunk in flight only at slow
-   peers may be re-requested from a non-slow holder (bounded as in 6). It stops
-   being slow when its rate is back above recover_factor (1/2) of that median.
+   is slow: its window drops at once to what it delivers within target_latency
+   (rule 2 would get there only at its next arrival), and every chunk in flight
+   only at slow peers may be copied to a non-slow holder that would deliver it
+   first (the test of rule 6, bounded as there). It stops being slow when its
+   rate is back above recover_factor (1/2) of that median. Its window is not
+   held at 1: with one request in flight a peer's rate measures the round trip,
+   not its capacity, and a peer that was only briefly behind (a stall, a burst
+   of arrivals read late) could never measure fast enough to recover.
 6. Endgame. When no PENDING chunk has a usable holder (everything left is in
    flight, or unavailable), peers with spare window also take chunks in flight
    elsewhere that they hold, fewest copies first, at most max_extra_copies (2)
@@ -110,7 +119,7 @@ import heapq
 import random
 import statistics
 from dataclasses import dataclass, field
-from math import inf
+from math import exp, inf
 from typing import Callable, Hashable, Iterable, Mapping
 
 from protocol.exchange import MAX_GET_IDS
@@ -130,7 +139,7 @@ class Tunables:
     initial_timeout: float = 30.0         # deadline while a peer's rate is unknown
     min_timeout: float = 2.0
     timeout_slack: float = 4.0
-    rate_decay: float = 0.8
+    rate_horizon: float = 0.25            # seconds of busy time a rate is averaged over
     max_bad: int = 3
     max_timeouts: int = 4                 # consecutive expiries before a peer is dropped
     slow_factor: float = 0.25
@@ -314,7 +323,7 @@ class SwarmPlan:
                      and len(cp) < cap and p.id not in cp and p.id in self._holders[c]
                      and (endgame or all(self._peers[q].slow for q in cp))]
             room = min(free, self.t.max_batch - len(batch))
-            t = self._copy_eta(p, now) if endgame else None
+            t = self._copy_eta(p, now)
             if t is None:
                 cands.sort(key=lambda c: (len(self._copies[c]), self._tb[c]))
                 take = cands[:room]
@@ -546,8 +555,9 @@ class SwarmPlan:
     def _measure(self, p: _PeerState, req: _Req, nbytes: int, now: float) -> None:
         t = self.t
         busy = max(now - max(p.last_arrival, req.sent), 1e-9)
-        p.bytes_acc = p.bytes_acc * t.rate_decay + nbytes
-        p.time_acc = p.time_acc * t.rate_decay + busy
+        keep = exp(-busy / t.rate_horizon)
+        p.bytes_acc = p.bytes_acc * keep + nbytes
+        p.time_acc = p.time_acc * keep + busy
         p.samples += 1
         p.last_arrival = now
         p.timeouts = 0
@@ -556,8 +566,6 @@ class SwarmPlan:
         else:
             p.window = min(t.max_window, max(1.0, min(
                 p.window, p.rate * t.target_latency / max(1, nbytes))))
-        if p.slow:
-            p.window = 1.0
 
     def _update_slow(self) -> None:
         measured = [p for p in self._peers.values()
@@ -567,7 +575,8 @@ class SwarmPlan:
         for p in measured:
             med = statistics.median(q.rate for q in measured if q is not p)
             if not p.slow and p.rate < self.t.slow_factor * med:
-                p.slow, p.window = True, 1.0
+                p.slow = True
+                p.window = max(1.0, min(p.window, p.rate * self.t.target_latency / self._est))
             elif p.slow and p.rate >= self.t.recover_factor * med:
                 p.slow = False
 
