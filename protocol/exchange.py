@@ -32,6 +32,13 @@ others for in its endgame: a copy not yet sent costs a Missing frame instead of 
 chunk. It races with the answers (a Data may already be on its way), so a downloader
 takes either answer for a cancelled id.
 
+Versioning: a responder that gets a tag it does not know fails the stream
+(RemoteProtocolError), so a new request type needs a new protocol id
+("/hypersdk/exchange/2", offered before /1 in the libp2p protocol negotiation,
+and a new version byte in the fast channel's offer), not a new tag under /1. Cancel
+is part of /1 as first deployed (no node without it ever ran outside this
+repository's history).
+
 ManifestData.data is the manifest's canonical encoding (protocol.manifest);
 None means "not held" (a value, not an error). The receiver checks
 BLAKE3(data) == manifest_id with open_manifest() before trusting it.
