@@ -564,8 +564,13 @@ class SwarmPlan:
         if now - req.sent <= t.target_latency:
             p.window = min(t.max_window, p.window + 1)
         else:
-            p.window = min(t.max_window, max(1.0, min(
-                p.window, p.rate * t.target_latency / max(1, nbytes))))
+            self._window_to_rate(p, nbytes)
+
+    def _window_to_rate(self, p: _PeerState, size: int) -> None:
+        """Shrink p's window to the chunks of `size` it delivers within target_latency
+        at its measured rate (rule 2), at least 1."""
+        p.window = min(self.t.max_window, max(1.0, min(
+            p.window, p.rate * self.t.target_latency / max(1, size))))
 
     def _update_slow(self) -> None:
         measured = [p for p in self._peers.values()
@@ -576,7 +581,7 @@ class SwarmPlan:
             med = statistics.median(q.rate for q in measured if q is not p)
             if not p.slow and p.rate < self.t.slow_factor * med:
                 p.slow = True
-                p.window = max(1.0, min(p.window, p.rate * self.t.target_latency / self._est))
+                self._window_to_rate(p, self._est)
             elif p.slow and p.rate >= self.t.recover_factor * med:
                 p.slow = False
 
