@@ -5,7 +5,7 @@
     .venv/bin/python bench/bench_swarm.py swarm      # 4 seeds -> 1, 2 GiB v1 image
     .venv/bin/python bench/bench_swarm.py raw        # 1 seed -> 1, incompressible chunks
     .venv/bin/python bench/bench_swarm.py both
-    options: --seeds 4 --raw-mib 512 --no-anchor --keep
+    options: --seeds 4 --raw-mib 512 --no-anchor --keep --fragment
 
 swarm: 4 seed data dirs holding a backup of $BENCH_DATA/disk-v1.img (cached under
 $BENCH_DATA/repos/swarm-seedN, rebuilt when the image's mtime changes: one backup into
@@ -30,12 +30,19 @@ script tries $LT_PYTHON, /usr/bin/python3, then this venv's python, and if none 
 it runs `python -m pip install libtorrent` into this venv once (pip libtorrent 2.1.1;
 also /work/shared/bench/setup_anchors.sh). MB = 10**6 bytes.
 
+Memory state: both sides' times depend on how fragmented the machine's free memory is
+(bench/memory_state.py: libtorrent 2.4-2.8 s with it in large blocks, 4.2-6.2 s with
+it in single pages). Each result records free_in_2MiB_blocks_pct, read just before
+that side starts. --fragment runs everything while bench/memory_state.py holds the
+free memory fragmented, so both states can be measured side by side on demand.
+
 Profiling (bench-only): HYPERSDK_PROFILE=DIR in the environment of the nodes makes
 bench/_prof_node.py run them under cProfile (see --profile).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -45,6 +52,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from memory_state import Fragmented, free_memory_state
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "bench"
@@ -224,6 +233,7 @@ def lt_python() -> str:
 
 def run_libtorrent(seeds: int) -> dict:
     py = lt_python()
+    mem = free_memory_state()
     p = subprocess.run([py, str(SHARED / "swarm_libtorrent.py"), "swarm", "--seeds",
                         str(seeds), "--runs", "1", "--profile", "hp"],
                        capture_output=True, text=True, timeout=1800)
@@ -236,6 +246,7 @@ def run_libtorrent(seeds: int) -> dict:
             run = json.loads(line)
     if run is None:
         raise SystemExit(f"no result from swarm_libtorrent.py: {p.stderr[-2000:]}")
+    run["free_in_2MiB_blocks_pct"] = mem["free_in_2MiB_blocks_pct"]
     return run
 
 
@@ -270,19 +281,21 @@ def run_restore(seeds_n: int, profile: bool, keep: bool) -> dict:
             "fetch_s": f.get("seconds"), "bytes_fetched": f.get("bytes_fetched"),
             "chunks_fetched": f.get("chunks_fetched"), "bytes_by_peer": f.get("bytes_by_peer"),
             "duplicate_bytes": f.get("duplicate_bytes"), "load_before": run["load_before"],
+            "free_in_2MiB_blocks_pct": run["free_in_2MiB_blocks_pct"],
             "leecher_cpu_s": run["leecher_cpu_s"], "seeds_cpu_s": run["seeds_cpu_s"]}
 
 
 def timed(leech, seeds, leech_dir, *command) -> dict:
     """Run `hypersdk COMMAND --json` on the leecher; wall time, its JSON document,
     load average before, leecher peak RSS and the CPU seconds of every node."""
-    load = loadavg()
+    load, mem = loadavg(), free_memory_state()
     c0 = [n.cpu_s() for n in (leech, *seeds)]
     t = time.perf_counter()
     p = hs(leech_dir, *command, "--json", timeout=1800)
     wall = time.perf_counter() - t
     c1 = [n.cpu_s() for n in (leech, *seeds)]
     return {"wall": wall, "doc": json.loads(p.stdout), "load_before": load,
+            "free_in_2MiB_blocks_pct": mem["free_in_2MiB_blocks_pct"],
             "leecher_rss_MiB": round(leech.hwm_mib(), 1),
             "leecher_cpu_s": round(c1[0] - c0[0], 2),
             "seeds_cpu_s": round(sum(c1[1:]) - sum(c0[1:]), 2)}
@@ -314,6 +327,7 @@ def run_raw(mib: int, profile: bool, keep: bool) -> dict:
             "fetch_s": doc["seconds"], "bytes_fetched": doc["bytes_fetched"],
             "fetch_MB_per_s": round(doc["bytes_fetched"] / max(doc["seconds"], 1e-9) / 1e6, 1),
             "leecher_rss_MiB": run["leecher_rss_MiB"], "load_before": run["load_before"],
+            "free_in_2MiB_blocks_pct": run["free_in_2MiB_blocks_pct"],
             "leecher_cpu_s": run["leecher_cpu_s"], "seeds_cpu_s": run["seeds_cpu_s"]}
 
 
@@ -324,11 +338,23 @@ def main():
     ap.add_argument("--raw-mib", type=int, default=512)
     ap.add_argument("--no-anchor", action="store_true", help="skip libtorrent")
     ap.add_argument("--keep", action="store_true", help="keep the restored image")
+    ap.add_argument("--fragment", action="store_true",
+                    help="hold the free memory fragmented during the whole run "
+                         "(bench/memory_state.py)")
     ap.add_argument("--profile", action="store_true",
                     help="run nodes under cProfile (bench/_prof_node.py; "
                          "stats in each data dir's node.prof)")
     a = ap.parse_args()
     res: dict = {"load_start": loadavg(), "nproc": os.cpu_count()}
+    with Fragmented() if a.fragment else contextlib.nullcontext() as frag:
+        if frag is not None:
+            res["fragmented"] = frag.info
+            log("memory fragmented:", json.dumps(frag.info))
+        measure(a, res)
+    report(a, res)
+
+
+def measure(a, res: dict) -> None:
     if a.mode in ("swarm", "both"):
         res["hypersdk_swarm"] = r = run_restore(a.seeds, a.profile, a.keep)
         log("hypersdk swarm:", json.dumps(r))
@@ -344,6 +370,9 @@ def main():
             log("libtorrent 1 seed:", json.dumps({k: v for k, v in r.items()
                                                  if k not in ("seeders",)}))
     res["load_end"] = loadavg()
+
+
+def report(a, res: dict) -> None:
     rows = ["| measurement | hypersdk | libtorrent | ratio (hypersdk / libtorrent) |",
             "|---|---|---|---|"]
     if "hypersdk_swarm" in res:
@@ -370,6 +399,10 @@ def main():
                        f"{h['MB_per_s'] / lt['MB_per_s']:.2f}x |" if lt else "- | - |"))
     rows.append(f"\nload average: start {res['load_start']}, end {res['load_end']}, "
                 f"{res['nproc']} cores")
+    mem = [f"{k} {res[k]['free_in_2MiB_blocks_pct']}%" for k in
+           ("hypersdk_swarm", "lt_swarm", "hypersdk_raw", "lt_raw") if k in res]
+    rows.append("free memory in >= 2 MiB blocks before each side: " + ", ".join(mem)
+                + (" (held fragmented: --fragment)" if "fragmented" in res else ""))
     print("\n".join(rows))
     outdir = Path(os.environ.get("BENCH_OUT", DATA / "results"))
     outdir.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@
 does not assert (BENCHMARKS.md, swarm section, says what the figures explain).
 
     .venv/bin/python bench/bench_write_paths.py pagecache [--mb 700] [--runs 3] [--wait 20]
-    .venv/bin/python bench/bench_write_paths.py mix [--runs 3]
+    .venv/bin/python bench/bench_write_paths.py mix [--runs 3] [--image-threads 3] [--no-packs]
 
 pagecache: the same MB written into a new file two ways, --runs times, --wait s
 apart; wall time and CPU time (this process) of each:
@@ -13,10 +13,11 @@ apart; wall time and CPU time (this process) of each:
   The buffered CPU time depends on the state of the VM's free memory: the first
   touch of a page the host has taken back (virtio-balloon free page reporting is
   on here) is a host fault. It cannot be forced from inside the VM, hence repeats.
-mix: what one 2 GiB swarm restore writes, in two threads at once: 1,250 O_DIRECT
-1 MiB writes at random positions of a sparse 2 GiB file (the image: node/restore.py)
-and 166 sequential O_DIRECT 4 MiB writes (the packs), each file fsync'ed; wall time
-and MB/s of the whole. Files go to $BENCH_DATA (default /tmp/bench-data).
+mix: what one 2 GiB swarm restore writes, at once: 1,250 O_DIRECT 1 MiB writes at
+random positions of a sparse 2 GiB file by --image-threads threads (default 3, as
+node/restore.py StagedImage) and 166 sequential O_DIRECT 4 MiB writes by one thread
+(the packs; --no-packs leaves them out), each file fsync'ed; wall time and MB/s of
+the whole: the disk's floor for a restore's writes. Files go to $BENCH_DATA (default /tmp/bench-data).
 """
 from __future__ import annotations
 
@@ -76,38 +77,46 @@ def cmd_pagecache(a) -> None:
         p.unlink(missing_ok=True)
 
 
-def _writer(path: Path, buf, size: int, positions) -> float:
-    t = time.perf_counter()
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o600)
-    try:
-        view = memoryview(buf)[:size]
-        for p in positions:
-            os.pwrite(fd, view, p * size)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-        path.unlink(missing_ok=True)
-    return time.perf_counter() - t
+def _drain(fd: int, view, size: int, queue: list, lock) -> None:
+    """Write `view` at position*size for positions taken from the shared queue."""
+    while True:
+        with lock:
+            if not queue:
+                return
+            p = queue.pop()
+        os.pwrite(fd, view[:size], p * size)
 
 
 def cmd_mix(a) -> None:
     DATA.mkdir(parents=True, exist_ok=True)
     buf = _block(4 * MiB)
+    view = memoryview(buf)
     for run in range(1, a.runs + 1):
-        img = random.Random(run).sample(range(2048), 1250)
-        res: dict = {}
-        jobs = [("image", DATA / "mix-image.tmp", MiB, img),
-                ("packs", DATA / "mix-packs.tmp", 4 * MiB, range(166))]
-        t = time.perf_counter()
-        threads = [threading.Thread(target=lambda j=j: res.__setitem__(
-            j[0], round(_writer(j[1], buf, j[2], j[3]), 2))) for j in jobs]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
-        wall = time.perf_counter() - t
-        mb = (1250 * MiB + 166 * 4 * MiB) / 1e6
-        print(f"run {run}: {res} total {wall:.2f} s, {mb / wall:.0f} MB/s", flush=True)
+        jobs = [("image", DATA / "mix-image.tmp", MiB, a.image_threads,
+                 random.Random(run).sample(range(2048), 1250))]
+        if not a.no_packs:
+            jobs.append(("packs", DATA / "mix-packs.tmp", 4 * MiB, 1, list(range(166))[::-1]))
+        fds = [os.open(j[1], os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o600)
+               for j in jobs]
+        try:
+            t = time.perf_counter()
+            threads = [threading.Thread(target=_drain, args=(fd, view, size, queue, lock))
+                       for fd, (_, _, size, n, queue) in zip(fds, jobs)
+                       for lock in [threading.Lock()] for _ in range(n)]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+            for fd in fds:
+                os.fsync(fd)
+            wall = time.perf_counter() - t
+        finally:
+            for fd, j in zip(fds, jobs):
+                os.close(fd)
+                j[1].unlink(missing_ok=True)
+        mb = (1250 * MiB + (0 if a.no_packs else 166 * 4 * MiB)) / 1e6
+        print(f"run {run}: {' + '.join(f'{j[0]} ({j[3]} thread(s))' for j in jobs)}: "
+              f"{wall:.2f} s, {mb / wall:.0f} MB/s", flush=True)
 
 
 def main() -> None:
@@ -120,6 +129,9 @@ def main() -> None:
     p.set_defaults(fn=cmd_pagecache)
     m = sub.add_parser("mix")
     m.add_argument("--runs", type=int, default=3)
+    m.add_argument("--image-threads", type=int, default=3,
+                   help="image writer threads (node/restore.py StagedImage.WRITERS)")
+    m.add_argument("--no-packs", action="store_true", help="the image writes alone")
     m.set_defaults(fn=cmd_mix)
     a = ap.parse_args()
     a.fn(a)
