@@ -30,10 +30,10 @@ script tries $LT_PYTHON, /usr/bin/python3, then this venv's python, and if none 
 it runs `python -m pip install libtorrent` into this venv once (pip libtorrent 2.1.1;
 also /work/shared/bench/setup_anchors.sh). MB = 10**6 bytes.
 
-Memory state: both sides' times depend on how fragmented the machine's free memory is
-(bench/memory_state.py: libtorrent 2.4-2.8 s with it in large blocks, 4.2-6.2 s with
-it in single pages). Each result records free_in_2MiB_blocks_pct, read just before
-that side starts. --fragment runs everything while bench/memory_state.py holds the
+Memory state: both sides' times depend on the machine's memory state (libtorrent
+2.3-2.8 s with the free memory in large blocks, 4.2-6.2 s with it fragmented, 3.1-4.2
+s after a test-suite run; bench/memory_state.py, BENCHMARKS.md). Each result records
+free_in_2MiB_blocks_pct, read just before that side starts. --fragment runs everything while bench/memory_state.py holds the
 free memory fragmented, so both states can be measured side by side on demand.
 
 Profiling (bench-only): HYPERSDK_PROFILE=DIR in the environment of the nodes makes

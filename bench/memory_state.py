@@ -3,13 +3,14 @@
 on, and a way to put the machine in its fragmented state on purpose.
 
 Why it matters: on this VM, libtorrent's 4 seeds -> 1 restore of the 2 GiB image took
-2.4-2.8 s while the free memory lay in large blocks and 4.2-6.2 s once it lay in
-scattered 4 KiB pages (BENCHMARKS.md, swarm section, 2026-11-25 session 7). Linux 6.18
-gives a file's page cache large folios only where large free blocks exist, and
-libtorrent writes its download through the page cache (mmap); hypersdk's restore
-writes with O_DIRECT and moved less (1.35-1.5 s against 1.7-1.8 s). A machine that has
-run for hours drifts into the fragmented state; a fresh boot or
-`sync; echo 3 > /proc/sys/vm/drop_caches` gives the other one.
+2.3-2.8 s while the free memory lay in large blocks and 4.2-6.2 s while this module's
+`fragment` held it in scattered 4 KiB pages (BENCHMARKS.md, swarm section, 2026-11-25
+10:21). Likely (not traced in the kernel): Linux 6.18 gives a file's page cache large
+folios only from large free blocks, and libtorrent writes its download through the
+page cache (mmap). hypersdk's restore writes with O_DIRECT and moved less (1.35-1.5 s
+against 1.7-1.8 s). Fragmentation is not the only slow mode: the page cache a
+test-suite run leaves behind made libtorrent take 3.1-4.2 s with 84-90% of the free
+memory in large blocks (cause not known; `echo 1 > /proc/sys/vm/drop_caches` clears it).
 
     python bench/memory_state.py                     # print the state (JSON)
     python bench/memory_state.py fragment [--fraction 0.85]
