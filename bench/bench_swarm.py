@@ -33,8 +33,9 @@ also /work/shared/bench/setup_anchors.sh). MB = 10**6 bytes.
 Memory state: both sides' times depend on the machine's memory state (libtorrent
 2.3-2.8 s with the free memory in large blocks, 4.2-6.2 s with it fragmented, 3.1-4.2
 s after a test-suite run; bench/memory_state.py, BENCHMARKS.md). Each result records
-free_in_2MiB_blocks_pct, read just before that side starts. --fragment runs everything while bench/memory_state.py holds the
-free memory fragmented, so both states can be measured side by side on demand.
+free_in_2MiB_blocks_pct, read just before that side starts. --fragment runs everything
+while bench/memory_state.py holds the free memory fragmented, so that state can be
+measured side by side on demand.
 
 Profiling (bench-only): HYPERSDK_PROFILE=DIR in the environment of the nodes makes
 bench/_prof_node.py run them under cProfile (see --profile).

@@ -17,7 +17,8 @@ mix: what one 2 GiB swarm restore writes, at once: 1,250 O_DIRECT 1 MiB writes a
 random positions of a sparse 2 GiB file by --image-threads threads (default 3, as
 node/restore.py StagedImage) and 166 sequential O_DIRECT 4 MiB writes by one thread
 (the packs; --no-packs leaves them out), each file fsync'ed; wall time and MB/s of
-the whole: the disk's floor for a restore's writes. Files go to $BENCH_DATA (default /tmp/bench-data).
+the whole: the disk's floor for a restore's writes. Files go to $BENCH_DATA (default
+/tmp/bench-data).
 """
 from __future__ import annotations
 
@@ -92,17 +93,20 @@ def cmd_mix(a) -> None:
     buf = _block(4 * MiB)
     view = memoryview(buf)
     for run in range(1, a.runs + 1):
+        # (name, file, write size, threads, positions: pop() takes the last first)
         jobs = [("image", DATA / "mix-image.tmp", MiB, a.image_threads,
                  random.Random(run).sample(range(2048), 1250))]
-        if not a.no_packs:
+        if not a.no_packs:                       # sequential appends
             jobs.append(("packs", DATA / "mix-packs.tmp", 4 * MiB, 1, list(range(166))[::-1]))
         fds = [os.open(j[1], os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o600)
                for j in jobs]
         try:
             t = time.perf_counter()
-            threads = [threading.Thread(target=_drain, args=(fd, view, size, queue, lock))
-                       for fd, (_, _, size, n, queue) in zip(fds, jobs)
-                       for lock in [threading.Lock()] for _ in range(n)]
+            threads = []
+            for fd, (_, _, size, n, queue) in zip(fds, jobs):
+                lock = threading.Lock()          # one queue and lock per file
+                threads += [threading.Thread(target=_drain, args=(fd, view, size, queue, lock))
+                            for _ in range(n)]
             for th in threads:
                 th.start()
             for th in threads:
