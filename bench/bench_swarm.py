@@ -5,7 +5,7 @@
     .venv/bin/python bench/bench_swarm.py swarm      # 4 seeds -> 1, 2 GiB v1 image
     .venv/bin/python bench/bench_swarm.py raw        # 1 seed -> 1, incompressible chunks
     .venv/bin/python bench/bench_swarm.py both
-    options: --seeds 4 --raw-mib 512 --no-anchor --keep --fragment
+    options: --seeds 4 --raw-mib 512 --no-anchor --keep --fragment --runs N
 
 swarm: 4 seed data dirs holding a backup of $BENCH_DATA/disk-v1.img (cached under
 $BENCH_DATA/repos/swarm-seedN, rebuilt when the image's mtime changes: one backup into
@@ -49,6 +49,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -345,17 +346,31 @@ def main():
     ap.add_argument("--profile", action="store_true",
                     help="run nodes under cProfile (bench/_prof_node.py; "
                          "stats in each data dir's node.prof)")
+    ap.add_argument("--runs", type=int, default=1,
+                    help="repeat the whole measurement (each run side by side)")
     a = ap.parse_args()
-    res: dict = {"load_start": loadavg(), "nproc": os.cpu_count()}
+    if a.runs < 1:
+        raise SystemExit("--runs must be >= 1")
+    res: dict = {"nproc": os.cpu_count(), "runs": []}
     with Fragmented() if a.fragment else contextlib.nullcontext() as frag:
         if frag is not None:
             res["fragmented"] = frag.info
             log("memory fragmented:", json.dumps(frag.info))
-        measure(a, res)
-    report(a, res)
+        for i in range(a.runs):
+            run = measure(a)
+            res["runs"].append(run)
+            if a.runs > 1:
+                print(f"\nrun {i + 1} of {a.runs}")
+            print("\n".join(table(a, run, res)), flush=True)
+    if a.runs > 1:
+        print("\n" + summary(res["runs"]))
+    outdir = Path(os.environ.get("BENCH_OUT", DATA / "results"))
+    outdir.mkdir(parents=True, exist_ok=True)
+    (outdir / "bench_swarm.json").write_text(json.dumps(res, indent=1))
 
 
-def measure(a, res: dict) -> None:
+def measure(a) -> dict:
+    res: dict = {"load_start": loadavg()}
     if a.mode in ("swarm", "both"):
         res["hypersdk_swarm"] = r = run_restore(a.seeds, a.profile, a.keep)
         log("hypersdk swarm:", json.dumps(r))
@@ -371,9 +386,10 @@ def measure(a, res: dict) -> None:
             log("libtorrent 1 seed:", json.dumps({k: v for k, v in r.items()
                                                  if k not in ("seeders",)}))
     res["load_end"] = loadavg()
+    return res
 
 
-def report(a, res: dict) -> None:
+def table(a, res: dict, whole: dict) -> list[str]:
     rows = ["| measurement | hypersdk | libtorrent | ratio (hypersdk / libtorrent) |",
             "|---|---|---|---|"]
     if "hypersdk_swarm" in res:
@@ -399,15 +415,35 @@ def report(a, res: dict) -> None:
                     + (f"{lt['MB_per_s']:.0f} MB/s (2 GiB, {lt['wall_s']:.2f} s) | "
                        f"{h['MB_per_s'] / lt['MB_per_s']:.2f}x |" if lt else "- | - |"))
     rows.append(f"\nload average: start {res['load_start']}, end {res['load_end']}, "
-                f"{res['nproc']} cores")
+                f"{whole['nproc']} cores")
     mem = [f"{k} {res[k]['free_in_2MiB_blocks_pct']}%" for k in
            ("hypersdk_swarm", "lt_swarm", "hypersdk_raw", "lt_raw") if k in res]
     rows.append("free memory in >= 2 MiB blocks before each side: " + ", ".join(mem)
-                + (" (held fragmented: --fragment)" if "fragmented" in res else ""))
-    print("\n".join(rows))
-    outdir = Path(os.environ.get("BENCH_OUT", DATA / "results"))
-    outdir.mkdir(parents=True, exist_ok=True)
-    (outdir / "bench_swarm.json").write_text(json.dumps(res, indent=1))
+                + (" (held fragmented: --fragment)" if "fragmented" in whole else ""))
+    return rows
+
+
+def summary(runs: list[dict]) -> str:
+    """The ratios of every run against the issue's targets, one line each."""
+    out = []
+    pairs = [(r["hypersdk_swarm"]["wall_s"], r["lt_swarm"]["wall_s"]) for r in runs
+             if "hypersdk_swarm" in r and "lt_swarm" in r]
+    if pairs:
+        ratios = [h / lt for h, lt in pairs]
+        out.append(f"restore ratios (target <= 0.5x): "
+                   f"{' '.join(f'{x:.2f}' for x in ratios)}; "
+                   f"met in {sum(x <= 0.5 for x in ratios)} of {len(ratios)}; "
+                   f"median {statistics.median(ratios):.2f}x")
+    raws = [r["hypersdk_raw"]["MB_per_s"] / r["lt_raw"]["MB_per_s"] for r in runs
+            if "hypersdk_raw" in r and "lt_raw" in r]
+    if raws:
+        out.append(f"raw ratios (target >= 1x): {' '.join(f'{x:.2f}' for x in raws)}; "
+                   f"met in {sum(x >= 1 for x in raws)} of {len(raws)}")
+    walls = [r["hypersdk_swarm"]["wall_s"] for r in runs if "hypersdk_swarm" in r]
+    if walls:
+        out.append(f"hypersdk restore: {' '.join(f'{x:.2f}' for x in walls)} s; "
+                   f"median {statistics.median(walls):.2f} s")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":
