@@ -24,13 +24,14 @@ import ctypes
 import json
 import mmap
 import os
-import subprocess
 import select
+import subprocess
 import sys
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 LARGE_ORDER = 9                      # 2 MiB blocks with 4 KiB pages: a large folio
 MADV_DONTNEED = 4
+DEFAULT_FRACTION = 0.85            # of MemAvailable mapped by `fragment` (half is kept)
 
 
 def free_memory_state() -> dict:
@@ -74,7 +75,7 @@ class Fragmented:
     """with Fragmented(): ... runs the block with the free memory fragmented
     (a `fragment` child process holds it; it ends when the block does)."""
 
-    def __init__(self, fraction: float = 0.85, timeout: float = 300.0):
+    def __init__(self, fraction: float = DEFAULT_FRACTION, timeout: float = 300.0):
         self.fraction = fraction
         self.timeout = timeout
         self.proc = None
@@ -107,7 +108,7 @@ class Fragmented:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("mode", nargs="?", choices=["state", "fragment"], default="state")
-    ap.add_argument("--fraction", type=float, default=0.85)
+    ap.add_argument("--fraction", type=float, default=DEFAULT_FRACTION)
     a = ap.parse_args()
     if a.mode == "fragment":
         if not 0 < a.fraction <= 0.9:
