@@ -314,20 +314,22 @@ def store_stats(hs, env):
         return {"error": str(exc)}
 
 
-def run_hypersdk(run, v1_sha, timeout, keep):
-    hs = hypersdk_bin()
-    repo = os.path.join(REPOS, "hypersdk-run%d" % run)
+def run_hypersdk(run, v1_sha, timeout, keep, hs=None, tool="hypersdk"):
+    """One run of the three steps with the hypersdk executable hs (default: this
+    checkout's); tool labels it ("hypersdk-baseline" for --baseline)."""
+    hs = hs or hypersdk_bin()
+    repo = os.path.join(REPOS, "%s-run%d" % (tool, run))
     shutil.rmtree(repo, ignore_errors=True)
     os.makedirs(repo)
     env = dict(os.environ, HYPERSDK_DATA_DIR=repo, LC_ALL="C.UTF-8")
     env.pop("HYPERSDK_DEBUG", None)
     size_img = os.path.getsize(V1)
-    res = {"tool": "hypersdk", "run": run, "empty_repo_bytes": du(repo)}
+    res = {"tool": tool, "run": run, "empty_repo_bytes": du(repo)}
     for tag, img in (("v1", V1), ("v2", V2)):
         warm(); point_src(img); flush()
         before = du(repo)
         r = timed([hs, "backup", SRC, "--name", "disk", "--json"],
-                  "hypersdk-run%d-%s" % (run, tag), env, timeout)
+                  "%s-run%d-%s" % (tool, run, tag), env, timeout)
         r["flush_s"] = flush()
         if r["rc"]:
             raise BenchError("hypersdk backup %s exited %d: %s" % (tag, r["rc"], r["stderr_tail"]))
@@ -338,8 +340,8 @@ def run_hypersdk(run, v1_sha, timeout, keep):
         r["MB_per_s"] = round(size_img / r["wall_s"] / MB, 1)
         r["store_stats"] = store_stats(hs, env)
         res[tag] = r
-        log("hypersdk run %d %s: %.2f s, %.0f MB/s, CPU %s, RSS %.0f MB, +%.1f MB" % (
-            run, tag, r["wall_s"], r["MB_per_s"], r["cpu_pct"], r["maxrss_MB"],
+        log("%s run %d %s: %.2f s, %.0f MB/s, CPU %s, RSS %.0f MB, +%.1f MB" % (
+            tool, run, tag, r["wall_s"], r["MB_per_s"], r["cpu_pct"], r["maxrss_MB"],
             r["added_bytes"] / MB))
     # restore v1 to a new file
     os.makedirs(RESTORE_DIR, exist_ok=True)
@@ -350,7 +352,8 @@ def run_hypersdk(run, v1_sha, timeout, keep):
     warm(extra=tuple(os.path.join(packs, p) for p in sorted(os.listdir(packs))))
     flush()
     ref = res["v1"]["report"]["manifest"]
-    r = timed([hs, "restore", ref, out, "--json"], "hypersdk-run%d-restore" % run, env, timeout)
+    r = timed([hs, "restore", ref, out, "--json"], "%s-run%d-restore" % (tool, run), env,
+              timeout)
     r["flush_s"] = flush()
     if r["rc"]:
         raise BenchError("hypersdk restore exited %d: %s" % (r["rc"], r["stderr_tail"]))
@@ -361,8 +364,8 @@ def run_hypersdk(run, v1_sha, timeout, keep):
     r["sha256"] = sha256_file(out)
     r["identical"] = r["sha256"] == v1_sha and r["out_size"] == size_img
     res["restore"] = r
-    log("hypersdk run %d restore: %.2f s, %.0f MB/s, CPU %s, RSS %.0f MB, identical=%s" % (
-        run, r["wall_s"], r["MB_per_s"], r["cpu_pct"], r["maxrss_MB"], r["identical"]))
+    log("%s run %d restore: %.2f s, %.0f MB/s, CPU %s, RSS %.0f MB, identical=%s" % (
+        tool, run, r["wall_s"], r["MB_per_s"], r["cpu_pct"], r["maxrss_MB"], r["identical"]))
     if not r["identical"]:
         raise BenchError("restored image %s differs from disk-v1.img: sha256 %s != %s "
                          "(size %d vs %d); kept for inspection" % (
@@ -416,6 +419,23 @@ def checks(hs_runs, restic_runs):
     where = max(((r[s]["maxrss_MB"], "run %d %s" % (r["run"], s))
                  for r in hs_runs for s in ("v1", "v2", "restore")))[1]
     add("rss", peak <= 200, "%.0f MB" % peak, "-", None, "<= 200 MB", "max at " + where)
+    return out
+
+
+def baseline_checks(hs_runs, base_runs):
+    """This checkout against --baseline from the same invocation (medians): ingest
+    must stay within 5% (a change must not cost backup speed unnoticed)."""
+    if not base_runs:
+        return []
+    m = lambda runs, step, key: med([r[step][key] for r in runs])
+    out = []
+    for step in ("v1", "v2"):
+        h, b = m(hs_runs, step, "MB_per_s"), m(base_runs, step, "MB_per_s")
+        out.append(dict(target="%s_vs_baseline" % step,
+                        text="%s ingest >= 0.95x the baseline build's" % step,
+                        ok=h >= 0.95 * b, value="%.0f MB/s" % h,
+                        restic="baseline %.0f MB/s" % b, ratio=round(h / b, 3),
+                        limit=">= 0.95x", detail=""))
     return out
 
 
@@ -520,6 +540,11 @@ def main():
     ap.add_argument("--quiet-wait", type=int, default=120,
                     help="max seconds to wait for an idle machine before each phase")
     ap.add_argument("--step-timeout", type=int, default=900, help="per hypersdk step")
+    ap.add_argument("--baseline", metavar="HYPERSDK", default=None,
+                    help="also run this hypersdk executable (e.g. a worktree of the previous "
+                         "commit: git worktree add /tmp/base HEAD~1 && python3 -m venv "
+                         "/tmp/base/.venv && /tmp/base/.venv/bin/pip install -e /tmp/base), "
+                         "interleaved run by run, and check ingest against it")
     ap.add_argument("--anchor-timeout", type=int, default=0,
                     help="for backup_tools.py (default 600 s per tool per run)")
     a = ap.parse_args()
@@ -560,9 +585,20 @@ def main():
 
     quiet["hypersdk"] = wait_quiet(a.quiet_wait)
     src_before = source_fingerprint()
-    hs_runs = []
+    hs_runs, base_runs = [], []
     for run in range(1, a.runs + 1):
-        hs_runs.append(run_hypersdk(run, img_sha["v1"], a.step_timeout, a.keep_repos))
+        # with a baseline, alternate which goes first, so neither always has the
+        # page cache and the disk in the state the other leaves
+        order = ["current", "baseline"] if a.baseline else ["current"]
+        if a.baseline and run % 2 == 0:
+            order.reverse()
+        for which in order:
+            if which == "current":
+                hs_runs.append(run_hypersdk(run, img_sha["v1"], a.step_timeout, a.keep_repos))
+            else:
+                base_runs.append(run_hypersdk(run, img_sha["v1"], a.step_timeout,
+                                              a.keep_repos, hs=a.baseline,
+                                              tool="hypersdk-baseline"))
     src_after = source_fingerprint()
     if src_after != src_before:
         warnings.append("hypersdk source changed while hypersdk was being measured: %s -> %s"
@@ -571,8 +607,8 @@ def main():
     if os.path.lexists(SRC):
         os.unlink(SRC)
 
-    cks = checks(hs_runs, restic_runs)
-    table = fmt_table(hs_runs, anchor_runs)
+    cks = checks(hs_runs, restic_runs) + baseline_checks(hs_runs, base_runs)
+    table = fmt_table(hs_runs + base_runs, anchor_runs)
     ctable = fmt_checks(cks, anchors_note)
     mach, vers = machine(), versions(anchors)
     vers["hypersdk source"] = src_before
@@ -584,7 +620,8 @@ def main():
            "anchors_same_run": not a.skip_anchors, "quiet_wait_s": quiet,
            "anchors_phase": anchors.get("phase") if anchors else None,
            "anchor_notes": anchors.get("notes") if anchors else None,
-           "anchors": anchor_runs, "hypersdk": hs_runs, "checks": cks}
+           "anchors": anchor_runs, "hypersdk": hs_runs, "baseline": a.baseline,
+           "hypersdk_baseline": base_runs, "checks": cks}
     json.dump(doc, open(os.path.join(RESDIR, "bench_backup.json"), "w"), indent=1)
 
     other = ", ".join("run %d %s %.1f s" % (r["run"], s, r[s]["other_cpu_s"])

@@ -25,13 +25,14 @@ discarded on the next open); after COMMIT the whole signed entry is there. So
 no torn, half-written or unsigned entry can exist, and two appenders can never
 both take seq N (PRIMARY KEY (author, seq) would refuse it anyway).
 
-Entries written by the store ops (record_after_op) are appended after the op
-has committed, in a second database: a kill -9 between the two leaves a backup
-without its entry (never an entry without its backup). reconcile() closes
-that gap: it appends the missing backup / replica entry of every catalog
-backup that has none (the node runs it at start; until then `audit
-certificate` says the entry is missing). A full disk makes the append fail with a warning; the op's
-result stands.
+Entries of operations that commit (backup, delete, fetched replica, restore)
+are owed by an intent written in the same commit as the operation and turned
+into an entry exactly once, even across kill -9 (node/audit_intents.py says
+how). Verify entries are appended after the check (record_after_op); a full
+disk makes that append fail with a warning, and the check's result stands.
+reconcile() flushes pending intents and then appends the backup / replica
+entry of any catalog backup our log lacks (a store written by a hypersdk from
+before intents).
 
 Own identity: the node key DATA/node.key (node/identity.py). If it does not
 exist, the first append creates it in the format of `hypersdk node init`; the
@@ -49,20 +50,22 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dht.keys import node_id as node_id_of
-from protocol import audit
+from protocol import audit, codec
 from protocol.errors import AuditChainBroken, ForkDetected, RemoteProtocolError
 
 from .errors import UserError
 from .identity import Identity
+from .private import private_db, private_dir
 
 DB_NAME = "audit.sqlite"
 KEY_FILE = "node.key"
-SCHEMA_VERSION = 2     # 2: witnessed heads and contradicted witnesses
+SCHEMA_VERSION = 3     # 2: witnessed heads and contradicted witnesses; 3: intents
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS authors(
     author BLOB PRIMARY KEY, node_id BLOB NOT NULL, forked INTEGER NOT NULL DEFAULT 0
@@ -85,6 +88,10 @@ CREATE TABLE IF NOT EXISTS contradictions(
     witness BLOB NOT NULL, witness_seq INTEGER NOT NULL, witnessed_id BLOB NOT NULL,
     found INTEGER NOT NULL,
     PRIMARY KEY(author, seq, witness, witness_seq)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS intents_applied(id BLOB PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS restore_intents(
+    id BLOB PRIMARY KEY, body BLOB NOT NULL, out TEXT NOT NULL, tmp TEXT NOT NULL,
+    dev INTEGER NOT NULL, ino INTEGER NOT NULL, mtime INTEGER NOT NULL) WITHOUT ROWID;
 """
 
 
@@ -94,7 +101,7 @@ def own_identity(data_dir) -> Identity:
     key = data_dir / KEY_FILE
     if os.path.lexists(key):
         return Identity.load(key)
-    data_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(data_dir)
     ident = Identity.generate()
     tmp = data_dir / f".{KEY_FILE}.new{os.getpid()}"
     ident.save(tmp)                   # atomic, fsynced, 0600
@@ -174,11 +181,11 @@ class AuditLog:
             self.db.executescript(f"BEGIN; {SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; "
                                   "COMMIT;")
             return
-        self.data_dir = Path(data_dir)
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.data_dir / DB_NAME, timeout=60, isolation_level=None,
-                                  check_same_thread=False)
+        self.data_dir = private_dir(data_dir)
+        self.db = sqlite3.connect(self.data_dir / DB_NAME, timeout=60,
+                                  isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA synchronous=FULL")
+        private_db(self.data_dir / DB_NAME)
         version = self.db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise UserError(f"audit log {self.data_dir / DB_NAME} has schema {version}, this "
@@ -270,15 +277,79 @@ class AuditLog:
 
     def append(self, kind: str, body: dict, now_ns: int | None = None) -> audit.Entry:
         """Sign and durably append one entry to our own log (see the module doc)."""
+        with self._immediate() as db:
+            return self._append_locked(db, kind, body, now_ns)
+
+    def _append_locked(self, db, kind: str, body: dict, now_ns: int | None) -> audit.Entry:
         ident = self.identity
         now_ns = time.time_ns() if now_ns is None else now_ns
-        with self._immediate() as db:
-            head = db.execute("SELECT seq, id FROM entries WHERE author=? ORDER BY seq DESC "
-                              "LIMIT 1", (ident.public_key,)).fetchone()
-            seq, prev = (head[0] + 1, bytes(head[1])) if head else (0, None)
-            e = audit.make_entry(ident, seq, prev, now_ns, kind, body)
-            self._insert(e, now_ns)
+        head = db.execute("SELECT seq, id FROM entries WHERE author=? ORDER BY seq DESC "
+                          "LIMIT 1", (ident.public_key,)).fetchone()
+        seq, prev = (head[0] + 1, bytes(head[1])) if head else (0, None)
+        e = audit.make_entry(ident, seq, prev, now_ns, kind, body)
+        self._insert(e, now_ns)
         return e
+
+    # -- intents (node/audit_intents.py): an operation's entry exactly once ---------
+    def append_intent(self, iid: bytes, kind: str, body: dict) -> audit.Entry | None:
+        """Append the entry an index intent owes and mark it applied, in one
+        transaction; None when it was applied already (a flush killed before it
+        deleted the intent)."""
+        ident = self.identity                 # before the transaction: may create the key
+        with self._immediate() as db:
+            if db.execute("SELECT 1 FROM intents_applied WHERE id=?", (iid,)).fetchone():
+                return None
+            e = self._append_locked(db, kind, _intent_body(kind, body, ident), None)
+            db.execute("INSERT INTO intents_applied(id) VALUES (?)", (iid,))
+        return e
+
+    def forget_intent(self, iid: bytes) -> None:
+        self.db.execute("DELETE FROM intents_applied WHERE id=?", (iid,))
+
+    def begin_restore(self, body: dict, out: str, tmp: str, dev: int, ino: int,
+                      mtime_ns: int) -> bytes:
+        """Durably note, before OUT is renamed into place, the restore entry owed
+        once OUT is the temporary file tmp: its inode (dev, ino), with the mtime
+        its last write gave it (so a later file that reuses the inode number of
+        a killed restore's removed temporary file is not taken for it)."""
+        rid = uuid.uuid4().bytes
+        self.identity                         # create the key now, not after the rename
+        with self._immediate() as db:
+            db.execute("INSERT INTO restore_intents(id, body, out, tmp, dev, ino, mtime) "
+                       "VALUES (?,?,?,?,?,?,?)",
+                       (rid, codec.encode(body), out, tmp, dev, ino, mtime_ns))
+        return rid
+
+    def finish_restore(self, rid: bytes) -> audit.Entry | None:
+        """OUT was renamed into place: append the restore entry, exactly once."""
+        with self._immediate() as db:
+            row = db.execute("SELECT body FROM restore_intents WHERE id=?", (rid,)).fetchone()
+            if row is None:
+                return None                   # settled by another process already
+            db.execute("DELETE FROM restore_intents WHERE id=?", (rid,))
+            return self._append_locked(db, "restore", codec.decode(bytes(row[0])), None)
+
+    def abandon_restore(self, rid: bytes) -> None:
+        """The rename did not happen: no restore to record."""
+        self.db.execute("DELETE FROM restore_intents WHERE id=?", (rid,))
+
+    def settle_restores(self) -> list[audit.Entry]:
+        """Restore intents left by killed processes: OUT is the temporary file's
+        inode -> the rename happened, append the entry; neither OUT nor the
+        temporary file is that inode -> it can no longer happen, drop the intent;
+        the temporary file still exists -> a restore may still be running (or a
+        stale partial awaits cleanup): keep it."""
+        out = []
+        for rid, path, tmp, *ident in self.db.execute(
+                "SELECT id, out, tmp, dev, ino, mtime FROM restore_intents").fetchall():
+            rid = bytes(rid)
+            if _is_file(path, *ident):
+                e = self.finish_restore(rid)
+                if e is not None:
+                    out.append(e)
+            elif not _is_file(tmp, *ident):
+                self.abandon_restore(rid)
+        return out
 
     @contextmanager
     def _immediate(self):
@@ -587,6 +658,27 @@ class _StoredIds:
         self.extra.append(i)
 
 
+def _is_file(path: str, dev: int, ino: int, mtime_ns: int) -> bool:
+    if not path:
+        return False
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino, st.st_mtime_ns) == (dev, ino, mtime_ns)
+
+
+def _intent_body(kind: str, body: dict, ident: Identity) -> dict:
+    """An intent's body as its entry needs it (bounded source; our node id as the
+    holder of a replica we fetched)."""
+    if kind == "backup":
+        return dict(body, source=_bounded_source(body.get("source", {})),
+                    name=body["name"][:audit.MAX_NAME])
+    if kind == "replica" and body.get("holder") is None:
+        return dict(body, holder=ident.node_id)
+    return body
+
+
 # -- hooks for the store ops and the fetch path -------------------------------------
 def record(data_dir, kind: str, body: dict, now_ns: int | None = None) -> audit.Entry:
     """Append one entry to the node's own log in data_dir."""
@@ -606,8 +698,8 @@ def reconcile(data_dir, store) -> list[audit.Entry]:
     """Append the backup (or, for a fetched replica, replica) entry of every
     catalog backup our own log lacks: an op killed between its commit and its
     audit append. Returns the entries appended."""
-    from . import catalog
-    out = []
+    from . import audit_intents, catalog
+    out = audit_intents.flush(store)
     with AuditLog(data_dir) as log:
         own = log.own_author
         have = {(bytes(m), k) for m, k in log.db.execute(

@@ -15,14 +15,14 @@ from dataclasses import dataclass
 
 from protocol.chunks import ID_LEN, ZERO_ID, chunk_id, is_zero
 from protocol.errors import ProtocolError
-from protocol.manifest import LIST_ENTRIES, Manifest
+from protocol.manifest import LIST_ENTRIES, Manifest, check_list_lengths
 
 from . import catalog
-from .chunker import SourceReadError, scan
+from .chunker import ScanStats, scan
 from .delta import DeltaSource
 from .config import DEFAULT_ZSTD_LEVEL, commit_bytes
-from .errors import UserError
-from .source import open_image
+from .errors import UsageError, UserError
+from .source import ImageSource, SourceReadError
 from .store import compress
 
 
@@ -38,11 +38,14 @@ class BackupResult:
     new_bytes_stored: int
     new_bytes_raw: int
     seconds: float
+    bytes_read: int = 0             # read from the source (holes are skipped)
+
 
     def to_json(self) -> dict:
         return {"manifest": self.manifest_id.hex(), "name": self.name,
                 "version": self.version, "ref": f"{self.name}@{self.version}",
-                "bytes_read": self.size, "chunks": self.chunks,
+                "size": self.size, "bytes_read": self.bytes_read,
+                "hole_bytes_skipped": self.size - self.bytes_read, "chunks": self.chunks,
                 "zero_chunks": self.zero_chunks, "new_chunks": self.new_chunks,
                 "new_bytes_stored": self.new_bytes_stored,
                 "new_bytes_raw": self.new_bytes_raw, "seconds": round(self.seconds, 3)}
@@ -50,8 +53,8 @@ class BackupResult:
 
 def check_name(name: str):
     if not name or len(name) > 255 or "@" in name or name != name.strip() or "\n" in name:
-        raise UserError(f"bad backup name {name!r}: use 1-255 characters, no '@', "
-                        "no leading/trailing spaces")
+        raise UsageError(f"bad backup name {name!r}: use 1-255 characters, no '@', "
+                         "no leading/trailing spaces")
 
 
 def _delta_source(store, name: str, chunk_size: int, level: int):
@@ -82,26 +85,28 @@ class _Tally:
     chunks: int = 0
     zeros: int = 0
     new: int = 0
+    lists: list = None           # ids in each hash-list piece, in order
     new_raw: int = 0
     added: int = 0
 
 
-def _ingest(store, w, f, path, name, chunk_size, level, progress):
+def _ingest(store, w, src, name, chunk_size, level, progress, scanned):
     """Chunk the image into writer w; returns (hash-list ids, tally)."""
-    t = _Tally()
+    t = _Tally(lists=[])
     piece = bytearray()
     lists: list[bytes] = []
 
     def flush_piece():
         lid, got = _put_plain(w, bytes(piece), level)
         lists.append(lid)
+        t.lists.append(len(piece) // ID_LEN)
         t.added += got
         piece.clear()
 
     deltas = _delta_source(store, name, chunk_size, level)
     try:
-        for c in scan(f, chunk_size, has=store.has, level=level, deltas=deltas,
-                      generation=lambda: w.generation):
+        for c in scan(src, chunk_size, has=store.has, level=level, deltas=deltas,
+                      generation=lambda: w.generation, stats=scanned):
             t.chunks += 1
             if c.cid == ZERO_ID:
                 t.zeros += 1
@@ -117,7 +122,7 @@ def _ingest(store, w, f, path, name, chunk_size, level, progress):
             if progress:
                 progress(c.length)
     except SourceReadError as exc:
-        raise UserError(f"{path}: read error: {exc}") from None
+        raise UserError(f"{src.path}: read error: {exc}") from None
     if piece:
         flush_piece()
     return lists, t
@@ -125,23 +130,39 @@ def _ingest(store, w, f, path, name, chunk_size, level, progress):
 
 def backup(store, path: str, *, name: str | None = None, chunk_size: int,
            level: int = DEFAULT_ZSTD_LEVEL, progress=None, on_wait=None,
-           now_ns=time.time_ns) -> BackupResult:
+           now_ns=time.time_ns, extra=None) -> BackupResult:
+    """Back up the image at path as the next version of NAME.
+
+    The image is read as it was when opened: never past that size, and if its
+    size (or a file's mtime) differs after the last read, SourceChanged is
+    raised and nothing is recorded (the chunks stored so far stay for the next
+    run). extra(conn, manifest, version) runs in the commit's transaction."""
     t0 = time.perf_counter()
-    f, size = open_image(path)
-    name = name or os.path.basename(os.path.abspath(path))
+    name = os.path.basename(os.path.abspath(path)) if name is None else name
+    check_name(name)
+    src = ImageSource.open(path)
     no_space = UserError(f"no space left in data dir {store.root}: backup of {path} "
                          "aborted, nothing recorded")
+    scanned = ScanStats()
     try:
-        check_name(name)
         with store.write_lock(on_wait), store.writer(batch_bytes=commit_bytes()) as w:
-            lists, t = _ingest(store, w, f, path, name, chunk_size, level, progress)
-            manifest = Manifest(name=name, size=size, chunk_size=chunk_size, lists=tuple(lists),
-                                source={"kind": "file", "path": os.path.abspath(path)},
-                                created=now_ns())
+            lists, t = _ingest(store, w, src, name, chunk_size, level, progress, scanned)
+            try:
+                src.check_unchanged()
+            except SourceReadError as exc:
+                raise UserError(f"{path}: read error: {exc}") from None
+            manifest = Manifest(name=name, size=src.size, chunk_size=chunk_size,
+                                lists=tuple(lists), source=src.metadata(), created=now_ns())
+            check_list_lengths(manifest, t.lists)   # its lists must match its size
             stats = {"chunks": t.chunks, "zero_chunks": t.zeros, "new_chunks": t.new,
                      "new_bytes_stored": t.added, "chunk_size": chunk_size}
             version = []
-            w.commit(lambda db: version.append(catalog.add_backup(db, manifest, stats)))
+
+            def record(db):
+                version.append(catalog.add_backup(db, manifest, stats))
+                if extra is not None:
+                    extra(db, manifest, version[0])
+            w.commit(record)
     except OSError as exc:
         if exc.errno != errno.ENOSPC:
             raise
@@ -151,6 +172,6 @@ def backup(store, path: str, *, name: str | None = None, chunk_size: int,
             raise
         raise no_space from None
     finally:
-        f.close()
-    return BackupResult(manifest.id, name, version[0], size, t.chunks, t.zeros, t.new,
-                        t.added, t.new_raw, time.perf_counter() - t0)
+        src.close()
+    return BackupResult(manifest.id, name, version[0], src.size, t.chunks, t.zeros, t.new,
+                        t.added, t.new_raw, time.perf_counter() - t0, scanned.bytes_read)

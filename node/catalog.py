@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from protocol.chunks import ZERO_ID
 from protocol.manifest import Manifest, decode_manifest, split_list, zero_list
 
-from .errors import UserError
+from .errors import UsageError, UserError
 
 _HEX = re.compile(r"^[0-9a-f]{4,64}$")
 
@@ -80,7 +80,7 @@ def resolve(store, ref: str) -> Backup:
     if "@" in ref:
         name, _, ver = ref.rpartition("@")
         if not ver.isdigit() or int(ver) < 1:
-            raise UserError(f"bad REF {ref!r}: the version after @ must be a number >= 1")
+            raise UsageError(f"bad REF {ref!r}: the version after @ must be a number >= 1")
         r = db.execute(f"SELECT {_COLS} FROM backups WHERE name=? AND version=?",
                        (name, int(ver))).fetchone()
         if r is None:
@@ -127,8 +127,9 @@ def iter_chunk_ids(store, manifest: Manifest):
             index += 1
 
 
-def delete_backup(store, backup: Backup):
-    """Remove one backup record (and its manifest once no record uses it).
+def delete_backup(store, backup: Backup, extra=None):
+    """Remove one backup record (and its manifest once no record uses it);
+    extra(conn) runs in the same transaction.
 
     Its chunks stay until `gc`, which reclaims every chunk no manifest references.
     """
@@ -138,3 +139,5 @@ def delete_backup(store, backup: Backup):
         db.execute("DELETE FROM manifests WHERE id=? AND NOT EXISTS "
                    "(SELECT 1 FROM backups WHERE manifest=?)",
                    (backup.manifest_id, backup.manifest_id))
+        if extra is not None:
+            extra(db)

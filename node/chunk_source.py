@@ -37,20 +37,30 @@ zero virtual time anyway, but autojump could fire while a thread works).
 StoreSink and resume: put() appends records to the pack at once; every
 `batch_bytes` of records is committed (fdatasync, then the index rows; when
 threaded, by the PackWriter's commit thread, at most one commit in flight, so
-the puts never wait for a 256 MiB fdatasync), so an
-interrupted download keeps every committed chunk and the next attempt asks
-missing() and fetches only the rest. The sink holds the store's write lock
-from open() to close() (one writer per store; gc waits, so it cannot collect
-the chunks of a download in progress, which no manifest references yet).
-put_manifest() writes the manifests row only when called, and the downloader
-calls it last: a manifest in the store always has all its chunks (gc and
-verify rely on that). Until then the fetched chunks are unreferenced: a gc
-run between an interruption and its resume would collect them (a cost, not
-an inconsistency).
+the puts never wait for an fdatasync), and when threaded also every
+`commit_seconds` (the records put since the last hand-off go to the commit
+thread at the next put if it is idle), so an interrupted download keeps every
+committed chunk and the next attempt asks missing() and fetches only the rest.
+What a kill (-9) can cost is what is not committed yet: the batch filling
+(< batch_bytes, and on a link slower than batch_bytes / commit_seconds about
+commit_seconds of transfer) plus the one in the commit thread (at most as much
+again). A fetch uses 16 MiB / 0.1 s (node/replication.py FETCH_COMMIT_BYTES):
+at most 32 MiB of stored chunks lost per kill; a 16 MiB commit of records
+already on the disk (O_DIRECT) is a sub-millisecond fdatasync plus one SQLite
+transaction in the commit thread, nothing the puts wait for.
+
+The sink holds the store's write lock from open() to close() (one writer per
+store; gc waits, so it cannot collect the chunks of a download in progress,
+which no manifest references yet). put_manifest() writes the manifests row
+only when called, and the downloader calls it last: a manifest in the store
+always has all its chunks (gc and verify rely on that). Until then the fetched
+chunks are unreferenced: a gc run between an interruption and its resume would
+collect them (a cost, not an inconsistency).
 """
 from __future__ import annotations
 
 import random
+import time
 from contextlib import ExitStack
 from typing import Iterable, Protocol
 
@@ -226,11 +236,16 @@ class StoreSink:
     needs_plain = False                   # put(cid, None, wire) stores the wire payload
 
     def __init__(self, store, *, threaded: bool = True, level: int = DEFAULT_ZSTD_LEVEL,
-                 batch_bytes: int = 64 << 20):
+                 batch_bytes: int = 64 << 20, commit_seconds: float | None = None):
+        """commit_seconds (threaded only): also commit what was put at least this
+        often (see the module docstring); None: by batch_bytes only."""
         self.store = store
         self.threaded = threaded
         self.level = level
         self.batch_bytes = batch_bytes
+        self.commit_seconds = commit_seconds if threaded else None
+        self._commit_due = 0.0            # time.monotonic() of the next commit by time
+        self._gen = 0                     # the writer's generation at the last hand-off
         self._writer = None
         self._stack: ExitStack | None = None
         self._lock = trio.Lock()          # one store operation at a time
@@ -252,6 +267,9 @@ class StoreSink:
             stack.close()
             raise
         self._stack = stack
+        self._gen = self._writer.generation
+        if self.commit_seconds is not None:
+            self._commit_due = time.monotonic() + self.commit_seconds
 
     async def open(self) -> None:
         await _run(self.threaded, self._open)
@@ -333,6 +351,19 @@ class StoreSink:
                 if not self.threaded:
                     w.commit()
                 self._uncommitted = 0
+            if self.commit_seconds is not None:
+                self._commit_by_time(w)
+
+    def _commit_by_time(self, w):
+        """Hand what was put to the commit thread once commit_seconds have passed
+        since the last hand-off (by bytes or by time), if that thread is idle."""
+        now = time.monotonic()
+        if w.generation != self._gen:     # the writer handed a batch off by bytes
+            self._gen = w.generation
+            self._commit_due = now + self.commit_seconds
+        elif now >= self._commit_due and w.commit_in_background():
+            self._gen = w.generation
+            self._commit_due = now + self.commit_seconds
 
     async def put(self, cid: bytes, plain: bytes, wire=None) -> None:
         async with self._lock:

@@ -7,7 +7,6 @@ the ring: `depth` buffers of one chunk each plus their compressed outputs.
 """
 from __future__ import annotations
 
-import errno
 import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +15,7 @@ from dataclasses import dataclass
 from protocol.chunks import ZERO_ID, chunk_id, is_zero
 
 from .delta import MARGIN
+from .source import ImageSource
 from .store import compress
 
 
@@ -33,41 +33,28 @@ def default_workers() -> int:
     return max(1, min(8, len(os.sched_getaffinity(0))))
 
 
-class SourceReadError(Exception):
-    """Reading the image failed (distinguishes source errors from store errors)."""
-
-    def __init__(self, exc: OSError):
-        self.exc = exc
-        super().__init__(exc.strerror or str(exc))
+@dataclass(slots=True)
+class ScanStats:
+    bytes_read: int = 0          # read from the source
+    hole_bytes: int = 0          # chunks wholly in holes: recorded as zero, never read
 
 
-def _fill(f, buf: bytearray) -> int:
-    """Read until buf is full or EOF; returns the byte count."""
-    view = memoryview(buf)
-    got = 0
-    while got < len(buf):
-        try:
-            n = f.readinto(view[got:])
-        except OSError as exc:
-            raise SourceReadError(exc) from exc
-        if not n:
-            break
-        got += n
-    return got
+def scan(src: ImageSource, chunk_size: int, *, has, level: int, generation=lambda: 0,
+         deltas=None, workers: int | None = None, depth: int | None = None,
+         stats: ScanStats | None = None):
+    """Yield a Chunk per chunk of the image src, in order.
 
-
-def scan(f, chunk_size: int, *, has, level: int, generation=lambda: 0, deltas=None,
-         workers: int | None = None, depth: int | None = None):
-    """Yield a Chunk per chunk of the open binary file f, in order.
-
+    Reads are positional (src.read_into at each chunk's offset), so a hole
+    probe never moves what is read, and stop at the size src recorded at open.
     `has(cid)` tells whether the store already holds a chunk (then it is not
     compressed); it is called from worker threads. `generation()` is read
     just before, and recorded in the Chunk (see PackWriter.put). `deltas`
     (a delta.DeltaSource) lets new chunks be stored as deltas against the
-    previous version of the image.
+    previous version of the image. `stats` counts bytes read and skipped.
     """
     workers = workers or default_workers()
     depth = depth or max(4, workers * 4)
+    stats = stats if stats is not None else ScanStats()
 
     def work(buf: bytearray, n: int, index: int) -> Chunk:
         view = buf if n == len(buf) else memoryview(buf)[:n]
@@ -86,34 +73,30 @@ def scan(f, chunk_size: int, *, has, level: int, generation=lambda: 0, deltas=No
                 codec, data = best
         return Chunk(index, n, cid, codec, data, gen)
 
+    size = src.size
     free = [bytearray(chunk_size) for _ in range(depth)]
     inflight: deque = deque()
-    holes = _Holes(f)
-    index, pos, eof = 0, 0, False
+    index, pos = 0, 0
     with ThreadPoolExecutor(workers, thread_name_prefix="chunker") as pool:
         try:
             while True:
-                while free and not eof and len(inflight) < depth:
-                    if holes.is_hole(pos, chunk_size):
+                while free and pos < size and len(inflight) < depth:
+                    n = min(chunk_size, size - pos)
+                    if src.is_hole(pos, n):
                         # a hole in a sparse source: zero without reading it
-                        n = min(chunk_size, holes.size - pos)
                         inflight.append((Chunk(index, n, ZERO_ID), None))
-                        pos += n
-                        index += 1
-                        f.seek(pos)
-                        eof = pos >= holes.size
-                        continue
-                    buf = free.pop()
-                    n = _fill(f, buf)
-                    if n == 0:
-                        eof = True
-                        free.append(buf)
-                        break
-                    inflight.append((pool.submit(work, buf, n, index), buf))
+                        stats.hole_bytes += n
+                    else:
+                        buf = free.pop()
+                        try:
+                            src.read_into(buf, pos, n)
+                        except BaseException:
+                            free.append(buf)
+                            raise
+                        stats.bytes_read += n
+                        inflight.append((pool.submit(work, buf, n, index), buf))
                     index += 1
                     pos += n
-                    if n < chunk_size:
-                        eof = True
                 if not inflight:
                     return
                 item, buf = inflight.popleft()
@@ -127,27 +110,3 @@ def scan(f, chunk_size: int, *, has, level: int, generation=lambda: 0, deltas=No
             for item, buf in inflight:
                 if buf is not None:
                     item.cancel()
-
-
-class _Holes:
-    """Finds chunks that lie wholly in a hole of a sparse file (SEEK_DATA)."""
-
-    def __init__(self, f):
-        self.fd = f.fileno()
-        self.size = os.fstat(self.fd).st_size
-        self.next_data = 0            # no data before this offset
-        self.enabled = hasattr(os, "SEEK_DATA") and self.size > 0
-
-    def is_hole(self, pos: int, length: int) -> bool:
-        if not self.enabled or pos >= self.size:
-            return False
-        if pos >= self.next_data:
-            try:
-                self.next_data = os.lseek(self.fd, pos, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:          # only a hole from pos to the end
-                    self.next_data = self.size
-                else:                                 # not supported here: read everything
-                    self.enabled = False
-                    return False
-        return self.next_data >= min(pos + length, self.size)

@@ -32,8 +32,25 @@ class Main(click.Group):
             if os.environ.get("HYPERSDK_DEBUG"):
                 raise
             code, msg = _describe(exc)
-            click.echo(f"hypersdk: error: {msg}", err=True)
+            fail(code, msg)
             ctx.exit(code)
+
+
+# Exit codes (README "Usage"): 0 ok, 1 an error, 2 a usage error, 3 damaged or
+# differing data, 4 a certificate without the witness --require-witness asks
+# for, 130 interrupted (Ctrl-C).
+EXIT_INTERRUPTED = 130
+_json_requested = [False]                     # set when a command parses --json
+
+
+def fail(code: int, msg: str) -> None:
+    """Report an error: one line on stderr and, under --json, a JSON document
+    {"error": msg, "exit": code} on stdout (scripts read stdout)."""
+    msg = " ".join(str(msg).split())          # one line, whatever the message held
+    if _json_requested[0]:
+        click.echo(json.dumps({"error": msg, "exit": code}, sort_keys=True))
+    click.echo(f"hypersdk: error: {msg}" if code != EXIT_INTERRUPTED else f"hypersdk: {msg}",
+               err=True)
 
 
 def _describe(exc: BaseException) -> tuple[int, str]:
@@ -56,7 +73,11 @@ def _describe(exc: BaseException) -> tuple[int, str]:
 
 
 def json_option(f):
-    return click.option("--json", "as_json", is_flag=True, help="machine-readable output")(f)
+    def seen(ctx, param, value):
+        _json_requested[0] = _json_requested[0] or value
+        return value
+    return click.option("--json", "as_json", is_flag=True, callback=seen, is_eager=True,
+                        help="machine-readable output (errors too: {\"error\", \"exit\"})")(f)
 
 
 def emit(as_json: bool, doc, text: str):
@@ -65,12 +86,43 @@ def emit(as_json: bool, doc, text: str):
 
 @contextmanager
 def progress_bar(total: int, label: str, as_json: bool):
-    """Yield an advance(n) callable; draws a bar on a TTY stderr only."""
+    """Yield an advance(n) callable; draws a bar on a TTY stderr only, with the
+    percentage, the ETA, done/total and the average speed since the bar started
+    ("fetch [####    ]  50%  00:00:03  1.2/2.4 GB  310.5 MB/s"). Totals are
+    bytes (MB = 10^6), except the `verify` bars' (node/cli.py _op_verify), which
+    count chunks."""
+    import time
     if as_json or not sys.stderr.isatty() or total <= 0:
         yield None
         return
-    with click.progressbar(length=total, label=label, file=sys.stderr,
-                           show_eta=True, show_percent=True) as bar:
+    t0 = time.monotonic()
+    bar = None
+    if label == "verify":
+        def amount(done: float) -> str:
+            return f"{done:.0f}/{total} chunks"
+
+        def speed(rate: float) -> str:
+            return f"{rate:.0f} chunks/s"
+    else:
+        scale, unit = next(((f, u) for f, u in ((1e12, "TB"), (1e9, "GB"), (1e6, "MB"),
+                                                 (1e3, "kB")) if total >= f), (1, "B"))
+
+        def amount(done: float) -> str:
+            return f"{done / scale:.1f}/{total / scale:.1f} {unit}"
+
+        def speed(rate: float) -> str:
+            return f"{human(rate)}/s"
+
+    def info(_item):
+        if bar is None:
+            return None
+        done = min(bar.pos, total)
+        elapsed = time.monotonic() - t0
+        rate = speed(done / elapsed) if elapsed > 0 and done else "-"
+        return f"{amount(done)}  {rate}"
+
+    with click.progressbar(length=total, label=label, file=sys.stderr, show_eta=True,
+                           show_percent=True, item_show_func=info) as bar:
         yield bar.update
 
 
@@ -79,6 +131,8 @@ def on_wait(msg: str):
 
 
 @click.group(cls=Main, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="hypersdk", prog_name="hypersdk",
+                      message="%(prog)s %(version)s")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
               help="data directory (default $HYPERSDK_DATA_DIR or $XDG_DATA_HOME/hypersdk)")
 @click.pass_context
@@ -139,12 +193,47 @@ def run_op(ctx, name: str, as_json: bool, /, **args):
     outcome = run_store_op(root, name, args, as_json)
     if outcome is None:                                  # no node on this data dir
         op = STORE_OPS[name]
-        with open_store(ctx, readonly=op.readonly) as store:
-            outcome = op.fn(store, args, LocalUi(as_json))
+        if op.readonly and not (root / "index.sqlite").exists():   # reading creates nothing
+            if name == "backups":
+                outcome = [], "no backups yet", 0
+            elif args.get("network"):
+                raise UserError(NEEDS_NODE)
+            else:
+                raise UserError(f"no store in {root}: nothing has been backed up there "
+                                "(give --data-dir or set HYPERSDK_DATA_DIR?)")
+        else:
+            fresh = not root.exists()
+            try:
+                with open_store(ctx, readonly=op.readonly) as store:
+                    from .audit_intents import flush
+                    flush(store, LocalUi(as_json).on_wait)   # entries a killed op still owes
+                    outcome = op.fn(store, args, LocalUi(as_json))
+            except BaseException:
+                if fresh:
+                    _remove_if_empty(root)
+                raise
     doc, text, code = outcome
     emit(as_json, doc, text)
     if code:
         ctx.exit(code)
+
+
+def _remove_if_empty(root) -> None:
+    """A data dir this command created for an op that failed before it stored
+    anything: remove it, so a failed first backup leaves nothing behind."""
+    import shutil
+    import sqlite3 as sql
+    try:
+        db = sql.connect(f"file:{root / 'index.sqlite'}?mode=ro", uri=True)
+        try:
+            held = db.execute("SELECT (SELECT COUNT(*) FROM chunks) + "
+                              "(SELECT COUNT(*) FROM backups)").fetchone()[0]
+        finally:
+            db.close()
+    except sql.Error:
+        held = 0
+    if not held and not any((root / "packs").glob("pack-*")):
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @cli.command()
@@ -158,30 +247,44 @@ def run_op(ctx, name: str, as_json: bool, /, **args):
 @click.pass_context
 def backup(ctx, path, name, chunk_size, zstd_level, as_json):
     """Back up the disk image PATH; print the manifest id and what was stored."""
+    from .backup import check_name
+    from .source import ImageSource
     cs = parse_size(chunk_size)
     if not valid_chunk_size(cs):
         raise UsageError(f"--chunk-size {chunk_size}: must be a power of two from 64K to 8M")
+    if name is not None:
+        check_name(name)
+    ImageSource.open(path).close()        # a bad PATH fails here, before any data dir exists
     run_op(ctx, "backup", as_json, path=os.path.abspath(path), name=name, chunk_size=cs,
            zstd_level=zstd_level)
 
 
 @store_op("backup")
 def _op_backup(store, a, ui):
+    from . import audit_intents
     from .backup import backup as run_backup
+    from .source import ImageSource
     path = a["path"]
-    total = os.path.getsize(path) if os.path.isfile(path) else 0
+    with ImageSource.open(path) as src:
+        total = src.size
+
+    def owe_entry(db, m, version):                   # in the backup's commit
+        audit_intents.add(db, "backup", {"manifest": m.id, "name": m.name, "size": m.size,
+                                         "chunks": m.n_chunks, "source": m.source})
     with ui.progress(total, "backup") as advance:
         r = run_backup(store, path, name=a["name"], chunk_size=a["chunk_size"],
-                       level=a["zstd_level"], progress=advance, on_wait=ui.on_wait)
-    from . import audit_log, catalog
-    audit_log.record_after_op(store.root, "backup", {
-        "manifest": r.manifest_id, "name": r.name, "size": r.size, "chunks": r.chunks,
-        "source": catalog.load_manifest(store, r.manifest_id).source}, ui.on_wait)
+                       level=a["zstd_level"], progress=advance, on_wait=ui.on_wait,
+                       extra=owe_entry)
+    audit_intents.crash_point("backup-committed")
+    audit_intents.flush(store, ui.on_wait)
     rate = r.size / r.seconds if r.seconds else 0
+    holes = f", {human(r.size - r.bytes_read)} of holes skipped" if r.size > r.bytes_read else ""
     return (r.to_json(),
             f"backup {r.name}@{r.version}\n"
             f"manifest      {r.manifest_id.hex()}\n"
-            f"bytes read    {human(r.size)} ({r.size} bytes) in {r.seconds:.2f} s, {human(rate)}/s\n"
+            f"image         {human(r.size)} ({r.size} bytes) in {r.seconds:.2f} s, "
+            f"{human(rate)}/s\n"
+            f"bytes read    {human(r.bytes_read)}{holes}\n"
             f"chunks        {r.chunks} ({r.zero_chunks} zero, {r.new_chunks} new)\n"
             f"new stored    {human(r.new_bytes_stored)} ({human(r.new_bytes_raw)} before compression)",
             0)
@@ -190,29 +293,42 @@ def _op_backup(store, a, ui):
 @cli.command()
 @click.argument("ref")
 @click.argument("out")
-@click.option("--force", is_flag=True, help="overwrite OUT if it exists")
+@click.option("--force", is_flag=True, help="replace OUT if it is an existing regular file")
+@click.option("--to-device", is_flag=True,
+              help="OUT is a block device: write the image into it, overwriting the "
+                   "device (required to confirm; --force does not)")
+@click.option("--follow-symlink", is_flag=True,
+              help="if OUT is a symbolic link, write to what it points to (refused otherwise)")
 @json_option
 @click.pass_context
-def restore(ctx, ref, out, force, as_json):
-    """Restore backup REF (manifest id or prefix, NAME, NAME@N) to the sparse file OUT."""
-    run_op(ctx, "restore", as_json, ref=ref, out=os.path.abspath(out), force=force)
+def restore(ctx, ref, out, force, to_device, follow_symlink, as_json):
+    """Restore backup REF (manifest id or prefix, NAME, NAME@N) to the sparse file OUT
+    (or, with --to-device, into the block device OUT)."""
+    mask = os.umask(0o077)                 # this process's umask (a node runs the op in its
+    os.umask(mask)                         # own process): 0666 & ~umask when no mode is known
+    run_op(ctx, "restore", as_json, ref=ref, out=os.path.abspath(out), force=force,
+           to_device=to_device, follow_symlink=follow_symlink, umask=mask)
 
 
 @store_op("restore", readonly=True)
 def _op_restore(store, a, ui):
-    from . import catalog
+    from . import audit_intents, catalog
     from .restore import restore as run_restore
     size = catalog.resolve(store, a["ref"]).size
+    umask = a.get("umask")
     with ui.progress(size, "restore") as advance:
-        r = run_restore(store, a["ref"], a["out"], force=a["force"], progress=advance,
-                        on_wait=ui.on_wait)
-    from . import audit_log
-    audit_log.record_after_op(store.root, "restore", {
-        "manifest": r.manifest_id, "size": r.size, "chunks": r.chunks}, ui.on_wait)
+        r = run_restore(store, a["ref"], a["out"], force=a["force"],
+                        to_device=bool(a.get("to_device")),
+                        follow_symlink=bool(a.get("follow_symlink")),
+                        umask=umask if isinstance(umask, int) else None,
+                        progress=advance, on_wait=ui.on_wait,
+                        before_commit=audit_intents.restore_recorder(store.root, ui.on_wait))
     rate = r.size / r.seconds if r.seconds else 0
+    zeros = (f"{r.zero_chunks} zero chunks written as zeros" if r.device else
+             f"{r.zero_chunks} zero chunks left as holes")
     return (r.to_json(),
             f"restored {r.manifest_id.hex()[:16]} to {r.out}: {human(r.size)} in {r.seconds:.2f} s "
-            f"({human(rate)}/s), {r.chunks} chunks verified, {r.zero_chunks} zero chunks left as holes",
+            f"({human(rate)}/s), {r.chunks} chunks verified, {zeros}",
             0)
 
 
@@ -221,21 +337,40 @@ def _op_restore(store, a, ui):
 @click.option("--network", is_flag=True,
               help="Verify REF on the network: its signed backup entry, its manifest, and "
                    "every replica holder by possession challenges (needs the running node).")
+@click.option("--against", metavar="PATH", default=None,
+              help="Compare backup REF with the image at PATH chunk by chunk (exit 3 if "
+                   "they differ).")
 @json_option
 @click.pass_context
-def verify(ctx, ref, network, as_json):
-    """Re-read and re-hash chunks of backup REF, or of the whole store."""
+def verify(ctx, ref, network, against, as_json):
+    """Re-read and re-hash chunks of backup REF, or of the whole store.
+
+    With --against PATH, compare backup REF with its source image chunk by chunk
+    instead: the one check that finds a backup recorded with the wrong bytes."""
     if network and not ref:
-        raise UserError("verify --network needs a REF (a backup name, NAME@N or manifest id)")
-    run_op(ctx, "verify", as_json, ref=ref, network=network)
+        raise UsageError("verify --network needs a REF (a backup name, NAME@N or manifest id)")
+    if against is not None:
+        if not ref or network:
+            raise UsageError("verify --against PATH needs a REF and no --network")
+        against = os.path.abspath(against)
+    run_op(ctx, "verify", as_json, ref=ref, network=network, against=against)
+
+
+NEEDS_NODE = ("verify --network needs the running node on this data dir (start it with "
+              "`hypersdk node run`)")
 
 
 @store_op("verify", readonly=True)
 def _op_verify(store, a, ui):
     from .verify import verify_backup, verify_store
     if a.get("network"):
-        raise UserError("verify --network needs the running node on this data dir "
-                        "(start it with `hypersdk node run`)")
+        raise UserError(NEEDS_NODE)
+    if a.get("against"):
+        from . import catalog
+        from .verify_source import verify_against
+        with ui.progress(catalog.resolve(store, a["ref"]).size, "compare") as advance:
+            rep = verify_against(store, a["ref"], a["against"], progress=advance)
+        return rep.to_json(), rep.text(), 0 if rep.ok else 3
     ref = a["ref"]
     if ref:
         from . import catalog
@@ -302,13 +437,13 @@ def delete(ctx, ref, as_json):
 
 @store_op("delete")
 def _op_delete(store, a, ui):
-    from . import catalog
+    from . import audit_intents, catalog
     with store.write_lock(ui.on_wait):
         b = catalog.resolve(store, a["ref"])
-        catalog.delete_backup(store, b)
-    from . import audit_log
-    audit_log.record_after_op(store.root, "delete", {
-        "manifest": b.manifest_id, "name": b.name, "version": b.version}, ui.on_wait)
+        catalog.delete_backup(store, b, extra=lambda db: audit_intents.add(db, "delete", {
+            "manifest": b.manifest_id, "name": b.name, "version": b.version}))
+    audit_intents.crash_point("delete-committed")
+    audit_intents.flush(store, ui.on_wait)
     return ({"deleted": b.to_json()},
             f"deleted {b.ref} (manifest {b.manifest_id.hex()[:16]}); run `hypersdk gc` to reclaim space",
             0)
@@ -415,4 +550,18 @@ from . import cli_audit  # noqa: E402,F401  (registers audit log/verify/certific
 
 
 def main():
-    cli(prog_name="hypersdk")
+    """The console script: click's parsing without its standalone error printing,
+    so every error is one line (or a JSON document) with the README's exit code."""
+    try:
+        rv = cli.main(prog_name="hypersdk", standalone_mode=False)
+    except click.exceptions.UsageError as exc:
+        hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx else ""
+        fail(2, exc.format_message() + hint)
+        rv = 2
+    except click.ClickException as exc:
+        fail(exc.exit_code, exc.format_message())
+        rv = exc.exit_code
+    except (click.exceptions.Abort, KeyboardInterrupt, EOFError):
+        fail(EXIT_INTERRUPTED, "interrupted")
+        rv = EXIT_INTERRUPTED
+    sys.exit(rv if isinstance(rv, int) else 0)

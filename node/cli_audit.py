@@ -43,6 +43,11 @@ def _data_dir(ctx) -> Path:
 def _open(ctx):
     from .audit_log import DB_NAME, AuditLog
     data = _data_dir(ctx)
+    if (data / "index.sqlite").exists():          # entries a killed op still owes first
+        from .audit_intents import flush
+        from .store import ChunkStore
+        with ChunkStore(data, readonly=True) as store:
+            flush(store, lambda msg: click.echo(f"hypersdk: {msg}", err=True))
     if not (data / DB_NAME).exists():
         raise UserError(f"no audit log in {data} yet (it starts with the first backup)")
     return AuditLog(data)
@@ -132,11 +137,18 @@ def audit_verify_cmd(ctx, author, all_, as_json):
 @click.argument("ref")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="write to FILE (default: stdout)")
+@json_option
 @click.pass_context
-def audit_certificate_cmd(ctx, ref, output):
-    """Export a self-contained certificate of backup REF (name, NAME@N, manifest id)."""
+def audit_certificate_cmd(ctx, ref, output, as_json):
+    """Export a self-contained certificate of backup REF (name, NAME@N, manifest id).
+
+    With --json (which needs -o FILE: a certificate is binary) a JSON summary of
+    the certificate written is printed instead of the one-line note."""
     from protocol import audit
     out = None
+    if as_json and output is None:
+        raise UsageError("--json needs -o FILE (a certificate is binary; the JSON "
+                         "document describes it)")
     if output is None:
         out = click.get_binary_stream("stdout")
         if out.isatty():
@@ -163,6 +175,10 @@ def audit_certificate_cmd(ctx, ref, output):
     else:
         Path(output).write_bytes(data)
     rep = audit.check_certificate(data)
+    if as_json:
+        emit(True, dict(rep.to_json(), file=str(output), bytes=len(data),
+                        chain_entries=len(chain)), "")
+        return
     note = (f"witnessed up to seq {rep.witnessed_seq} by {len(rep.witnesses)} node(s)"
             if rep.witnessed else "no witness yet")
     click.echo(f"hypersdk: certificate of manifest {rep.manifest.hex()[:16]}: backup entry seq "

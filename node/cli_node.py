@@ -6,8 +6,9 @@ its control socket (node/control.py) and fails with one line when none runs.
 
 Output formats (text; --json prints the node's document instead):
 
-    node init   peer id   12D3KooW...        {"peer_id", "node_id", "key_file", "data_dir"}
-                node id   <64 hex>
+    node init   peer id   12D3KooW...        {"peer_id", "node_id", "key_file", "data_dir",
+                node id   <64 hex>            "existing": the key was there already}
+                key file  DATA/node.key
     node run    peer_id 12D3KooW...           (--json: one line {"peer_id", "node_id",
                 node_id <64 hex>               "addrs", "control", "pid"})
                 listen /ip4/.../tcp/N/p2p/12D3KooW...   (one line per address)
@@ -51,19 +52,23 @@ def node():
 @json_option
 @click.pass_context
 def init(ctx, as_json):
-    """Create the data dir and the node's Ed25519 identity (DATA/node.key, mode 0600)."""
+    """Create the data dir and the node's Ed25519 identity (DATA/node.key, mode 0600).
+
+    Idempotent: if the data dir has an identity already (made by an earlier
+    init, or by a `backup`, which signs its audit entry with it), print that
+    one (--json: "existing": true). A key file that cannot be read, or is not
+    a valid key, is an error: it is never replaced."""
+    from .audit_log import own_identity
     from .daemon import KEY_FILE
     from .identity import Identity
     data = _data_dir(ctx)
     key = data / KEY_FILE
-    if os.path.lexists(key):
-        raise UserError(f"{key} already exists: this data dir has an identity "
-                        "(remove the key file to make a new one, which changes the peer id)")
-    data.mkdir(parents=True, exist_ok=True)
-    ident = Identity.generate()
-    ident.save(key)
+    existing = os.path.lexists(key)
+    # own_identity creates the key without ever replacing one (link(2), as a
+    # concurrent `backup` may be creating it too) and loads it otherwise
+    ident = Identity.load(key) if existing else own_identity(data)
     doc = {"peer_id": str(ident.libp2p_peer_id), "node_id": ident.node_id.hex(),
-           "key_file": str(key), "data_dir": str(data)}
+           "key_file": str(key), "data_dir": str(data), "existing": existing}
     emit(as_json, doc, f"peer id   {doc['peer_id']}\nnode id   {doc['node_id']}\n"
                        f"key file  {key}")
 

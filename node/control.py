@@ -25,6 +25,14 @@ exactly "cancel my request".
                    msgpack) and the human text the command prints, and its exit code
       {"t": "error", "exit": int, "msg": str}     final: the one-line error and exit code
 
+Arguments. Every command declares its arguments once, as a map of name ->
+Arg (type, required or default, allowed values): node/daemon.py ARGS. The
+node checks a request against it before running anything and refuses, with
+one error frame of exit code 2 and nothing run, an unknown command, a
+missing or unknown argument, or a value of the wrong type or out of range:
+
+      {"t": "error", "exit": 2, "msg": "bad request: `restore` needs `ref` (text: ...)"}
+
 The client keeps its side open until the final frame; if it goes away (EOF)
 the node cancels the request (a store op stops at its next progress step and
 cleans up as an interrupted local run would). The command names are those of
@@ -41,7 +49,9 @@ import os
 import socket
 import sys
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 from protocol import codec
 from protocol.errors import RemoteProtocolError
@@ -94,6 +104,71 @@ def check_request(doc) -> tuple[str, dict, bool]:
     if set(doc) - {"v", "cmd", "args", "progress"}:
         raise RemoteProtocolError(f"unknown request fields {sorted(set(doc) - {'v', 'cmd', 'args', 'progress'})}")
     return cmd, args, progress
+
+
+# -- command arguments -----------------------------------------------------------------------
+
+class BadRequest(RemoteProtocolError):
+    """A request the node refuses before running it: an unknown command, or an
+    argument that is missing, unknown, of the wrong type or out of range."""
+
+
+_KINDS = {str: "text", int: "an integer", bool: "true or false"}
+
+
+@dataclass(frozen=True)
+class Arg:
+    """One argument of a control command.
+
+    kind      str, int or bool, exactly (true/false is not an integer here)
+    required  must be given; otherwise `default` stands in for it
+    nullable  nil is a value too (the command's "none", e.g. no name)
+    valid     a further check of a value of the right kind (range, syntax)
+    desc      what a good value is, as the error message says it"""
+    kind: type
+    required: bool = True
+    default: Any = None
+    nullable: bool = False
+    valid: Callable[[Any], bool] | None = None
+    desc: str | None = None
+
+    def describe(self) -> str:
+        d = self.desc or _KINDS[self.kind]
+        return f"nil or {d}" if self.nullable else d
+
+
+def _show(value) -> str:
+    if value is None:
+        return "nil"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    r = repr(value)
+    return r if len(r) <= 40 else r[:37] + "..."
+
+
+def check_args(cmd: str, schema: dict[str, Arg], args: dict) -> dict:
+    """The args of a `cmd` request checked against its schema, with the defaults
+    of the arguments not given filled in. BadRequest names the first problem."""
+    unknown = sorted((k for k in args if k not in schema), key=str)
+    if unknown:
+        takes = ", ".join(f"`{n}`" for n in schema)
+        raise BadRequest(f"`{cmd}` takes no argument `{unknown[0]}`"
+                         + (f" (it takes {takes})" if takes else " (it takes none)"))
+    out = {}
+    for name, arg in schema.items():
+        if name not in args:
+            if arg.required:
+                raise BadRequest(f"`{cmd}` needs `{name}` ({arg.describe()})")
+            out[name] = arg.default
+            continue
+        value = args[name]
+        if value is None and arg.nullable:
+            out[name] = None
+            continue
+        if type(value) is not arg.kind or (arg.valid is not None and not arg.valid(value)):
+            raise BadRequest(f"`{cmd}` needs `{name}` ({arg.describe()}), got {_show(value)}")
+        out[name] = value
+    return out
 
 
 # -- client --------------------------------------------------------------------------------

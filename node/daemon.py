@@ -6,7 +6,9 @@
     run()  ├─ node lock        DATA/node.lock, flock'ed for the node's lifetime: one
            │                   node per data dir (a second one gets a clear error)
            ├─ P2PTransport     the identity's libp2p host; wrapped in CountingTransport
-           │                   (bytes in/out per peer, for `hypersdk peers`)
+           │                   (bytes in/out per peer, for `hypersdk peers`). Its port is
+           │                   bound first, exclusively (no SO_REUSEPORT): a port in use
+           │                   fails the start with one line, before the store is opened
            ├─ DhtService       Contact(identity.node_id, full /p2p/ multiaddr)
            ├─ control server   DATA/control.sock (protocol: node/control.py)
            ├─ bootstrap        saved peers (DATA/peers.json) + --bootstrap addresses;
@@ -18,8 +20,14 @@
 
 Commands. COMMANDS maps a control command name to `async fn(daemon, args,
 events) -> doc` (a JSON-able document; raise UserError for a user's mistake).
-Adding one (fetch, network restore, a DHT debug op) is one @command entry
-here plus a click command in node/cli_node.py. The store commands of the
+ARGS declares each command's arguments (name -> control.Arg: type, required
+or default, allowed values); a request is checked against it before the
+command runs, so `args` holds exactly the declared names, each of the
+declared type (defaults filled in), and a bad request gets one "bad request:"
+error (exit 2) without running anything. Adding a command (fetch, network
+restore, a DHT debug op) is one @command entry and one ARGS entry here plus a
+click command in node/cli_node.py; a command with no ARGS entry is refused.
+The store commands of the
 CLI (node/cli.py STORE_OPS) are registered automatically: the node runs the
 very same function in a worker thread, with progress events streamed to the
 client and the client's disconnect turned into cancellation at the op's next
@@ -54,11 +62,14 @@ import trio
 from dht.contact import Contact
 from dht.routing import MAX_PER_PREFIX24
 from node import control
+from node.config import DEFAULT_ZSTD_LEVEL
+from node.control import Arg
 from node.errors import UserError
 from node.identity import Identity
 from node.peers import SavedPeers
 from node.transport import TransportError
 from protocol import codec
+from protocol.chunks import DEFAULT_CHUNK, MAX_CHUNK, MIN_CHUNK, valid_chunk_size
 from protocol.dht_messages import Ping
 from protocol.errors import ProtocolError
 
@@ -212,6 +223,62 @@ def peer_id_of(addr: str) -> str:
 COMMANDS: dict = {}
 
 
+def _text(v: str) -> bool:
+    return bool(v) and "\0" not in v
+
+
+def _abs_path(v: str) -> bool:
+    return _text(v) and os.path.isabs(v)    # the node's cwd is not the client's
+
+
+def _key_hex(v: str) -> bool:
+    try:
+        return len(bytes.fromhex(v)) == 32
+    except ValueError:
+        return False
+
+
+_REF = Arg(str, valid=_text, desc="text: NAME, NAME@N or a manifest id")
+_PATH = Arg(str, valid=_abs_path, desc="an absolute path")
+_FLAG = Arg(bool, required=False, default=False)
+_KEY = Arg(str, valid=_key_hex, desc="64 hex digits, a 32-byte key")
+
+# The arguments of every control command: what the click commands send (node/cli.py
+# for the store ops, node/cli_node.py for the node's), checked before a command runs.
+ARGS: dict[str, dict[str, Arg]] = {
+    # store ops (node/cli.py STORE_OPS; backup/restore/verify also wrapped by
+    # node/replication.py and node/net_verify.py with the same arguments)
+    "backup": {"path": _PATH,
+               "name": Arg(str, required=False, nullable=True, valid=_text),
+               "chunk_size": Arg(int, required=False, default=DEFAULT_CHUNK,
+                                 valid=valid_chunk_size,
+                                 desc=f"a power of two from {MIN_CHUNK} to {MAX_CHUNK}"),
+               "zstd_level": Arg(int, required=False, default=DEFAULT_ZSTD_LEVEL,
+                                 valid=lambda n: 1 <= n <= 19, desc="an integer 1..19")},
+    "restore": {"ref": _REF, "out": _PATH, "force": _FLAG, "to_device": _FLAG,
+                "follow_symlink": _FLAG,
+                "umask": Arg(int, required=False, nullable=True, valid=lambda n: 0 <= n <= 0o777,
+                             desc="the client's umask, an integer 0..511")},
+    "verify": {"ref": Arg(str, required=False, nullable=True, valid=_text, desc=_REF.desc),
+               "network": _FLAG,
+               "against": Arg(str, required=False, nullable=True, valid=_abs_path,
+                              desc=_PATH.desc)},
+    "backups": {},
+    "delete": {"ref": _REF},
+    "gc": {},
+    "store stats": {},
+    "fetch": {"ref": _REF},                 # node/replication.py
+    # the node's own (below)
+    "status": {},
+    "peers": {},
+    "join": {"addr": Arg(str, valid=_text, desc="a multiaddr /ip4/../tcp/../p2p/<peer id>")},
+    "dht provide": {"key": _KEY},
+    "dht find": {"key": _KEY, "count": Arg(int, required=False, default=1,
+                                           valid=lambda n: 1 <= n <= 64,
+                                           desc="an integer 1..64")},
+}
+
+
 def command(name: str):
     """Register `async fn(daemon, args, events) -> JSON-able doc` as control command name."""
     def register(fn):
@@ -318,7 +385,8 @@ async def _status(d: "Daemon", args, events):
             "transfers": list(d.replication.transfers.values()),
             "requests": [{"cmd": c, "seconds": round(trio.current_time() - t, 3)}
                          for c, t in d.in_flight.values()],
-            "served": dict(d.served), "failed": dict(d.failed)}
+            "served": dict(d.served), "failed": dict(d.failed),
+            "bad_requests": d.control_errors}
 
 
 @command("peers")
@@ -349,9 +417,7 @@ async def _peers(d: "Daemon", args, events):
 
 @command("join")
 async def _join(d: "Daemon", args, events):
-    addr = args.get("addr")
-    if not isinstance(addr, str):
-        raise UserError("join needs a multiaddr")
+    addr = args["addr"]
     contact = await d.dial(addr)
     with trio.move_on_after(BOOTSTRAP_TIMEOUT):
         await d.dht.bootstrap([contact])
@@ -363,14 +429,7 @@ async def _join(d: "Daemon", args, events):
 
 
 def _key(args) -> bytes:
-    k = args.get("key")
-    try:
-        key = bytes.fromhex(k) if isinstance(k, str) else b""
-    except ValueError:
-        key = b""
-    if len(key) != 32:
-        raise UserError(f"key {k!r}: expected 64 hex digits (a 32-byte key)")
-    return key
+    return bytes.fromhex(args["key"])      # ARGS checked: 64 hex digits
 
 
 @command("dht provide")
@@ -385,10 +444,7 @@ async def _dht_provide(d: "Daemon", args, events):
 @command("dht find")
 async def _dht_find(d: "Daemon", args, events):
     key = _key(args)
-    count = args.get("count", 1)
-    if not isinstance(count, int) or not 1 <= count <= 64:
-        raise UserError("--count must be 1..64")
-    found, stats = await d.dht.find_providers(key, count)
+    found, stats = await d.dht.find_providers(key, args["count"])
     return {"key": key.hex(),
             "providers": [{"peer_id": peer_id_of(c.addr), "node_id": c.id.hex(), "addr": c.addr}
                           for c in found],
@@ -416,7 +472,7 @@ class Daemon:
         self.addrs: list[str] = []
         self.started = 0.0
         self.transport = self.net = self.dht = None
-        self.control_errors = 0             # malformed control requests
+        self.control_errors = 0             # malformed or refused (bad) control requests
         self.abandoned = 0                  # requests whose client went away
         self.in_flight: dict[int, tuple[str, float]] = {}   # control requests running
         self._clients = trio.CapacityLimiter(MAX_CLIENTS)
@@ -444,9 +500,16 @@ class Daemon:
         with node_lock(self.data_dir):
             _unlink(addrs_file)             # left by a node that was killed
             self.saved.load()               # a malformed peers.json: fail now, clearly
-            self.open_store().close()      # creates the store; a bad one fails now
             try:
                 self.transport = P2PTransport(self.identity, self.listen)
+                # The port first: a node whose port is taken stops here, before it
+                # creates a store, a control socket or node.addrs (and it does stop:
+                # node/p2p_transport.py binds without SO_REUSEPORT).
+                try:
+                    self.transport.bind()
+                except TransportError as exc:
+                    raise UserError(f"{exc}; choose another --listen address") from None
+                self.open_store().close()  # creates the store; a bad one fails now
                 self.net = CountingTransport(self.transport)
                 async with trio.open_nursery() as nursery:
                     await nursery.start(self.transport.run)
@@ -469,6 +532,8 @@ class Daemon:
                     nursery.start_soon(self._join_then_announce)
                     task_status.started(self)
             finally:
+                if self.transport is not None:
+                    self.transport.close_listener()     # if run() never took it
                 self.replication.close()
                 if self.audit is not None:
                     self.audit.close()
@@ -612,10 +677,19 @@ class Daemon:
             await conn.send_all(control.frame({"t": "error", "exit": 2,
                                                "msg": f"bad control request: {exc}"}))
             return
-        fn = COMMANDS.get(cmd)
-        if fn is None:
-            await conn.send_all(control.frame(
-                {"t": "error", "exit": 2, "msg": f"unknown node command {cmd!r}"}))
+        fn, schema = COMMANDS.get(cmd), ARGS.get(cmd)
+        try:
+            if fn is None:
+                raise control.BadRequest(f"unknown node command `{cmd}`")
+            if schema is None:              # a bug: never run a command unchecked
+                log.error("node command %r has no ARGS entry", cmd)
+                raise control.BadRequest(f"node command `{cmd}` declares no arguments "
+                                         "(node/daemon.py ARGS): refused")
+            args = control.check_args(cmd, schema, args)
+        except control.BadRequest as exc:
+            self.control_errors += 1
+            await conn.send_all(control.frame({"t": "error", "exit": 2,
+                                               "msg": f"bad request: {exc}"}))
             return
         await self._run_command(conn, cmd, fn, args, want_progress)
 

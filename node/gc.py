@@ -14,6 +14,11 @@ Where the filesystem cannot punch holes, a pack more than `threshold` dead is
 compacted instead: its live records are copied to a fresh pack, the new
 locations commit, and only then is the old file unlinked (a crash in between
 leaves an unreferenced old pack, which the next gc deletes).
+
+gc also removes the partial image files of killed restores, wherever they
+were written: restores record each partial file in DATA/partials/, and a
+registered partial whose writer is dead (its lock free, its pid gone) is
+deleted with its record (node/restore.py, PartialRegistry).
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from protocol.manifest import decode_manifest, split_list
 from . import packfile
 from .config import commit_bytes
 from .errors import UserError
+from .restore import PartialRegistry
 
 
 def _mark(store) -> None:
@@ -42,8 +48,17 @@ def _mark(store) -> None:
                 db.executemany("INSERT OR IGNORE INTO temp.live VALUES (?)",
                                ((c,) for c in ids + [lid] if c != ZERO_ID))
         except (IntegrityError, ProtocolError) as exc:
-            raise UserError(f"gc stopped, nothing deleted: manifest {bytes(mid).hex()[:16]} "
-                            f"cannot be read ({exc}); run `hypersdk verify`") from None
+            refs = [f"{n}@{v}" for n, v in db.execute(
+                "SELECT name, version FROM backups WHERE manifest=? ORDER BY name, version",
+                (bytes(mid),))]
+            which = (f"backup {', '.join(refs)} (manifest {bytes(mid).hex()[:16]})" if refs
+                     else f"manifest {bytes(mid).hex()[:16]}")
+            fix = (f"remove it with `hypersdk delete {refs[0]}`" if len(refs) == 1 else
+                   f"remove them with `hypersdk delete` ({', '.join(refs)})" if refs else
+                   "run `hypersdk verify`")
+            raise UserError(f"gc stopped, nothing deleted: {which} cannot be read ({exc}); "
+                            f"gc cannot know which chunks it uses: {fix}, or restore its "
+                            "data from a replica first") from None
     # the bases of live delta chunks are live (bases are never deltas: one pass)
     db.execute("INSERT OR IGNORE INTO temp.live SELECT c.base FROM chunks c "
                "JOIN temp.live l ON c.id = l.id WHERE c.base IS NOT NULL")
@@ -64,11 +79,13 @@ def gc(store, *, threshold: float = 0.2, punch: bool = True, on_wait=None) -> di
         punched = _punch_gaps(store) if punch else None
         rewritten = _compact(store, threshold) if punched is None else 0
         after = _disk_bytes(store)
+        partials = PartialRegistry(store.root).clean()
     return {"chunks_deleted": dead_n, "bytes_released": dead_bytes,
             "packs_rewritten": rewritten, "packs_removed": removed,
             "dead_gap_bytes": punched or 0,
             "disk_bytes_before": before, "disk_bytes_after": after,
-            "disk_bytes_reclaimed": before - after}
+            "disk_bytes_reclaimed": before - after,
+            "stale_partials_removed": partials}
 
 
 def _disk_bytes(store) -> int:

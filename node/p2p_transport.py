@@ -62,6 +62,12 @@ py-libp2p quirks this module works around:
 - A connection whose socket died stays registered until its yamux reader
   notices. open_stream on a reused connection that fails at the connection
   level (not e.g. "protocol not supported") discards it and dials once more.
+- Its TCP listener sets SO_REUSEPORT (for DCUtR hole punching, which we do
+  not use), so a second node on a port already in use "listens" too: the
+  kernel spreads inbound connections between the two processes and joins
+  fail at random. We bind the listening socket ourselves, without
+  SO_REUSEPORT (see `_bind_listener`), and hand it to a listener of ours
+  (`_OwnSocketListener`) that the swarm drives like its own.
 - py-libp2p logs expected failures (a refused protocol) at ERROR through a
   logger with no handler, which Python prints to stderr: the `libp2p` loggers
   are silenced (level CRITICAL, NullHandler) unless HYPERSDK_P2P_DEBUG is set,
@@ -69,15 +75,17 @@ py-libp2p quirks this module works around:
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import socket as stdsocket
 import weakref
 from typing import Any
 
 import multiaddr
 import trio
 import libp2p
-from libp2p.abc import INotifee
+from libp2p.abc import IListener, INotifee
 from libp2p.crypto.keys import KeyType
 from libp2p.crypto.x25519 import create_new_key_pair as _x25519_key_pair
 from libp2p.io.exceptions import IOException
@@ -89,6 +97,10 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.exceptions import MuxedConnError, MuxedStreamError
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.io.trio import TrioTCPStream
+from libp2p.transport.exceptions import OpenConnectionError
+from libp2p.transport.tcp.tcp import TCP
+from libp2p.utils.multiaddr_utils import multiaddr_from_socket
 
 from dht.keys import node_id as _node_id
 from node.identity import Identity
@@ -99,6 +111,7 @@ log = logging.getLogger(__name__)
 DEFAULT_LISTEN = "/ip4/127.0.0.1/tcp/0"
 _CLOSE_GRACE = 2.0        # seconds an aclose() may spend sending its FIN before resetting
 _SHUTDOWN_GRACE = 5.0     # seconds run() may spend closing connections and listeners
+_LISTEN_BACKLOG = 128     # as py-libp2p's own listener
 
 
 def configure_libp2p_logging() -> None:
@@ -282,6 +295,127 @@ class _ConnTracker(INotifee):
         pass
 
 
+# -- the listening socket ---------------------------------------------------------------------
+#
+# Why we bind it ourselves. py-libp2p 0.8.1 (libp2p/transport/tcp/tcp.py,
+# `_open_reuseport_listeners`) sets SO_REUSEADDR *and* SO_REUSEPORT on every
+# TCP listener, so that DCUtR hole punching can dial from the listen port. With
+# SO_REUSEPORT a second process of the same user binds and listens on a port
+# that is already in use without any error, and the kernel then balances
+# inbound connections between the two: each node gets some of the other's
+# peers. We never hole-punch, so our listener does without SO_REUSEPORT.
+#
+# Alternatives rejected: probing the port with a bind of our own and then
+# letting py-libp2p bind it races with any other process between the probe
+# and the real bind (and a probe can only ever see the past); clearing
+# SO_REUSEPORT on py-libp2p's socket after it is bound is too late (both
+# processes are already bound by then); patching py-libp2p's module function
+# would change every TCP transport in the process. Binding once, without the
+# option, and serving that very socket has no window at all: bind() + listen()
+# are atomic in the kernel, and while we hold the socket no other bind to the
+# port succeeds, whatever options it sets (SO_REUSEPORT sharing needs the
+# option on every socket of the group).
+#
+# SO_REUSEADDR stays: on Linux it only lets us bind over connections of a
+# previous run still in TIME_WAIT (a restarted node gets its port back at
+# once); it never allows two listeners on one port.
+
+def _tcp_endpoint(maddr: multiaddr.Multiaddr) -> tuple[int, str, int]:
+    """(address family, ip, port) of "/ip4/<ip>/tcp/<port>" or "/ip6/<ip>/tcp/<port>"."""
+    names = [p.name for p in maddr.protocols()]
+    if len(names) == 2 and names[0] in ("ip4", "ip6") and names[1] == "tcp":
+        ip, port = maddr.value_for_protocol(names[0]), maddr.value_for_protocol("tcp")
+        try:
+            port_n = int(port)
+        except (TypeError, ValueError):
+            port_n = -1
+        if ip and 0 <= port_n <= 65535:
+            family = stdsocket.AF_INET if names[0] == "ip4" else stdsocket.AF_INET6
+            return family, str(ip), port_n
+    raise TransportError(f"cannot listen on {maddr}: expected /ip4/<ip>/tcp/<port> "
+                         "or /ip6/<ip>/tcp/<port>")
+
+
+def _bind_listener(maddr: multiaddr.Multiaddr) -> trio.socket.SocketType:
+    """A TCP socket bound to maddr and listening, without SO_REUSEPORT (see above).
+    TransportError naming the address if it is taken (or not ours to bind)."""
+    family, ip, port = _tcp_endpoint(maddr)
+    sock = stdsocket.socket(family, stdsocket.SOCK_STREAM)
+    try:
+        sock.setsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_REUSEADDR, 1)
+        sock.bind((ip, port))
+        sock.listen(_LISTEN_BACKLOG)    # also refused if another socket listens there
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise TransportError(f"cannot listen on {maddr}: address in use (another "
+                                 "program is listening on that port)") from None
+        raise TransportError(f"cannot listen on {maddr}: "
+                             f"{(exc.strerror or str(exc)).lower()}") from None
+    return trio.socket.from_stdlib_socket(sock)
+
+
+class _OwnSocketListener(IListener):
+    """py-libp2p listener serving sockets P2PTransport bound itself (`_bind_listener`),
+    taken from its `_OwnSocketTCP` by listen address. The accept loop runs in the
+    transport's own nursery (structured: cancelling run() stops it), not in a
+    trio system task as py-libp2p's TCPListener does."""
+
+    def __init__(self, handler, tcp: "_OwnSocketTCP"):
+        self._handler = handler             # the swarm's: upgrades an inbound connection
+        self._tcp = tcp
+        self._listeners: list[trio.SocketListener] = []
+        self._scopes: list[trio.CancelScope] = []
+
+    async def listen(self, maddr: multiaddr.Multiaddr) -> None:
+        sock = self._tcp.bound.pop(str(maddr), None)
+        if sock is None or self._tcp.nursery is None:
+            raise OpenConnectionError(f"no socket was bound for {maddr}")
+        listener = trio.SocketListener(sock)
+        self._listeners.append(listener)
+        await self._tcp.nursery.start(self._serve, listener)
+
+    async def _serve(self, listener: trio.SocketListener, *,
+                     task_status=trio.TASK_STATUS_IGNORED) -> None:
+        scope = trio.CancelScope()
+        self._scopes.append(scope)
+        with scope:
+            try:
+                await trio.serve_listeners(self._accepted, [listener],
+                                           task_status=task_status)
+            except trio.ClosedResourceError:     # close() closed it under accept()
+                pass
+
+    async def _accepted(self, stream: trio.SocketStream) -> None:
+        try:
+            await self._handler(TrioTCPStream(stream))
+        except Exception as exc:            # one bad inbound connection: drop it only
+            log.debug("inbound connection failed: %r", exc)
+
+    def get_addrs(self) -> tuple[multiaddr.Multiaddr, ...]:
+        return tuple(multiaddr_from_socket(lst.socket) for lst in self._listeners)
+
+    async def close(self) -> None:
+        for scope in self._scopes:
+            scope.cancel()
+        for lst in self._listeners:
+            await lst.aclose()
+
+
+class _OwnSocketTCP(TCP):
+    """py-libp2p's TCP transport (dialing unchanged) whose listeners serve the
+    sockets P2PTransport bound: `bound` maps a listen multiaddr (str) to its
+    socket, `nursery` is where the accept loops run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bound: dict[str, trio.socket.SocketType] = {}
+        self.nursery: trio.Nursery | None = None
+
+    def create_listener(self, handler_function) -> _OwnSocketListener:
+        return _OwnSocketListener(handler_function, self)
+
+
 class P2PTransport:
     """Transport on py-libp2p. Construct, set handlers, then `nursery.start(t.run)`."""
 
@@ -296,12 +430,15 @@ class P2PTransport:
         self._dial_locks: dict[Any, trio.Lock] = {}
         self._running = False
         self._addrs: list[str] = []
+        self._tcp = _OwnSocketTCP()
+        self._sock: trio.socket.SocketType | None = None   # bind()'s listening socket
         key_pair = self.identity.libp2p_key_pair()
         self.host = libp2p.new_host(
             key_pair=key_pair,
             sec_opt={NOISE_ID: NoiseTransport(key_pair, noise_privkey=_x25519_key_pair().private_key)},
             muxer_opt={YAMUX_ID: Yamux},
             listen_addrs=[self._listen],
+            transports=[self._tcp],
             connection_config=ConnectionConfig(max_connections_per_peer=1),
         )
         network = self.host.get_network()
@@ -341,29 +478,53 @@ class P2PTransport:
         return n
 
     # -- lifetime -----------------------------------------------------------
+    def bind(self) -> None:
+        """Bind and listen on the listen address now (run() does it if not done):
+        TransportError "cannot listen on ADDR: address in use" if another process
+        listens there. Lets a caller fail before it creates anything else; the
+        socket is closed by run() or close_listener()."""
+        if self._sock is None:
+            self._sock = _bind_listener(self._listen)
+
+    def close_listener(self) -> None:
+        """Close the listening socket (idempotent; for a bind() never run())."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Listen until cancelled; on exit every listener and connection is closed."""
+        self.bind()
         try:
-            async with self.host.run(listen_addrs=[self._listen]), \
-                    trio.open_nursery() as nursery:
-                self._nursery = nursery
-                self._running = True
-                self._addrs = [str(a) for a in self.host.get_addrs()]
-                try:
-                    task_status.started()
-                    await trio.sleep_forever()
-                finally:
-                    self._nursery = None
-                    self._running = False
-                    # py-libp2p's own shutdown path runs its awaits inside the
-                    # cancelled scope, so the first await raises Cancelled and
-                    # the listeners and connection sockets leak. Close
-                    # explicitly, shielded and bounded.
-                    with trio.CancelScope(shield=True):
-                        with trio.move_on_after(_SHUTDOWN_GRACE):
-                            await self._close_host()
+            async with trio.open_nursery() as accepting:    # our listener's accept loop
+                self._tcp.nursery = accepting
+                self._tcp.bound[str(self._listen)] = self._sock
+                async with self.host.run(listen_addrs=[self._listen]), \
+                        trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    self._running = True
+                    self._addrs = [str(a) for a in self.host.get_addrs()]
+                    try:
+                        if not self._addrs:     # the swarm only logs a failed listen
+                            raise TransportError(f"cannot listen on {self._listen}")
+                        task_status.started()
+                        await trio.sleep_forever()
+                    finally:
+                        self._nursery = None
+                        self._running = False
+                        # py-libp2p's own shutdown path runs its awaits inside the
+                        # cancelled scope, so the first await raises Cancelled and
+                        # the listeners and connection sockets leak. Close
+                        # explicitly, shielded and bounded.
+                        with trio.CancelScope(shield=True):
+                            with trio.move_on_after(_SHUTDOWN_GRACE):
+                                await self._close_host()
+                accepting.cancel_scope.cancel()
         finally:
             self._running = False
+            self._tcp.nursery = None
+            self._tcp.bound.clear()
+            self.close_listener()
 
     async def _close_host(self) -> None:
         async def close(conn):

@@ -26,11 +26,12 @@ import zstandard
 from protocol.chunks import chunk_id
 from protocol.errors import ChunkCorrupt, ChunkHashMismatch, ChunkMissing
 
-from . import delta, packfile
+from . import audit_intents, delta, packfile
 from .errors import UserError
 from .locks import flock
+from .private import private_db, private_dir
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2         # 2: audit_intents (node/audit_intents.py)
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS packs(
     id INTEGER PRIMARY KEY, end INTEGER NOT NULL);
@@ -45,7 +46,7 @@ CREATE TABLE IF NOT EXISTS backups(
     seq INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL,
     version INTEGER NOT NULL, manifest BLOB NOT NULL, created INTEGER NOT NULL,
     size INTEGER NOT NULL, stats TEXT NOT NULL, UNIQUE(name, version));
-"""
+""" + audit_intents.TABLE
 
 _tls = threading.local()
 
@@ -109,18 +110,23 @@ class ChunkStore:
         self.root = Path(root)
         self.readonly = readonly
         self.packs_dir = self.root / "packs"
-        self.packs_dir.mkdir(parents=True, exist_ok=True)
         self.db_path = self.root / "index.sqlite"
+        if not (readonly and self.db_path.exists()):
+            private_dir(self.root)
+            private_dir(self.packs_dir)
         self._fds: dict[int, int] = {}
         self._fd_lock = threading.Lock()
         self._conns: list[tuple[threading.Thread, sqlite3.Connection]] = []
         self._local = threading.local()
         db = self.db
         version = db.execute("PRAGMA user_version").fetchone()[0]
+        if not self._immutable:
+            private_db(self.db_path)
         if version > SCHEMA_VERSION:
             raise UserError(f"store {self.root} has schema {version}, this hypersdk "
                             f"knows {SCHEMA_VERSION}: upgrade hypersdk")
-        if version < SCHEMA_VERSION:
+        if version < SCHEMA_VERSION and not (self._immutable and version):
+            # (a store of an older schema on a full disk still opens for reading)
             if self._immutable:
                 raise UserError(f"no space left in data dir {self.root} to create a store")
             db.execute("PRAGMA journal_mode=WAL")

@@ -162,10 +162,12 @@ class DownloadProgress:
     phase: str                    # "lists" (hash-list pieces) or "chunks"
     done_chunks: int
     needed_chunks: int
-    done_bytes: int               # wire bytes of verified new chunks
+    done_bytes: int               # plaintext bytes of the verified new chunks (the unit
+                                  # of needed_bytes: a bar of needed_bytes ends full)
     needed_bytes: int             # plaintext bytes of the chunks needed
     bytes_by_peer: dict           # peer id -> verified new wire bytes it served (all phases)
     banned: tuple = ()
+    wire_bytes: int = 0           # wire bytes of the verified new chunks (compressed or not)
 
 
 @dataclass
@@ -445,14 +447,14 @@ class Downloader:
         tee = self.tee if phase == "chunks" else None
         done: set[bytes] = set()
         needed_bytes = sum(sizes[c] for c in need)
-        done_bytes = 0
+        done_bytes = wire_bytes = 0
         last_progress = trio.current_time()
 
         def report():
             if self.progress is not None:
                 self.progress(DownloadProgress(
                     phase, len(done), len(needed), done_bytes, needed_bytes,
-                    dict(self._by_peer), tuple(sorted(self._banned))))
+                    dict(self._by_peer), tuple(sorted(self._banned)), wire_bytes))
 
         async def handle_batch(evs) -> bool:
             """Apply events in order; the Data ones are verified first (and, when
@@ -519,7 +521,7 @@ class Downloader:
         def handle(ev, verified, puts) -> bool:
             """Apply one event (Data: already verified, `verified` is the plaintext
             (keep_plain), True, or the exception); True when it completed a chunk."""
-            nonlocal done_bytes
+            nonlocal done_bytes, wire_bytes
             now = trio.current_time()
             peer = ev.peer
             if type(ev) is SessionFailed:
@@ -550,7 +552,8 @@ class Downloader:
                 on_chunk(cid, plain)
             plan.on_data(peer, cid, len(msg.payload), ev.at)
             done.add(cid)
-            done_bytes += len(msg.payload)
+            done_bytes += sizes[cid]          # = msg.raw_len (verified)
+            wire_bytes += len(msg.payload)
             res.chunks_fetched += 1
             res.bytes_fetched += len(msg.payload)
             self._by_peer[peer] = self._by_peer.get(peer, 0) + len(msg.payload)

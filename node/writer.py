@@ -155,6 +155,16 @@ class PackWriter:
 
         self._bg = self._committer.submit(run)
 
+    def commit_in_background(self) -> bool:
+        """Hand the pending records to the commit thread now (before batch_bytes
+        of them piled up) unless a batch commit is still in flight: then do
+        nothing and return False. Never waits (a fetch commits by time as well
+        as by bytes: node/chunk_source.py StoreSink)."""
+        if not self.pending or (self._bg is not None and not self._bg.done()):
+            return False
+        self._commit_in_background()
+        return True
+
     def _wait(self):
         """Wait for the in-flight batch commit; re-raise its error."""
         bg, self._bg = self._bg, None

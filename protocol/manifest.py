@@ -110,6 +110,18 @@ def decode_manifest(data: bytes) -> Manifest:
         raise RemoteProtocolError(f"invalid manifest: {exc}") from None
 
 
+def check_list_lengths(m: Manifest, entries: list[int]) -> None:
+    """LocalProtocolError unless hash-list pieces holding `entries` ids each are
+    exactly the pieces m's size needs (a writer checks this before it commits a
+    manifest, so a manifest that does not match its lists is never recorded)."""
+    want = [m.list_len(i) for i in range(len(m.lists))]
+    if list(entries) != want:
+        raise LocalProtocolError(
+            f"hash lists hold {sum(entries)} ids in {len(entries)} piece(s); a "
+            f"{m.size}-byte image at {m.chunk_size}-byte chunks needs {m.n_chunks} "
+            f"in {len(want)}")
+
+
 def split_list(piece: bytes, expected: int) -> list[bytes]:
     """The ids of one hash-list piece; RemoteProtocolError if its length is wrong."""
     if len(piece) != expected * ID_LEN:

@@ -48,9 +48,12 @@ def test_ops_append_entries_and_log_json(cli, made, tmp_path):
     assert all(log[i]["prev"] == log[i - 1]["id"] for i in range(1, 5)) and log[0]["prev"] is None
     key = Identity.load(cli.data_dir / "node.key")
     assert {e["author"] for e in log} == {key.public_key.hex()}
+    source = log[0]["body"]["source"]
     assert log[0]["body"] == {"manifest": b["manifest"], "name": "disk.img",
                               "size": 5 * CS + 7, "chunks": 6,
-                              "source": {"kind": "file", "path": str(tmp_path / "disk.img")}}
+                              "source": {"kind": "file", "path": str(tmp_path / "disk.img"),
+                                         "mode": 0o644, "mtime_ns": source["mtime_ns"]}}
+    assert isinstance(source["mtime_ns"], int) and source["mtime_ns"] > 0
     assert log[1]["body"]["result"] == "ok" and log[1]["body"]["holder"] == key.node_id.hex()
     assert log[2]["body"]["manifest"] == b["manifest"]
     assert log[4]["body"] == {"manifest": b2["manifest"], "name": "disk.img", "version": 2}
@@ -63,9 +66,10 @@ def test_ops_append_entries_and_log_json(cli, made, tmp_path):
     cli("restore", "nosuch", tmp_path / "x.img", ok=False)
     cli("verify", "nosuch", ok=False)
     assert len(cli.json("audit", "log")) == 5
-    # node init keeps its clear error on a data dir whose key the audit log created
-    p = cli("node", "init", ok=False)
-    assert "already exists" in p.stderr
+    # node init on a data dir whose key the audit log created shows that identity
+    r = cli.json("node", "init")
+    assert r["existing"] is True
+    assert r["node_id"] == Identity.load(cli.data_dir / "node.key").node_id.hex()
 
 
 def test_verify_ok_then_break_after_tampering(cli, made):

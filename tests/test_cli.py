@@ -68,7 +68,13 @@ def test_data_dir_option_and_env(tmp_path):
 def test_default_data_dir_is_xdg(tmp_path):
     env = dict(os.environ, XDG_DATA_HOME=str(tmp_path / "xdg"))
     env.pop("HYPERSDK_DATA_DIR", None)
-    subprocess.run([str(HYPERSDK), "backups"], env=env, check=True, capture_output=True)
+    src = tmp_path / "d.img"
+    src.write_bytes(b"x" * 100)
+    p = subprocess.run([str(HYPERSDK), "backups"], env=env, check=True, capture_output=True,
+                       text=True)
+    assert p.stdout.strip() == "no backups yet"
+    assert not (tmp_path / "xdg").exists(), "listing backups created a data dir"
+    subprocess.run([str(HYPERSDK), "backup", src], env=env, check=True, capture_output=True)
     assert (tmp_path / "xdg" / "hypersdk" / "index.sqlite").exists()
 
 

@@ -1,0 +1,49 @@
+"""The data dir is private: the directory 0700, every file in it 0600.
+
+Backup names, source paths and the audit log are nobody else's business on a
+shared machine. The directory is made 0700 before anything is created in it,
+so no one else can open what it holds even for the instant before a file is
+tightened. Our own files are created 0600 (os.open with that mode). SQLite
+creates its database file itself (0644 less the umask) and gives the -wal and
+-shm files the database file's mode, so private_db() chmods the database file
+(by path) right after SQLite created it, before the first write makes a WAL.
+It must never open and close a descriptor of a database file: closing any
+descriptor of a file drops every POSIX lock the process holds on it, SQLite's
+included, and another connection of this process would then lose its locks.
+Data dirs made by an older hypersdk (0755 / 0644) are tightened when opened.
+"""
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+DIR_MODE, FILE_MODE = 0o700, 0o600
+
+
+def private_dir(path: Path) -> Path:
+    """Create path (and parents) if needed; make path itself 0700."""
+    path = Path(path)
+    path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    _tighten(path, DIR_MODE)
+    return path
+
+
+def private_db(path: Path) -> Path:
+    """Make the SQLite database at path (and its -wal/-shm files, if any) 0600, by
+    path: call it once sqlite3 has opened the database (see the module doc)."""
+    path = Path(path)
+    for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        _tighten(p, FILE_MODE)
+    return path
+
+
+def _tighten(path: Path, mode: int) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode) or st.st_uid != os.geteuid():
+        return                           # not ours to change
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        os.chmod(path, stat.S_IMODE(st.st_mode) & mode)
