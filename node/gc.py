@@ -18,7 +18,7 @@ leaves an unreferenced old pack, which the next gc deletes).
 gc also removes the partial image files of killed restores, wherever they
 were written: restores record each partial file in DATA/partials/, and a
 registered partial whose writer is dead (its lock free, its pid gone) is
-deleted with its record (node/restore.py, PartialRegistry).
+deleted with its record (node/restore_partials.py, PartialRegistry).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from protocol.manifest import decode_manifest, split_list
 from . import packfile
 from .config import commit_bytes
 from .errors import UserError
-from .restore import PartialRegistry
+from .restore_partials import PartialRegistry
 
 
 def _mark(store) -> None:

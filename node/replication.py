@@ -10,7 +10,7 @@ Registered on the daemon (node/daemon.py COMMANDS) when it starts:
     restore    the CLI's store op; when REF is not held completely here (a
                manifest id known only to the network, or chunks missing),
                fetch what is missing first, writing OUT's temporary file as the
-               chunks arrive (node.restore.StagedImage), so that the restore
+               chunks arrive (node.restore_staged.StagedImage), so that the restore
                only adds the chunks that were held locally, syncs and renames;
                its reply's seconds (and the rate its text shows) cover the whole
                restore, fetch included (local_seconds: the part after the fetch)
@@ -51,7 +51,7 @@ from .config import commit_bytes, human
 from .errors import UserError
 from .exchange_server import ExchangeServer
 from .fast_channel import OFFER_PROTOCOL, FastChannelServer, FastDialer, host_of
-from .restore import discard_staged, stage
+from .restore_staged import discard_staged, stage
 from .store import ChunkStore
 from .swarm import DownloadError, Downloader
 
@@ -209,7 +209,7 @@ class Replication:
                     force: bool = False) -> dict:
         """Fetch REF's missing chunks from the network; a JSON document.
         out: the image a restore will write next: it is written while the chunks
-        arrive (node.restore.stage), and the restore only completes it."""
+        arrive (node.restore_staged.stage), and the restore only completes it."""
 
         def resolve():
             with self.d.open_store(readonly=True) as store:

@@ -208,7 +208,7 @@ class Downloader:
         self.transport = transport
         # tee: gets every position's chunk id (tee.begin(manifest, ids)) and, right
         # after its check (in a worker thread when verify_in_thread), the verified
-        # plaintext of each new chunk: with a buffer pool (node.restore.StagedImage:
+        # plaintext of each new chunk: with a buffer pool (node.restore_staged.StagedImage:
         # buffer/submit/release, written by its own writer thread) the chunk is
         # decoded straight into a pool buffer and submitted; else
         # tee.write_many([(cid, plain)]). tee.finish() (if it has one) at the end of

@@ -317,7 +317,7 @@ def _killed_restore(cli: Cli, out: Path) -> Path:
 
 LIVE_WRITER = r"""
 import fcntl, os, sys
-from node.restore import PartialRegistry
+from node.restore_partials import PartialRegistry
 out, data = sys.argv[1], sys.argv[2]
 d, b = os.path.split(out)
 p = os.path.join(d, f".{b}.hypersdk-partial-{os.getpid()}")
@@ -352,7 +352,7 @@ class LiveWriter:
         self.proc.wait(timeout=60)
         self.proc.stdout.close()
         if not leave:
-            from node.restore import PartialRegistry
+            from node.restore_partials import PartialRegistry
             self.path.unlink(missing_ok=True)
             PartialRegistry(self.data_dir).remove(str(self.path))
 

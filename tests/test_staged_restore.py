@@ -1,4 +1,4 @@
-"""node/restore.py's StagedImage: a network restore writes OUT's temporary file while
+"""node/restore_staged.py StagedImage: a network restore writes OUT's temporary file while
 chunks arrive, and restore() completes it (only the positions not written yet),
 keeps OUT untouched until the rename, and never leaves a temporary file behind."""
 from __future__ import annotations
@@ -11,7 +11,8 @@ from conftest import mixed_image, same_bytes
 from node import catalog
 from node.backup import backup
 from node.errors import UserError
-from node.restore import _STAGED, discard_staged, restore, stage
+from node.restore import restore
+from node.restore_staged import _STAGED, discard_staged, stage
 
 CS = 64 << 10
 

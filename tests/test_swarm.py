@@ -495,14 +495,15 @@ async def test_download_over_libp2p(nursery):
 @pytest.mark.parametrize("corrupt", [False, True])
 async def test_the_tee_gets_each_new_chunk_after_its_check(nursery, tmp_path, request,
                                                            threaded, corrupt):
-    """A restore writes the image while chunks arrive (node.restore.StagedImage as
+    """A restore writes the image while chunks arrive (node.restore_staged.StagedImage as
     the tee): zstd payloads (decoded into the verifier's scratch buffer) and raw ones,
     every position of a repeated chunk; a corrupt provider's copies are never written
     (restore() only completes the positions the tee did not write, so a wrong byte
     written there would survive into OUT). threaded: the real nodes' path (worker
     threads, real clock); else simnet's (synchronous, virtual time)."""
     from conftest import mixed_image, same_bytes
-    from node.restore import _STAGED, restore, stage
+    from node.restore import restore
+    from node.restore_staged import _STAGED, stage
     from node.store import ChunkStore
     if not threaded:
         request.getfixturevalue("autojump_clock")
