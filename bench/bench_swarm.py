@@ -279,6 +279,7 @@ def run_restore(seeds_n: int, profile: bool, keep: bool) -> dict:
     f = run.pop("doc").get("fetched", {})
     return {"wall_s": round(run["wall"], 2),
             "MB_per_s": round(IMG.stat().st_size / run["wall"] / 1e6, 1),
+            "image_bytes": IMG.stat().st_size,
             "identical": same, "leecher_rss_MiB": run["leecher_rss_MiB"],
             "fetch_s": f.get("seconds"), "bytes_fetched": f.get("bytes_fetched"),
             "chunks_fetched": f.get("chunks_fetched"), "bytes_by_peer": f.get("bytes_by_peer"),
@@ -389,12 +390,20 @@ def measure(a) -> dict:
     return res
 
 
+def size_label(nbytes: int) -> str:
+    """The image size for a table label: 2147483648 -> '2 GiB', 1.5 GiB -> '1.5 GiB'."""
+    if nbytes >= 1 << 30:
+        return f"{nbytes / (1 << 30):.3g} GiB"
+    return f"{nbytes / MiB:.3g} MiB"
+
+
 def table(a, res: dict, whole: dict) -> list[str]:
     rows = ["| measurement | hypersdk | libtorrent | ratio (hypersdk / libtorrent) |",
             "|---|---|---|---|"]
     if "hypersdk_swarm" in res:
         h, lt = res["hypersdk_swarm"], res.get("lt_swarm")
-        rows.append(f"| restore 2 GiB, {a.seeds} seeds -> 1, wall | {h['wall_s']:.2f} s "
+        rows.append(f"| restore {size_label(h['image_bytes'])}, {a.seeds} seeds -> 1, wall | "
+                    f"{h['wall_s']:.2f} s "
                     f"(identical={h['identical']}) | "
                     + (f"{lt['wall_s']:.2f} s (ok={lt['ok'] and lt['verified_identical']}) | "
                        f"{h['wall_s'] / lt['wall_s']:.2f}x |" if lt else "- | - |"))

@@ -162,25 +162,26 @@ def _restores(cli: Cli) -> list[dict]:
     return [e["body"] for e in _entries(cli) if e["kind"] == "restore"]
 
 
-def test_restore_killed_right_after_its_rename_gets_exactly_one_entry(tmp_path):
+def _restore_killed_at(tmp_path, point: str):
+    """A backup, then a restore of it that SIGKILLs itself at `point`."""
     cli = Cli(tmp_path / "data")
     img = _image(tmp_path / "a.img", 1)
     cli("backup", img)
     out = tmp_path / "out.img"
-    p = cli("restore", "a.img", out, ok=None, HYPERSDK_TEST_CRASH_AT="restore-renamed")
+    p = cli("restore", "a.img", out, ok=None, HYPERSDK_TEST_CRASH_AT=point)
     assert p.returncode == -signal.SIGKILL
+    return cli, img, out
+
+
+def test_restore_killed_right_after_its_rename_gets_exactly_one_entry(tmp_path):
+    cli, img, out = _restore_killed_at(tmp_path, "restore-renamed")
     assert out.read_bytes() == img.read_bytes()              # the restore committed
     assert len(_restores(cli)) == 1
     assert len(_restores(cli)) == 1                          # settled once, not again
 
 
 def test_restore_killed_before_its_rename_gets_no_entry(tmp_path):
-    cli = Cli(tmp_path / "data")
-    img = _image(tmp_path / "a.img", 1)
-    cli("backup", img)
-    out = tmp_path / "out.img"
-    p = cli("restore", "a.img", out, ok=None, HYPERSDK_TEST_CRASH_AT="restore-noted")
-    assert p.returncode == -signal.SIGKILL
+    cli, img, out = _restore_killed_at(tmp_path, "restore-noted")
     assert not out.exists()
     assert _restores(cli) == []            # its temporary file is still there: kept pending
     cli("restore", "a.img", out)           # removes the stale partial, then records itself
