@@ -5,7 +5,7 @@ import os
 import signal
 import sys
 
-from node.cli import main  # noqa: E402
+from hypersdk.node.cli.app import main  # noqa: E402
 
 prof = cProfile.Profile()
 out = os.path.join(os.environ.get("HYPERSDK_DATA_DIR", "."), "node.prof")

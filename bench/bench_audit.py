@@ -23,9 +23,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from node.audit_log import AuditLog  # noqa: E402
-from node.identity import Identity  # noqa: E402
-from protocol import audit  # noqa: E402
+from hypersdk.node.audit.log import AuditLog  # noqa: E402
+from hypersdk.node.net.identity import Identity  # noqa: E402
+from hypersdk.protocol import audit  # noqa: E402
 
 T0 = 1_700_000_000 * 10**9
 KINDS = ("backup", "replica", "verify", "restore", "witness")

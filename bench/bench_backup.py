@@ -326,7 +326,9 @@ def run_hypersdk(run, v1_sha, timeout, keep, hs=None, tool="hypersdk"):
     size_img = os.path.getsize(V1)
     res = {"tool": tool, "run": run, "empty_repo_bytes": du(repo)}
     for tag, img in (("v1", V1), ("v2", V2)):
-        warm(); point_src(img); flush()
+        warm()
+        point_src(img)
+        flush()
         before = du(repo)
         r = timed([hs, "backup", SRC, "--name", "disk", "--json"],
                   "%s-run%d-%s" % (tool, run, tag), env, timeout)
@@ -502,9 +504,12 @@ def source_fingerprint():
     dirty = out_of("git -C '%s' status --porcelain -- node protocol" % REPO)
     h = hashlib.sha256()
     for d in ("node", "protocol"):
-        for fn in sorted(os.listdir(os.path.join(REPO, d))):
-            if fn.endswith(".py"):
-                h.update(fn.encode() + open(os.path.join(REPO, d, fn), "rb").read())
+        for dirpath, dirnames, files in sorted(os.walk(os.path.join(REPO, d))):
+            dirnames.sort()
+            for fn in sorted(files):
+                if fn.endswith(".py"):
+                    path = os.path.join(dirpath, fn)
+                    h.update(os.path.relpath(path, REPO).encode() + open(path, "rb").read())
     return "git %s%s, node+protocol sha256 %s" % (
         rev, " + uncommitted changes" if dirty else "", h.hexdigest()[:12])
 
@@ -629,7 +634,8 @@ def main():
     load = "Before each phase the script waited for an idle machine (%s). " % ", ".join(
         "%s: %s" % (k, "waited %d s" % v if v is not None else "never idle within the limit")
         for k, v in quiet.items())
-    load += "Concurrent load (CPU seconds used by other processes, including kernel writeback threads, during each hypersdk step): %s." % other
+    load += ("Concurrent load (CPU seconds used by other processes, including kernel writeback "
+             "threads, during each hypersdk step): %s." % other)
     if doc["anchors_phase"]:
         ph = doc["anchors_phase"]
         load += (" Anchor phase: %.0f s wall, %.0f CPU-s busy machine-wide, of which the tools' "

@@ -22,7 +22,7 @@ Measured 2026-12-07 on the 2-core dev VM (shared with other work, load ~2.5),
     chunks lost per kill 23, 46, ..., 233 (69 s)
   the same with 16 MiB steps but no commit by time: ratio 1.297 (lost 1-14
     chunks per kill)
-  after (node/replication.py: every 16 MiB and at least every 0.1 s):
+  after (node/service/replication.py: every 16 MiB and at least every 0.1 s):
     ratio 1.121, 1.078, 1.110 (sent 300999377, 289461235, 297853238 B);
     0-5 chunks lost per kill; ~30 s per storm
 """

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Stream throughput of node/p2p_transport.py (py-libp2p: TCP + Noise + Yamux) on 127.0.0.1.
+"""Stream throughput of node/net/p2p_transport.py (py-libp2p: TCP + Noise + Yamux) on 127.0.0.1.
 
 Measures, does not assert. Two cases, each `--runs` times (median printed):
   1 stream : --size MiB (default 256) uploaded on one stream;
@@ -29,8 +29,8 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from node.identity import Identity                 # noqa: E402
-from node.p2p_transport import P2PTransport        # noqa: E402
+from hypersdk.node.net.identity import Identity  # noqa: E402
+from hypersdk.node.net.p2p_transport import P2PTransport  # noqa: E402
 
 SINK = "/bench/sink/1"
 MiB = 1 << 20

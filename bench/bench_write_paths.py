@@ -9,13 +9,13 @@ pagecache: the same MB written into a new file two ways, --runs times, --wait s
 apart; wall time and CPU time (this process) of each:
   buffered   os.write of 1 MiB blocks into the page cache, then fdatasync;
   direct     O_DIRECT 4 MiB writes from one reused aligned buffer (what
-             node/pack_direct.py does for fetched chunks), then fdatasync.
+             node/store/pack_direct.py does for fetched chunks), then fdatasync.
   The buffered CPU time depends on the state of the VM's free memory: the first
   touch of a page the host has taken back (virtio-balloon free page reporting is
   on here) is a host fault. It cannot be forced from inside the VM, hence repeats.
 mix: what one 2 GiB swarm restore writes, at once: 1,250 O_DIRECT 1 MiB writes at
 random positions of a sparse 2 GiB file by --image-threads threads (default 3, as
-node/restore.py StagedImage) and 166 sequential O_DIRECT 4 MiB writes by one thread
+node/service/restore.py StagedImage) and 166 sequential O_DIRECT 4 MiB writes by one thread
 (the packs; --no-packs leaves them out), each file fsync'ed; wall time and MB/s of
 the whole: the disk's floor for a restore's writes. Files go to $BENCH_DATA (default
 /tmp/bench-data).
@@ -134,7 +134,7 @@ def main() -> None:
     m = sub.add_parser("mix")
     m.add_argument("--runs", type=int, default=3)
     m.add_argument("--image-threads", type=int, default=3,
-                   help="image writer threads (node/restore.py StagedImage.WRITERS)")
+                   help="image writer threads (node/service/restore.py StagedImage.WRITERS)")
     m.add_argument("--no-packs", action="store_true", help="the image writes alone")
     m.set_defaults(fn=cmd_mix)
     a = ap.parse_args()

@@ -13,7 +13,7 @@ several lookups in flight (run one Sweep per keyspace prefix, e.g. per top
 
 Wire: a Batch is one protocol.dht_messages.AddProviders(keys, provider)
 request carrying up to MAX_BATCH_KEYS keys (the same bound there; the driver
-is node/dht_republish.py, measured on a 300-node simnet in
+is node/kademlia/republish.py, measured on a 300-node simnet in
 tests/test_dht_service.py: 0.26 messages/key for 3,000 keys).
 
 Theory of operation

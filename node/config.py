@@ -5,7 +5,7 @@ import os
 import re
 from pathlib import Path
 
-from .errors import UsageError
+from hypersdk.node.errors import UsageError
 
 
 def default_data_dir() -> Path:

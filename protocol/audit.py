@@ -45,8 +45,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from . import codec
-from .errors import (AuditChainBroken, ForkDetected, LocalProtocolError,
-                     RemoteProtocolError)
+from .errors import AuditChainBroken, ForkDetected, LocalProtocolError, RemoteProtocolError
 
 VERSION = 1
 SIG_DOMAIN = b"hypersdk/audit-entry/v1\x00"
@@ -215,7 +214,7 @@ def _payload_problem(author, seq, prev, time, kind, body) -> str | None:
 def make_entry(signer, seq: int, prev: bytes | None, time: int, kind: str,
                body: dict) -> Entry:
     """Sign a new entry. signer has .public_key (32 raw bytes) and .sign(bytes)
-    (node.identity.Identity). LocalProtocolError if any field is invalid."""
+    (node.net.identity.Identity). LocalProtocolError if any field is invalid."""
     author = signer.public_key
     problem = _payload_problem(author, seq, prev, time, kind, body)
     if problem:

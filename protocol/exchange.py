@@ -5,8 +5,8 @@ holds, and fetch chunks, with every byte it receives checked against a content
 address before it is used. Every value that can be constructed is valid and
 encodes into one frame (protocol.exchange_framing); constructors raise
 LocalProtocolError, the frame decoder turns that into RemoteProtocolError for
-bytes a peer sent. Non-goals: which peer to ask for what (node/swarm_plan.py),
-storage (node/store.py), transport (node/).
+bytes a peer sent. Non-goals: which peer to ask for what (node/exchange/swarm_plan.py),
+storage (node/store/store.py), transport (node/).
 
 One request/response stream protocol:
 
@@ -51,7 +51,7 @@ has exactly one encoding. Positions past the end of the manifest, zero chunks,
 and every position of a manifest the responder does not know, are 0.
 
 The wire codec rule (Data.codec): only CODEC_RAW (0) and CODEC_ZSTD (1) are
-ever sent. A record stored as a zstd delta (node/packfile.py codec 2) depends
+ever sent. A record stored as a zstd delta (node/store/packfile.py codec 2) depends
 on a base chunk the peer may not have, so a server MUST NOT send it as stored:
 it decodes the delta and re-encodes the plaintext (data_from_plain() does the
 choice: zstd when it shrinks the chunk, raw otherwise). A Data frame with codec
@@ -88,9 +88,9 @@ MAX_U64 = (1 << 64) - 1
 MAX_HAVE = 8 * 32768          # positions per Have: 32 KiB of bits, fits a 64 KiB frame
 MAX_GET_IDS = 64              # ids per Get: 64 MiB of 1 MiB chunks in flight per request
 MAX_MANIFEST = 60 << 10       # encoded manifest bytes in one ManifestData
-CODEC_RAW = 0                 # = node.packfile.CODEC_RAW
-CODEC_ZSTD = 1                # = node.packfile.CODEC_ZSTD
-WIRE_CODECS = (CODEC_RAW, CODEC_ZSTD)   # never node.packfile.CODEC_ZSTD_DELTA (2)
+CODEC_RAW = 0                 # = node.store.packfile.CODEC_RAW
+CODEC_ZSTD = 1                # = node.store.packfile.CODEC_ZSTD
+WIRE_CODECS = (CODEC_RAW, CODEC_ZSTD)   # never node.store.packfile.CODEC_ZSTD_DELTA (2)
 
 
 def zstd_bound(n: int) -> int:

@@ -34,9 +34,8 @@ from collections import deque
 from dataclasses import fields
 
 from . import codec
-from .exchange import (
-    MESSAGE_TYPES, REQUEST_TYPES, Data, _chunk, _u64, check_data_header)
 from .errors import LocalProtocolError, RemoteProtocolError
+from .exchange import MESSAGE_TYPES, REQUEST_TYPES, Data, _chunk, _u64, check_data_header
 from .framing import HEADER, MAX_FRAME, OversizedFrame, encode_document, open_document
 
 VERSION = 1

@@ -5,7 +5,7 @@ import random
 import shutil
 import sys
 
-from node.config import parse_size
+from hypersdk.node.config import parse_size
 
 day1, day2, size = sys.argv[1], sys.argv[2], parse_size(sys.argv[3])
 rng = random.Random(1)

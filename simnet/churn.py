@@ -29,7 +29,7 @@ from typing import Callable, NamedTuple
 
 import trio
 
-from simnet.transport import SimNetwork
+from hypersdk.simnet.transport import SimNetwork
 
 
 class ChurnEvent(NamedTuple):

@@ -29,14 +29,14 @@ from dataclasses import asdict, dataclass
 import trio
 import trio.testing
 
-from dht.contact import Contact
-from node.audit_gossip import FANOUT, AuditGossip
-from node.audit_log import AuditLog
-from node.dht_service import DhtService
-from node.identity import Identity
-from protocol.audit_gossip import digests
-from simnet.network import NetworkModel
-from simnet.transport import SimNetwork, seed_scheduler
+from hypersdk.dht.contact import Contact
+from hypersdk.node.audit.gossip import FANOUT, AuditGossip
+from hypersdk.node.audit.log import AuditLog
+from hypersdk.node.kademlia.service import DhtService
+from hypersdk.node.net.identity import Identity
+from hypersdk.protocol.audit_gossip import digests
+from hypersdk.simnet.network import NetworkModel
+from hypersdk.simnet.transport import SimNetwork, seed_scheduler
 
 T0_NS = 1_790_000_000 * 10**9           # the simulated epoch (Sept 2026)
 M = bytes(range(32))

@@ -53,7 +53,7 @@ import math
 import random
 from typing import Iterable, Mapping
 
-from simnet.transport import LinkModel
+from hypersdk.simnet.transport import LinkModel
 
 REGIONS = ("na-east", "na-west", "eu-west", "ap-east", "sa-east")
 

@@ -19,7 +19,7 @@ Phases, all in virtual time:
    switched on but never bind between honest nodes -- they exist against one
    operator filling a bucket, which a scenario does not model.
 2. Faults: a fraction of non-bootstrap nodes is made "malicious" before the
-   join (they lie from the start; node/dht_rpc.py strategies); "drop" and
+   join (they lie from the start; node/kademlia/rpc.py strategies); "drop" and
    "hang" nodes fail right after the join.
 3. Join: the bootstrap nodes join one after the other; then every other node
    bootstraps through all of them, joins starting spread uniformly over
@@ -38,13 +38,13 @@ Phases, all in virtual time:
    success rate (its count is reported).
 5. Reprovide cost: one random honest live node provides [workload]
    reprovide_keys fresh keys at once with DhtService.provide_many, the
-   keyspace sweep its republish loop runs every 22 h (node/dht_republish.py:
+   keyspace sweep its republish loop runs every 22 h (node/kademlia/republish.py:
    a few FIND_NODE walks + about one AddProviders per peer, not a walk and k
    ADD_PROVIDERs per key); every request it causes is counted, and for 50
    sampled keys the runner counts how many of the k closest honest live
    nodes hold the record (the truth, from the nodes' own stores).
 
-Messages: every request is one stream (node/dht_rpc.py) or, on the fast
+Messages: every request is one stream (node/kademlia/rpc.py) or, on the fast
 path runs use (simnet/transport.py, "Fast requests"), one rpc, so
 CountingNetwork.connect and .rpc count requests. A contextvar names the operation
 a task works for; trio copies it into the tasks a task starts, so the
@@ -54,7 +54,6 @@ are charged to that lookup. What no operation claims is background upkeep
 """
 from __future__ import annotations
 
-import collections
 import contextvars
 import random
 import resource
@@ -65,13 +64,13 @@ from dataclasses import dataclass, field
 import trio
 import trio.testing
 
-from dht.contact import Contact
-from dht.keys import node_id
-from node.dht_service import DhtService
-from simnet.churn import churn
-from simnet.network import NetworkModel
-from simnet.scenario import Scenario
-from simnet.transport import SimNetwork, seed_scheduler
+from hypersdk.dht.contact import Contact
+from hypersdk.dht.keys import node_id
+from hypersdk.node.kademlia.service import DhtService
+from hypersdk.simnet.churn import churn
+from hypersdk.simnet.network import NetworkModel
+from hypersdk.simnet.scenario import Scenario
+from hypersdk.simnet.transport import SimNetwork, seed_scheduler
 
 _op: contextvars.ContextVar[list | None] = contextvars.ContextVar("simnet_op", default=None)
 

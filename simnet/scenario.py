@@ -36,7 +36,7 @@ Format (all times in simulated seconds, bandwidths in Mbit/s):
     replace_per_hour = 0.2         # fraction of the nodes replaced per simulated hour
 
     [faults]
-    malicious = 0.2                # fraction of nodes that lie (node/dht_rpc.py)
+    malicious = 0.2                # fraction of nodes that lie (node/kademlia/rpc.py)
     malicious_strategy = "mixed"   # "far-peers" | "fabricated" | "mixed"
     drop = 0.0                     # fraction of nodes that become unreachable after the join
     hang = 0.0                     # fraction of nodes that blackhole after the join
@@ -56,8 +56,8 @@ import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from node.errors import UserError
-from simnet.network import REGIONS
+from hypersdk.node.errors import UserError
+from hypersdk.simnet.network import REGIONS
 
 STRATEGIES = ("far-peers", "fabricated", "mixed")
 

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from node.transport import TransportError
+from hypersdk.node.net.transport import TransportError
 
 
 class LinkModel:

@@ -50,7 +50,7 @@ def cli(tmp_path) -> Cli:
 
 @pytest.fixture
 def store(tmp_path):
-    from node.store import ChunkStore
+    from hypersdk.node.store.store import ChunkStore
     with ChunkStore(tmp_path / "store") as s:
         yield s
 

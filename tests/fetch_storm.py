@@ -94,7 +94,7 @@ def _random_image(path: Path, size: int, seed: int) -> Path:
 
 
 def _status(data_dir: Path) -> dict | None:
-    from node.control import NodeError, call_json
+    from hypersdk.node.daemon.control import NodeError, call_json
     try:
         return call_json(data_dir, "status", timeout=10)
     except NodeError:
@@ -163,7 +163,7 @@ def kill_storm(work: Path, start, *, size: int = 256 << 20, kills: int = 10,
         return row and row[0]["bytes_out"]
     res.sent = _wait(sent, "A's byte counter for E", interval=0.2)
     out = work / "out"
-    from node.control import call           # what `hypersdk restore MID OUT` asks E
+    from hypersdk.node.daemon.control import call  # what `hypersdk restore MID OUT` asks E
     call(e_cli.data_dir, "restore", {"ref": mid, "out": str(out)}, timeout=STEP_LIMIT)
     res.identical = same_bytes(img, out)
     res.seconds = time.monotonic() - t0

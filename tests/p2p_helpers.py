@@ -5,8 +5,8 @@ import socket
 
 import trio
 
-from node.identity import Identity
-from node.p2p_transport import P2PTransport
+from hypersdk.node.net.identity import Identity
+from hypersdk.node.net.p2p_transport import P2PTransport
 
 # Upper bound for any single p2p test step on the real clock: a hang fails the
 # test instead of stalling the run. Generous; healthy steps take milliseconds.

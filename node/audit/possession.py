@@ -1,0 +1,382 @@
+"""Proof of possession over a Transport: the holder's server and the verifier's calls.
+
+    server = PossessionServer(source)            # node.exchange.chunk_source StoreSource / MemorySource
+    transport.set_handler(PROTOCOL_ID, server.handle)
+
+    res = await prove_holder(transport, contact, manifest_id, chunk_ids, reader,
+                             sample_size=16, rng=rng, timeout=30.0)
+    res.result, res.summary                      # -> an audit `verify` entry
+
+The protocol (messages, answers, verdicts) is protocol/possession.py; this
+module only moves its frames. One request per stream, as the DHT
+(node/kademlia/rpc.py): the verifier opens a stream, sends one Challenge, reads one
+Proof or Refused, closes.
+
+Holder side (PossessionServer.handle), the rules that keep a peer from making
+us hash the whole store:
+- the request must arrive whole within REQUEST_TIMEOUT (a stalled or silent
+  stream is dropped), in one frame of at most MAX_MESSAGE bytes (the decoder
+  rejects a bigger length prefix before buffering it), with nothing after it;
+  malformed, oversized, trailing or non-request bytes drop the stream with no
+  reply (counted in `counters`);
+- a challenge names at most MAX_SAMPLE ids (the protocol bounds it);
+- at most `per_peer` challenges of one peer and `max_inflight` in total are
+  answered at once; more get Refused("busy");
+- each peer has a token bucket of chunk ids (`burst` ids, refilled at `rate`
+  ids per second); a challenge that needs more tokens than the bucket holds
+  gets Refused("rate limited"). Buckets are kept for at most MAX_TRACKED peers
+  (the least recently seen is forgotten: at worst that peer starts again with
+  a full bucket);
+- chunks are read and hashed one at a time (memory: one chunk per challenge in
+  flight); with a threaded source (StoreSource(threaded=True)) the hashing
+  runs in a worker thread too, so the event loop never stalls on it;
+- nothing escapes handle(): transport errors end the stream quietly, a bug is
+  counted in counters["errors"], kept in `errors` and logged (an exception
+  escaping a py-libp2p handler kills the host).
+
+Verifier side: `challenge` sends one Challenge and returns the Proof, or raises
+ChallengeFailed (reason "unreachable" / "timeout" / "refused: ..." with
+misbehaved=False, or a protocol violation with misbehaved=True).
+`prove_holder` samples, challenges, fetches a reference for each answered id
+through the caller's `reader` (one at a time: a chunk is hashed and dropped
+before the next is read) and checks; it never raises for what the holder does,
+it returns a HolderResult whose `result` is one of protocol.audit.VERIFY_RESULTS.
+
+Nonces: a fresh nonce per challenge, os.urandom(32) by default. Simnet, which
+must repeat exactly, passes nonce=rng.randbytes(32) (predictable: never in a
+real node, a holder that can predict nonces can precompute answers).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+
+import trio
+
+from hypersdk.node.net.transport import TransportError
+from hypersdk.protocol.errors import RemoteProtocolError
+from hypersdk.protocol.possession import (
+    MAX_SAMPLE,
+    NONCE_LEN,
+    PROTOCOL_ID,
+    REQUEST_TAGS,
+    RESPONSE_TAGS,
+    Challenge,
+    OversizedFrame,
+    PossessionDecoder,
+    Precomputed,
+    Proof,
+    Refused,
+    answer,
+    answers_challenge,
+    check,
+    encode_message,
+    reference,
+    sample,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PROTOCOL_ID", "PossessionServer", "ChallengeFailed", "HolderResult", "challenge",
+           "prove_holder", "DEFAULT_SAMPLE"]
+
+REQUEST_TIMEOUT = 10.0      # seconds for the one request frame to arrive
+ANSWER_TIMEOUT = 60.0       # seconds to read, hash and send the answers
+CLOSE_GRACE = 1.0
+PER_PEER = 2                # challenges of one peer answered at once
+MAX_INFLIGHT = 16           # challenges answered at once, all peers
+RATE = 64.0                 # chunk ids per second per peer (one full challenge a second)
+BURST = 8 * MAX_SAMPLE      # ids a peer may ask in a burst
+MAX_TRACKED = 4096          # peers with a token bucket
+DEFAULT_SAMPLE = 32
+
+
+async def _close_quietly(stream) -> None:
+    with trio.move_on_after(CLOSE_GRACE):
+        try:
+            await stream.aclose()
+        except (TransportError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+
+async def _read_one(stream, dec: PossessionDecoder):
+    """The one message of the stream direction, or None if it ended before its
+    first byte. Raises RemoteProtocolError for bad bytes (OversizedFrame for a
+    huge prefix). Bytes that arrived with the frame show as dec.trailing; later
+    ones are never read (the stream closes)."""
+    while (msg := dec.next_message()) is None:
+        if dec.ended_empty:
+            return None
+        dec.receive_data(await stream.receive_some(dec.room))
+    return msg
+
+
+# -- holder side ----------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class _Bucket:
+    tokens: float
+    at: float
+
+
+class PossessionServer:
+    """Answers Challenges from a ChunkSource (module docstring: holder side)."""
+
+    def __init__(self, source, *, per_peer: int = PER_PEER, max_inflight: int = MAX_INFLIGHT,
+                 rate: float = RATE, burst: int = BURST,
+                 request_timeout: float = REQUEST_TIMEOUT,
+                 answer_timeout: float = ANSWER_TIMEOUT, max_tracked: int = MAX_TRACKED):
+        if burst < MAX_SAMPLE:
+            raise ValueError(f"burst must allow one full challenge ({MAX_SAMPLE} ids)")
+        self.source = source
+        self.threaded = bool(getattr(source, "threaded", False))
+        self.per_peer = per_peer
+        self.max_inflight = max_inflight
+        self.rate = rate
+        self.burst = burst
+        self.request_timeout = request_timeout
+        self.answer_timeout = answer_timeout
+        self.max_tracked = max_tracked
+        self.counters: Counter = Counter()
+        self.errors: list[BaseException] = []
+        self._inflight: Counter = Counter()
+        self._total = 0
+        self._buckets: OrderedDict[bytes, _Bucket] = OrderedDict()
+
+    @property
+    def inflight(self) -> int:
+        """Challenges being answered now (all peers)."""
+        return self._total
+
+    async def handle(self, stream, peer_id: bytes) -> None:
+        """Transport handler: one challenge per stream. Never raises."""
+        self.counters["streams"] += 1
+        try:
+            await self._serve(stream, peer_id)
+        except (TransportError, trio.BrokenResourceError, trio.ClosedResourceError):
+            self.counters["inbound broken"] += 1
+        except Exception as exc:                   # a bug: keep it for tests, not the peer
+            self.counters["errors"] += 1
+            self.errors.append(exc)
+            log.exception("possession handler failed")
+        finally:
+            await _close_quietly(stream)
+
+    async def _serve(self, stream, peer_id: bytes) -> None:
+        ch = None
+        with trio.move_on_after(self.request_timeout):
+            dec = PossessionDecoder(REQUEST_TAGS)
+            try:
+                ch = await _read_one(stream, dec)
+            except OversizedFrame:
+                self.counters["oversized"] += 1
+                return
+            except RemoteProtocolError:
+                self.counters["malformed"] += 1
+                return
+            if ch is None:                         # asked nothing
+                self.counters["empty"] += 1
+                return
+            if dec.trailing:
+                self.counters["trailing data"] += 1
+                return
+        if ch is None:
+            self.counters["stalled"] += 1
+            return
+        refusal = self._admit(peer_id, len(ch.ids))
+        if refusal is not None:
+            self.counters[refusal] += 1
+            with trio.move_on_after(self.request_timeout):
+                await stream.send_all(encode_message(Refused(ch.rid, refusal)))
+            return
+        self._inflight[peer_id] += 1
+        self._total += 1
+        try:
+            with trio.move_on_after(self.answer_timeout) as scope:
+                proof = await self._prove(ch)
+                await stream.send_all(encode_message(proof))
+                self.counters["challenges answered"] += 1
+            if scope.cancelled_caught:
+                self.counters["answer timeouts"] += 1
+        finally:
+            self._total -= 1
+            self._inflight[peer_id] -= 1
+            if not self._inflight[peer_id]:
+                del self._inflight[peer_id]
+
+    def _admit(self, peer_id: bytes, n_ids: int) -> str | None:
+        """None if this challenge may be answered now, else the refusal reason."""
+        if self._total >= self.max_inflight or self._inflight[peer_id] >= self.per_peer:
+            return "busy"
+        now = trio.current_time()
+        b = self._buckets.pop(peer_id, None)
+        if b is None:
+            b = _Bucket(float(self.burst), now)
+            while len(self._buckets) >= self.max_tracked:
+                self._buckets.popitem(last=False)
+        b.tokens = min(float(self.burst), b.tokens + (now - b.at) * self.rate)
+        b.at = now
+        self._buckets[peer_id] = b                 # most recently seen last
+        if b.tokens < n_ids:
+            return "rate limited"
+        b.tokens -= n_ids
+        return None
+
+    async def _prove(self, ch: Challenge) -> Proof:
+        answers = []
+        for cid in ch.ids:
+            plain = await self.source.read(cid)
+            if plain is None:
+                answers.append(None)
+                self.counters["not held"] += 1
+            elif self.threaded:
+                answers.append(await trio.to_thread.run_sync(answer, ch.nonce, plain))
+            else:
+                answers.append(answer(ch.nonce, plain))
+            del plain                              # one chunk in memory at a time
+        return Proof(ch.rid, ch.manifest, tuple(answers))
+
+
+# -- verifier side ------------------------------------------------------------------------
+
+class ChallengeFailed(Exception):
+    """No usable Proof. reason: "unreachable", "timeout", "refused: <why>" (no
+    offence), or a protocol violation with misbehaved=True: "malformed",
+    "oversized", "wrong reply", "trailing data", "stalled"."""
+
+    def __init__(self, reason: str, misbehaved: bool = False):
+        super().__init__(reason)
+        self.reason = reason
+        self.misbehaved = misbehaved
+
+
+async def challenge(net, contact, manifest_id: bytes, ids, *, nonce: bytes | None = None,
+                    rng, timeout: float, rid: int | None = None) -> Proof:
+    """Send one Challenge for `ids` (1..MAX_SAMPLE distinct non-zero chunk ids) of
+    `manifest_id` to `contact` (dht.contact.Contact: .id, .addr) over transport
+    `net`, and return its Proof, already checked to answer this challenge
+    (same rid and manifest, one answer per id, in order). nonce: 32 bytes,
+    os.urandom by default (pass your own to be able to check the answers:
+    check(Challenge(proof.rid, manifest_id, nonce, tuple(ids)), proof, ...)).
+    The rid is drawn from `rng` unless given. Raises ChallengeFailed (see its
+    docstring); LocalProtocolError for bad arguments."""
+    if nonce is None:
+        nonce = os.urandom(NONCE_LEN)
+    ch = Challenge(rng.getrandbits(64) if rid is None else rid, manifest_id, nonce, tuple(ids))
+    frame = encode_message(ch)
+    dec = PossessionDecoder(RESPONSE_TAGS)
+    try:
+        with trio.fail_after(timeout):
+            stream = await net.open_stream(contact.id, contact.addr, PROTOCOL_ID)
+            try:
+                await stream.send_all(frame)
+                reply = await _read_one(stream, dec)
+            finally:                               # forceful once the deadline passed
+                await stream.aclose()
+    except trio.TooSlowError:
+        if dec.started:      # bytes trickled in but no frame completed: a stall
+            raise ChallengeFailed("stalled", misbehaved=True) from None
+        raise ChallengeFailed("timeout") from None
+    except OversizedFrame:
+        raise ChallengeFailed("oversized", misbehaved=True) from None
+    except RemoteProtocolError:
+        raise ChallengeFailed("malformed", misbehaved=True) from None
+    except (TransportError, trio.BrokenResourceError, trio.ClosedResourceError):
+        raise ChallengeFailed("unreachable") from None
+    if reply is None:
+        raise ChallengeFailed("unreachable")       # closed without a word
+    if dec.trailing:
+        raise ChallengeFailed("trailing data", misbehaved=True)
+    if type(reply) is Refused and reply.rid == ch.rid:
+        raise ChallengeFailed(f"refused: {reply.reason}")
+    if not answers_challenge(ch, reply):
+        raise ChallengeFailed("wrong reply", misbehaved=True)
+    return reply
+
+
+@dataclass(frozen=True, slots=True)
+class HolderResult:
+    """The verdict on one holder of one manifest (an audit `verify` entry:
+    manifest=manifest, holder=holder, result=result, summary=summary)."""
+    holder: bytes
+    manifest: bytes
+    result: str                       # protocol.audit.VERIFY_RESULTS
+    asked: int = 0
+    proven: int = 0
+    wrong: int = 0
+    not_held: int = 0
+    unverifiable: int = 0
+    reason: str = ""                  # why, when not "ok" ("" when ok)
+    misbehaved: bool = False          # the holder broke the protocol (score it down)
+    nonce: bytes = b""
+    wrong_ids: tuple = field(default=())
+    missing_ids: tuple = field(default=())
+
+    @property
+    def summary(self) -> dict:
+        """Small text -> text|int map for the audit entry (protocol.audit _small_map:
+        <= 32 entries, keys <= 64 chars, text <= 1024 chars)."""
+        s = {"protocol": PROTOCOL_ID, "asked": self.asked, "proven": self.proven,
+             "wrong": self.wrong, "not_held": self.not_held,
+             "unverifiable": self.unverifiable}
+        if self.nonce:
+            s["nonce"] = self.nonce.hex()
+        if self.reason:
+            s["reason"] = self.reason[:200]
+        if self.wrong_ids:
+            s["wrong_ids"] = ",".join(c.hex() for c in self.wrong_ids[:8])
+        if self.missing_ids:
+            s["missing_ids"] = ",".join(c.hex() for c in self.missing_ids[:8])
+        return s
+
+
+async def prove_holder(net, contact, manifest_id: bytes, chunk_ids, reader, *,
+                       sample_size: int = DEFAULT_SAMPLE, rng, timeout: float,
+                       nonce: bytes | None = None, threaded: bool = False) -> HolderResult:
+    """Challenge `contact` on a random sample of `chunk_ids` (the manifest's chunk
+    list; duplicates and ZERO_ID are skipped) and judge its answers.
+
+    reader: async reader(cid) -> plaintext bytes | None, the verifier's copy of
+    a chunk (local store or a network fetch, the caller's choice); called only
+    for ids the holder answered, one at a time, after the holder replied (so
+    `timeout`, which bounds the challenge alone, is not spent on fetches); a
+    copy that does not hash to its id counts as no reference.
+    threaded=True hashes the references in a worker thread (real nodes).
+    Never raises for what the holder does (bugs and cancellation aside).
+
+    Results: "ok" / "damaged" / "missing" / "failed" as protocol.possession.check;
+    "unreachable" when no proof came (dial failure, timeout, stream closed,
+    Refused: reason says which); "failed" with misbehaved=True when the holder
+    broke the protocol (malformed, oversized, wrong or replayed reply). An image
+    with no non-zero chunk has nothing to prove: "ok" with asked=0, no I/O.
+    """
+    ids = sample(chunk_ids, min(sample_size, MAX_SAMPLE), rng)
+    if not ids:
+        return HolderResult(contact.id, manifest_id, "ok",
+                            reason="nothing to prove (no non-zero chunks)")
+    if nonce is None:
+        nonce = os.urandom(NONCE_LEN)
+    try:
+        proof = await challenge(net, contact, manifest_id, ids, nonce=nonce, rng=rng,
+                                timeout=timeout)
+    except ChallengeFailed as exc:
+        result = "failed" if exc.misbehaved else "unreachable"
+        return HolderResult(contact.id, manifest_id, result, asked=len(ids), reason=exc.reason,
+                            misbehaved=exc.misbehaved, nonce=nonce)
+    ch = Challenge(proof.rid, manifest_id, nonce, tuple(ids))
+    expected: dict[bytes, Precomputed | None] = {}
+    for cid, got in zip(ch.ids, proof.answers):
+        if got is None:
+            continue                               # "not held" needs no reference
+        plain = await reader(cid)
+        if threaded and plain is not None:
+            expected[cid] = await trio.to_thread.run_sync(reference, cid, nonce, plain)
+        else:
+            expected[cid] = reference(cid, nonce, plain)
+        del plain
+    r = check(ch, proof, expected)
+    return HolderResult(contact.id, manifest_id, r.result, r.asked, r.proven, r.wrong,
+                        r.not_held, r.unverifiable, r.reason, False, nonce,
+                        r.wrong_ids, r.missing_ids)

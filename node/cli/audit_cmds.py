@@ -1,0 +1,257 @@
+"""CLI commands for the signed audit log: audit log / verify / certificate / check-certificate.
+
+Registered on the `cli` group of node/cli/app.py (node/cli/__init__.py imports this module). They
+read DATA/audit.sqlite directly (SQLite lets the CLI read while the node
+appends), so they work with or without a running node.
+
+    audit log [AUTHOR]         one line per entry: SEQ TIME(UTC) KIND ID SUMMARY
+                               (--json: a list of entries, protocol.audit.Entry.to_json)
+    audit verify [AUTHOR]      checks every signature, stored id and link of one log
+                               (--all: every log held); prints "OK ..." per log, or
+                               one "BROKEN author seq N: reason" line per problem, exit 3
+    audit certificate REF      writes the certificate (binary, protocol/audit.py) to
+                               stdout or -o FILE; refuses to write binary to a terminal
+    audit check-certificate F  verifies F offline: exit 0 when valid (with a WARNING
+                               line when no other node has witnessed the chain yet;
+                               --require-witness makes that exit 4), exit 3 with the
+                               reason when F is truncated, altered or does not prove it
+
+AUTHOR is a hex prefix of a node id (or of a public key); default: this node.
+"""
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from hypersdk.node.cli.app import cli, emit, json_option
+from hypersdk.node.config import default_data_dir
+from hypersdk.node.errors import UsageError, UserError
+from hypersdk.protocol.errors import AuditChainBroken, ForkDetected, RemoteProtocolError
+
+if TYPE_CHECKING:                 # imported where used: it loads cryptography (~10 ms of
+    from hypersdk.protocol import audit  # every CLI command's start otherwise)
+
+
+def _data_dir(ctx) -> Path:
+    return Path(ctx.obj["data_dir"] or default_data_dir())
+
+
+def _open(ctx):
+    from hypersdk.node.audit.log import DB_NAME, AuditLog
+    data = _data_dir(ctx)
+    if (data / "index.sqlite").exists():          # entries a killed op still owes first
+        from hypersdk.node.audit.intents import flush
+        from hypersdk.node.store.store import ChunkStore
+        with ChunkStore(data, readonly=True) as store:
+            flush(store, lambda msg: click.echo(f"hypersdk: {msg}", err=True))
+    if not (data / DB_NAME).exists():
+        raise UserError(f"no audit log in {data} yet (it starts with the first backup)")
+    return AuditLog(data)
+
+
+def _author(log, author: str | None) -> bytes:
+    return log.find_author(author) if author else log.own_author
+
+
+def _when(ns: int) -> str:
+    t = datetime.datetime.fromtimestamp(ns / 1e9, datetime.timezone.utc)
+    return f"{t:%Y-%m-%d %H:%M:%S}"
+
+
+def _summary(e: audit.Entry) -> str:
+    from hypersdk.protocol import audit
+    b = e.body
+    m = b.get("manifest", b"").hex()[:16]
+    if e.kind == "backup":
+        return f"{b['name']} manifest {m} size {b['size']} chunks {b['chunks']}"
+    if e.kind == "restore":
+        return f"manifest {m} size {b['size']} chunks {b['chunks']}"
+    if e.kind == "delete":
+        return f"{b['name']}@{b['version']} manifest {m}"
+    if e.kind == "replica":
+        return f"manifest {m} held by {b['holder'].hex()[:16]}"
+    if e.kind == "verify":
+        s = " ".join(f"{k}={v}" for k, v in sorted(b["summary"].items()))
+        return f"manifest {m} at {b['holder'].hex()[:16]}: {b['result']} {s}".rstrip()
+    return " ".join(f"{a.hex()[:16]}@{s}" for a, s, _ in audit.witness_heads(e))
+
+
+@cli.group("audit")
+def audit_group():
+    """The node's signed, hash-chained audit log."""
+
+
+@audit_group.command("log")
+@click.argument("author", required=False)
+@click.option("--limit", type=click.IntRange(1), default=None, help="show the last N entries")
+@json_option
+@click.pass_context
+def audit_log_cmd(ctx, author, limit, as_json):
+    """Show the entries of AUTHOR's log (default: this node's)."""
+    with _open(ctx) as log:
+        a = _author(log, author)
+        head = log.head(a)
+        start = max(0, head.seq - limit + 1) if head and limit else 0
+        entries = list(log.entries(a, start, verify=False)) if head else []
+        from hypersdk.dht.keys import node_id
+        lines = [f"log of node {node_id(a).hex()[:16]} (key {a.hex()[:16]}): "
+                 f"{head.seq + 1 if head else 0} entries"]
+        lines += [f"{e.seq:>6} {_when(e.time)} {e.kind:<8} {e.id.hex()[:16]} {_summary(e)}"
+                  for e in entries]
+        emit(as_json, [e.to_json() for e in entries], "\n".join(lines))
+
+
+@audit_group.command("verify")
+@click.argument("author", required=False)
+@click.option("--all", "all_", is_flag=True, help="verify every log held (own and others')")
+@json_option
+@click.pass_context
+def audit_verify_cmd(ctx, author, all_, as_json):
+    """Check every signature and link of AUTHOR's log (default: this node's)."""
+    if all_ and author:
+        raise UsageError("give AUTHOR or --all, not both")
+    with _open(ctx) as log:
+        authors = [a for a, _, _ in log.authors()] if all_ else [_author(log, author)]
+        reports = [log.verify(a) for a in authors]
+    lines = []
+    from hypersdk.dht.keys import node_id
+    for r in reports:
+        who = node_id(r.author).hex()[:16]
+        if r.ok:
+            head = f"head seq {r.head.seq} {r.head.id.hex()[:16]}" if r.head else "empty"
+            lines.append(f"OK log of {who}: {r.entries} entries, every signature and link "
+                         f"valid ({head})")
+        for p in r.problems:
+            lines.append(f"BROKEN log of {who} at seq {p.seq}: {p.reason}"
+                         + (f" (entry {p.entry_id.hex()[:16]})" if p.entry_id else ""))
+    emit(as_json, [r.to_json() for r in reports], "\n".join(lines))
+    if not all(r.ok for r in reports):
+        ctx.exit(3)
+
+
+@audit_group.command("certificate")
+@click.argument("ref")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="write to FILE (default: stdout)")
+@json_option
+@click.pass_context
+def audit_certificate_cmd(ctx, ref, output, as_json):
+    """Export a self-contained certificate of backup REF (name, NAME@N, manifest id).
+
+    With --json (which needs -o FILE: a certificate is binary) a JSON summary of
+    the certificate written is printed instead of the one-line note."""
+    from hypersdk.protocol import audit
+    out = None
+    if as_json and output is None:
+        raise UsageError("--json needs -o FILE (a certificate is binary; the JSON "
+                         "document describes it)")
+    if output is None:
+        out = click.get_binary_stream("stdout")
+        if out.isatty():
+            raise UsageError("a certificate is binary: redirect stdout to a file or use -o FILE")
+    with _open(ctx) as log:
+        entry = _backup_entry(ctx, log, ref)
+        chain = list(log.entries(entry.author, entry.seq))
+        if not chain or chain[0].id != entry.id:
+            raise UserError("the backup entry changed while being read")
+        witnesses = log.witnesses_of(entry.author, entry.seq)
+        # keep witnesses that attest this chain (a contradicting one belongs in a
+        # fork report, not in a certificate), the most recent first
+        ids = {e.seq: e.id for e in chain}
+        good = [w for w in witnesses
+                if all(ids.get(s, h) == h for a, s, h in audit.witness_heads(w)
+                       if a == entry.author and s >= entry.seq)
+                and all(s <= chain[-1].seq for a, s, _ in audit.witness_heads(w)
+                        if a == entry.author)]
+        good = good[-audit.MAX_CERT_WITNESSES:]
+        data = audit.build_certificate(entry.body["manifest"], chain, good)
+    if output is None:
+        out.write(data)
+        out.flush()
+    else:
+        Path(output).write_bytes(data)
+    rep = audit.check_certificate(data)
+    if as_json:
+        emit(True, dict(rep.to_json(), file=str(output), bytes=len(data),
+                        chain_entries=len(chain)), "")
+        return
+    note = (f"witnessed up to seq {rep.witnessed_seq} by {len(rep.witnesses)} node(s)"
+            if rep.witnessed else "no witness yet")
+    click.echo(f"hypersdk: certificate of manifest {rep.manifest.hex()[:16]}: backup entry seq "
+               f"{rep.backup.seq}, {len(chain)} chain entries to head, {note}", err=True)
+
+
+def _backup_entry(ctx, log, ref: str) -> audit.Entry:
+    """The backup entry for REF: a backup in the store, or a manifest id (prefix)
+    of a backup entry in any held log (a deleted backup still has its entry)."""
+    manifest = None
+    from hypersdk.node.store.store import ChunkStore
+    data = _data_dir(ctx)
+    if (data / "index.sqlite").exists():
+        from hypersdk.node.store import catalog
+        try:
+            with ChunkStore(data, readonly=True) as store:
+                manifest = catalog.resolve(store, ref).manifest_id
+        except UserError:
+            manifest = None
+    if manifest is None:
+        p = ref.lower()
+        if not (4 <= len(p) <= 64 and all(c in "0123456789abcdef" for c in p)):
+            raise UserError(f"no backup {ref!r} in the store")
+        rows = log.db.execute("SELECT DISTINCT manifest FROM entries WHERE kind='backup' AND "
+                              "hex(manifest) LIKE ?", (p.upper() + "%",)).fetchall()
+        if not rows:
+            raise UserError(f"no backup entry for {ref!r} in the audit log")
+        if len(rows) > 1:
+            raise UserError(f"manifest prefix {ref!r} is ambiguous ({len(rows)} backups)")
+        manifest = bytes(rows[0][0])
+    entries = log.find_backup_entries(manifest)
+    if not entries:
+        raise UserError(f"backup {ref} (manifest {manifest.hex()[:16]}) has no audit entry "
+                        "(it was made before this node kept an audit log)")
+    own = [e for e in entries if e.author == log.own_author] if (
+        data / "node.key").exists() else []
+    return (own or entries)[-1]
+
+
+@audit_group.command("check-certificate")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--require-witness", is_flag=True,
+              help="fail (exit 4) when no other node has witnessed the chain")
+@json_option
+@click.pass_context
+def audit_check_certificate_cmd(ctx, file, require_witness, as_json):
+    """Verify certificate FILE offline (no network, no store)."""
+    from hypersdk.protocol import audit
+    try:
+        data = Path(file).read_bytes()
+    except OSError as exc:
+        raise UserError(f"{file}: {exc.strerror}") from None
+    try:
+        rep = audit.check_certificate(data)
+    except (RemoteProtocolError, AuditChainBroken, ForkDetected) as exc:
+        doc = {"ok": False, "reason": str(exc)}
+        if as_json:
+            emit(True, doc, "")
+        click.echo(f"hypersdk: error: INVALID certificate {file}: {exc}", err=True)
+        ctx.exit(3)
+    from hypersdk.dht.keys import node_id
+    b = rep.backup.body
+    lines = [f"VALID certificate: node {node_id(rep.author).hex()[:16]} "
+             f"(key {rep.author.hex()[:16]}) backed up {b['name']} manifest "
+             f"{rep.manifest.hex()}",
+             f"backup entry seq {rep.backup.seq} at {_when(rep.backup.time)} UTC; "
+             f"{rep.head.seq - rep.backup.seq + 1} entries, every signature and link valid, "
+             f"to head seq {rep.head.seq} {rep.head.id.hex()[:16]}"]
+    if rep.witnessed:
+        lines.append(f"witnessed up to seq {rep.witnessed_seq} by " + ", ".join(
+            node_id(w.author).hex()[:16] for w in rep.witnesses))
+    else:
+        lines.append("WARNING: no witness yet: no other node has attested this log, so only "
+                     "its author vouches that it was not rewritten")
+    emit(as_json, dict(rep.to_json(), ok=True), "\n".join(lines))
+    if require_witness and not rep.witnessed:
+        ctx.exit(4)

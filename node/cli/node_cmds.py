@@ -1,0 +1,256 @@
+"""CLI commands for the node daemon: node init/run, join, peers, status, dht provide/find.
+
+Registered on the `cli` group of node/cli/app.py (node/cli/__init__.py imports this module).
+Everything but `node init` and `node run` talks to the running node through
+its control socket (node/daemon/control.py) and fails with one line when none runs.
+
+Output formats (text; --json prints the node's document instead):
+
+    node init   peer id   12D3KooW...        {"peer_id", "node_id", "key_file", "data_dir",
+                node id   <64 hex>            "existing": the key was there already}
+                key file  DATA/node.key
+    node run    peer_id 12D3KooW...           (--json: one line {"peer_id", "node_id",
+                node_id <64 hex>               "addrs", "control", "pid"})
+                listen /ip4/.../tcp/N/p2p/12D3KooW...   (one line per address)
+                control DATA/control.sock
+                ready
+    join        joined <peer id> (node <16 hex>); routing table <n> peers; saved in peers.json
+    peers       PEER ID / NODE / RTT / IN / OUT / ADDRESS table, or "no peers"
+    status      key/value lines
+    dht provide provided <key>: stored on <n> peers
+    dht find    one line per provider: "<peer id> <addr>", then hops/queries/latency
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from hypersdk.node.cli.app import cli, emit, json_option
+from hypersdk.node.config import default_data_dir, human
+from hypersdk.node.errors import UsageError, UserError
+
+
+def _data_dir(ctx) -> Path:
+    return Path(ctx.obj["data_dir"] or default_data_dir())
+
+
+def _ask(ctx, cmd: str, args: dict | None = None, timeout: float | None = 120.0):
+    from hypersdk.node.daemon.control import call_json
+    return call_json(_data_dir(ctx), cmd, args, timeout=timeout)
+
+
+@cli.group()
+def node():
+    """Create this node's identity and run the node."""
+
+
+@node.command()
+@json_option
+@click.pass_context
+def init(ctx, as_json):
+    """Create the data dir and the node's Ed25519 identity (DATA/node.key, mode 0600).
+
+    Idempotent: if the data dir has an identity already (made by an earlier
+    init, or by a `backup`, which signs its audit entry with it), print that
+    one (--json: "existing": true). A key file that cannot be read, or is not
+    a valid key, is an error: it is never replaced."""
+    from hypersdk.node.audit.log import own_identity
+    from hypersdk.node.daemon.daemon import KEY_FILE
+    from hypersdk.node.net.identity import Identity
+    data = _data_dir(ctx)
+    key = data / KEY_FILE
+    existing = os.path.lexists(key)
+    # own_identity creates the key without ever replacing one (link(2), as a
+    # concurrent `backup` may be creating it too) and loads it otherwise
+    ident = Identity.load(key) if existing else own_identity(data)
+    doc = {"peer_id": str(ident.libp2p_peer_id), "node_id": ident.node_id.hex(),
+           "key_file": str(key), "data_dir": str(data), "existing": existing}
+    emit(as_json, doc, f"peer id   {doc['peer_id']}\nnode id   {doc['node_id']}\n"
+                       f"key file  {key}")
+
+
+@node.command()
+@click.option("--listen", default=None, metavar="MULTIADDR",
+              help="address to listen on (default /ip4/0.0.0.0/tcp/4001)")
+@click.option("--bootstrap", multiple=True, metavar="MULTIADDR",
+              help="a peer to join through (repeatable; saved peers are used too)")
+@click.option("--announce", multiple=True, metavar="MULTIADDR",
+              help="address peers should dial (repeatable; default: the listen address, "
+                   "0.0.0.0 replaced by the primary IPv4 address)")
+@click.option("--dht-k", type=click.IntRange(2, 64), default=None, hidden=True,
+              help="DHT bucket size / replication (default 20; tests use small networks)")
+@json_option
+@click.pass_context
+def run(ctx, listen, bootstrap, announce, dht_k, as_json):
+    """Run the node in the foreground until SIGINT/SIGTERM."""
+    import signal
+
+    import trio
+
+    from hypersdk.node.daemon.daemon import DEFAULT_LISTEN, KEY_FILE, Daemon
+    from hypersdk.node.net.identity import Identity
+    data = _data_dir(ctx)
+    key = data / KEY_FILE
+    if not os.path.lexists(key):
+        raise UserError(f"no identity in {data}: run `hypersdk node init` first")
+    ident = Identity.load(key)
+    _check_addrs(listen, bootstrap, announce)
+
+    async def main():
+        # the receiver first: a SIGTERM during startup still stops us cleanly
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                d = Daemon(data, ident, listen=listen or DEFAULT_LISTEN, bootstrap=bootstrap,
+                           announce=announce, k=dht_k)
+                await nursery.start(d.run)
+                from hypersdk.node.daemon.control import socket_path
+                doc = {"peer_id": str(ident.libp2p_peer_id), "node_id": ident.node_id.hex(),
+                       "addrs": d.addrs, "control": str(socket_path(d.data_dir)),
+                       "pid": os.getpid()}
+                if as_json:
+                    click.echo(json.dumps(doc, sort_keys=True))
+                else:
+                    click.echo(f"peer_id {doc['peer_id']}\nnode_id {doc['node_id']}")
+                    for a in d.addrs:
+                        click.echo(f"listen {a}")
+                    click.echo(f"control {doc['control']}\nready")
+                sys.stdout.flush()
+                async for signum in signals:
+                    click.echo(f"hypersdk: {signal.Signals(signum).name}: stopping", err=True)
+                    break
+                nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    except BaseExceptionGroup as eg:        # a startup error inside the nurseries
+        raise _sole(eg) from None
+
+
+def _check_addrs(listen, bootstrap, announce) -> None:
+    """A malformed multiaddr is a usage error, before anything starts."""
+    import multiaddr
+
+    from hypersdk.node.net.p2p_transport import parse_peer_addr
+    from hypersdk.node.net.transport import TransportError
+    for opt, values in (("--listen", [listen] if listen else []), ("--announce", announce)):
+        for a in values:
+            try:
+                multiaddr.Multiaddr(a)
+            except Exception as exc:
+                raise UsageError(f"{opt} {a!r} is not a multiaddr: {exc}") from None
+    for a in bootstrap:
+        if "/p2p/" not in a:
+            raise UsageError(f"--bootstrap {a!r} lacks /p2p/<peer id> (use an address that "
+                             "`hypersdk node run` or `hypersdk status` prints)")
+        try:
+            parse_peer_addr(a)
+        except TransportError as exc:
+            raise UsageError(f"--bootstrap: {exc}") from None
+
+
+def _sole(eg: BaseExceptionGroup) -> BaseException:
+    """The one exception a group (of groups) holds, or the group itself."""
+    while isinstance(eg, BaseExceptionGroup) and len(eg.exceptions) == 1:
+        eg = eg.exceptions[0]
+    return eg
+
+
+@cli.command()
+@click.argument("addr", metavar="MULTIADDR")
+@json_option
+@click.pass_context
+def join(ctx, addr, as_json):
+    """Connect the running node to the peer at MULTIADDR (/ip4/../tcp/../p2p/12D3KooW...)
+    and join the DHT through it; the peer is saved so a restart rejoins."""
+    r = _ask(ctx, "join", {"addr": addr})
+    emit(as_json, r, f"joined {r['peer_id']} (node {r['node_id'][:16]}); routing table "
+                     f"{r['routing_table']} peers; saved in {r['saved']}")
+
+
+@cli.command()
+@json_option
+@click.pass_context
+def peers(ctx, as_json):
+    """Peers in the node's routing table: RTT (a DHT ping now) and bytes exchanged."""
+    rows = _ask(ctx, "peers")
+    lines = [f"{'PEER ID':<52} {'NODE':<16} {'RTT':>9} {'IN':>9} {'OUT':>9}  ADDRESS"]
+    for p in rows:
+        rtt = "-" if p["rtt_ms"] is None else f"{p['rtt_ms']:.1f} ms"
+        lines.append(f"{p['peer_id']:<52} {p['node_id'][:16]:<16} {rtt:>9} "
+                     f"{human(p['bytes_in']):>9} {human(p['bytes_out']):>9}  {p['addr']}")
+    emit(as_json, rows, "\n".join(lines) if rows else "no peers")
+
+
+@cli.command()
+@json_option
+@click.pass_context
+def status(ctx, as_json):
+    """The running node: identity, addresses, DHT, store, transfers."""
+    s = _ask(ctx, "status")
+    lines = [f"peer id        {s['peer_id']}", f"node id        {s['node_id']}"]
+    lines += [f"listen         {a}" for a in s["addrs"]]
+    b = s["bootstrap"]
+    lines += [f"data dir       {s['data_dir']}",
+              f"routing table  {s['dht']['routing_table']} peers "
+              f"(providing {s['dht']['providing']} keys)",
+              f"bootstrap      {b['state']} ({b['attempts']} attempts)",
+              f"store          {s['store']['chunks']} chunks, "
+              f"{human(s['store']['stored_bytes'])} stored, {s['store']['backups']} backups",
+              f"transfers      {len(s['transfers']) or 'none'}",
+              "served         " + (", ".join(f"{k} {v}" for k, v in sorted(s["served"].items()))
+                                    or "nothing yet")]
+    emit(as_json, s, "\n".join(lines))
+
+
+@cli.group()
+def dht():
+    """DHT debugging through the running node."""
+
+
+@dht.command()
+@click.argument("key", metavar="KEYHEX")
+@json_option
+@click.pass_context
+def provide(ctx, key, as_json):
+    """Announce that this node provides KEYHEX (64 hex digits)."""
+    r = _ask(ctx, "dht provide", {"key": key})
+    emit(as_json, r, f"provided {r['key']}: stored on {r['stored']} peers")
+
+
+@dht.command()
+@click.argument("key", metavar="KEYHEX")
+@click.option("--count", default=1, show_default=True, help="stop after this many providers")
+@json_option
+@click.pass_context
+def find(ctx, key, count, as_json):
+    """Find providers of KEYHEX; print them with the lookup's hops, queries and latency."""
+    r = _ask(ctx, "dht find", {"key": key, "count": count})
+    lines = [f"{p['peer_id']} {p['addr']}" for p in r["providers"]] or ["no providers found"]
+    lines.append(f"hops {r['hops']}, queries {r['queries']}, failures {r['failures']}, "
+                 f"latency {r['latency'] * 1000:.1f} ms")
+    emit(as_json, r, "\n".join(lines))
+
+
+@cli.command()
+@click.argument("ref")
+@json_option
+@click.pass_context
+def fetch(ctx, ref, as_json):
+    """Copy backup REF (NAME, NAME@N, manifest id) from the network into the store.
+
+    Only the chunks not held here are fetched, each from every peer that has
+    it at once; the backup is then listed, served and announced like a local
+    one. Needs a running node (`hypersdk node run`)."""
+    from hypersdk.node.cli.app import run_store_op
+    outcome = run_store_op(_data_dir(ctx), "fetch", {"ref": ref}, as_json)
+    if outcome is None:
+        raise UserError(f"no node is running on data dir {_data_dir(ctx)}: fetch needs the "
+                        "network (start one with `hypersdk node run`)")
+    doc, text, code = outcome
+    emit(as_json, doc, text)
+    if code:
+        ctx.exit(code)

@@ -1,0 +1,342 @@
+"""The node's audit networking: gossip, the possession server, and
+`hypersdk verify REF --network`.
+
+AuditNet starts with the daemon: AuditGossip over the node's transport (its
+neighbours drawn from the DHT routing table, its scores the DHT's) and a
+PossessionServer answering challenges from the store.
+
+verify --network (a control command; it needs the running node):
+1. REF: a backup of the local catalog, a full manifest id, or the NAME of a
+   backup entry in the audit logs held here (the newest).
+2. The backup entry: every `backup` entry for the manifest in the logs held
+   (our own and gossiped ones); its author's whole log is re-checked
+   (signatures, links, forks, contradicted witnesses), and the witnesses of
+   the entry's seq or later by other nodes are listed.
+3. The manifest: from the local store or a provider; its BLAKE3 must be the
+   id (open_manifest) and its size and chunk count must match the entry.
+4. The holders: the DHT's providers of the manifest, the holders named by
+   `replica` entries, and the backup's author; each is challenged
+   (node/audit/possession.py: a fresh nonce, a random sample of the manifest's
+   chunks, BLAKE3(nonce || chunk) per chunk) and the answers are checked
+   against chunks this node holds or fetches (each fetched chunk verified
+   against its id first).
+5. One `verify` entry per holder is appended to our log and gossiped.
+Exit 0 when the entry checks out, the manifest matches and every holder
+proved possession; 3 otherwise.
+"""
+from __future__ import annotations
+
+import logging
+import random
+
+import trio
+
+from hypersdk.dht.contact import Contact
+from hypersdk.node.errors import UserError
+from hypersdk.protocol.chunks import ZERO_ID
+from hypersdk.protocol.errors import ProtocolError
+from hypersdk.protocol.manifest import decode_manifest, split_list
+
+log = logging.getLogger(__name__)
+
+SAMPLE = 16                     # chunks challenged per holder
+CHALLENGE_TIMEOUT = 30.0
+FETCH_TIMEOUT = 60.0
+MAX_HOLDERS = 20
+
+
+class AuditNet:
+    def __init__(self, d):
+        self.d = d
+        self.log = None
+        self.gossip = None
+        self.possession = None
+        self.source = None
+        self._store = None
+
+    async def start(self, nursery) -> None:
+        from hypersdk.node.audit.gossip import AuditGossip
+        from hypersdk.node.audit.log import AuditLog
+        from hypersdk.node.audit.possession import PROTOCOL_ID, PossessionServer
+        from hypersdk.node.config import audit_sync_interval, audit_witness_interval
+        from hypersdk.node.exchange.chunk_source import StoreSource
+        d = self.d
+        def open_log():
+            from hypersdk.node.audit.intents import reconcile
+            with d.open_store(readonly=True) as store:
+                added = reconcile(d.data_dir, store)      # ops killed before their entry
+            if added:
+                log.warning("audit: appended %d entries missing after an interrupted op",
+                            len(added))
+            return AuditLog(d.data_dir, identity=d.identity)
+        self.log = await trio.to_thread.run_sync(open_log)
+        self.gossip = AuditGossip(
+            d.net, self.log, lambda: [c for b in d.dht.table.buckets() for c in b],
+            rng=random.Random(d.rng.getrandbits(64)), scores=d.dht.scores,
+            sync_interval=audit_sync_interval(), witness_interval=audit_witness_interval(),
+            busy=lambda: bool(getattr(getattr(d, "replication", None), "transfers", None)))
+        await nursery.start(self.gossip.run)
+        self._store = d.open_store(readonly=True)
+        self.source = StoreSource(self._store, threaded=True)   # challenges and verify --network
+        self.possession = PossessionServer(self.source)
+        d.net.set_handler(PROTOCOL_ID, self.possession.handle)
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+        if self.log is not None:
+            self.log.close()
+            self.log = None
+
+    def status(self) -> dict:
+        g = self.gossip
+        if g is None:
+            return {}
+        c = g.counters
+        return {"neighbours": len(g.neighbours), "subscribers": len(g.subscribers),
+                "entries_added": c["entries added"], "duplicates": c["duplicates"],
+                "rejected": c["entries rejected"], "pushes": c["pushes"], "syncs": c["syncs"],
+                "forks_found": c["forks found"] + c["forks learned"],
+                "witness_entries": c["witness entries"],
+                "bytes_in": c["bytes in"], "bytes_out": c["bytes out"]}
+
+    # -- verify --network ------------------------------------------------------------
+    async def verify(self, ref: str, events) -> tuple[dict, str, int]:
+        from hypersdk.node.audit.log import AuditLog
+        d = self.d
+        mid = await trio.to_thread.run_sync(self._resolve, ref)
+
+        def read_log():
+            with AuditLog(d.data_dir, identity=d.identity) as lg:
+                return _backup_check(lg, mid)
+        entry = await trio.to_thread.run_sync(read_log)
+        providers, _ = await d.dht.find_providers(mid, MAX_HOLDERS)
+        cache: dict[bytes, bytes] = {}
+        manifest_doc, ids = await self._manifest(mid, providers, entry, cache)
+        holders = await self._holders(mid, providers, entry)
+        results = []
+        if ids is not None:
+            reader = self._reader(providers, cache)
+
+            async def one(contact):
+                from hypersdk.node.audit.possession import prove_holder
+                if contact is None:
+                    return
+                r = await prove_holder(d.net, contact, mid, ids, reader, sample_size=SAMPLE,
+                                       rng=random.SystemRandom(), timeout=CHALLENGE_TIMEOUT,
+                                       threaded=True)
+                results.append(r)
+                if r.misbehaved:
+                    d.dht.penalize(contact.id, "malformed", trio.current_time())
+            async with trio.open_nursery() as n:
+                for c in holders.values():
+                    n.start_soon(one, c)
+        by_holder = {r.holder: r for r in results}
+        rows = []
+        for hid, c in sorted(holders.items()):
+            r = by_holder.get(hid)
+            rows.append({"node_id": hid.hex(), "addr": c.addr if c else None,
+                         "result": r.result if r else "unreachable",
+                         **({"asked": r.asked, "proven": r.proven, "wrong": r.wrong,
+                             "not_held": r.not_held, "reason": r.reason} if r else
+                            {"reason": "no address known for this holder"})})
+        await trio.to_thread.run_sync(self._record, mid, results)
+        await self.gossip.spread_own()
+        ok = (entry["found"] and entry["chain_ok"] and manifest_doc.get("ok", False)
+              and bool(rows) and all(r["result"] == "ok" for r in rows))
+        doc = {"manifest": mid.hex(), "backup_entry": entry, "manifest_check": manifest_doc,
+               "holders": rows, "ok": ok}
+        return doc, _text(doc), 0 if ok else 3
+
+    def _resolve(self, ref: str) -> bytes:
+        from hypersdk.node.audit.log import AuditLog
+        from hypersdk.node.store import catalog
+        with self.d.open_store(readonly=True) as store:
+            try:
+                return catalog.resolve(store, ref).manifest_id
+            except UserError:
+                pass
+        if len(ref) == 64:
+            try:
+                return bytes.fromhex(ref)
+            except ValueError:
+                pass
+        with AuditLog(self.d.data_dir, identity=self.d.identity) as lg:
+            mid = lg.find_backup_by_name(ref)
+        if mid is None:
+            raise UserError(f"unknown backup {ref!r}: not in the local catalog, not a full "
+                            "manifest id, and no backup entry of that name in the audit logs "
+                            "held here")
+        return mid
+
+    async def _manifest(self, mid, providers, entry, cache) -> tuple[dict, list | None]:
+        """(check report, the chunk ids) of the manifest, or ids None if unobtainable."""
+        data = await self.source.manifest(mid)
+        source = "local store"
+        if data is None:
+            data, source = await self._fetch_manifest(mid, providers)
+        if data is None:
+            return {"ok": False, "reason": "the manifest is neither held here nor served by "
+                                           f"any of {len(providers)} provider(s)"}, None
+        try:
+            from hypersdk.protocol.chunks import chunk_id
+            if chunk_id(data) != mid:
+                return {"ok": False, "reason": "manifest bytes do not hash to its id"}, None
+            m = decode_manifest(data)
+        except ProtocolError as exc:
+            return {"ok": False, "reason": f"manifest does not decode: {exc}"}, None
+        problems = []
+        b = entry.get("body")
+        if b is not None:
+            if b["size"] != m.size:
+                problems.append(f"size {m.size} != {b['size']} in the backup entry")
+            if b["chunks"] != m.n_chunks:
+                problems.append(f"{m.n_chunks} chunks != {b['chunks']} in the backup entry")
+        ids: list[bytes] = []
+        reader = self._reader(providers, cache)
+        for li, lid in enumerate(m.lists):
+            n = m.list_len(li)
+            if lid == ZERO_ID:
+                ids.extend([ZERO_ID] * n)
+                continue
+            plain = await reader(lid)
+            if plain is None:
+                return {"ok": False, "reason": f"hash-list piece {li} unobtainable",
+                        "source": source}, None
+            ids.extend(split_list(plain, n))
+        return {"ok": not problems, "source": source, "size": m.size, "chunks": m.n_chunks,
+                **({"problems": problems} if problems else {})}, ids
+
+    async def _fetch_manifest(self, mid, providers):
+        from hypersdk.node.exchange.client import open_session
+        from hypersdk.protocol.exchange import open_manifest
+        for c in providers:
+            try:
+                with trio.fail_after(FETCH_TIMEOUT):
+                    async with open_session(self.d.net, c) as s:
+                        msg = await s.get_manifest(mid)
+                if open_manifest(msg) is not None:
+                    return bytes(msg.data), f"provider {c.id.hex()[:16]}"
+            except Exception as exc:             # any failure: try the next provider
+                log.info("manifest from %s: %s", c.id.hex()[:12], exc)
+        return None, None
+
+    def _reader(self, providers, cache):
+        """async reader(cid) -> verified plaintext: the local store, else a provider."""
+        async def read(cid: bytes):
+            if cid in cache:
+                return cache[cid]
+            plain = await self.source.read(cid)
+            if plain is None:
+                plain = await self._fetch_chunk(cid, providers)
+            if plain is not None:
+                cache[cid] = plain
+            return plain
+        return read
+
+    async def _fetch_chunk(self, cid, providers):
+        from hypersdk.node.exchange.client import ChunkData, open_session
+        from hypersdk.protocol.exchange import open_data
+        for c in providers:
+            send, recv = trio.open_memory_channel(4)
+            try:
+                with trio.fail_after(FETCH_TIMEOUT):
+                    async with open_session(self.d.net, c, events=send) as s:
+                        await s.get([cid])
+                        ev = await recv.receive()
+                if type(ev) is ChunkData:
+                    return open_data(ev.data)       # BLAKE3 checked against cid
+            except Exception as exc:
+                log.info("chunk from %s: %s", c.id.hex()[:12], exc)
+        return None
+
+    async def _holders(self, mid, providers, entry) -> dict[bytes, Contact | None]:
+        """node id -> contact (None: no address known) of every holder to challenge."""
+        from hypersdk.node.audit.log import AuditLog
+        own = self.d.identity.node_id
+        out: dict[bytes, Contact | None] = {c.id: c for c in providers if c.id != own}
+
+        def named():
+            with AuditLog(self.d.data_dir, identity=self.d.identity) as lg:
+                return lg.replica_holders(mid)
+        ids = set(await trio.to_thread.run_sync(named))
+        if entry.get("author_node_id"):
+            ids.add(bytes.fromhex(entry["author_node_id"]))
+        for hid in sorted(ids - set(out) - {own}):
+            c = self.d.dht.table.get(hid)
+            if c is None:
+                with trio.move_on_after(CHALLENGE_TIMEOUT):
+                    found = await self.d.dht.find_node(hid)
+                    c = next((x for x in found if x.id == hid), None)
+            out[hid] = c
+        return dict(list(out.items())[:MAX_HOLDERS])
+
+    def _record(self, mid, results) -> None:
+        from hypersdk.node.audit.log import AuditLog
+        with AuditLog(self.d.data_dir, identity=self.d.identity) as lg:
+            for r in results:
+                lg.append("verify", {"manifest": mid, "holder": r.holder, "result": r.result,
+                                     "summary": r.summary})
+
+
+def register(commands: dict, command_reply) -> None:
+    """`verify REF --network` through the daemon; plain `verify` stays the store op."""
+    local_verify = commands["verify"]
+
+    async def verify(d, args, events):
+        if not args.get("network"):
+            return await local_verify(d, args, events)
+        if not args.get("ref"):
+            raise UserError("verify --network needs a REF (a backup name, NAME@N or manifest id)")
+        doc, text, code = await d.audit.verify(str(args["ref"]), events)
+        return command_reply(doc, text, code)
+    verify.network = True
+    commands["verify"] = verify
+
+
+def _backup_check(lg, mid: bytes) -> dict:
+    """The backup entry for mid in the logs held, and the check of its author's log."""
+    from hypersdk.dht.keys import node_id
+    entries = lg.find_backup_entries(mid)
+    if not entries:
+        return {"found": False, "chain_ok": False,
+                "reason": f"no backup entry for this manifest in the {len(lg.authors())} "
+                          "audit log(s) held here"}
+    e = entries[0]
+    rep = lg.verify(e.author)
+    witnesses = sorted({node_id(w.author).hex() for w in lg.witnesses_of(e.author, e.seq)})
+    return {"found": True, "author_node_id": node_id(e.author).hex(), "seq": e.seq,
+            "id": e.id.hex(), "time_ns": e.time, "body": e.to_json()["body"],
+            "chain_ok": rep.ok, "log_entries": rep.entries,
+            "problems": [p.reason for p in rep.problems][:10], "witnessed_by": witnesses,
+            "other_backup_entries": len(entries) - 1}
+
+
+def _text(doc: dict) -> str:
+    e, m = doc["backup_entry"], doc["manifest_check"]
+    lines = [f"verify {doc['manifest'][:16]} on the network"]
+    if e["found"]:
+        w = e["witnessed_by"]
+        lines.append(f"backup entry  by {e['author_node_id'][:16]} (entry {e['seq']}, "
+                     f"'{e['body']['name']}'): log "
+                     f"{'intact' if e['chain_ok'] else 'BROKEN: ' + '; '.join(e['problems'])}"
+                     f", witnessed by {len(w)} node(s)")
+    else:
+        lines.append(f"backup entry  NOT FOUND: {e['reason']}")
+    lines.append(f"manifest      {'matches the entry' if m.get('ok') else 'PROBLEM'}"
+                 f" ({m.get('source') or m.get('reason')})"
+                 + ("".join(f"; {p}" for p in m.get("problems", []))))
+    for h in doc["holders"]:
+        detail = (f"{h.get('proven', 0)}/{h.get('asked', 0)} proven"
+                  if "asked" in h else "")
+        reason = f" ({h['reason']})" if h.get("reason") else ""
+        lines.append(f"holder {h['node_id'][:16]}  {h['result'].upper():<11} {detail}{reason}")
+    if not doc["holders"]:
+        lines.append("holders       none found")
+    lines.append("OK: backup verified on the network" if doc["ok"] else
+                 "FAILED: see above")
+    return "\n".join(lines)
+
+
+__all__ = ["AuditNet", "register"]

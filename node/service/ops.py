@@ -1,0 +1,199 @@
+"""The store operations: what `backup`, `restore`, `verify`, `backups`, `delete`,
+`gc` and `store stats` do, for the CLI and for the daemon alike.
+
+Each op is `fn(store, args, ui) -> (JSON document, text, exit code)`: it does the
+work on an open ChunkStore and returns its result; it prints nothing. `ui` gives
+`progress(total, label)` (a context manager yielding an advance(n) callable, or
+None) and `on_wait(msg)` (a lock wait or a warning). The CLI (node/cli/app.py)
+runs an op in its own process when no node runs on the data dir and prints the
+result; the daemon (node/daemon/daemon.py) runs the same op in a worker thread
+and streams progress to the client. Nothing here imports the CLI or the daemon.
+"""
+from __future__ import annotations
+
+import datetime
+
+from hypersdk.node.config import human
+from hypersdk.node.errors import UserError
+
+
+class StoreOp:
+    def __init__(self, fn, readonly: bool):
+        self.fn, self.readonly = fn, readonly
+
+
+STORE_OPS: dict[str, StoreOp] = {}
+
+
+def store_op(name: str, *, readonly: bool = False):
+    def register(fn):
+        STORE_OPS[name] = StoreOp(fn, readonly)
+        return fn
+    return register
+
+
+@store_op("backup")
+def _op_backup(store, a, ui):
+    from hypersdk.node.audit import intents as audit_intents
+    from hypersdk.node.service.backup import backup as run_backup
+    from hypersdk.node.sources.local import ImageSource
+    from hypersdk.node.store import intents as store_intents
+    path = a["path"]
+    with ImageSource.open(path) as src:
+        total = src.size
+
+    def owe_entry(db, m, version):                   # in the backup's commit
+        store_intents.add(db, "backup", {"manifest": m.id, "name": m.name, "size": m.size,
+                                         "chunks": m.n_chunks, "source": m.source})
+    with ui.progress(total, "backup") as advance:
+        r = run_backup(store, path, name=a["name"], chunk_size=a["chunk_size"],
+                       level=a["zstd_level"], progress=advance, on_wait=ui.on_wait,
+                       extra=owe_entry)
+    audit_intents.crash_point("backup-committed")
+    audit_intents.flush(store, ui.on_wait)
+    rate = r.size / r.seconds if r.seconds else 0
+    holes = f", {human(r.size - r.bytes_read)} of holes skipped" if r.size > r.bytes_read else ""
+    return (r.to_json(),
+            f"backup {r.name}@{r.version}\n"
+            f"manifest      {r.manifest_id.hex()}\n"
+            f"image         {human(r.size)} ({r.size} bytes) in {r.seconds:.2f} s, "
+            f"{human(rate)}/s\n"
+            f"bytes read    {human(r.bytes_read)}{holes}\n"
+            f"chunks        {r.chunks} ({r.zero_chunks} zero, {r.new_chunks} new)\n"
+            f"new stored    {human(r.new_bytes_stored)} ({human(r.new_bytes_raw)} before compression)",
+            0)
+
+
+@store_op("restore", readonly=True)
+def _op_restore(store, a, ui):
+    from hypersdk.node.audit import intents as audit_intents
+    from hypersdk.node.service.restore import restore as run_restore
+    from hypersdk.node.store import catalog
+    size = catalog.resolve(store, a["ref"]).size
+    umask = a.get("umask")
+    with ui.progress(size, "restore") as advance:
+        r = run_restore(store, a["ref"], a["out"], force=a["force"],
+                        to_device=bool(a.get("to_device")),
+                        follow_symlink=bool(a.get("follow_symlink")),
+                        umask=umask if isinstance(umask, int) else None,
+                        progress=advance, on_wait=ui.on_wait,
+                        before_commit=audit_intents.restore_recorder(store.root, ui.on_wait))
+    rate = r.size / r.seconds if r.seconds else 0
+    zeros = (f"{r.zero_chunks} zero chunks written as zeros" if r.device else
+             f"{r.zero_chunks} zero chunks left as holes")
+    return (r.to_json(),
+            f"restored {r.manifest_id.hex()[:16]} to {r.out}: {human(r.size)} in {r.seconds:.2f} s "
+            f"({human(rate)}/s), {r.chunks} chunks verified, {zeros}",
+            0)
+
+
+NEEDS_NODE = ("verify --network needs the running node on this data dir (start it with "
+              "`hypersdk node run`)")
+
+
+@store_op("verify", readonly=True)
+def _op_verify(store, a, ui):
+    from hypersdk.node.store.verify import verify_backup, verify_store
+    if a.get("network"):
+        raise UserError(NEEDS_NODE)
+    if a.get("against"):
+        from hypersdk.node.service.verify_source import verify_against
+        from hypersdk.node.store import catalog
+        with ui.progress(catalog.resolve(store, a["ref"]).size, "compare") as advance:
+            rep = verify_against(store, a["ref"], a["against"], progress=advance)
+        return rep.to_json(), rep.text(), 0 if rep.ok else 3
+    ref = a["ref"]
+    if ref:
+        from hypersdk.node.store import catalog
+        b = catalog.resolve(store, ref)
+        from hypersdk.protocol.manifest import list_count
+        chunks = b.stats.get("chunks", 0)
+        n = chunks - b.stats.get("zero_chunks", 0) + list_count(chunks)
+        with ui.progress(n, "verify") as advance:
+            report = verify_backup(store, ref, progress=advance)
+        from hypersdk.node.audit import log as audit_log
+        audit_log.record_after_op(store.root, "verify", {
+            "manifest": b.manifest_id, "holder": None,  # = this node
+            "result": "ok" if report.ok else "damaged",
+            "summary": {"chunks_checked": report.chunks_checked,
+                        "bytes_checked": report.bytes_checked,
+                        "damaged": len(report.damaged)}}, ui.on_wait)
+    else:
+        n = store.db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
+        with ui.progress(n, "verify") as advance:
+            report = verify_store(store, progress=advance)
+    lines = [f"checked {report.chunks_checked} chunks ({human(report.bytes_checked)}), "
+             f"{report.backups_checked} backups"]
+    for d in report.damaged.values():
+        lines.append(f"DAMAGED chunk {d.cid.hex()}: {d.reason}")
+    for b, cids in report.affected.values():
+        lines.append(f"AFFECTED backup {b.ref} (manifest {b.manifest_id.hex()[:16]}): "
+                     f"{len(cids)} bad chunk(s)")
+    lines.append("OK: store is consistent" if report.ok and not ref else
+                 f"OK: backup {ref} is intact" if report.ok else
+                 f"FAILED: {len(report.damaged)} damaged chunk(s), "
+                 f"{len(report.affected)} backup(s) affected")
+    return report.to_json(), "\n".join(lines), 0 if report.ok else 3
+
+
+@store_op("backups", readonly=True)
+def _op_backups(store, a, ui):
+    from hypersdk.node.store import catalog
+    rows = catalog.list_backups(store)
+    lines = [f"{'REF':<28} {'MANIFEST':<16} {'SIZE':>10} {'NEW STORED':>10}  CREATED (UTC)"]
+    for b in rows:
+        when = datetime.datetime.fromtimestamp(b.created / 1e9, datetime.timezone.utc)
+        lines.append(f"{b.ref:<28} {b.manifest_id.hex()[:16]:<16} {human(b.size):>10} "
+                     f"{human(b.stats.get('new_bytes_stored', 0)):>10}  "
+                     f"{when:%Y-%m-%d %H:%M:%S}")
+    return [b.to_json() for b in rows], "\n".join(lines) if rows else "no backups yet", 0
+
+
+@store_op("delete")
+def _op_delete(store, a, ui):
+    from hypersdk.node.audit import intents as audit_intents
+    from hypersdk.node.store import catalog
+    from hypersdk.node.store import intents as store_intents
+    with store.write_lock(ui.on_wait):
+        b = catalog.resolve(store, a["ref"])
+        catalog.delete_backup(store, b, extra=lambda db: store_intents.add(db, "delete", {
+            "manifest": b.manifest_id, "name": b.name, "version": b.version}))
+    audit_intents.crash_point("delete-committed")
+    audit_intents.flush(store, ui.on_wait)
+    return ({"deleted": b.to_json()},
+            f"deleted {b.ref} (manifest {b.manifest_id.hex()[:16]}); run `hypersdk gc` to reclaim space",
+            0)
+
+
+@store_op("gc")
+def _op_gc(store, a, ui):
+    from hypersdk.node.service.restore_partials import PartialRegistry
+    from hypersdk.node.store.gc import gc as run_gc
+    r = run_gc(store, on_wait=ui.on_wait)
+    # and the partial image files of killed restores, wherever they were written
+    r["stale_partials_removed"] = PartialRegistry(store.root).clean()
+    return (r, f"deleted {r['chunks_deleted']} unreferenced chunks "
+               f"({human(r['bytes_released'])}); packs removed {r['packs_removed']}, "
+               f"rewritten {r['packs_rewritten']}; disk {human(r['disk_bytes_before'])} -> "
+               f"{human(r['disk_bytes_after'])}", 0)
+
+
+@store_op("store stats", readonly=True)
+def _op_stats(st, a, ui):
+    s = st.stats()
+    s["data_dir"] = str(st.root)
+    ratio = lambda v: f"{v:.2f}x" if v else "-"
+    return (s,
+            f"data dir           {s['data_dir']}\n"
+            f"backups            {s['backups']}\n"
+            f"logical bytes      {human(s['logical_bytes'])} (sum of image sizes)\n"
+            f"unique chunks      {s['unique_chunks']} ({s['delta_chunks']} stored as deltas "
+            f"against an earlier version)\n"
+            f"unique raw bytes   {human(s['unique_raw_bytes'])}\n"
+            f"stored bytes       {human(s['stored_bytes'])} "
+            f"(packs on disk {human(s['pack_bytes_on_disk'])})\n"
+            f"dedup ratio        {ratio(s['dedup_ratio'])} "
+            "(logical / unique raw; zero chunks count as dedup)\n"
+            f"compression ratio  {ratio(s['compression_ratio'])} (unique raw / stored)\n"
+            f"total reduction    {ratio(s['reduction_ratio'])} (logical / stored)",
+            0)

@@ -1,0 +1,142 @@
+"""Named backups and their manifests, kept in the store's index database.
+
+A backup record is (name, version, manifest id). Versions of a name are
+numbered 1, 2, ... in creation order and keep their number when another
+version is deleted, so NAME@N always means the same backup.
+
+REF forms accepted everywhere:
+    NAME        the latest version of NAME
+    NAME@N      version N of NAME (1 = oldest)
+    HEX         a manifest id, or a unique prefix of at least 4 hex digits
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+from hypersdk.node.errors import UsageError, UserError
+from hypersdk.protocol.chunks import ZERO_ID
+from hypersdk.protocol.manifest import Manifest, decode_manifest, split_list, zero_list
+
+_HEX = re.compile(r"^[0-9a-f]{4,64}$")
+
+
+@dataclass(frozen=True)
+class Backup:
+    seq: int
+    name: str
+    version: int
+    manifest_id: bytes
+    created: int
+    size: int
+    stats: dict
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "version": self.version, "ref": self.ref,
+                "manifest": self.manifest_id.hex(), "created_ns": self.created,
+                "size": self.size, **self.stats}
+
+
+_COLS = "seq, name, version, manifest, created, size, stats"
+
+
+def _row(r) -> Backup:
+    return Backup(r[0], r[1], r[2], bytes(r[3]), r[4], r[5], json.loads(r[6]))
+
+
+def add_backup(conn, manifest: Manifest, stats: dict) -> int:
+    """Record manifest as the next version of its name (inside the caller's transaction)."""
+    conn.execute("INSERT OR IGNORE INTO manifests(id, body) VALUES (?,?)",
+                 (manifest.id, manifest.encode()))
+    (last,) = conn.execute("SELECT COALESCE(MAX(version), 0) FROM backups WHERE name=?",
+                           (manifest.name,)).fetchone()
+    conn.execute(f"INSERT INTO backups({_COLS}) VALUES (NULL,?,?,?,?,?,?)",
+                 (manifest.name, last + 1, manifest.id, manifest.created, manifest.size,
+                  json.dumps(stats, sort_keys=True)))
+    return last + 1
+
+
+def list_backups(store) -> list[Backup]:
+    return [_row(r) for r in store.db.execute(
+        f"SELECT {_COLS} FROM backups ORDER BY name, version")]
+
+
+def resolve_name(store, name: str) -> Backup | None:
+    """The latest version of NAME, or None."""
+    r = store.db.execute(f"SELECT {_COLS} FROM backups WHERE name=? ORDER BY version DESC "
+                         "LIMIT 1", (name,)).fetchone()
+    return _row(r) if r else None
+
+
+def resolve(store, ref: str) -> Backup:
+    """The backup REF names; UserError naming the problem otherwise."""
+    db = store.db
+    if "@" in ref:
+        name, _, ver = ref.rpartition("@")
+        if not ver.isdigit() or int(ver) < 1:
+            raise UsageError(f"bad REF {ref!r}: the version after @ must be a number >= 1")
+        r = db.execute(f"SELECT {_COLS} FROM backups WHERE name=? AND version=?",
+                       (name, int(ver))).fetchone()
+        if r is None:
+            have = [v for (v,) in db.execute(
+                "SELECT version FROM backups WHERE name=? ORDER BY version", (name,))]
+            hint = f" (versions: {', '.join(map(str, have))})" if have else ""
+            raise UserError(f"no backup {ref!r}{hint}")
+        return _row(r)
+    latest = resolve_name(store, ref)
+    if latest is not None:
+        return latest
+    if _HEX.match(ref.lower()):
+        prefix = ref.lower()
+        hits = [_row(x) for x in db.execute(
+            f"SELECT {_COLS} FROM backups WHERE hex(manifest) LIKE ? ORDER BY seq",
+            (prefix.upper() + "%",))]
+        ids = {b.manifest_id for b in hits}
+        if len(ids) == 1:
+            return hits[-1]
+        if len(ids) > 1:
+            shown = ", ".join(sorted(i.hex()[:16] for i in ids)[:5])
+            raise UserError(f"REF {ref!r} is ambiguous: it prefixes {len(ids)} manifests ({shown})")
+    raise UserError(f"no backup matches REF {ref!r} (try `hypersdk backups`)")
+
+
+def load_manifest(store, manifest_id: bytes) -> Manifest:
+    r = store.db.execute("SELECT body FROM manifests WHERE id=?", (manifest_id,)).fetchone()
+    if r is None:
+        raise UserError(f"manifest {manifest_id.hex()} is not in the store")
+    return decode_manifest(bytes(r[0]))
+
+
+def iter_chunk_ids(store, manifest: Manifest):
+    """Yield (index, chunk id or ZERO_ID) for every chunk of the image, in order.
+
+    Reads one hash-list piece at a time, so memory stays flat for any image size.
+    """
+    index = 0
+    for li, lid in enumerate(manifest.lists):
+        n = manifest.list_len(li)
+        piece = zero_list(n) if lid == ZERO_ID else store.read(lid)
+        for cid in split_list(piece, n):
+            yield index, cid
+            index += 1
+
+
+def delete_backup(store, backup: Backup, extra=None):
+    """Remove one backup record (and its manifest once no record uses it);
+    extra(conn) runs in the same transaction.
+
+    Its chunks stay until `gc`, which reclaims every chunk no manifest references.
+    """
+    db = store.db
+    with db:
+        db.execute("DELETE FROM backups WHERE seq=?", (backup.seq,))
+        db.execute("DELETE FROM manifests WHERE id=? AND NOT EXISTS "
+                   "(SELECT 1 FROM backups WHERE manifest=?)",
+                   (backup.manifest_id, backup.manifest_id))
+        if extra is not None:
+            extra(db)

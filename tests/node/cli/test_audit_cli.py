@@ -1,0 +1,214 @@
+"""`hypersdk audit ...` and the automatic entries, with real `hypersdk` processes."""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+
+import pytest
+from conftest import HYPERSDK, Cli, cli_env
+from test_node_cli import nodes  # noqa: F401  (fixture: real `hypersdk node run`)
+
+from hypersdk.node.audit.log import AuditLog
+from hypersdk.node.net.identity import Identity
+from hypersdk.protocol import audit, codec
+
+CS = 64 << 10
+
+
+def image(path, size=5 * CS + 7, seed=1):
+    import random
+    path.write_bytes(random.Random(seed).randbytes(size))
+    return path
+
+
+def kinds(cli):
+    return [e["kind"] for e in cli.json("audit", "log")]
+
+
+@pytest.fixture
+def made(cli, tmp_path):
+    """backup, verify, restore, backup v2, delete v2: five own entries."""
+    src = image(tmp_path / "disk.img")
+    b = cli.json("backup", src, "--chunk-size", "64K")
+    cli("verify", "disk.img")
+    cli("restore", "disk.img", tmp_path / "out.img")
+    image(src, seed=2)
+    b2 = cli.json("backup", src, "--chunk-size", "64K")
+    cli("delete", "disk.img@2")
+    return b, b2
+
+
+def test_ops_append_entries_and_log_json(cli, made, tmp_path):
+    b, b2 = made
+    log = cli.json("audit", "log")
+    assert [e["kind"] for e in log] == ["backup", "verify", "restore", "backup", "delete"]
+    assert [e["seq"] for e in log] == list(range(5))
+    assert all(log[i]["prev"] == log[i - 1]["id"] for i in range(1, 5)) and log[0]["prev"] is None
+    key = Identity.load(cli.data_dir / "node.key")
+    assert {e["author"] for e in log} == {key.public_key.hex()}
+    source = log[0]["body"]["source"]
+    assert log[0]["body"] == {"manifest": b["manifest"], "name": "disk.img",
+                              "size": 5 * CS + 7, "chunks": 6,
+                              "source": {"kind": "file", "path": str(tmp_path / "disk.img"),
+                                         "mode": 0o644, "mtime_ns": source["mtime_ns"]}}
+    assert isinstance(source["mtime_ns"], int) and source["mtime_ns"] > 0
+    assert log[1]["body"]["result"] == "ok" and log[1]["body"]["holder"] == key.node_id.hex()
+    assert log[2]["body"]["manifest"] == b["manifest"]
+    assert log[4]["body"] == {"manifest": b2["manifest"], "name": "disk.img", "version": 2}
+    text = cli("audit", "log").stdout.splitlines()
+    assert "5 entries" in text[0] and len(text) == 6 and "delete" in text[-1]
+    assert len(cli.json("audit", "log", "--limit", "2")) == 2
+    # by author prefix (node id)
+    assert cli.json("audit", "log", key.node_id.hex()[:8]) == log
+    # failed ops append nothing
+    cli("restore", "nosuch", tmp_path / "x.img", ok=False)
+    cli("verify", "nosuch", ok=False)
+    assert len(cli.json("audit", "log")) == 5
+    # node init on a data dir whose key the audit log created shows that identity
+    r = cli.json("node", "init")
+    assert r["existing"] is True
+    assert r["node_id"] == Identity.load(cli.data_dir / "node.key").node_id.hex()
+
+
+def test_verify_ok_then_break_after_tampering(cli, made):
+    p = cli("audit", "verify")
+    assert p.stdout.startswith("OK") and "5 entries" in p.stdout
+    db = sqlite3.connect(cli.data_dir / "audit.sqlite")
+    (raw,) = db.execute("SELECT raw FROM entries WHERE seq=2").fetchone()
+    raw = bytearray(raw)
+    raw[len(raw) // 2] ^= 0x40
+    with db:
+        db.execute("UPDATE entries SET raw=? WHERE seq=2", (bytes(raw),))
+    db.close()
+    p = cli("audit", "verify", ok=False)
+    assert p.returncode == 3
+    lines = p.stdout.strip().splitlines()
+    assert len(lines) == 1 and "BROKEN" in lines[0] and "seq 2" in lines[0], p.stdout
+    doc = json.loads(cli("audit", "verify", "--json", ok=False).stdout)
+    assert doc[0]["problems"][0]["seq"] == 2 and doc[0]["entries_checked"] == 2
+
+
+def test_verify_reports_deleted_entry_at_next_seq(cli, made):
+    db = sqlite3.connect(cli.data_dir / "audit.sqlite")
+    with db:
+        db.execute("DELETE FROM entries WHERE seq=1")
+    db.close()
+    p = cli("audit", "verify", ok=False)
+    assert p.returncode == 3 and "seq 2" in p.stdout and "gap" in p.stdout
+
+
+def test_certificate_export_and_offline_check(cli, made, tmp_path):
+    b, _ = made
+    cert = tmp_path / "c.cert"
+    with open(cert, "wb") as f:
+        p = subprocess.run([str(HYPERSDK), "audit", "certificate", "disk.img@1"], stdout=f,
+                           stderr=subprocess.PIPE, text=False, env=cli_env(cli.data_dir),
+                           timeout=60)
+    assert p.returncode == 0 and b"no witness yet" in p.stderr
+    # offline: another data dir, no store, no node
+    other = Cli(tmp_path / "elsewhere")
+    r = other("audit", "check-certificate", cert)
+    assert r.stdout.startswith("VALID") and "WARNING: no witness yet" in r.stdout
+    doc = other.json("audit", "check-certificate", cert)
+    assert doc["ok"] and doc["manifest"] == b["manifest"] and doc["chain_entries"] == 5
+    assert not doc["witnessed"]
+    assert other("audit", "check-certificate", cert, "--require-witness", ok=False).returncode == 4
+    assert not (tmp_path / "elsewhere").exists()
+    # -o FILE and a manifest-id REF give the same certificate
+    cli("audit", "certificate", b["manifest"][:12], "-o", tmp_path / "c2.cert")
+    assert (tmp_path / "c2.cert").read_bytes() == cert.read_bytes()
+    # a deleted backup keeps its entry: certificate by manifest id still works
+    cli("delete", "disk.img@1")
+    cli("audit", "certificate", b["manifest"], "-o", tmp_path / "c3.cert")
+    assert other.json("audit", "check-certificate", tmp_path / "c3.cert")["chain_entries"] == 6
+
+
+@pytest.mark.parametrize("how", ["truncate", "flip", "drop_entry", "empty", "swap_manifest"])
+def test_altered_certificate_is_rejected_with_a_reason(cli, made, tmp_path, how):
+    cert = tmp_path / "c.cert"
+    cli("audit", "certificate", "disk.img@1", "-o", cert)
+    data = bytearray(cert.read_bytes())
+    if how == "truncate":
+        data = data[:len(data) - 40]
+    elif how == "flip":
+        data[len(data) // 2] ^= 1
+    elif how == "drop_entry":
+        doc = codec.decode(bytes(data))
+        del doc["chain"][2]
+        data = codec.encode(doc)
+    elif how == "empty":
+        data = b""
+    else:
+        doc = codec.decode(bytes(data))
+        doc["manifest"] = bytes(32)
+        data = codec.encode(doc)
+    cert.write_bytes(bytes(data))
+    p = Cli(tmp_path / "elsewhere")("audit", "check-certificate", cert, ok=False)
+    assert p.returncode == 3
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "INVALID certificate" in lines[0], p.stderr
+    reason = {"truncate": "truncated", "flip": "", "drop_entry": "gap", "empty": "truncated",
+              "swap_manifest": "names manifest"}[how]
+    assert reason in lines[0]
+
+
+def log_entries(data_dir, author):
+    with AuditLog(data_dir) as log:
+        return list(log.entries(author))
+
+
+def test_certificate_carries_a_witness_from_another_node(cli, made, tmp_path):
+    b, _ = made
+    own = Identity.load(cli.data_dir / "node.key")
+    with AuditLog(cli.data_dir) as log:
+        head = log.head(own.public_key)
+    # node W (its own data dir) witnesses our head; its log reaches us (part 2: gossip)
+    with AuditLog(tmp_path / "w") as wlog:
+        wlog.append("restore", {"manifest": bytes(32), "size": 0, "chunks": 0})
+        assert wlog.witness() is None                      # nothing foreign to witness yet
+        wlog.add_foreign(list(log_entries(cli.data_dir, own.public_key)))
+        w = wlog.witness()
+        assert audit.witness_heads(w) == [(own.public_key, head.seq, head.id)]
+        w_entries = list(wlog.entries(wlog.own_author))
+    with AuditLog(cli.data_dir) as log:
+        r = log.add_foreign(w_entries)
+        assert r.added == 2 and not r.rejected and r.replays == 0
+    cert = tmp_path / "c.cert"
+    cli("audit", "certificate", "disk.img@1", "-o", cert)
+    doc = Cli(tmp_path / "x").json("audit", "check-certificate", cert, "--require-witness")
+    assert doc["witnessed"] and doc["witnessed_seq"] == head.seq
+    assert doc["witnesses"] == [{"author": w.author.hex(), "seq": w.seq, "id": w.id.hex()}]
+    assert "witnessed up to seq 4" in Cli(tmp_path / "x")("audit", "check-certificate",
+                                                          cert).stdout
+    # audit verify --all checks both logs
+    out = cli("audit", "verify", "--all").stdout.splitlines()
+    assert len(out) == 2 and all(line.startswith("OK") for line in out)
+
+
+def test_certificate_of_an_unknown_ref_is_one_clear_line(cli, made):
+    p = cli("audit", "certificate", "nosuch", ok=False)
+    assert "nosuch" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_audit_commands_before_any_log(cli):
+    p = cli("audit", "log", ok=False)
+    assert "no audit log" in p.stderr
+
+
+def test_ops_through_a_running_node_append_to_the_same_log(cli, nodes, tmp_path):  # noqa: F811
+    n = nodes(cli)
+    src = image(tmp_path / "disk.img")
+    cli("backup", src, "--chunk-size", "64K")
+    cli("verify", "disk.img")
+    assert cli.json("status")["served"].get("backup") == 1      # ran inside the daemon
+    cli("restore", "disk.img", tmp_path / "o.img")
+    assert kinds(cli) == ["backup", "verify", "restore"]
+    assert n.stop() == 0
+    cli("delete", "disk.img")                                    # and without the node
+    assert kinds(cli) == ["backup", "verify", "restore", "delete"]
+    assert cli("audit", "verify").stdout.startswith("OK")
+    key = Identity.load(cli.data_dir / "node.key")
+    assert {e["author"] for e in cli.json("audit", "log")} == {key.public_key.hex()}
+    assert os.stat(cli.data_dir / "node.key").st_mode & 0o777 == 0o600

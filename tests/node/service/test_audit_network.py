@@ -1,0 +1,108 @@
+"""Audit gossip and `verify --network` between real `hypersdk node run`
+processes on 127.0.0.1: A backs up; B and C fetch replicas; D, which holds
+nothing of the backup, verifies it from the network: A's signed backup entry
+(gossiped to D), the manifest, and possession challenges to A, B and C. Then
+C's copy is damaged on disk and the same verify names C.
+
+Anti-entropy runs every second here (HYPERSDK_AUDIT_SYNC) so that a late
+joiner catches up quickly; every wait is a bounded poll."""
+from __future__ import annotations
+
+from conftest import Cli, mixed_image
+from test_node_cli import nodes, poll  # noqa: F401  (fixture)
+
+CS = 64 << 10
+FAST = {"HYPERSDK_AUDIT_SYNC": "1", "HYPERSDK_AUDIT_WITNESS": "2"}
+
+
+def _flip_every_chunk(data_dir):
+    from hypersdk.node.store.packfile import HDR_LEN
+    from hypersdk.node.store.store import ChunkStore
+    with ChunkStore(data_dir, readonly=True) as store:
+        rows = [(bytes(c), p, o) for c, p, o in store.db.execute(
+            "SELECT id, pack, offset FROM chunks")]
+        paths = {p: store.pack_path(p) for _, p, _ in rows}
+    for _, p, o in rows:
+        with open(paths[p], "r+b") as f:
+            f.seek(o + HDR_LEN + 3)
+            b = f.read(1)
+            f.seek(o + HDR_LEN + 3)
+            f.write(bytes([b[0] ^ 0x55]))
+
+
+def test_backup_on_a_is_verified_from_d_with_challenges_to_b_and_c(tmp_path, nodes):
+    img = mixed_image(tmp_path / "img", 8 << 20, seed=4, chunk=CS)
+    a = nodes(Cli(tmp_path / "a"), env=FAST)
+    b, c, d = (nodes(Cli(tmp_path / n), "--bootstrap", a.addr, env=FAST) for n in "bcd")
+    mid = a.cli.json("backup", img, "--chunk-size", str(CS), "--name", "vm1")["manifest"]
+    ids = {n: n.cli.json("status")["node_id"] for n in (a, b, c, d)}
+    poll(lambda: b.cli.json("dht", "find", mid)["providers"], 30, "A's provider record",
+         interval=0.2)
+    for n in (b, c):
+        n.cli.json("fetch", mid)
+
+    # D learns every log by gossip: A's backup entry, B's and C's replica entries
+    def d_knows():
+        kinds = set()
+        for x in (a, b, c):
+            log = d.cli("audit", "log", ids[x][:16], "--json", ok=None)
+            if log.returncode == 0:
+                import json
+                kinds |= {e["kind"] for e in json.loads(log.stdout)}
+        return {"backup", "replica"} <= kinds
+    poll(d_knows, 60, "A's, B's and C's logs at D", interval=0.5)
+
+    st = d.cli.json("status")["audit"]                     # gossip figures in `status`
+    assert st["entries_added"] >= 3 and st["neighbours"] >= 1 and st["rejected"] == 0
+    doc = d.cli.json("verify", mid, "--network")
+    assert doc["ok"] is True, doc
+    e = doc["backup_entry"]
+    assert e["found"] and e["chain_ok"] and e["author_node_id"] == ids[a]
+    assert e["body"]["name"] == "vm1"
+    assert doc["manifest_check"]["ok"] and doc["manifest_check"]["chunks"] == 128
+    got = {h["node_id"]: h for h in doc["holders"]}
+    assert set(got) == {ids[a], ids[b], ids[c]}
+    for h in got.values():
+        assert h["result"] == "ok" and h["proven"] == h["asked"] > 0
+    # D recorded one verify entry per holder in its own signed log ...
+    mine = [x for x in d.cli.json("audit", "log") if x["kind"] == "verify"]
+    assert {x["body"]["holder"] for x in mine} == {ids[a], ids[b], ids[c]}
+    assert all(x["body"]["result"] == "ok" and x["body"]["summary"]["nonce"] for x in mine)
+    # ... which reaches A by gossip
+    poll(lambda: len([x for x in a.cli.json("audit", "log", ids[d][:16]) if x["kind"] == "verify"])
+         == 3, 60, "D's verify entries at A", interval=0.5)
+    # B, C and D witness A's log (every 2 s here) and their witness entries reach A:
+    # A's certificate of the backup then checks offline with --require-witness
+    cert = tmp_path / "vm1.cert"
+
+    def witnessed():
+        a.cli("audit", "certificate", "vm1", "-o", cert)
+        return a.cli("audit", "check-certificate", cert, "--require-witness", ok=None
+                     ).returncode == 0
+    poll(witnessed, 60, "a witnessed certificate", interval=0.5)
+    rep = Cli(tmp_path / "offline").json("audit", "check-certificate", cert)
+    from hypersdk.dht.keys import node_id
+    by = {node_id(bytes.fromhex(w["author"])).hex() for w in rep["witnesses"]}
+    assert rep["witnessed"] and by and by <= {ids[b], ids[c], ids[d]}
+    # by name, too (a backup entry's name, D has no catalog entry for it)
+    assert d.cli.json("verify", "vm1", "--network")["manifest"] == mid
+
+    # C's copy rots on disk: the challenge names C, nobody else
+    _flip_every_chunk(c.cli.data_dir)
+    p = d.cli("verify", mid, "--network", "--json", ok=False)
+    assert p.returncode == 3
+    import json
+    doc = json.loads(p.stdout)
+    got = {h["node_id"]: h["result"] for h in doc["holders"]}
+    assert got[ids[c]] in ("missing", "damaged") and got[ids[a]] == got[ids[b]] == "ok"
+    text = d.cli("verify", mid, "--network", ok=False).stdout
+    assert ids[c][:16] in text and "FAILED" in text
+
+
+def test_verify_network_needs_the_node_and_a_ref(tmp_path):
+    cli = Cli(tmp_path / "x")
+    p = cli("verify", "--network", ok=False)
+    assert p.returncode != 0 and "needs a REF" in p.stderr
+    p = cli("verify", "vm", "--network", ok=False)
+    assert p.returncode != 0 and "running node" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
