@@ -7,7 +7,7 @@
     exchange/  chunk exchange and the swarm   |  kademlia/  the DHT service
     store/     the chunk store                |  sources/   local images (vSphere next)
     net/       transports, identities, peers                        (bottom layer)
-    errors.py, config.py   shared by every layer
+    errors.py, config.py, files.py (private modes, file locks)   shared by every layer
 
 Each layer imports only the layers below it (pyproject.toml [tool.importlinter],
 checked by tests/test_layout.py).

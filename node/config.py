@@ -28,6 +28,17 @@ def parse_size(text: str) -> int:
     return int(m.group(1)) * _UNITS[m.group(2).upper()]
 
 
+_DURATION = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> int:
+    """'90s', '30m', '1h', '7d' -> nanoseconds."""
+    m = re.fullmatch(r"\s*(\d+)\s*([smhd])\s*", text or "")
+    if not m or int(m.group(1)) == 0:
+        raise UsageError(f"cannot read duration {text!r} (examples: 30m, 1h, 7d)")
+    return int(m.group(1)) * _DURATION[m.group(2)] * 10**9
+
+
 def human(n: float) -> str:
     """Decimal units (MB = 10^6 bytes), as the benchmarks use."""
     for unit in ("B", "kB", "MB", "GB", "TB"):

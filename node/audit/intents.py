@@ -33,9 +33,9 @@ import sqlite3
 
 from hypersdk.dht.keys import node_id
 from hypersdk.node.audit.log import DB_NAME, AuditLog, bounded_source
+from hypersdk.node.files import flock
 from hypersdk.node.store import catalog
 from hypersdk.node.store.intents import done, pending
-from hypersdk.node.store.locks import flock
 from hypersdk.protocol import audit
 
 LOCK = "intents.lock"

@@ -57,8 +57,8 @@ from pathlib import Path
 
 from hypersdk.dht.keys import node_id as node_id_of
 from hypersdk.node.errors import UserError
+from hypersdk.node.files import private_db, private_dir
 from hypersdk.node.net.identity import Identity
-from hypersdk.node.store.private import private_db, private_dir
 from hypersdk.protocol import audit, codec
 from hypersdk.protocol.errors import AuditChainBroken, ForkDetected, RemoteProtocolError
 
@@ -193,7 +193,7 @@ class AuditLog:
             # Two processes creating the db at once: switching to WAL can fail with
             # "database is locked" without waiting on the busy timeout, so creation
             # runs under a file lock and re-checks the version inside it.
-            from hypersdk.node.store.locks import flock
+            from hypersdk.node.files import flock
             with flock(self.data_dir / "audit.lock", exclusive=True):
                 version = self.db.execute("PRAGMA user_version").fetchone()[0]
                 if version < SCHEMA_VERSION:

@@ -9,8 +9,7 @@
     gc.py         mark and sweep, hole punching, compaction
     verify.py     re-reading and re-hashing stored chunks
     intents.py    the audit entries committed operations owe (the index's half)
-    locks.py      cross-process file locks; private.py  0700/0600 data dirs
 
-May import: hypersdk.protocol, hypersdk.node.errors / config. Not the network,
+May import: hypersdk.protocol, hypersdk.node.errors / config / files. Not the network,
 the audit log, the services or anything above (import-linter checks it).
 """

@@ -24,9 +24,8 @@ from pathlib import Path
 import zstandard
 
 from hypersdk.node.errors import UserError
+from hypersdk.node.files import flock, private_db, private_dir
 from hypersdk.node.store import delta, intents, packfile
-from hypersdk.node.store.locks import flock
-from hypersdk.node.store.private import private_db, private_dir
 from hypersdk.protocol.chunks import chunk_id
 from hypersdk.protocol.errors import ChunkCorrupt, ChunkHashMismatch, ChunkMissing
 

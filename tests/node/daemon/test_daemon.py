@@ -274,7 +274,7 @@ async def test_client_going_away_cancels_a_store_op(tmp_path):
     progress step; nothing is recorded and the node keeps serving. The test
     holds the store's write lock so the backup is certainly still running
     when the client leaves."""
-    from hypersdk.node.store.locks import flock
+    from hypersdk.node.files import flock
     from hypersdk.protocol import codec
     data = tmp_path / "a"
     src = random_image(tmp_path / "disk.img", 4 * 65536)

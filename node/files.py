@@ -1,4 +1,6 @@
-"""The data dir is private: the directory 0700, every file in it 0600.
+"""Files of a data dir: private modes and cross-process locks (used by every layer).
+
+The data dir is private: the directory 0700, every file in it 0600.
 
 Backup names, source paths and the audit log are nobody else's business on a
 shared machine. The directory is made 0700 before anything is created in it,
@@ -11,11 +13,20 @@ It must never open and close a descriptor of a database file: closing any
 descriptor of a file drops every POSIX lock the process holds on it, SQLite's
 included, and another connection of this process would then lose its locks.
 Data dirs made by an older hypersdk (0755 / 0644) are tightened when opened.
+
+Advisory file locks between hypersdk processes sharing one data dir.
+
+write.lock  : one writer at a time (backup, delete, gc).
+compact.lock: readers (restore, verify) hold it shared; gc holds it exclusive
+              while it deletes or moves chunks, so no reader sees a pack vanish.
+A killed process releases its locks with its file descriptors.
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import stat
+from contextlib import contextmanager
 from pathlib import Path
 
 DIR_MODE, FILE_MODE = 0o700, 0o600
@@ -47,3 +58,19 @@ def _tighten(path: Path, mode: int) -> None:
         return                           # not ours to change
     if stat.S_IMODE(st.st_mode) & 0o077:
         os.chmod(path, stat.S_IMODE(st.st_mode) & mode)
+
+
+@contextmanager
+def flock(path: Path, *, exclusive: bool, on_wait=None):
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait:
+                on_wait(f"waiting for another hypersdk process to release {path.name}")
+            fcntl.flock(fd, mode)
+        yield
+    finally:
+        os.close(fd)           # releases the lock
