@@ -384,6 +384,7 @@ def measure(a) -> dict:
         log("hypersdk raw:", json.dumps(r))
         if not a.no_anchor:
             res["lt_raw"] = r = run_libtorrent(1)
+            r["image_bytes"] = IMG.stat().st_size      # libtorrent's raw run: the swarm image
             log("libtorrent 1 seed:", json.dumps({k: v for k, v in r.items()
                                                  if k not in ("seeders",)}))
     res["load_end"] = loadavg()
@@ -421,7 +422,8 @@ def table(a, res: dict, whole: dict) -> list[str]:
         h, lt = res["hypersdk_raw"], res.get("lt_raw")
         rows.append(f"| raw {a.raw_mib} MiB incompressible, 1 seed -> 1 | "
                     f"{h['MB_per_s']:.0f} MB/s ({h['wall_s']:.2f} s) | "
-                    + (f"{lt['MB_per_s']:.0f} MB/s (2 GiB, {lt['wall_s']:.2f} s) | "
+                    + (f"{lt['MB_per_s']:.0f} MB/s ({size_label(lt['image_bytes'])}, "
+                       f"{lt['wall_s']:.2f} s) | "
                        f"{h['MB_per_s'] / lt['MB_per_s']:.2f}x |" if lt else "- | - |"))
     rows.append(f"\nload average: start {res['load_start']}, end {res['load_end']}, "
                 f"{whole['nproc']} cores")
