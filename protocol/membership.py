@@ -317,3 +317,83 @@ def decode_token(text: str) -> Token:
         raise MembershipError(f"not an invitation token ({problem})")
     return Token(doc["network"], doc["secret"], doc["site"], tuple(doc["roles"]),
                  doc["expires"], tuple(doc["addrs"]))
+
+
+# -- joining with a token (protocol JOIN_PROTOCOL) ------------------------------------
+# One request and one answer on a fresh stream from the joiner to the inviter,
+# each a frame: a 4-byte big-endian length and a canonical msgpack map.
+#   request  {v, secret, node}        node: the joiner's public key, which must be the
+#                                     key of the authenticated connection
+#   answer   {v, cert, network, revocations, name}  or  {v, refused: reason}
+JOIN_PROTOCOL = "/hypersdk/join/1"
+MAX_JOIN_FRAME = 256 << 10
+MAX_JOIN_REVOCATIONS = 100
+MAX_NAME = 128
+_JOIN_REQ = {"v": lambda v: v == VERSION, "secret": _key, "node": _key}
+_JOIN_OK = {"v": lambda v: v == VERSION, "cert": lambda v: type(v) is bytes,
+            "network": _key, "name": lambda v: type(v) is str and len(v) <= MAX_NAME,
+            "revocations": lambda v: (type(v) is list and len(v) <= MAX_JOIN_REVOCATIONS
+                                      and all(type(r) is bytes for r in v))}
+_JOIN_NO = {"v": lambda v: v == VERSION,
+            "refused": lambda v: type(v) is str and 0 < len(v) <= MAX_REASON}
+
+
+def frame(doc: dict) -> bytes:
+    payload = codec.encode(doc)
+    if len(payload) > MAX_JOIN_FRAME:
+        raise LocalProtocolError(f"join frame of {len(payload)} bytes exceeds {MAX_JOIN_FRAME}")
+    return len(payload).to_bytes(4, "big") + payload
+
+
+def frame_length(header: bytes) -> int:
+    n = int.from_bytes(header, "big")
+    if not 0 < n <= MAX_JOIN_FRAME:
+        raise MembershipError(f"join frame of {n} bytes (at most {MAX_JOIN_FRAME})")
+    return n
+
+
+def join_request(secret: bytes, node: bytes) -> bytes:
+    return frame({"v": VERSION, "secret": secret, "node": node})
+
+
+def decode_join_request(payload: bytes) -> tuple[bytes, bytes]:
+    doc = codec.decode(payload, max_size=MAX_JOIN_FRAME)
+    problem = _problem(doc, _JOIN_REQ)
+    if problem:
+        raise MembershipError(f"join request: {problem}")
+    return doc["secret"], doc["node"]
+
+
+def join_answer(cert: bytes, network: bytes, revocations, name: str) -> bytes:
+    return frame({"v": VERSION, "cert": cert, "network": network, "name": name[:MAX_NAME],
+                  "revocations": list(revocations)[-MAX_JOIN_REVOCATIONS:]})
+
+
+def join_refusal(reason: str) -> bytes:
+    return frame({"v": VERSION, "refused": (reason or "refused")[:MAX_REASON]})
+
+
+@dataclass(frozen=True)
+class JoinAnswer:
+    cert: bytes
+    network: bytes
+    revocations: tuple[bytes, ...]
+    name: str
+
+
+class JoinRefused(MembershipError):
+    """The inviter refused (the reason is its words)."""
+
+
+def decode_join_answer(payload: bytes) -> JoinAnswer:
+    """The inviter's answer; JoinRefused with its reason, MembershipError if malformed."""
+    doc = codec.decode(payload, max_size=MAX_JOIN_FRAME)
+    if type(doc) is dict and "refused" in doc:
+        problem = _problem(doc, _JOIN_NO)
+        if problem:
+            raise MembershipError(f"join answer: {problem}")
+        raise JoinRefused(doc["refused"])
+    problem = _problem(doc, _JOIN_OK)
+    if problem:
+        raise MembershipError(f"join answer: {problem}")
+    return JoinAnswer(doc["cert"], doc["network"], tuple(doc["revocations"]), doc["name"])

@@ -160,12 +160,23 @@ def _sole(eg: BaseExceptionGroup) -> BaseException:
 
 
 @cli.command()
-@click.argument("addr", metavar="MULTIADDR")
+@click.argument("addr", metavar="MULTIADDR|TOKEN")
 @json_option
 @click.pass_context
 def join(ctx, addr, as_json):
     """Connect the running node to the peer at MULTIADDR (/ip4/../tcp/../p2p/12D3KooW...)
-    and join the DHT through it; the peer is saved so a restart rejoins."""
+    and join the DHT through it; the peer is saved so a restart rejoins.
+
+    With an invitation TOKEN (hsdk1..., from `hypersdk invite`): join that network,
+    getting this node's member certificate from the inviter."""
+    if addr.strip().startswith("hsdk1."):
+        r = _ask(ctx, "join network", {"token": addr.strip()}, timeout=120.0)
+        c = r["certificate"]
+        emit(as_json, r, f"joined network {r['network']}"
+                         f"{' (' + r['name'] + ')' if r['name'] else ''} as "
+                         f"{', '.join(c['roles'])} at site {c['site']}; inviter {r['inviter']} "
+                         "saved as a peer")
+        return
     r = _ask(ctx, "join", {"addr": addr})
     emit(as_json, r, f"joined {r['peer_id']} (node {r['node_id'][:16]}); routing table "
                      f"{r['routing_table']} peers; saved in {r['saved']}")

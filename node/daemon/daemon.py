@@ -272,6 +272,7 @@ ARGS: dict[str, dict[str, Arg]] = {
     "status": {},
     "peers": {},
     "join": {"addr": Arg(str, valid=_text, desc="a multiaddr /ip4/../tcp/../p2p/<peer id>")},
+    "join network": {"token": Arg(str, valid=_text, desc="an invitation token hsdk1....")},
     "dht provide": {"key": _KEY},
     "dht find": {"key": _KEY, "count": Arg(int, required=False, default=1,
                                            valid=lambda n: 1 <= n <= 64,
@@ -485,6 +486,10 @@ class Daemon:
         from hypersdk.node.service import net_verify
         if "verify" in COMMANDS and not getattr(COMMANDS["verify"], "network", False):
             net_verify.register(COMMANDS, CommandReply)
+        from hypersdk.node.service import enroll
+        if "join network" not in COMMANDS:
+            enroll.register(COMMANDS, CommandReply)
+        self.enrollment = enroll.Enrollment(self)
         self.audit = None                   # node.service.net_verify.AuditNet once running
         self.nursery: trio.Nursery | None = None
 
@@ -523,6 +528,7 @@ class Daemon:
                     await nursery.start(self.dht.run)
                     self.nursery = nursery
                     self.replication.start_serving()
+                    self.enrollment.start_serving()
                     from hypersdk.node.service.net_verify import AuditNet
                     self.audit = AuditNet(self)
                     await self.audit.start(nursery)

@@ -237,3 +237,33 @@ def members(data_dir, *, now: int) -> list[dict]:
             status = str(exc)
         out.append(dict(c.to_json(), status=status, this_node=c.node == net.cert.node))
     return out
+
+
+def enroll(data_dir, token: ms.Token, answer: ms.JoinAnswer, identity: Identity, *,
+           now: int) -> Network:
+    """Keep the certificate a join brought back, after checking it against what the
+    token promised: the token's network key (pinned: the answer must name the same
+    key), this node's key, the site and roles offered, valid now."""
+    d = _dir(data_dir)
+    if (d / "network.pub").exists():
+        raise UserError(f"this node is already in network {load(data_dir).id.hex()[:16]}")
+    if answer.network != token.network:
+        raise UserError("the inviter answered for another network than the token names")
+    revs = []
+    for raw in answer.revocations:
+        revs.append(ms.check_revocation(token.network, raw))
+    try:
+        cert = ms.check_certificate(token.network, answer.cert, now=now, revocations=revs,
+                                    node=identity.public_key)
+    except ms.MembershipError as exc:
+        raise UserError(f"the certificate the inviter sent does not check: {exc}") from None
+    if cert.site != token.site or cert.roles != token.roles:
+        raise UserError(f"the inviter issued site {cert.site!r} roles {list(cert.roles)}, "
+                        f"not what the token offered ({token.site!r}, {list(token.roles)})")
+    private_dir(d)
+    _write(d / "state.json", json.dumps({"name": answer.name, "next_serial": 0, "invites": {},
+                                         "issued": [], "revocations": [r.raw.hex() for r in revs]},
+                                        indent=1, sort_keys=True).encode())
+    _write(d / "member.cert", cert.raw)
+    _write(d / "network.pub", token.network)        # last: its presence means "joined"
+    return load(data_dir)

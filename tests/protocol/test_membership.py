@@ -193,3 +193,28 @@ def test_a_truncated_or_altered_token_is_refused():
     bad = ms.TOKEN_PREFIX + base64.urlsafe_b64encode(codec.encode(doc)).decode().rstrip("=")
     with pytest.raises(ms.MembershipError, match="fields"):
         ms.decode_token(bad)
+
+
+def test_join_frames_round_trip_and_refusals_carry_their_reason():
+    c = cert()
+    payload = ms.join_answer(c.raw, NET.public_key, [], "acme")[4:]
+    a = ms.decode_join_answer(payload)
+    assert a.cert == c.raw and a.network == NET.public_key and a.name == "acme"
+    with pytest.raises(ms.JoinRefused, match="invitation expired"):
+        ms.decode_join_answer(ms.join_refusal("invitation expired")[4:])
+    req = ms.join_request(bytes(32), NODE.public_key)
+    assert ms.frame_length(req[:4]) == len(req) - 4
+    assert ms.decode_join_request(req[4:]) == (bytes(32), NODE.public_key)
+    for n in (0, ms.MAX_JOIN_FRAME + 1):
+        with pytest.raises(ms.MembershipError):
+            ms.frame_length(n.to_bytes(4, "big"))
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=2000))
+def test_join_frames_of_garbage_raise_only_protocol_errors(data):
+    for fn in (ms.decode_join_request, ms.decode_join_answer):
+        try:
+            fn(data)
+        except RemoteProtocolError:
+            pass

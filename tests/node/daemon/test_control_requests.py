@@ -33,6 +33,7 @@ VALID = {
     "status": ({}, []),
     "peers": ({}, []),
     "join": ({"addr": DEAD}, ["addr"]),
+    "join network": ({"token": "hsdk1.AAAA"}, ["token"]),
     "dht provide": ({"key": KEY}, ["key"]),
     "dht find": ({"key": KEY, "count": 1}, ["key"]),
 }

@@ -42,14 +42,17 @@ def test_backup_on_a_is_verified_from_d_with_challenges_to_b_and_c(tmp_path, nod
         n.cli.json("fetch", mid)
 
     # D learns every log by gossip: A's backup entry, B's and C's replica entries
+    # (each author's own entry: a wait for "some backup and some replica" ended as soon
+    # as one of the two replica entries had arrived, and the count below then failed)
+    want = {a: "backup", b: "replica", c: "replica"}
+
     def d_knows():
-        kinds = set()
-        for x in (a, b, c):
+        import json
+        for x, kind in want.items():
             log = d.cli("audit", "log", ids[x][:16], "--json", ok=None)
-            if log.returncode == 0:
-                import json
-                kinds |= {e["kind"] for e in json.loads(log.stdout)}
-        return {"backup", "replica"} <= kinds
+            if log.returncode != 0 or kind not in {e["kind"] for e in json.loads(log.stdout)}:
+                return False
+        return True
     poll(d_knows, 60, "A's, B's and C's logs at D", interval=0.5)
 
     st = d.cli.json("status")["audit"]                     # gossip figures in `status`

@@ -1,0 +1,142 @@
+"""Joining a network with an invitation token, over the network (protocol/membership.py
+JOIN_PROTOCOL).
+
+The joiner's node dials an address the token names (libp2p: Noise authenticates
+both keys), opens a JOIN_PROTOCOL stream and sends the token's secret with its
+own public key; the inviter checks that the key is the connection's, redeems
+the invitation (once, before it expires: node/net/membership.py) and answers
+with the certificate, the network's public key, its revocations and name. The
+joiner checks the certificate against the key the token pinned and keeps it.
+
+The inviter's handler reads one bounded frame within READ_TIMEOUT, never lets
+an exception escape (py-libp2p drops the whole host when a handler raises) and
+answers a refusal with its reason in words, which the joiner prints.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import trio
+
+from hypersdk.dht.keys import node_id
+from hypersdk.node.errors import UsageError, UserError
+from hypersdk.node.net import membership
+from hypersdk.protocol import membership as ms
+from hypersdk.protocol.errors import RemoteProtocolError
+
+log = logging.getLogger(__name__)
+
+READ_TIMEOUT = 10.0               # seconds a joiner may take to send its request
+ANSWER_TIMEOUT = 20.0             # seconds a joiner waits for the inviter's answer
+
+
+async def _read_frame(stream) -> bytes:
+    header = await _read_exactly(stream, 4)
+    return await _read_exactly(stream, ms.frame_length(header))
+
+
+async def _read_exactly(stream, n: int) -> bytes:
+    buf = bytearray()
+    for _ in range(n + 1):                       # bounded: each read returns >= 1 byte
+        if len(buf) >= n:
+            break
+        got = await stream.receive_some(min(n - len(buf), 65536))
+        if not got:
+            raise ms.MembershipError("the other side closed the stream mid-frame")
+        buf += got
+    return bytes(buf)
+
+
+class Enrollment:
+    """The daemon's side of joining: serve joiners, and join with a token."""
+
+    def __init__(self, daemon):
+        self.d = daemon
+        self.refused = 0          # join requests refused (a count for `status`)
+        self.admitted = 0
+
+    def start_serving(self) -> None:
+        self.d.net.set_handler(ms.JOIN_PROTOCOL, self.handle)
+
+    async def handle(self, stream, peer_id: bytes) -> None:
+        try:
+            try:
+                with trio.fail_after(READ_TIMEOUT):
+                    secret, node = ms.decode_join_request(await _read_frame(stream))
+                if node_id(node) != peer_id:
+                    raise UserError("the key in the request is not the connection's key")
+                cert = await trio.to_thread.run_sync(
+                    lambda: membership.redeem(self.d.data_dir, secret, node, now=time.time_ns()))
+                net = membership.load(self.d.data_dir)
+                revs = [r.raw for r in membership.revocations(self.d.data_dir)]
+                answer = ms.join_answer(cert.raw, net.public, revs, net.name)
+                self.admitted += 1
+                log.info("join: admitted node %s at site %s", node.hex()[:16], cert.site)
+            except UserError as exc:
+                self.refused += 1
+                log.info("join: refused %s: %s", peer_id.hex()[:16], exc)
+                answer = ms.join_refusal(str(exc))
+            except (RemoteProtocolError, trio.TooSlowError) as exc:
+                self.refused += 1
+                log.info("join: bad request from %s: %r", peer_id.hex()[:16], exc)
+                answer = ms.join_refusal("malformed join request")
+            with trio.move_on_after(READ_TIMEOUT):
+                await stream.send_all(answer)
+        except Exception as exc:                   # never into py-libp2p's host
+            log.debug("join handler: %r", exc)
+        finally:
+            with trio.move_on_after(1):
+                try:
+                    await stream.aclose()
+                except Exception:
+                    pass
+
+    async def join(self, text: str) -> dict:
+        """Join the network of invitation token `text`; a JSON document."""
+        try:
+            token = ms.decode_token(text)
+        except ms.MembershipError as exc:
+            raise UsageError(str(exc)) from None
+        d = self.d
+        if membership.load(d.data_dir) is not None:
+            raise UserError("this node is already in a network (`hypersdk network show`)")
+        if time.time_ns() >= token.expires:
+            raise UserError("invitation expired: ask for a new one")
+        errors = []
+        for addr in token.addrs:
+            try:
+                contact = await d.dial(addr)
+                stream = await d.net.open_stream(contact.id, addr, ms.JOIN_PROTOCOL)
+                try:
+                    with trio.fail_after(ANSWER_TIMEOUT):
+                        await stream.send_all(ms.join_request(token.secret,
+                                                              d.identity.public_key))
+                        answer = ms.decode_join_answer(await _read_frame(stream))
+                finally:
+                    with trio.move_on_after(1):
+                        await stream.aclose()
+            except ms.JoinRefused as exc:
+                raise UserError(f"the inviter refused: {exc}") from None
+            except (UserError, RemoteProtocolError, trio.TooSlowError, OSError) as exc:
+                errors.append(f"{addr}: {exc or 'no answer in time'}")
+                continue
+            net = await trio.to_thread.run_sync(
+                lambda: membership.enroll(d.data_dir, token, answer, d.identity,
+                                          now=time.time_ns()))
+            d.saved.add(addr)
+            return dict(net.to_json(), inviter=addr)
+        raise UserError("could not reach the inviter: " + "; ".join(errors))
+
+
+def register(commands: dict, command_reply) -> None:
+    async def join_network(d, args, events):
+        doc = await d.enrollment.join(str(args["token"]))
+        c = doc["certificate"]
+        return command_reply(doc, f"joined network {doc['network']}"
+                                  f"{' (' + doc['name'] + ')' if doc['name'] else ''} as "
+                                  f"{', '.join(c['roles'])} at site {c['site']} "
+                                  f"(certificate serial {c['serial']}); inviter "
+                                  f"{doc['inviter']} saved as a peer", 0)
+
+    commands["join network"] = join_network
