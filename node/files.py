@@ -26,6 +26,7 @@ from __future__ import annotations
 import fcntl
 import os
 import stat
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -74,3 +75,33 @@ def flock(path: Path, *, exclusive: bool, on_wait=None):
         yield
     finally:
         os.close(fd)           # releases the lock
+
+
+def write_atomic(path, data: bytes) -> None:
+    """Replace the file at path with data, mode 0600, durably: a temporary file in
+    the same directory, fsync, rename, fsync of the directory. A crash leaves the
+    old file or the new one, never a torn one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{threading.get_ident()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, FILE_MODE)
+    try:
+        try:
+            os.fchmod(fd, FILE_MODE)            # the umask can only remove bits: be explicit
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)

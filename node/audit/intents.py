@@ -31,12 +31,12 @@ from __future__ import annotations
 import os
 import sqlite3
 
-from hypersdk.dht.keys import node_id
-from hypersdk.node.audit.log import DB_NAME, AuditLog, bounded_source
 from hypersdk.node.files import flock
-from hypersdk.node.store import catalog
 from hypersdk.node.store.intents import done, pending
-from hypersdk.protocol import audit
+
+# the audit log (and with it cryptography, ~20 ms) is imported where an entry is
+# actually owed: every store command flushes first, and almost always finds nothing
+DB_NAME = "audit.sqlite"                  # = hypersdk.node.audit.log.DB_NAME
 
 LOCK = "intents.lock"
 CRASH_ENV = "HYPERSDK_TEST_CRASH_AT"
@@ -56,8 +56,9 @@ def flush(store, warn=None) -> list:
     entries appended. A failure (e.g. a full disk) leaves the rest pending for
     the next flush and, with `warn`, says so in one line."""
     out = []
-    if not pending(store) and not (store.root / DB_NAME).exists():
+    if not pending(store) and not _restores_owed(store.root / DB_NAME):
         return out
+    from hypersdk.node.audit.log import AuditLog
     try:
         with flock(store.root / LOCK, exclusive=True), AuditLog(store.root) as log:
             for iid, kind, body in pending(store):
@@ -76,11 +77,27 @@ def flush(store, warn=None) -> list:
     return out
 
 
+def _restores_owed(db_path) -> bool:
+    """Whether the audit log holds restore intents (a read-only look, no AuditLog)."""
+    if not db_path.exists():
+        return False
+    try:
+        db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=60)
+        try:
+            return db.execute("SELECT 1 FROM restore_intents LIMIT 1").fetchone() is not None
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return True                       # an older schema, or busy: let flush() look
+
+
 def restore_recorder(data_dir, warn=None):
     """restore()'s before_commit hook: note the restore entry owed before the
     rename (AuditLog.begin_restore), append it after (finish_restore), or drop
     it if the rename did not happen. If the log cannot be written (a full
     disk), the restore goes on and `warn` says the entry is missing."""
+    from hypersdk.node.audit.log import AuditLog
+
     def before_commit(m, out: str, tmp: str, st):
         body = {"manifest": m.id, "size": m.size, "chunks": m.n_chunks}
         try:
@@ -107,10 +124,14 @@ def restore_recorder(data_dir, warn=None):
     return before_commit
 
 
-def reconcile(data_dir, store) -> list[audit.Entry]:
+def reconcile(data_dir, store) -> list:
     """Append the backup (or, for a fetched replica, replica) entry of every
     catalog backup our own log lacks: an op killed between its commit and its
     audit append. Returns the entries appended."""
+    from hypersdk.dht.keys import node_id
+    from hypersdk.node.audit.log import AuditLog, bounded_source
+    from hypersdk.node.store import catalog
+    from hypersdk.protocol import audit
     out = flush(store)
     with AuditLog(data_dir) as log:
         own = log.own_author

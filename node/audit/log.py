@@ -678,19 +678,11 @@ def _intent_body(kind: str, body: dict, ident: Identity) -> dict:
     return body
 
 
-# -- hooks for the store ops and the fetch path -------------------------------------
+# -- hooks for the store ops ---------------------------------------------------------
 def record(data_dir, kind: str, body: dict, now_ns: int | None = None) -> audit.Entry:
     """Append one entry to the node's own log in data_dir."""
     with AuditLog(data_dir) as log:
         return log.append(kind, body, now_ns)
-
-
-def record_replica(data_dir, manifest_id: bytes, holder: bytes,
-                   now_ns: int | None = None) -> audit.Entry:
-    """Record that `holder` (a 32-byte node id; our own after a fetch) holds a
-    full replica of manifest_id. Called by the fetch path."""
-    return record(data_dir, "replica", {"manifest": bytes(manifest_id), "holder": bytes(holder)},
-                  now_ns)
 
 
 def bounded_source(source: dict) -> dict:
@@ -709,11 +701,10 @@ def bounded_source(source: dict) -> dict:
 
 
 def record_after_op(data_dir, kind: str, body: dict, warn=None) -> audit.Entry | None:
-    """The store ops' hook: append an entry once the op has succeeded. The op's
-    result stands even if the append fails (e.g. a full disk during a restore);
-    then `warn` gets one line and None is returned."""
-    if kind == "backup":
-        body = dict(body, source=bounded_source(body.get("source", {})))
+    """The verify op's hook: append an entry once the check is done (operations
+    that commit owe theirs through intents instead: node/audit/intents.py). The
+    check's result stands even if the append fails (e.g. a full disk); then
+    `warn` gets one line and None is returned."""
     try:
         if kind == "verify" and body.get("holder") is None:
             body = dict(body, holder=own_identity(data_dir).node_id)

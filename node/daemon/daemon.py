@@ -65,6 +65,7 @@ from hypersdk.node.config import DEFAULT_ZSTD_LEVEL
 from hypersdk.node.daemon import control
 from hypersdk.node.daemon.control import Arg
 from hypersdk.node.errors import UserError
+from hypersdk.node.files import write_atomic
 from hypersdk.node.net.identity import Identity
 from hypersdk.node.net.peers import SavedPeers
 from hypersdk.node.net.transport import TransportError
@@ -167,15 +168,6 @@ def node_lock(data_dir: Path):
         yield
     finally:
         os.close(fd)                        # releases the lock
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _unlink(path: Path) -> None:
@@ -534,7 +526,7 @@ class Daemon:
                     await self.audit.start(nursery)
                     await nursery.start(self._serve_control)
                     self.started = trio.current_time()
-                    _write_atomic(addrs_file, "".join(a + "\n" for a in self.addrs))
+                    write_atomic(addrs_file, "".join(a + "\n" for a in self.addrs).encode())
                     nursery.start_soon(self._join_then_announce)
                     task_status.started(self)
             finally:

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from hypersdk.dht.keys import node_id as _node_id
 from hypersdk.node.errors import UserError
+from hypersdk.node.files import write_atomic
 
 KEY_BYTES = 32
 
@@ -93,28 +94,7 @@ class Identity:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the key file atomically with mode 0600 (replacing any old one)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            try:
-                os.fchmod(fd, 0o600)            # umask can only remove bits; be explicit
-                os.write(fd, self.private_bytes())
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        write_atomic(path, self.private_bytes())
 
     # -- the key ------------------------------------------------------------
     def private_bytes(self) -> bytes:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hypersdk.node.errors import UserError
-from hypersdk.node.files import flock, private_dir
+from hypersdk.node.files import flock, private_dir, write_atomic
 from hypersdk.node.net.identity import Identity
 from hypersdk.protocol import membership as ms
 
@@ -57,25 +57,6 @@ def _dir(data_dir) -> Path:
     return Path(data_dir) / DIR
 
 
-def _write(path: Path, data: bytes) -> None:
-    """Atomic, durable, mode 0600."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def load(data_dir) -> Network | None:
     """This node's network, or None when it is in none."""
     d = _dir(data_dir)
@@ -100,7 +81,7 @@ def _state(data_dir):
     with flock(d / "state.lock", exclusive=True):
         doc = json.loads((d / "state.json").read_text())
         yield doc
-        _write(d / "state.json", json.dumps(doc, indent=1, sort_keys=True).encode())
+        write_atomic(d / "state.json", json.dumps(doc, indent=1, sort_keys=True).encode())
 
 
 def create(data_dir, identity: Identity, *, name: str, site: str, now: int,
@@ -119,15 +100,15 @@ def create(data_dir, identity: Identity, *, name: str, site: str, now: int,
     cert = ms.issue_certificate(key, identity.public_key, site=site,
                                 roles=["admin", "member"], serial=1,
                                 not_before=now, expires=now + CERT_LIFETIME_NS)
-    _write(d / "state.json", json.dumps({"name": name, "next_serial": 2, "invites": {},
+    write_atomic(d / "state.json", json.dumps({"name": name, "next_serial": 2, "invites": {},
                                          "issued": [cert.raw.hex()], "revocations": []},
                                         indent=1, sort_keys=True).encode())
-    _write(d / "member.cert", cert.raw)
+    write_atomic(d / "member.cert", cert.raw)
     if key_out is not None:
         key.save(key_out)
     else:
         key.save(d / "network.key")
-    _write(d / "network.pub", key.public_key)       # last: its presence means "created"
+    write_atomic(d / "network.pub", key.public_key)       # last: its presence means "created"
     return load(data_dir)
 
 
@@ -261,9 +242,9 @@ def enroll(data_dir, token: ms.Token, answer: ms.JoinAnswer, identity: Identity,
         raise UserError(f"the inviter issued site {cert.site!r} roles {list(cert.roles)}, "
                         f"not what the token offered ({token.site!r}, {list(token.roles)})")
     private_dir(d)
-    _write(d / "state.json", json.dumps({"name": answer.name, "next_serial": 0, "invites": {},
+    write_atomic(d / "state.json", json.dumps({"name": answer.name, "next_serial": 0, "invites": {},
                                          "issued": [], "revocations": [r.raw.hex() for r in revs]},
                                         indent=1, sort_keys=True).encode())
-    _write(d / "member.cert", cert.raw)
-    _write(d / "network.pub", token.network)        # last: its presence means "joined"
+    write_atomic(d / "member.cert", cert.raw)
+    write_atomic(d / "network.pub", token.network)        # last: its presence means "joined"
     return load(data_dir)

@@ -10,10 +10,10 @@ than silently forgotten, as it is the only way back into the network.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from hypersdk.node.errors import UserError
+from hypersdk.node.files import write_atomic
 
 FILE_NAME = "peers.json"
 MAX_PEERS = 256
@@ -53,24 +53,5 @@ class SavedPeers:
         return True
 
     def save(self, peers: list[str]) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
-        data = json.dumps({"version": 1, "peers": list(peers)}, indent=1).encode()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            try:
-                os.write(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        dfd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        write_atomic(self.path, json.dumps({"version": 1, "peers": list(peers)},
+                                           indent=1).encode())

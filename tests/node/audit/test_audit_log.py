@@ -62,12 +62,6 @@ def test_existing_node_key_is_used(tmp_path):
     assert e.author == ident.public_key
 
 
-def test_record_replica_hook(tmp_path):
-    holder = Identity.generate().node_id
-    e = audit_log.record_replica(tmp_path, M, holder)
-    assert e.kind == "replica" and e.body == {"manifest": M, "holder": holder}
-
-
 def _tamper(path, sql, *args):
     db = sqlite3.connect(path)
     with db:
