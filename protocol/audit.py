@@ -139,6 +139,9 @@ SCHEMAS = {
     "delete": {"manifest": _id, "name": _name, "version": _uint},
     # heads (author public key, seq, entry id) of other logs this node has seen
     "witness": {"heads": _heads},
+    # a revocation signed by the network key (protocol/membership.py), carried by
+    # the audit gossip to every member; the carrier's own authority does not matter
+    "revoke": {"revocation": lambda v: type(v) is bytes and 0 < len(v) <= 2048},
 }
 KINDS = tuple(SCHEMAS)
 

@@ -397,3 +397,88 @@ def decode_join_answer(payload: bytes) -> JoinAnswer:
     if problem:
         raise MembershipError(f"join answer: {problem}")
     return JoinAnswer(doc["cert"], doc["network"], tuple(doc["revocations"]), doc["name"])
+
+
+# -- proving membership on every connection -------------------------------------------
+# Right after the Noise handshake of every libp2p connection, before the muxer and
+# before any protocol handler, each side proves what it is in ONE Noise message
+# (node/net/gate.py runs the exchange; this is the message and the decision):
+#   initiator -> responder   Proof {v, net, cert, join}
+#   responder -> initiator   Proof (admitted)   or  {v, refused: reason} and close
+# net: the network id the sender is in (nil: in no network); cert: its member
+# certificate (nil without one); join: an invitation's secret (a node joining with
+# `hypersdk join TOKEN`; admitted to JOIN_PROTOCOL only). The initiator speaks
+# first, so a stranger that dials a member learns nothing but the refusal (not
+# the member's certificate, site or roles); a member that dials a node checks
+# the answer the same way and hangs up on a non-member.
+MAX_PROOF = 4096
+_PROOF = {"v": lambda v: v == VERSION, "net": lambda v: v is None or _key(v),
+          "cert": lambda v: v is None or (type(v) is bytes and 0 < len(v) <= MAX_RECORD),
+          "join": lambda v: v is None or _key(v)}
+
+
+@dataclass(frozen=True)
+class Proof:
+    net: bytes | None
+    cert: bytes | None
+    join: bytes | None
+
+
+class Refused(MembershipError):
+    """The other side refused us (its reason)."""
+
+
+def proof(net: bytes | None, cert: bytes | None, join: bytes | None = None) -> bytes:
+    doc = {"v": VERSION, "net": net, "cert": cert, "join": join}
+    problem = _problem(doc, _PROOF)
+    if problem:
+        raise LocalProtocolError(f"proof: {problem}")
+    return codec.encode(doc)
+
+
+def refusal(reason: str) -> bytes:
+    return codec.encode({"v": VERSION, "refused": (reason or "refused")[:MAX_REASON]})
+
+
+def decode_proof(payload: bytes) -> Proof:
+    """A Proof; Refused (with the peer's reason) or MembershipError if malformed."""
+    if type(payload) is not bytes or not 0 < len(payload) <= MAX_PROOF:
+        raise MembershipError(f"membership proof: not 1..{MAX_PROOF} bytes")
+    doc = codec.decode(payload, max_size=MAX_PROOF)
+    if type(doc) is dict and "refused" in doc:
+        problem = _problem(doc, _JOIN_NO)
+        if problem:
+            raise MembershipError(f"membership refusal: {problem}")
+        raise Refused(doc["refused"])
+    problem = _problem(doc, _PROOF)
+    if problem:
+        raise MembershipError(f"membership proof: {problem}")
+    return Proof(doc["net"], doc["cert"], doc["join"])
+
+
+@dataclass(frozen=True)
+class Admission:
+    kind: str                        # "member", "joiner" (JOIN_PROTOCOL only) or "open"
+    cert: Certificate | None = None
+
+
+def admit(network_public: bytes | None, p: Proof, peer_key: bytes, *, now: int,
+          revocations=(), invitation_state=lambda secret_hash: "invitation not known here"
+          ) -> Admission:
+    """Does this proof let the peer (which proved it holds peer_key) in?
+    network_public None: we are in no network and admit anyone ("open").
+    NotAMember with the reason otherwise. invitation_state(secret_hash): None if
+    that invitation is pending here (unused, unexpired), else why not."""
+    if network_public is None:
+        return Admission("open")
+    if p.cert is not None:
+        return Admission("member", check_certificate(network_public, p.cert, now=now,
+                                                     revocations=revocations, node=peer_key))
+    if p.join is not None:
+        why = invitation_state(secret_hash(p.join))
+        if why is None:
+            return Admission("joiner")
+        raise NotAMember(why)
+    if p.net is not None and p.net != network_id(network_public):
+        raise NotAMember("a member of another network")
+    raise NotAMember("not a member of this network")

@@ -121,7 +121,7 @@ class AuditGossip:
                  witness_interval: float | None = WITNESS_INTERVAL,
                  own_poll: float | None = OWN_POLL, request_timeout: float = REQUEST_TIMEOUT,
                  threaded: bool = True, clock_ns=time.time_ns, rate: float = RATE,
-                 on_new=None, busy=None, max_defer: float = MAX_DEFER):
+                 on_new=None, busy=None, max_defer: float = MAX_DEFER, author_ok=None):
         """peers() -> the Contacts this node may gossip with (e.g. its DHT table);
         on_new(entries), if given, sees every batch of foreign entries stored;
         busy() -> True while the node moves bulk data (pulls wait, see above)."""
@@ -132,6 +132,7 @@ class AuditGossip:
         self.request_timeout, self.threaded, self.clock_ns = request_timeout, threaded, clock_ns
         self.rate = rate
         self.on_new = on_new
+        self.author_ok = author_ok        # author key -> bool: a member now (None: anyone)
         self.busy, self.max_defer = busy, max_defer
         self.own_id = net.peer_id
         self.own_author = audit_log.own_author
@@ -365,7 +366,14 @@ class AuditGossip:
         return self._digests
 
     async def _absorb(self, raws, sender: bytes | None):
-        """Check and store entries; forward the new ones; score the sender."""
+        """Check and store entries; forward the new ones; score the sender.
+        Entries of authors that are not members (author_ok) are neither stored nor
+        forwarded."""
+        if self.author_ok is not None:
+            kept = [r for r in raws if self._member_entry(r)]
+            if len(kept) != len(raws):
+                self.counters["non-member entries dropped"] += len(raws) - len(kept)
+            raws = kept
         res = await self._db(self.log.add_foreign, list(raws), now_ns=self._now_ns())
         self.counters["entries in"] += len(raws)
         self.counters["entries added"] += res.added
@@ -383,6 +391,13 @@ class AuditGossip:
             self.counters["forks found"] += 1
             self._spread_fork(fork.first.raw, fork.second.raw, exclude=sender)
         return res
+
+    def _member_entry(self, raw) -> bool:
+        try:
+            e = audit.decode_entry(raw, verify=False)     # the log checks signatures
+        except RemoteProtocolError:
+            return True                                   # the log rejects it, and scores
+        return self.author_ok(e.author)
 
     async def _absorb_fork(self, first: bytes, second: bytes, sender: bytes | None) -> None:
         try:

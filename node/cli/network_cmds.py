@@ -110,10 +110,12 @@ def members(ctx, as_json):
     """The members this node knows: node, site, roles, expiry, status."""
     from hypersdk.node.net import membership
     rows = membership.members(_data_dir(ctx), now=time.time_ns())
-    lines = [f"{'NODE KEY':<18} {'SITE':<16} {'ROLES':<14} {'EXPIRES (UTC)':<17} STATUS"]
+    lines = [f"{'NODE KEY':<18} {'SITE':<16} {'ROLES':<14} {'EXPIRES (UTC)':<17} "
+             f"{'LAST SEEN (UTC)':<17} STATUS"]
     for r in rows:
+        seen = _when(r["last_seen_ns"]) if r["last_seen_ns"] else "-"
         lines.append(f"{r['node'][:16]:<18} {r['site']:<16} {','.join(r['roles']):<14} "
-                     f"{_when(r['expires_ns']):<17} {r['status']}"
+                     f"{_when(r['expires_ns']):<17} {seen:<17} {r['status']}"
                      + ("  (this node)" if r["this_node"] else ""))
     emit(as_json, rows, "\n".join(lines))
 

@@ -374,6 +374,7 @@ async def _status(d: "Daemon", args, events):
             "store": {"chunks": stats["unique_chunks"], "stored_bytes": stats["stored_bytes"],
                       "backups": stats["backups"]},
             "bootstrap": dict(d.bootstrap_state),
+            "membership": d.gate.status(),
             "audit": d.audit.status() if d.audit is not None else {},
             "transfers": list(d.replication.transfers.values()),
             "requests": [{"cmd": c, "seconds": round(trio.current_time() - t, 3)}
@@ -464,7 +465,7 @@ class Daemon:
         self.bootstrap_state: dict = {"state": "idle", "attempts": 0}
         self.addrs: list[str] = []
         self.started = 0.0
-        self.transport = self.net = self.dht = None
+        self.transport = self.net = self.dht = self.gate = None
         self.control_errors = 0             # malformed or refused (bad) control requests
         self.abandoned = 0                  # requests whose client went away
         self.in_flight: dict[int, tuple[str, float]] = {}   # control requests running
@@ -498,7 +499,9 @@ class Daemon:
             _unlink(addrs_file)             # left by a node that was killed
             self.saved.load()               # a malformed peers.json: fail now, clearly
             try:
-                self.transport = P2PTransport(self.identity, self.listen)
+                from hypersdk.node.net.gate import Gate
+                self.gate = Gate(self.data_dir, self.identity)
+                self.transport = P2PTransport(self.identity, self.listen, gate=self.gate)
                 # The port first: a node whose port is taken stops here, before it
                 # creates a store, a control socket or node.addrs (and it does stop:
                 # node/net/p2p_transport.py binds without SO_REUSEPORT).

@@ -53,6 +53,7 @@ import mmap
 import os
 import secrets
 import struct
+import weakref
 
 import trio
 from cryptography.exceptions import InvalidSignature, InvalidTag
@@ -330,6 +331,16 @@ class FastStream:
     async def reset(self) -> None:
         await self._abort()
 
+    def cut(self) -> None:
+        """Close the connection now, from outside (membership cut the peer off): tasks
+        blocked on it get an error at once, the peer sees the connection drop."""
+        self._closed = True
+        try:
+            trio.lowlevel.notify_closing(self._sock)
+            self._sock.close()
+        except Exception as exc:
+            log.debug("cutting a fast channel: %r", exc)
+
 
 async def _read_exact(stream: trio.SocketStream, n: int) -> bytes:
     buf = bytearray()
@@ -404,15 +415,27 @@ async def request_offer(transport, peer_id: bytes, addr: str) -> tuple[int, byte
 class FastDialer:
     """Opens FastStreams to peers: offer over libp2p, then TCP + handshake."""
 
-    def __init__(self, identity, transport, tallies=None):
-        """tallies: node id -> Tally (node/daemon/daemon.py CountingTransport.tallies)."""
+    def __init__(self, identity, transport, tallies=None, admit=None):
+        """tallies: node id -> Tally (node/daemon/daemon.py CountingTransport.tallies).
+        admit(node_id) -> bool: is it a member now (node/net/gate.py); None: anyone."""
         self.identity = identity
         self.transport = transport
         self.tallies = tallies
+        self.admit = admit
+        self._live: dict[bytes, weakref.WeakSet] = {}
+
+    def cut(self, peer_id: bytes) -> int:
+        """Close every channel we opened to this peer (it was cut off)."""
+        chans = self._live.pop(peer_id, ())
+        for fs in list(chans):
+            fs.cut()
+        return len(chans)
 
     async def open(self, peer_id: bytes, addr: str) -> FastStream:
         if os.environ.get(ENV_DISABLE):
             raise FastChannelError("fast channel disabled")
+        if self.admit is not None and not self.admit(peer_id):
+            raise FastChannelError(f"fast channel: node {peer_id.hex()[:12]} is not a member")
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
                 port, token = await request_offer(self.transport, peer_id, addr)
@@ -421,6 +444,7 @@ class FastDialer:
                     fs = await client_handshake(stream, self.identity, peer_id, token)
                     if self.tallies is not None:
                         fs.tally = self.tallies[peer_id]
+                    self._live.setdefault(peer_id, weakref.WeakSet()).add(fs)
                     return fs
                 except BaseException:
                     with trio.CancelScope(shield=True):
@@ -441,8 +465,10 @@ class FastChannelServer:
 
     def __init__(self, identity, handler, *, host: str = "127.0.0.1",
                  token_ttl: float = 30.0, max_tokens: int = 4096, max_conns: int = 256,
-                 tallies=None):
+                 tallies=None, admit=None):
         self.identity = identity
+        self.admit = admit              # node id -> bool: a member now (None: anyone)
+        self._live: dict[bytes, set] = {}
         self.tallies = tallies          # node id -> Tally, or None
         self.handler = handler
         self.host = host
@@ -504,6 +530,8 @@ class FastChannelServer:
         if _node_id(c_id) != want:
             raise FastChannelError("fast channel: the client's key is not the node the "
                                    "token was issued to")
+        if self.admit is not None and not self.admit(want):
+            raise FastChannelError("fast channel: the client is no longer a member")
         s_eph = X25519PrivateKey.generate()
         s_eph_pub = _raw(s_eph.public_key())
         s_id = self.identity.public_key
@@ -544,12 +572,26 @@ class FastChannelServer:
             self.counters["accepted"] += 1
             if self.tallies is not None:
                 fs.tally = self.tallies[fs.peer_id]
+            live = self._live.setdefault(fs.peer_id, set())
+            live.add(fs)
             try:
                 await self.handler(fs, fs.peer_id)
+            except TransportError as exc:
+                log.debug("fast channel of %s ended: %r", fs.peer_id.hex()[:12], exc)
             except Exception:
                 log.exception("fast channel handler failed")
             finally:
+                live.discard(fs)
+                if not live and self._live.get(fs.peer_id) is live:
+                    del self._live[fs.peer_id]
                 await fs.aclose()
+
+    def cut(self, peer_id: bytes) -> int:
+        """Close every channel of this peer (membership cut it off)."""
+        chans = list(self._live.get(peer_id, ()))
+        for fs in chans:
+            fs.cut()
+        return len(chans)
 
 
 __all__ = ["FastStream", "FastDialer", "FastChannelServer", "FastChannelError",

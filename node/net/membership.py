@@ -191,6 +191,15 @@ def revoke(data_dir, node: bytes, *, now: int, reason: str = "") -> ms.Revocatio
     return r
 
 
+def add_revocation(data_dir, r: ms.Revocation) -> bool:
+    """Keep a revocation learned from the network (checked by the caller); False if known."""
+    with _state(data_dir) as st:
+        if r.raw.hex() in st["revocations"]:
+            return False
+        st["revocations"].append(r.raw.hex())
+    return True
+
+
 def revocations(data_dir) -> list[ms.Revocation]:
     d = _dir(data_dir)
     if not (d / "state.json").exists():
@@ -204,6 +213,13 @@ def members(data_dir, *, now: int) -> list[dict]:
     net = _need(data_dir)
     st = json.loads((_dir(data_dir) / "state.json").read_text())
     certs = [ms.decode_certificate(bytes.fromhex(c)) for c in st["issued"]] + [net.cert]
+    seen = _seen(data_dir)
+    for v in seen.values():
+        try:
+            certs.append(ms.check_certificate(net.public, bytes.fromhex(v["cert"]),
+                                              now=v["last_seen_ns"]))
+        except (ms.MembershipError, ValueError, KeyError, TypeError):
+            continue                            # damaged or foreign: not a member we know
     revs = revocations(data_dir)
     newest: dict[bytes, ms.Certificate] = {}
     for c in certs:
@@ -216,8 +232,20 @@ def members(data_dir, *, now: int) -> list[dict]:
             status = "valid"
         except ms.NotAMember as exc:
             status = str(exc)
-        out.append(dict(c.to_json(), status=status, this_node=c.node == net.cert.node))
+        last = seen.get(c.node.hex(), {}).get("last_seen_ns")
+        out.append(dict(c.to_json(), status=status, this_node=c.node == net.cert.node,
+                        last_seen_ns=last, revoked=any(r.revokes(c) for r in revs)))
     return out
+
+
+def _seen(data_dir) -> dict:
+    """DATA/network/seen.json: members whose certificate a running node checked on a
+    connection, with when (node/net/gate.py writes it)."""
+    try:
+        doc = json.loads((_dir(data_dir) / "seen.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
 
 
 def enroll(data_dir, token: ms.Token, answer: ms.JoinAnswer, identity: Identity, *,

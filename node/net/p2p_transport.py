@@ -103,6 +103,7 @@ from libp2p.transport.tcp.tcp import TCP
 from libp2p.utils.multiaddr_utils import multiaddr_from_socket
 
 from hypersdk.dht.keys import node_id as _node_id
+from hypersdk.node.net.gate import ENFORCE_INTERVAL, SEEN_FLUSH, MembershipRefused
 from hypersdk.node.net.identity import Identity
 from hypersdk.node.net.transport import Handler, TransportError
 
@@ -183,6 +184,13 @@ def _connection_failed(exc: BaseException) -> bool:
         exc = exc.__cause__ or exc.__context__
         seen += 1
     return False
+
+
+def _safe_node_id(conn: Any) -> bytes | None:
+    try:
+        return _conn_node_id(conn.muxed_conn)
+    except TransportError:
+        return None
 
 
 def _usable(conn: Any, dead=()) -> bool:
@@ -271,8 +279,9 @@ class P2PStream:
 class _ConnTracker(INotifee):
     """Remembers every connection so that run() can close its socket."""
 
-    def __init__(self, conns: set):
+    def __init__(self, conns: set, on_disconnect=None):
         self.conns = conns
+        self.on_disconnect = on_disconnect
 
     async def connected(self, network, conn) -> None:
         for old in [c for c in self.conns if getattr(c.muxed_conn, "is_closed", False)]:
@@ -280,7 +289,8 @@ class _ConnTracker(INotifee):
         self.conns.add(conn)
 
     async def disconnected(self, network, conn) -> None:
-        pass
+        if self.on_disconnect is not None:
+            self.on_disconnect(conn)
 
     async def opened_stream(self, network, stream) -> None:
         pass
@@ -293,6 +303,47 @@ class _ConnTracker(INotifee):
 
     async def listen_close(self, network, multiaddr) -> None:
         pass
+
+
+class _GatedNoise(NoiseTransport):
+    """Noise, then the membership proof exchange (node/net/gate.py) on the secured
+    connection, before py-libp2p negotiates the muxer: a refused connection never
+    gets a stream, so no protocol handler ever runs for it."""
+
+    def __init__(self, key_pair, noise_privkey, gate):
+        super().__init__(key_pair, noise_privkey=noise_privkey)
+        self.gate = gate
+
+    async def secure_inbound(self, conn):
+        return await self._prove(await super().secure_inbound(conn), initiator=False)
+
+    async def secure_outbound(self, conn, peer_id):
+        return await self._prove(await super().secure_outbound(conn, peer_id), initiator=True)
+
+    async def _prove(self, secured, *, initiator: bool):
+        try:
+            key = secured.get_remote_peer().extract_public_key()
+            node_id_of_libp2p_key(key)                # Ed25519 only
+            await self.gate.exchange(secured, key.to_bytes(), initiator=initiator)
+        except BaseException:
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                try:
+                    await secured.close()
+                except Exception as exc:
+                    log.debug("closing a refused connection: %r", exc)
+            raise
+        return secured
+
+
+def _refusal_in(exc: BaseException | None) -> BaseException | None:
+    """The MembershipRefused somewhere in exc's chain (py-libp2p wraps dial errors)."""
+    for _ in range(20):
+        if exc is None:
+            return None
+        if isinstance(exc, MembershipRefused):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 # -- the listening socket ---------------------------------------------------------------------
@@ -419,8 +470,11 @@ class _OwnSocketTCP(TCP):
 class P2PTransport:
     """Transport on py-libp2p. Construct, set handlers, then `nursery.start(t.run)`."""
 
-    def __init__(self, identity: Identity | None = None, listen: str = DEFAULT_LISTEN):
+    def __init__(self, identity: Identity | None = None, listen: str = DEFAULT_LISTEN,
+                 gate=None):
         configure_libp2p_logging()
+        self.gate = gate                  # node/net/gate.Gate, or None: no membership check
+        self.on_cut: list = []            # callbacks(node_id) when a peer is cut off
         self.identity = identity or Identity.generate()
         self.peer_id: bytes = self.identity.node_id
         self.libp2p_peer_id = self.identity.libp2p_peer_id
@@ -433,9 +487,11 @@ class P2PTransport:
         self._tcp = _OwnSocketTCP()
         self._sock: trio.socket.SocketType | None = None   # bind()'s listening socket
         key_pair = self.identity.libp2p_key_pair()
+        noise_key = _x25519_key_pair().private_key
         self.host = libp2p.new_host(
             key_pair=key_pair,
-            sec_opt={NOISE_ID: NoiseTransport(key_pair, noise_privkey=_x25519_key_pair().private_key)},
+            sec_opt={NOISE_ID: (NoiseTransport(key_pair, noise_privkey=noise_key) if gate is None
+                                else _GatedNoise(key_pair, noise_key, gate))},
             muxer_opt={YAMUX_ID: Yamux},
             listen_addrs=[self._listen],
             transports=[self._tcp],
@@ -446,7 +502,7 @@ class P2PTransport:
         self._conns: set = set()          # every connection, until run() closes it
         self._dead: weakref.WeakSet = weakref.WeakSet()   # failed under us, closing
         self._nursery: trio.Nursery | None = None
-        network.register_notifee(_ConnTracker(self._conns))
+        network.register_notifee(_ConnTracker(self._conns, self._disconnected))
 
     # -- addresses ----------------------------------------------------------
     @property
@@ -508,6 +564,8 @@ class P2PTransport:
                         if not self._addrs:     # the swarm only logs a failed listen
                             raise TransportError(f"cannot listen on {self._listen}")
                         task_status.started()
+                        if self.gate is not None:
+                            await self._enforce_loop()
                         await trio.sleep_forever()
                     finally:
                         self._nursery = None
@@ -525,6 +583,58 @@ class P2PTransport:
             self._tcp.nursery = None
             self._tcp.bound.clear()
             self.close_listener()
+
+    # -- membership ---------------------------------------------------------------
+    async def _enforce_loop(self) -> None:
+        """Cut off peers whose admission stopped holding (revoked, expired, another
+        network), every ENFORCE_INTERVAL; remember who was seen."""
+        last_flush = trio.current_time()
+        while True:
+            self.cut_off_now()
+            if trio.current_time() - last_flush >= SEEN_FLUSH:
+                last_flush = trio.current_time()
+                try:
+                    self.gate.flush_seen()
+                except OSError as exc:
+                    log.warning("cannot write the members seen: %s", exc)
+            await trio.sleep(ENFORCE_INTERVAL)
+
+    def cut_off_now(self) -> int:
+        """Apply the gate now: close every connection of a peer it no longer admits."""
+        if self.gate is None:
+            return 0
+        cut = self.gate.enforce()
+        for nid, _why in cut:
+            self.disconnect(nid)
+        return len(cut)
+
+    def disconnect(self, peer_id: bytes) -> int:
+        """Close every connection to a node (in the background); how many."""
+        n = 0
+        for conn in list(self.host.get_network().get_connections()):
+            try:
+                if _conn_node_id(conn.muxed_conn) == peer_id:
+                    self._discard(conn)
+                    n += 1
+            except TransportError:
+                continue
+        for cb in self.on_cut:
+            try:
+                cb(peer_id)
+            except Exception as exc:
+                log.debug("on_cut callback: %r", exc)
+        return n
+
+    def _disconnected(self, conn) -> None:
+        if self.gate is None:
+            return
+        try:
+            nid = _conn_node_id(conn.muxed_conn)
+        except TransportError:
+            return
+        if not any(_usable(c, self._dead) for c in self.host.get_network().get_connections()
+                   if c is not conn and _safe_node_id(c) == nid):
+            self.gate.forget(nid)
 
     async def _close_host(self) -> None:
         async def close(conn):
@@ -620,6 +730,9 @@ class P2PTransport:
                 try:
                     return await self.host.get_network().dial_addr(maddr, pid), True
                 except Exception as exc:
+                    refused = _refusal_in(exc)
+                    if refused is not None:
+                        raise MembershipRefused(f"{maddr}: {refused}", refused.reason) from None
                     raise TransportError(f"cannot reach {maddr}: {exc}") from exc
         finally:
             if not lock.statistics().tasks_waiting:
@@ -648,6 +761,12 @@ class P2PTransport:
             remote = _conn_node_id(net_stream.muxed_conn)
         except Exception as exc:
             log.debug("refusing %s stream: %r", protocol, exc)
+            await stream.reset()
+            return
+        if self.gate is not None and not self.gate.allows(remote, protocol):
+            self.gate.counters["streams refused"] += 1
+            log.info("refusing a %s stream of node %s: not admitted to it", protocol,
+                     remote.hex()[:12])
             await stream.reset()
             return
         try:

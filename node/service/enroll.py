@@ -22,6 +22,9 @@ import trio
 from hypersdk.dht.keys import node_id
 from hypersdk.node.errors import UsageError, UserError
 from hypersdk.node.net import membership
+from hypersdk.node.net.gate import MembershipRefused
+from hypersdk.node.net.p2p_transport import node_id_of_libp2p_key, parse_peer_addr
+from hypersdk.node.net.transport import TransportError
 from hypersdk.protocol import membership as ms
 from hypersdk.protocol.errors import RemoteProtocolError
 
@@ -105,6 +108,15 @@ class Enrollment:
             raise UserError("invitation expired: ask for a new one")
         errors = []
         for addr in token.addrs:
+            # the connection to the inviter proves the invitation (not a certificate:
+            # we have none yet) and is admitted to JOIN_PROTOCOL only; we check that
+            # the inviter is a member of the token's network (node/net/gate.py)
+            try:
+                inviter = node_id_of_libp2p_key(parse_peer_addr(addr)[1].extract_public_key())
+            except TransportError as exc:
+                errors.append(f"{addr}: {exc}")
+                continue
+            d.gate.joins[inviter] = (token.secret, token.network)
             try:
                 contact = await d.dial(addr)
                 stream = await d.net.open_stream(contact.id, addr, ms.JOIN_PROTOCOL)
@@ -118,13 +130,22 @@ class Enrollment:
                         await stream.aclose()
             except ms.JoinRefused as exc:
                 raise UserError(f"the inviter refused: {exc}") from None
-            except (UserError, RemoteProtocolError, trio.TooSlowError, OSError) as exc:
+            except MembershipRefused as exc:
+                raise UserError(f"the inviter refused: {exc.reason}") from None
+            except (UserError, RemoteProtocolError, trio.TooSlowError, OSError,
+                    TransportError) as exc:
                 errors.append(f"{addr}: {exc or 'no answer in time'}")
                 continue
+            finally:
+                d.gate.joins.pop(inviter, None)
             net = await trio.to_thread.run_sync(
                 lambda: membership.enroll(d.data_dir, token, answer, d.identity,
                                           now=time.time_ns()))
             d.saved.add(addr)
+            # now a member: the joining connection goes (a new network epoch), and the
+            # node joins the DHT through the inviter with its certificate
+            d.transport.cut_off_now()
+            d.nursery.start_soon(d._join_then_announce)
             return dict(net.to_json(), inviter=addr)
         raise UserError("could not reach the inviter: " + "; ".join(errors))
 

@@ -74,12 +74,50 @@ class AuditNet:
             d.net, self.log, lambda: [c for b in d.dht.table.buckets() for c in b],
             rng=random.Random(d.rng.getrandbits(64)), scores=d.dht.scores,
             sync_interval=audit_sync_interval(), witness_interval=audit_witness_interval(),
-            busy=lambda: bool(getattr(getattr(d, "replication", None), "transfers", None)))
+            busy=lambda: bool(getattr(getattr(d, "replication", None), "transfers", None)),
+            on_new=self._on_new, author_ok=d.gate.author_ok if d.gate is not None else None)
         await nursery.start(self.gossip.run)
+        if d.gate is not None:
+            nursery.start_soon(self._announce_revocations)
         self._store = d.open_store(readonly=True)
         self.source = StoreSource(self._store, threaded=True)   # challenges and verify --network
         self.possession = PossessionServer(self.source)
         d.net.set_handler(PROTOCOL_ID, self.possession.handle)
+
+    # -- revocations ride the audit gossip -----------------------------------------------
+    def _on_new(self, entries) -> None:
+        """Foreign entries just stored: apply the revocations they carry at once."""
+        d = self.d
+        if d.gate is None:
+            return
+        learned = sum(d.gate.learn_revocation(e.body["revocation"])
+                      for e in entries if e.kind == "revoke")
+        if learned:
+            d.transport.cut_off_now()
+
+    async def _announce_revocations(self) -> None:
+        """On a node that holds the network key, every revocation issued here (by
+        `hypersdk revoke`, into DATA/network/state.json) becomes a `revoke` entry of
+        our log, which the gossip pushes to every member. Checked each
+        ENFORCE_INTERVAL."""
+        from hypersdk.node.net.gate import ENFORCE_INTERVAL
+        d = self.d
+        announced: set[bytes] | None = None
+        while True:
+            gate = d.gate
+            gate.refresh()
+            if gate.network is not None and gate.network.has_key and gate.revocations:
+                if announced is None:
+                    own = self.log.own_author
+                    announced = await self.gossip._db(lambda: {
+                        e.body["revocation"] for e in self.log.entries(own, verify=False)
+                        if e.kind == "revoke"})
+                for r in gate.revocations:
+                    if r.raw not in announced:
+                        await self.gossip.append("revoke", {"revocation": r.raw})
+                        announced.add(r.raw)
+                        d.transport.cut_off_now()
+            await trio.sleep(ENFORCE_INTERVAL)
 
     def close(self) -> None:
         if self._store is not None:

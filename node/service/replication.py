@@ -149,8 +149,12 @@ class Replication:
             host = host_of(str(getattr(self.d, "listen", "")))
         except Exception:
             host = "127.0.0.1"
+        gate = self.d.gate
         self.fast_server = FastChannelServer(self.d.identity, self.server.handle, host=host,
-                                             tallies=self.d.net.tallies)
+                                             tallies=self.d.net.tallies,
+                                             admit=gate.is_member if gate else None)
+        if gate is not None:
+            self.d.transport.on_cut.append(self.fast_server.cut)
         self.d.net.set_handler(OFFER_PROTOCOL, self.fast_server.offer_handler)
         if self.d.nursery is not None:
             self.d.nursery.start_soon(self._run_fast_server)
@@ -260,14 +264,15 @@ class Replication:
                                                                self.d.data_dir)
                     except OSError:
                         staged = None     # the restore itself will say what is wrong
+                gate = self.d.gate
+                fast = FastDialer(self.d.identity, self.d.net, self.d.net.tallies,
+                                  admit=gate.is_member if gate else None)
                 async with StoreSink(store, threaded=True, batch_bytes=fetch_commit_bytes(),
                                      commit_seconds=FETCH_COMMIT_SECONDS) as sink:
                     dl = Downloader(self.d.net, sink, peers=providers, rng=self.d.rng,
                                     progress=progress, scores=self.d.dht.scores,
-                                    verify_in_thread=True,
-                                    fast=FastDialer(self.d.identity, self.d.net,
-                                                    self.d.net.tallies),
-                                    tee=staged)
+                                    verify_in_thread=True, fast=fast, tee=staged)
+                    self.d.transport.on_cut.append(fast.cut)
                     try:
                         result = await dl.download(mid)
                     except BaseException as exc:
@@ -276,6 +281,8 @@ class Replication:
                         if isinstance(exc, DownloadError):
                             raise UserError(f"fetch {ref}: {exc}") from None
                         raise
+                    finally:
+                        self.d.transport.on_cut.remove(fast.cut)
             if await trio.to_thread.run_sync(record_replica, store, mid, result):
                 await trio.to_thread.run_sync(self._audit_replica, store)
         finally:

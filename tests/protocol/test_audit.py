@@ -31,6 +31,7 @@ def body(kind: str, i: int = 0) -> dict:
         "restore": {"manifest": M, "size": i, "chunks": i},
         "delete": {"manifest": M, "name": "vm", "version": i + 1},
         "witness": {"heads": [[B.public_key, i, bytes(32)]]},
+        "revoke": {"revocation": b"\x82" + bytes([i % 256]) * 40},   # opaque here
     }[kind]
 
 
@@ -253,8 +254,10 @@ def test_certificate_round_trip_with_and_without_witness():
 
 
 def test_certificate_from_a_later_backup_entry_is_anchored():
-    rep = audit.check_certificate(audit.build_certificate(M, LOG[6:], []))
-    assert rep.backup == LOG[6]
+    later = len(audit.KINDS)                   # chain() cycles through the kinds
+    assert LOG[later].kind == "backup"
+    rep = audit.check_certificate(audit.build_certificate(M, LOG[later:], []))
+    assert rep.backup == LOG[later]
 
 
 def test_certificate_witness_contradicting_the_chain_proves_a_rewrite():

@@ -1,0 +1,86 @@
+"""Only members get in: real `hypersdk node run` processes on 127.0.0.1.
+
+Three members on two sites (A and B at "hq", C at "plant") and R (at "plant",
+revoked later) join A's network with invitation tokens; S is a stranger with a
+fresh key (in no network) and F a member of another network. A backs up; B
+fetches it and restores it byte-identical. S and F are refused at the
+handshake with one clear line, learn no DHT answer, no audit entry, no chunk.
+A revokes R: the revocation reaches B and C by the audit gossip, every node
+cuts R off, and R can fetch nothing more. Every wait is a bounded poll.
+"""
+from __future__ import annotations
+
+from conftest import Cli, mixed_image
+from test_node_cli import nodes, poll  # noqa: F401  (fixture)
+
+CS = 64 << 10
+FAST = {"HYPERSDK_AUDIT_SYNC": "1"}
+
+
+def _one_line(p, fragment: str):
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode != 0 and len(lines) == 1 and fragment in lines[0], p.stderr
+
+
+def _logs(n) -> list:
+    """The audit logs a node holds (its own, and those gossiped to it)."""
+    return n.cli.json("audit", "verify", "--all")
+
+
+def test_members_share_backups_strangers_foreigners_and_the_revoked_get_nothing(
+        tmp_path, nodes):
+    img = mixed_image(tmp_path / "img", 4 << 20, seed=7, chunk=CS)
+    a = nodes(Cli(tmp_path / "a"), env=FAST)
+    a.cli("network", "create", "--name", "acme", "--site", "hq")
+
+    def member(name, site):
+        tok = a.cli.json("invite", "--site", site)["token"]
+        n = nodes(Cli(tmp_path / name), env=FAST)
+        n.cli.json("join", tok)
+        return n
+
+    b, c, r = member("b", "hq"), member("c", "plant"), member("r", "plant")
+    ids = {n: n.cli.json("status")["node_id"] for n in (a, b, c, r)}
+    keys = {n: n.cli.json("network", "show")["certificate"]["node"] for n in (a, b, c, r)}
+    st = b.cli.json("status")["membership"]
+    assert st["mode"] == "members only" and st["site"] == "hq"
+
+    mid = a.cli.json("backup", img, "--chunk-size", str(CS), "--name", "vm1")["manifest"]
+    poll(lambda: b.cli.json("dht", "find", mid)["providers"], 60, "A's provider record at B",
+         interval=0.2)
+    b.cli.json("fetch", mid)
+    b.cli("restore", mid, tmp_path / "b.img")
+    assert (tmp_path / "b.img").read_bytes() == img.read_bytes()
+    r.cli.json("fetch", mid)                          # R is still a member here
+
+    # a stranger and a member of another network: refused at the handshake, one line
+    s = nodes(Cli(tmp_path / "s"), env=FAST)
+    assert s.cli.json("status")["membership"]["mode"] == "open"
+    f = nodes(Cli(tmp_path / "f"), env=FAST)
+    f.cli("network", "create", "--name", "other", "--site", "x")
+    for peer in (a, b, c):
+        _one_line(s.cli("join", peer.addr, ok=False), "not a member of this network")
+        _one_line(f.cli("join", peer.addr, ok=False), "a member of another network")
+    for outsider in (s, f):
+        assert outsider.cli.json("dht", "find", mid)["providers"] == []
+        outsider.cli("fetch", mid, ok=False)
+        assert outsider.cli.json("status")["store"]["chunks"] == 0
+        assert len(_logs(outsider)) <= 1              # its own log at most: no gossip
+    refused = a.cli.json("status")["membership"]["counters"]
+    assert refused["refused: not a member of this network"] >= 1
+    assert refused["refused: a member of another network"] >= 1
+
+    # A revokes R: B and C learn it by gossip and cut R off; R fetches nothing more
+    a.cli("revoke", keys[r], "--reason", "laptop stolen")
+    for n in (a, b, c):
+        poll(lambda n=n: n.cli.json("status")["membership"]["revocations"] == 1, 60,
+             "the revocation at every member", interval=0.2)
+    poll(lambda: a.cli.json("status")["membership"]["counters"].get("cut off: revoked", 0)
+         >= 1, 30, "A cutting R's open connection", interval=0.2)
+    _one_line(r.cli("join", a.addr, ok=False), "revoked")
+    _one_line(r.cli("join", c.addr, ok=False), "revoked")
+    rows = {m["node"]: m for m in a.cli.json("members")}
+    assert rows[keys[r]]["revoked"] and rows[keys[r]]["status"] == "revoked"
+    assert rows[keys[b]]["status"] == rows[keys[c]]["status"] == "valid"
+    for n in (a, b, c):
+        assert ids[r] not in {x["node_id"] for x in n.cli.json("peers") if x["connected"]}
