@@ -4,9 +4,13 @@ One request per stream, one reply (as the DHT): frames are a 4-byte length
 and one canonical msgpack map {"v": 1, "t": tag, fields...}, at most
 MAX_FRAME bytes (protocol/framing.py's FrameDecoder with this decoder).
 
-    Push(rid, entries)            -> Ack(rid, wants)
+    Push(rid, entries, certs)     -> Ack(rid, wants)
         entries: signed audit entries (raw bytes, protocol/audit.py), at most
-        MAX_ENTRIES and MAX_PUSH_BYTES in all. wants: (author, seq) pairs
+        MAX_ENTRIES and MAX_PUSH_BYTES in all. certs: the member certificates
+        (protocol/membership.py, signed by the network key) of the entries'
+        authors, so that a receiver that never met an author can check it is a
+        member before it stores or forwards the author's entries (at most
+        MAX_CERTS, MAX_CERT_BYTES in all; empty between nodes in no network). wants: (author, seq) pairs
         naming where the receiver's copy of an author's log ends when the push
         could not be attached (a gap): the pusher sends that range next.
     Sync(rid, root, buckets)      -> Heads(rid, buckets, heads, more)
@@ -14,9 +18,9 @@ MAX_FRAME bytes (protocol/framing.py's FrameDecoder with this decoder).
         the reply carries the responder's bucket digests and its heads
         (author, seq, id) in every bucket whose digest differs, sorted by
         author (at most MAX_HEADS; more=True if cut).
-    GetRange(rid, author, start, count) -> Entries(rid, entries)
+    GetRange(rid, author, start, count) -> Entries(rid, entries, certs)
         the responder's entries of author from seq `start`, at most `count`
-        (<= MAX_ENTRIES) and MAX_PUSH_BYTES.
+        (<= MAX_ENTRIES) and MAX_PUSH_BYTES, with the author's certificate.
     ForkProof(rid, first, second) -> Ack(rid, ())
         two signed entries of one author and seq with different ids.
     Hello(rid, addr)              -> Ack(rid, ())
@@ -55,6 +59,9 @@ MAX_WANTS = MAX_ENTRIES
 BUCKETS = 16
 MAX_FRAME = 256 << 10
 MAX_ADDR = 256
+MAX_CERTS = MAX_ENTRIES
+MAX_CERT = 2048                   # protocol/membership.py MAX_RECORD
+MAX_CERT_BYTES = 48 << 10         # entries (192 KiB) + certs fit MAX_FRAME
 EMPTY = blake3.blake3(b"").digest()
 
 
@@ -72,6 +79,19 @@ def _entries(v, what: str) -> tuple:
         total += len(e)
     if total > MAX_PUSH_BYTES:
         raise LocalProtocolError(f"{what}: {total} bytes of entries exceed {MAX_PUSH_BYTES}")
+    return tuple(v)
+
+
+def _certs(v, what: str) -> tuple:
+    if type(v) not in (list, tuple) or len(v) > MAX_CERTS:
+        raise LocalProtocolError(f"{what} certs must be a list of at most {MAX_CERTS}")
+    total = 0
+    for c in v:
+        if type(c) is not bytes or not 0 < len(c) <= MAX_CERT:
+            raise LocalProtocolError(f"{what}: a certificate must be 1..{MAX_CERT} bytes")
+        total += len(c)
+    if total > MAX_CERT_BYTES:
+        raise LocalProtocolError(f"{what}: {total} bytes of certificates exceed {MAX_CERT_BYTES}")
     return tuple(v)
 
 
@@ -103,10 +123,12 @@ class Push:
     TAG = "push"
     rid: int
     entries: tuple
+    certs: tuple = ()
 
     def __post_init__(self):
         _rid(self.rid)
         object.__setattr__(self, "entries", _entries(self.entries, "push"))
+        object.__setattr__(self, "certs", _certs(self.certs, "push"))
 
 
 @dataclass(frozen=True)
@@ -188,10 +210,12 @@ class Entries:
     TAG = "entries"
     rid: int
     entries: tuple
+    certs: tuple = ()
 
     def __post_init__(self):
         _rid(self.rid)
         object.__setattr__(self, "entries", _entries(self.entries, "entries"))
+        object.__setattr__(self, "certs", _certs(self.certs, "entries"))
 
 
 @dataclass(frozen=True)

@@ -324,7 +324,9 @@ def decode_token(text: str) -> Token:
 # each a frame: a 4-byte big-endian length and a canonical msgpack map.
 #   request  {v, secret, node}        node: the joiner's public key, which must be the
 #                                     key of the authenticated connection
-#   answer   {v, cert, network, revocations, name}  or  {v, refused: reason}
+#   answer   {v, cert, network, revocations, name, data_key}  or  {v, refused: reason}
+#            data_key: the tenant's 32-byte data key when the invitation shares it
+#            (nil for a storage-only member); confidential: the join runs over Noise
 JOIN_PROTOCOL = "/hypersdk/join/1"
 MAX_JOIN_FRAME = 256 << 10
 MAX_JOIN_REVOCATIONS = 100
@@ -333,7 +335,8 @@ _JOIN_REQ = {"v": lambda v: v == VERSION, "secret": _key, "node": _key}
 _JOIN_OK = {"v": lambda v: v == VERSION, "cert": lambda v: type(v) is bytes,
             "network": _key, "name": lambda v: type(v) is str and len(v) <= MAX_NAME,
             "revocations": lambda v: (type(v) is list and len(v) <= MAX_JOIN_REVOCATIONS
-                                      and all(type(r) is bytes for r in v))}
+                                      and all(type(r) is bytes for r in v)),
+            "data_key": lambda v: v is None or _key(v)}
 _JOIN_NO = {"v": lambda v: v == VERSION,
             "refused": lambda v: type(v) is str and 0 < len(v) <= MAX_REASON}
 
@@ -364,9 +367,11 @@ def decode_join_request(payload: bytes) -> tuple[bytes, bytes]:
     return doc["secret"], doc["node"]
 
 
-def join_answer(cert: bytes, network: bytes, revocations, name: str) -> bytes:
+def join_answer(cert: bytes, network: bytes, revocations, name: str,
+                data_key: bytes | None = None) -> bytes:
     return frame({"v": VERSION, "cert": cert, "network": network, "name": name[:MAX_NAME],
-                  "revocations": list(revocations)[-MAX_JOIN_REVOCATIONS:]})
+                  "revocations": list(revocations)[-MAX_JOIN_REVOCATIONS:],
+                  "data_key": data_key})
 
 
 def join_refusal(reason: str) -> bytes:
@@ -379,6 +384,7 @@ class JoinAnswer:
     network: bytes
     revocations: tuple[bytes, ...]
     name: str
+    data_key: bytes | None = None
 
 
 class JoinRefused(MembershipError):
@@ -396,7 +402,8 @@ def decode_join_answer(payload: bytes) -> JoinAnswer:
     problem = _problem(doc, _JOIN_OK)
     if problem:
         raise MembershipError(f"join answer: {problem}")
-    return JoinAnswer(doc["cert"], doc["network"], tuple(doc["revocations"]), doc["name"])
+    return JoinAnswer(doc["cert"], doc["network"], tuple(doc["revocations"]), doc["name"],
+                      doc["data_key"])
 
 
 # -- proving membership on every connection -------------------------------------------
@@ -482,3 +489,56 @@ def admit(network_public: bytes | None, p: Proof, peer_key: bytes, *, now: int,
     if p.net is not None and p.net != network_id(network_public):
         raise NotAMember("a member of another network")
     raise NotAMember("not a member of this network")
+
+
+# -- renewing a certificate (RENEW_PROTOCOL) ---------------------------------------------
+# A member whose certificate has used two thirds of its life asks a node that holds
+# the network key, over a members-only connection, for a new one: one request
+# frame {v, renew: its current certificate}, one answer {v, cert} or {v, refused}.
+# The issuer keeps the site and roles, gives a new serial and a fresh lifetime.
+RENEW_PROTOCOL = "/hypersdk/renew/1"
+# ... and then tells every connected member, on CERT_PROTOCOL, one frame {v, cert}
+# (renew_answer's shape): peers that admitted it under the old certificate keep it.
+CERT_PROTOCOL = "/hypersdk/cert/1"
+_RENEW_REQ = {"v": lambda v: v == VERSION,
+              "renew": lambda v: type(v) is bytes and 0 < len(v) <= MAX_RECORD}
+_RENEW_OK = {"v": lambda v: v == VERSION,
+             "cert": lambda v: type(v) is bytes and 0 < len(v) <= MAX_RECORD}
+
+
+class RenewRefused(MembershipError):
+    """The issuer refused to renew (its reason)."""
+
+
+def renew_request(cert: bytes) -> bytes:
+    return frame({"v": VERSION, "renew": cert})
+
+
+def decode_renew_request(payload: bytes) -> bytes:
+    doc = codec.decode(payload, max_size=MAX_JOIN_FRAME)
+    problem = _problem(doc, _RENEW_REQ)
+    if problem:
+        raise MembershipError(f"renew request: {problem}")
+    return doc["renew"]
+
+
+def renew_answer(cert: bytes) -> bytes:
+    return frame({"v": VERSION, "cert": cert})
+
+
+def decode_renew_answer(payload: bytes) -> bytes:
+    doc = codec.decode(payload, max_size=MAX_JOIN_FRAME)
+    if type(doc) is dict and "refused" in doc:
+        problem = _problem(doc, _JOIN_NO)
+        if problem:
+            raise MembershipError(f"renew answer: {problem}")
+        raise RenewRefused(doc["refused"])
+    problem = _problem(doc, _RENEW_OK)
+    if problem:
+        raise MembershipError(f"renew answer: {problem}")
+    return doc["cert"]
+
+
+def renewal_due(cert: Certificate, now: int) -> bool:
+    """Has the certificate used two thirds of its lifetime?"""
+    return now >= cert.expires - (cert.expires - cert.not_before) // 3

@@ -85,9 +85,8 @@ echo "node A (holds the backups) at $A"
 B=$(start_node "$WORK/b" --bootstrap "$A"); echo "node B at $B"
 C=$(start_node "$WORK/c" --bootstrap "$A"); echo "node C at $C"
 echo
-echo "== membership: A creates a network and invites B and C with one-time tokens"
-echo "   (certificates and invitations work today; refusing non-members on every"
-echo "    connection is the next step of issue 16)"
+echo "== membership: A creates a network and invites B and C with one-time tokens;"
+echo "   from then on every connection proves membership before anything runs on it"
 step "$H" network create --name demo-net --site hq
 TOKEN_B=$("$H" invite --site branch-1 --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
 TOKEN_C=$("$H" invite --site branch-2 --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
@@ -96,6 +95,11 @@ step "$H" --data-dir "$WORK/c" join "$TOKEN_C"
 echo "(a node belongs to one network, and each token works once:)"
 "$H" --data-dir "$WORK/c" join "$TOKEN_B" || true
 step "$H" members
+echo "(a stranger, D, with a fresh key: refused at the handshake, it learns nothing else)"
+D=$(start_node "$WORK/d"); echo "node D at $D"
+"$H" --data-dir "$WORK/d" join "$A" || true
+"$H" status --json | python3 -c 'import json,sys; m=json.load(sys.stdin)["membership"]; print("A:", m["mode"], {k: v for k, v in m["counters"].items() if k.startswith("refused")})'
+step "$H" --data-dir "$WORK/b" key show
 MID=$("$H" backups --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[-1]["manifest"])')
 echo "(B and C know only the manifest id $MID; they find its holders in the DHT)"
 wait_providers() {  # wait_providers DIR N: until DIR's node finds N holders of $MID

@@ -68,6 +68,8 @@ from hypersdk.node.kademlia.rpc import FrameReader, PeerClosed
 from hypersdk.node.net.transport import TransportError
 from hypersdk.protocol import audit
 from hypersdk.protocol.audit_gossip import (
+    MAX_CERT_BYTES,
+    MAX_CERTS,
     MAX_ENTRIES,
     MAX_HEADS,
     MAX_PUSH_BYTES,
@@ -121,7 +123,8 @@ class AuditGossip:
                  witness_interval: float | None = WITNESS_INTERVAL,
                  own_poll: float | None = OWN_POLL, request_timeout: float = REQUEST_TIMEOUT,
                  threaded: bool = True, clock_ns=time.time_ns, rate: float = RATE,
-                 on_new=None, busy=None, max_defer: float = MAX_DEFER, author_ok=None):
+                 on_new=None, busy=None, max_defer: float = MAX_DEFER, author_ok=None,
+                 certs_of=None, learn_certs=None):
         """peers() -> the Contacts this node may gossip with (e.g. its DHT table);
         on_new(entries), if given, sees every batch of foreign entries stored;
         busy() -> True while the node moves bulk data (pulls wait, see above)."""
@@ -133,6 +136,8 @@ class AuditGossip:
         self.rate = rate
         self.on_new = on_new
         self.author_ok = author_ok        # author key -> bool: a member now (None: anyone)
+        self.certs_of = certs_of          # author keys -> their certificates (raw), to send
+        self.learn_certs = learn_certs    # raw certificates received -> None
         self.busy, self.max_defer = busy, max_defer
         self.own_id = net.peer_id
         self.own_author = audit_log.own_author
@@ -197,6 +202,15 @@ class AuditGossip:
             self._spread(raws, exclude=None)
         return len(raws)
 
+    async def announce_own_certificate(self) -> bool:
+        """Push our newest entry again, to every neighbour: our certificate goes with
+        it (a renewed one reaches the peers that admitted us under the old one)."""
+        head = await self._db(self.log.head, self.own_author)
+        if head is None:
+            return False
+        self._spread([head.raw], exclude=None)
+        return True
+
     def _spread(self, raws: list[bytes], exclude: bytes | None) -> None:
         for c in self._targets():
             if c.id != exclude:
@@ -259,7 +273,8 @@ class AuditGossip:
                     size += len(q[0])
                     batch.append(q.popleft())
                 try:
-                    reply = await self._request(c, Push(self._next_rid(), tuple(batch)))
+                    reply = await self._request(c, Push(self._next_rid(), tuple(batch),
+                                                        self._certs_for(batch)))
                 except _Failed as exc:
                     self.counters["push failed"] += 1
                     q.clear()
@@ -327,7 +342,7 @@ class AuditGossip:
             if not self._take_tokens(peer_id, len(req.entries)):
                 self.counters["rate limited"] += len(req.entries)
                 return Ack(req.rid, ())
-            res = await self._absorb(req.entries, peer_id)
+            res = await self._absorb(req.entries, peer_id, req.certs)
             wants = tuple(list(res.gaps.items())[:MAX_WANTS])
             return Ack(req.rid, wants)
         if t is Sync:
@@ -337,7 +352,7 @@ class AuditGossip:
         if t is GetRange:
             raws = await self._db(self.log.raw_range, req.author, req.start, req.count,
                                   MAX_PUSH_BYTES)
-            return Entries(req.rid, tuple(raws))
+            return Entries(req.rid, tuple(raws), self._certs_for(raws))
         if t is Hello:
             self._subscribe(Contact(peer_id, req.addr))
             return Ack(req.rid, ())
@@ -365,10 +380,30 @@ class AuditGossip:
             self._digests = digests(self.log.heads() if heads is None else heads)
         return self._digests
 
-    async def _absorb(self, raws, sender: bytes | None):
+    def _certs_for(self, raws) -> tuple:
+        """The certificates of the authors of these entries, to send with them."""
+        if self.certs_of is None:
+            return ()
+        authors = set()
+        for r in raws:
+            try:
+                authors.add(audit.decode_entry(r, verify=False).author)
+            except RemoteProtocolError:
+                continue
+        out, size = [], 0
+        for c in self.certs_of(sorted(authors)):
+            if len(out) >= MAX_CERTS or size + len(c) > MAX_CERT_BYTES:
+                break
+            out.append(c)
+            size += len(c)
+        return tuple(out)
+
+    async def _absorb(self, raws, sender: bytes | None, certs=()):
         """Check and store entries; forward the new ones; score the sender.
-        Entries of authors that are not members (author_ok) are neither stored nor
-        forwarded."""
+        Entries of authors that are not members (author_ok, after learning the
+        certificates that came with them) are neither stored nor forwarded."""
+        if certs and self.learn_certs is not None:
+            self.learn_certs(certs)
         if self.author_ok is not None:
             kept = [r for r in raws if self._member_entry(r)]
             if len(kept) != len(raws):
@@ -523,7 +558,7 @@ class AuditGossip:
             return None
         if not reply.entries:
             return 0
-        res = await self._absorb(reply.entries, c.id)
+        res = await self._absorb(reply.entries, c.id, reply.certs)
         self.counters["entries pulled"] += res.added
         return res.added if not res.rejected else None
 

@@ -172,10 +172,15 @@ def join(ctx, addr, as_json):
     if addr.strip().startswith("hsdk1."):
         r = _ask(ctx, "join network", {"token": addr.strip()}, timeout=120.0)
         c = r["certificate"]
+        fp = r["data_key_fingerprint"][:16]
+        key = (f"data key {fp} received" if r["data_key_shared"] else
+               "the inviter shares no data key: this node stores the tenant's replicas "
+               f"without reading them; its own backups use a new data key {fp}")
         emit(as_json, r, f"joined network {r['network']}"
                          f"{' (' + r['name'] + ')' if r['name'] else ''} as "
                          f"{', '.join(c['roles'])} at site {c['site']}; inviter {r['inviter']} "
-                         "saved as a peer")
+                         f"saved as a peer\n{key}\nWARNING: without the data key no backup "
+                         "can be read: export a copy (`hypersdk key export FILE`)")
         return
     r = _ask(ctx, "join", {"addr": addr})
     emit(as_json, r, f"joined {r['peer_id']} (node {r['node_id'][:16]}); routing table "
@@ -196,6 +201,18 @@ def peers(ctx, as_json):
     emit(as_json, rows, "\n".join(lines) if rows else "no peers")
 
 
+def _membership_line(m: dict) -> str:
+    if m["mode"] == "open":
+        return ("membership     none: this node is in no network and works alone; any node "
+                "that knows its address can connect")
+    refused = m["counters"].get("refused", 0)
+    cut = sum(v for k, v in m["counters"].items() if k.startswith("cut off:"))
+    return (f"membership     members only: network {m['network'][:16]}"
+            f"{' (' + m['name'] + ')' if m['name'] else ''}, site {m['site']}, "
+            f"{m['admitted']} members connected, {refused} refused, {cut} cut off, "
+            f"{m['revocations']} revocations")
+
+
 @cli.command()
 @json_option
 @click.pass_context
@@ -209,6 +226,7 @@ def status(ctx, as_json):
               f"routing table  {s['dht']['routing_table']} peers "
               f"(providing {s['dht']['providing']} keys)",
               f"bootstrap      {b['state']} ({b['attempts']} attempts)",
+              _membership_line(s["membership"]),
               f"store          {s['store']['chunks']} chunks, "
               f"{human(s['store']['stored_bytes'])} stored, {s['store']['backups']} backups",
               f"transfers      {len(s['transfers']) or 'none'}",

@@ -374,7 +374,7 @@ async def _status(d: "Daemon", args, events):
             "store": {"chunks": stats["unique_chunks"], "stored_bytes": stats["stored_bytes"],
                       "backups": stats["backups"]},
             "bootstrap": dict(d.bootstrap_state),
-            "membership": d.gate.status(),
+            "membership": dict(d.gate.status(), renewal=d.renewal.status()),
             "audit": d.audit.status() if d.audit is not None else {},
             "transfers": list(d.replication.transfers.values()),
             "requests": [{"cmd": c, "seconds": round(trio.current_time() - t, 3)}
@@ -484,6 +484,7 @@ class Daemon:
             enroll.register(COMMANDS, CommandReply)
         self.enrollment = enroll.Enrollment(self)
         self.audit = None                   # node.service.net_verify.AuditNet once running
+        self.renewal = None                 # node.service.renew.Renewal once running
         self.nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED):
@@ -520,10 +521,15 @@ class Daemon:
                         self.net, own, rng=random.Random(self.rng.getrandbits(64)),
                         **({"k": self.k} if self.k else {}),
                         max_per_prefix24=None if _is_loopback(self.listen) else MAX_PER_PREFIX24)
+                    self.dht.author_ok = self.gate.author_ok
                     await nursery.start(self.dht.run)
                     self.nursery = nursery
                     self.replication.start_serving()
                     self.enrollment.start_serving()
+                    from hypersdk.node.service.renew import Renewal
+                    self.renewal = Renewal(self)
+                    self.renewal.start_serving()
+                    nursery.start_soon(self.renewal.run)
                     from hypersdk.node.service.net_verify import AuditNet
                     self.audit = AuditNet(self)
                     await self.audit.start(nursery)

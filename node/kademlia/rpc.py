@@ -445,6 +445,9 @@ class Responder:
             if not req.record.verify():
                 svc.penalize(peer_id, "bad signature", now)
                 return Ack(req.rid, False)
+            if svc.author_ok is not None and not svc.author_ok(req.record.author):
+                svc.counters["records of non-members refused"] += 1   # not stored
+                return Ack(req.rid, False)
             return Ack(req.rid, svc.records.put(req.record))
         if isinstance(req, GetRecord):
             return RecordFound(req.rid, svc.records.get(req.key), self._closer(req.key, peer_id))

@@ -97,6 +97,9 @@ class DhtService:
                  republish_interval: float = REPUBLISH_INTERVAL,
                  providers: ProviderStore | None = None, scores: PeerScores | None = None):
         self.transport, self.own, self.info = transport, own, to_info(own)
+        # author key -> bool: may a signed record of this author be stored (members
+        # only, node/net/gate.py); None: any author
+        self.author_ok = None
         self.k, self.alpha, self.disjoint_paths = k, alpha, disjoint_paths
         self.request_timeout = request_timeout
         self.refresh_interval = refresh_interval

@@ -89,6 +89,7 @@ class Gate:
         self.counters: collections.Counter = collections.Counter()
         self.joins: dict[bytes, tuple[bytes, bytes]] = {}   # node id -> (secret, network pub)
         self.seen: dict[str, dict] = {}                # node key hex -> {cert, last_seen}
+        self.certs: dict[bytes, ms.Certificate] = {}   # node key -> newest valid certificate
         self._seen_dirty = False
         self._stamp = None
         self._invites: dict = {}
@@ -124,10 +125,55 @@ class Gate:
         old = self.network
         if (old is None) != (net is None) or (old and net and old.id != net.id):
             self.epoch += 1
+        if old is None or net is None or old.id != net.id:
+            self.certs.clear()
         self.network = net
         self.revocations = [r for r in revs if net is not None and r.net == net.id]
         self._invites = st.get("invites", {})
+        if net is not None:
+            self._know(net.cert)
         return True
+
+    # -- the certificates of members (a directory fed by handshakes and gossip) -----------
+    def _know(self, cert: ms.Certificate) -> None:
+        have = self.certs.get(cert.node)
+        if have is None and len(self.certs) >= MAX_SEEN:
+            return
+        if have is None or cert.serial > have.serial or (
+                cert.serial == have.serial and cert.expires > have.expires):
+            self.certs[cert.node] = cert
+
+    def learn_certs(self, raws) -> int:
+        """Certificates that came with gossiped entries: kept if they admit their
+        holder into our network now. Returns how many were new or newer."""
+        if self.network is None:
+            return 0
+        n = 0
+        for raw in raws:
+            try:
+                c = ms.check_certificate(self.network.public, raw, now=self.clock(),
+                                         revocations=self.revocations)
+            except RemoteProtocolError:
+                self.counters["certificates refused"] += 1
+                continue
+            before = self.certs.get(c.node)
+            self._know(c)
+            n += self.certs.get(c.node) is not before
+        return n
+
+    def certs_of(self, keys) -> list[bytes]:
+        """The certificates we know of these node keys (raw), to send along."""
+        return [self.certs[k].raw for k in keys if k in self.certs]
+
+    def _valid(self, cert: ms.Certificate | None) -> str | None:
+        if cert is None:
+            return "no certificate known"
+        if self.clock() >= cert.expires:
+            return "certificate expired"
+        for r in self.revocations:
+            if r.revokes(cert):
+                return "revoked"
+        return None
 
     @property
     def mode(self) -> str:
@@ -202,8 +248,9 @@ class Gate:
             raise MembershipRefused(f"refused: malformed proof ({exc})") from None
         self.admitted[nid] = adm
         self.counters[f"admitted {adm.kind}"] += 1
-        if adm.cert is not None:
+        if adm.cert is not None and adm.kind == "member":
             self._saw(adm.cert)
+            self._know(adm.cert)
         return adm
 
     def _refused(self, nid: bytes, reason: str) -> None:
@@ -230,12 +277,13 @@ class Gate:
 
     def author_ok(self, author_key: bytes) -> bool:
         """May entries (audit) or records (DHT) signed by this node key be kept and
-        forwarded? Not when the key's holder is revoked. (An author this node never
-        checked a certificate of is let through: certificates do not travel with
-        gossiped logs yet.)"""
+        forwarded? Only if we know a certificate of this network for it (from a
+        handshake, or sent along with its entries) that is valid now and not revoked."""
         if self.network is None:
             return True
-        return not any(r.node == author_key for r in self.revocations)
+        if any(r.node == author_key for r in self.revocations):
+            return False
+        return self._valid(self.certs.get(author_key)) is None
 
     def _still(self, a: Admitted) -> str | None:
         """None if the admission holds now, else why not."""
@@ -245,12 +293,11 @@ class Gate:
             return None if self.network is None else "not a member of this network"
         if a.kind == "joiner":
             return None
-        if self.clock() >= a.cert.expires:
-            return "certificate expired"
-        for r in self.revocations:
-            if r.revokes(a.cert):
-                return "revoked"
-        return None
+        # the newest certificate we know of the peer: a member that renewed its
+        # certificate (sent along with its entries) stays connected past the old one
+        newest = self.certs.get(a.cert.node)
+        cert = newest if newest is not None and newest.serial >= a.cert.serial else a.cert
+        return self._valid(cert)
 
     def enforce(self) -> list[tuple[bytes, str]]:
         """Refresh the state; the admitted peers that must be cut off, with why."""

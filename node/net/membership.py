@@ -85,7 +85,7 @@ def _state(data_dir):
 
 
 def create(data_dir, identity: Identity, *, name: str, site: str, now: int,
-           key_out: str | None = None) -> Network:
+           key_out: str | None = None, cert_lifetime: int = CERT_LIFETIME_NS) -> Network:
     """Create a network: a new network key, and this node as its first member
     (admin + member). key_out: write the network key there (mode 0600) instead
     of keeping it in the data dir (offline custody)."""
@@ -99,10 +99,11 @@ def create(data_dir, identity: Identity, *, name: str, site: str, now: int,
     key = Identity.generate()
     cert = ms.issue_certificate(key, identity.public_key, site=site,
                                 roles=["admin", "member"], serial=1,
-                                not_before=now, expires=now + CERT_LIFETIME_NS)
+                                not_before=now, expires=now + cert_lifetime)
     write_atomic(d / "state.json", json.dumps({"name": name, "next_serial": 2, "invites": {},
-                                         "issued": [cert.raw.hex()], "revocations": []},
-                                        indent=1, sort_keys=True).encode())
+                                               "issued": [cert.raw.hex()], "revocations": [],
+                                               "cert_lifetime_ns": cert_lifetime},
+                                              indent=1, sort_keys=True).encode())
     write_atomic(d / "member.cert", cert.raw)
     if key_out is not None:
         key.save(key_out)
@@ -128,7 +129,8 @@ def _need(data_dir) -> Network:
     return net
 
 
-def invite(data_dir, *, site: str, roles, expires_in: int, addrs, now: int) -> ms.Token:
+def invite(data_dir, *, site: str, roles, expires_in: int, addrs, now: int,
+           share_key: bool = True) -> ms.Token:
     """A one-time invitation token (the secret is returned, only its hash kept)."""
     net = _need(data_dir)
     _network_key(data_dir)                       # only a key holder may admit members
@@ -146,7 +148,8 @@ def invite(data_dir, *, site: str, roles, expires_in: int, addrs, now: int) -> m
             raise UserError(f"{MAX_PENDING_INVITES} invitations are pending: wait for them "
                             "to be used or to expire")
         inv[token.secret_hash.hex()] = {"site": site, "roles": list(token.roles),
-                                        "expires": token.expires, "used_by": None}
+                                        "expires": token.expires, "used_by": None,
+                                        "share_key": bool(share_key)}
         st["invites"] = inv
     assert ms.decode_token(text) == token
     return token
@@ -155,6 +158,12 @@ def invite(data_dir, *, site: str, roles, expires_in: int, addrs, now: int) -> m
 def redeem(data_dir, secret: bytes, node: bytes, *, now: int) -> ms.Certificate:
     """Issue the certificate an invitation promised to the node that presents its
     secret (the inviter's side of a join); each invitation works once."""
+    return redeem_invitation(data_dir, secret, node, now=now)[0]
+
+
+def redeem_invitation(data_dir, secret: bytes, node: bytes, *,
+                      now: int) -> tuple[ms.Certificate, bool]:
+    """redeem(), and whether the invitation shares the tenant's data key."""
     key = _network_key(data_dir)
     h = ms.secret_hash(secret).hex()
     with _state(data_dir) as st:
@@ -168,10 +177,49 @@ def redeem(data_dir, secret: bytes, node: bytes, *, now: int) -> ms.Certificate:
         serial = st["next_serial"]
         cert = ms.issue_certificate(key, node, site=inv["site"], roles=inv["roles"],
                                     serial=serial, not_before=now,
-                                    expires=now + CERT_LIFETIME_NS)
+                                    expires=now + _lifetime(st))
         inv["used_by"] = node.hex()
         st["next_serial"] = serial + 1
         st["issued"].append(cert.raw.hex())
+    return cert, bool(inv.get("share_key", True))
+
+
+def _lifetime(st: dict) -> int:
+    return int(st.get("cert_lifetime_ns") or CERT_LIFETIME_NS)
+
+
+def renew(data_dir, raw: bytes, node: bytes, *, now: int) -> ms.Certificate:
+    """The issuer's side of a renewal: a new certificate (same site and roles, a new
+    serial, a fresh lifetime) for the member that presents its current one."""
+    key = _network_key(data_dir)
+    net = _need(data_dir)
+    try:
+        old = ms.check_certificate(net.public, raw, now=now, node=node,
+                                   revocations=revocations(data_dir))
+    except ms.MembershipError as exc:
+        raise UserError(f"cannot renew: {exc}") from None
+    with _state(data_dir) as st:
+        serial = max(st["next_serial"], old.serial + 1)
+        cert = ms.issue_certificate(key, node, site=old.site, roles=old.roles, serial=serial,
+                                    not_before=now, expires=now + _lifetime(st))
+        st["next_serial"] = serial + 1
+        st["issued"].append(cert.raw.hex())
+    return cert
+
+
+def install_certificate(data_dir, raw: bytes, identity: Identity, *, now: int) -> ms.Certificate:
+    """Keep a renewed certificate of this node: of our network, for our key, valid
+    now, newer than the one we hold."""
+    net = _need(data_dir)
+    try:
+        cert = ms.check_certificate(net.public, raw, now=now, node=identity.public_key,
+                                    revocations=revocations(data_dir))
+    except ms.MembershipError as exc:
+        raise UserError(f"the renewed certificate does not check: {exc}") from None
+    if cert.serial <= net.cert.serial:
+        raise UserError(f"the renewed certificate (serial {cert.serial}) is not newer than "
+                        f"ours ({net.cert.serial})")
+    write_atomic(_dir(data_dir) / "member.cert", cert.raw)
     return cert
 
 

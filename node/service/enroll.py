@@ -21,7 +21,7 @@ import trio
 
 from hypersdk.dht.keys import node_id
 from hypersdk.node.errors import UsageError, UserError
-from hypersdk.node.net import membership
+from hypersdk.node.net import datakey, membership
 from hypersdk.node.net.gate import MembershipRefused
 from hypersdk.node.net.p2p_transport import node_id_of_libp2p_key, parse_peer_addr
 from hypersdk.node.net.transport import TransportError
@@ -69,11 +69,14 @@ class Enrollment:
                     secret, node = ms.decode_join_request(await _read_frame(stream))
                 if node_id(node) != peer_id:
                     raise UserError("the key in the request is not the connection's key")
-                cert = await trio.to_thread.run_sync(
-                    lambda: membership.redeem(self.d.data_dir, secret, node, now=time.time_ns()))
+                cert, share = await trio.to_thread.run_sync(
+                    lambda: membership.redeem_invitation(self.d.data_dir, secret, node,
+                                                         now=time.time_ns()))
                 net = membership.load(self.d.data_dir)
                 revs = [r.raw for r in membership.revocations(self.d.data_dir)]
-                answer = ms.join_answer(cert.raw, net.public, revs, net.name)
+                dk = datakey.load(self.d.data_dir) if share else None
+                answer = ms.join_answer(cert.raw, net.public, revs, net.name,
+                                        dk.secret if dk is not None else None)
                 self.admitted += 1
                 log.info("join: admitted node %s at site %s", node.hex()[:16], cert.site)
             except UserError as exc:
@@ -141,23 +144,24 @@ class Enrollment:
             net = await trio.to_thread.run_sync(
                 lambda: membership.enroll(d.data_dir, token, answer, d.identity,
                                           now=time.time_ns()))
+            shared = answer.data_key is not None
+            if shared:
+                dk = await trio.to_thread.run_sync(datakey.install, d.data_dir, answer.data_key)
+            else:       # a tenant of its own: its own backups are sealed with its own key
+                dk = (await trio.to_thread.run_sync(datakey.load, d.data_dir)
+                      or await trio.to_thread.run_sync(datakey.create, d.data_dir))
             d.saved.add(addr)
             # now a member: the joining connection goes (a new network epoch), and the
             # node joins the DHT through the inviter with its certificate
             d.transport.cut_off_now()
             d.nursery.start_soon(d._join_then_announce)
-            return dict(net.to_json(), inviter=addr)
+            return dict(net.to_json(), inviter=addr, data_key_shared=shared,
+                        data_key_fingerprint=dk.fingerprint.hex())
         raise UserError("could not reach the inviter: " + "; ".join(errors))
 
 
 def register(commands: dict, command_reply) -> None:
     async def join_network(d, args, events):
-        doc = await d.enrollment.join(str(args["token"]))
-        c = doc["certificate"]
-        return command_reply(doc, f"joined network {doc['network']}"
-                                  f"{' (' + doc['name'] + ')' if doc['name'] else ''} as "
-                                  f"{', '.join(c['roles'])} at site {c['site']} "
-                                  f"(certificate serial {c['serial']}); inviter "
-                                  f"{doc['inviter']} saved as a peer", 0)
+        return await d.enrollment.join(str(args["token"]))     # the CLI words the reply
 
     commands["join network"] = join_network

@@ -75,7 +75,9 @@ class AuditNet:
             rng=random.Random(d.rng.getrandbits(64)), scores=d.dht.scores,
             sync_interval=audit_sync_interval(), witness_interval=audit_witness_interval(),
             busy=lambda: bool(getattr(getattr(d, "replication", None), "transfers", None)),
-            on_new=self._on_new, author_ok=d.gate.author_ok if d.gate is not None else None)
+            on_new=self._on_new, **({} if d.gate is None else dict(
+                author_ok=d.gate.author_ok, certs_of=d.gate.certs_of,
+                learn_certs=d.gate.learn_certs)))
         await nursery.start(self.gossip.run)
         if d.gate is not None:
             nursery.start_soon(self._announce_revocations)

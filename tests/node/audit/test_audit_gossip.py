@@ -120,14 +120,15 @@ class Net:
             await self.add()
         return self
 
-    async def add(self, peers=None):
+    async def add(self, peers=None, ident=None, **extra):
         i = len(self.nodes)
-        ident = Identity.from_private_bytes(self.rng.randbytes(32))
+        ident = ident or Identity.from_private_bytes(self.rng.randbytes(32))
         t = self.sim.add_node(ident.node_id, f"/ip4/10.0.{i}.1/tcp/1")
         c = Contact(ident.node_id, t.addr)
         kw = dict(fanout=3, sync_interval=5.0, witness_interval=None, own_poll=None,
                   threaded=False, clock_ns=lambda: T0 + int(trio.current_time() * 1e9))
         kw.update(self.kw)
+        kw.update(extra)
         from hypersdk.node.kademlia.rpc import PeerScores
         g = AuditGossip(t, AuditLog(None, identity=ident),
                         peers if peers is not None else (lambda c=c: self.contacts(c)),

@@ -688,3 +688,23 @@ async def test_provide_many_sweeps_keyspace_slices_at_once(nursery, autojump_clo
         holders = closest(key, [x.own for x in nodes if x is not provider], 20)
         assert all(provider.own in by_id[c.id].providers.get(key, now) for c in holders)
     assert_healthy(net, nodes)
+
+
+async def test_records_of_non_members_are_not_stored(nursery, autojump_clock):
+    """With a membership predicate (node/net/gate.py author_ok), a node stores signed
+    records of members only."""
+    net, nodes = await start_network(nursery, 12, seed=11)
+    await join(nodes)
+    member_sk = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+    member = SignedRecord.sign(member_sk, bytes(32), b"m", 1).author
+    for svc in nodes:
+        svc.author_ok = lambda author: author == member
+    key = random.Random(11).randbytes(32)
+    assert await nodes[1].put_record(SignedRecord.sign(member_sk, key, b"ok", 1)) >= 5
+    stranger_sk = Ed25519PrivateKey.from_private_bytes(b"\x05" * 32)
+    other = random.Random(12).randbytes(32)
+    assert await nodes[2].put_record(SignedRecord.sign(stranger_sk, other, b"no", 1)) == 0
+    assert all(svc.records.get(other) is None for svc in nodes if svc is not nodes[2])
+    assert sum(svc.counters["records of non-members refused"] for svc in nodes) >= 5
+    got, _ = await nodes[5].get_record(key)
+    assert got is not None and got.value == b"ok"

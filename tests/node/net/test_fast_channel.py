@@ -413,3 +413,33 @@ async def test_a_cancel_reaches_page_cached_answers_queued_behind_others(nursery
         assert src.served_cached == len(ids) - 2      # the cached path answered them all
     finally:
         store.close()
+
+
+async def test_membership_admits_and_cuts_fast_channels(nursery):
+    """The server re-checks membership at the handshake (a token of a peer cut off since
+    is refused) and cut(peer) closes that peer's open channels, on both sides: a
+    blocked reader gets an error at once, never a silent end of stream."""
+    members = set()
+    echo = Echo()
+    ident = Identity.generate()
+    srv = FastChannelServer(ident, echo, admit=members.__contains__)
+    await nursery.start(srv.run)
+    cid = Identity.generate()
+    with trio.fail_after(STEP_LIMIT):
+        with pytest.raises(FastChannelError):            # not (or no longer) a member
+            await _echo_round(await _dial(srv, cid, ident.node_id), b"x")
+        assert srv.counters["refused"] == 1
+        members.add(cid.node_id)
+        fs = await _dial(srv, cid, ident.node_id)
+        assert await _echo_round(fs, b"hello") == b"hello"
+        members.discard(cid.node_id)
+        assert srv.cut(cid.node_id) == 1
+        with pytest.raises(FastChannelError):
+            for _ in range(100):                          # bounded: the cut shows at once
+                await fs.send_all(b"more")
+                if not await fs.receive_some(10):
+                    break
+        # the dialer side: FastDialer.admit and cut()
+        dialer = FastDialer(cid, None, admit=lambda nid: False)
+        with pytest.raises(FastChannelError, match="not a member"):
+            await dialer.open(ident.node_id, "/ip4/127.0.0.1/tcp/1")

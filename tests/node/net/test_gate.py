@@ -192,3 +192,32 @@ async def test_nodes_in_no_network_are_open_as_before(tmp_path):
         assert b.gate.status()["mode"] == "open"
         assert "any node that knows" in b.gate.status()["note"]
         n.cancel_scope.cancel()
+
+
+async def test_clock_skew_between_members_is_tolerated_up_to_five_minutes(acme):
+    """A member whose clock runs behind sees a fresh certificate as not yet valid: up
+    to ms.MAX_SKEW_NS that is tolerated, beyond it the refusal says to check the
+    clocks (one clear reason, on both sides)."""
+    a_dir, a_id = acme.member("a")
+    b_dir, b_id = acme.member("b")
+    skew = {"ns": 0}
+    async with trio.open_nursery() as n:
+        a = P2PTransport(a_id, LISTEN,
+                         gate=Gate(a_dir, a_id, clock=lambda: time.time_ns() - skew["ns"]))
+        a.set_handler(ECHO, echo)
+        await n.start(a.run)
+        b = await start(n, b_id, b_dir)
+        with trio.fail_after(20):
+            skew["ns"] = ms.MAX_SKEW_NS - 30 * S           # a's clock 4.5 min behind
+            assert await roundtrip(b, a) == b"ping"
+            b.disconnect(a.peer_id)
+            a.disconnect(b.peer_id)
+            for _ in range(200):                            # bounded: the close is quick
+                if not a.connection_count(b.peer_id) and not b.connection_count(a.peer_id):
+                    break
+                await trio.sleep(0.02)
+            skew["ns"] = ms.MAX_SKEW_NS + 60 * S           # 6 minutes behind
+            with pytest.raises(MembershipRefused, match="check the clocks"):
+                await roundtrip(b, a)
+        assert a.gate.counters["refused: certificate not valid yet (check the clocks)"] == 1
+        n.cancel_scope.cancel()

@@ -56,6 +56,8 @@ def test_members_share_backups_strangers_foreigners_and_the_revoked_get_nothing(
     # a stranger and a member of another network: refused at the handshake, one line
     s = nodes(Cli(tmp_path / "s"), env=FAST)
     assert s.cli.json("status")["membership"]["mode"] == "open"
+    assert "in no network and works alone" in s.cli("status").stdout
+    assert "members only: network" in a.cli("status").stdout
     f = nodes(Cli(tmp_path / "f"), env=FAST)
     f.cli("network", "create", "--name", "other", "--site", "x")
     for peer in (a, b, c):
