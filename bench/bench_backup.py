@@ -16,7 +16,10 @@ What one invocation does (all in the same page-cache state, one after the other)
     max RSS from time -v); a separately timed `sync` follows (not included);
     `du -sb` of the data dir after each step.  Steps: backup v1, backup v2
     (incremental), restore v1 to a new file (sha256 must equal disk-v1.img's,
-    otherwise the script fails loudly).
+    otherwise the script fails loudly).  With --data-key both (the default) every
+    run does this twice, alternating which goes first: "hypersdk" in a data dir
+    without a data key, and "hypersdk+key" in one with a data key (encryption at
+    rest: keyed ids, every record and manifest sealed; node/store/store.py).
  4. computes the target checks (ratios against restic from the same run,
     medians over the runs), prints a markdown table, writes
     $BENCH_OUT/bench_backup.json and .md, and with --write-md PATH (re)writes
@@ -63,6 +66,8 @@ TARGETS = {   # key: (description, threshold text)
     "v1_store": "store size after v1 <= 1.1x restic repository",
     "restore": "restore of v1 >= 600 MB/s and byte-identical",
     "rss": "peak RSS during backup and restore <= 200 MB",
+    "v1_ingest_key": "v1 ingest with a data key (encryption at rest) >= 3x restic",
+    "key_cost": "v1 ingest with a data key / without (same run)",
 }
 MD_BEGIN = "<!-- bench_backup.py:begin -->"
 MD_END = "<!-- bench_backup.py:end -->"
@@ -314,13 +319,18 @@ def store_stats(hs, env):
         return {"error": str(exc)}
 
 
-def run_hypersdk(run, v1_sha, timeout, keep, hs=None, tool="hypersdk"):
+def run_hypersdk(run, v1_sha, timeout, keep, hs=None, tool="hypersdk", keyed=False):
     """One run of the three steps with the hypersdk executable hs (default: this
-    checkout's); tool labels it ("hypersdk-baseline" for --baseline)."""
+    checkout's); tool labels it ("hypersdk-baseline" for --baseline). keyed: the
+    data dir gets a data key first (this checkout's node/net/datakey.py)."""
     hs = hs or hypersdk_bin()
     repo = os.path.join(REPOS, "%s-run%d" % (tool, run))
     shutil.rmtree(repo, ignore_errors=True)
     os.makedirs(repo)
+    if keyed:
+        sys.path.insert(0, REPO)
+        from hypersdk.node.net import datakey
+        datakey.create(repo)
     env = dict(os.environ, HYPERSDK_DATA_DIR=repo, LC_ALL="C.UTF-8")
     env.pop("HYPERSDK_DEBUG", None)
     size_img = os.path.getsize(V1)
@@ -396,6 +406,8 @@ def checks(hs_runs, restic_runs):
                         ratio=ratio, limit=limit, detail=detail))
 
     have_r = bool(restic_runs)
+    if not hs_runs:
+        return out
     hv1 = m(hs_runs, "v1", "MB_per_s")
     if have_r:
         rv1 = m(restic_runs, "v1", "MB_per_s")
@@ -421,6 +433,31 @@ def checks(hs_runs, restic_runs):
     where = max(((r[s]["maxrss_MB"], "run %d %s" % (r["run"], s))
                  for r in hs_runs for s in ("v1", "v2", "restore")))[1]
     add("rss", peak <= 200, "%.0f MB" % peak, "-", None, "<= 200 MB", "max at " + where)
+    return out
+
+
+def key_checks(key_runs, hs_runs, restic_runs):
+    """Ingest with a data key against restic (restic encrypts too) and against
+    hypersdk without a key, from the same invocation (medians)."""
+    if not key_runs:
+        return []
+    m = lambda runs, step, key: med([r[step][key] for r in runs])
+    out = []
+    k = m(key_runs, "v1", "MB_per_s")
+    if restic_runs:
+        r = m(restic_runs, "v1", "MB_per_s")
+        out.append(dict(target="v1_ingest_key", text=TARGETS["v1_ingest_key"], ok=k >= 3 * r,
+                        value="%.0f MB/s" % k, restic="%.0f MB/s" % r, ratio=round(k / r, 2),
+                        limit=">= 3.00x", detail=""))
+    else:
+        out.append(dict(target="v1_ingest_key", text=TARGETS["v1_ingest_key"], ok=None,
+                        value="%.0f MB/s" % k, restic="-", ratio=None, limit=">= 3.00x",
+                        detail="no restic figures"))
+    if hs_runs:
+        h = m(hs_runs, "v1", "MB_per_s")
+        out.append(dict(target="key_cost", text=TARGETS["key_cost"], ok=None,
+                        value="%.0f MB/s" % k, restic="without a key %.0f MB/s" % h,
+                        ratio=round(k / h, 3), limit="-", detail="measured, not a target"))
     return out
 
 
@@ -552,6 +589,9 @@ def main():
                          "interleaved run by run, and check ingest against it")
     ap.add_argument("--anchor-timeout", type=int, default=0,
                     help="for backup_tools.py (default 600 s per tool per run)")
+    ap.add_argument("--data-key", choices=("off", "on", "both"), default="both",
+                    help="run hypersdk without a data key (off), with one (on: encryption "
+                         "at rest), or both, alternating within each run (default)")
     a = ap.parse_args()
     if a.runs < 1:
         ap.error("--runs must be >= 1")
@@ -590,16 +630,20 @@ def main():
 
     quiet["hypersdk"] = wait_quiet(a.quiet_wait)
     src_before = source_fingerprint()
-    hs_runs, base_runs = [], []
+    hs_runs, base_runs, key_runs = [], [], []
     for run in range(1, a.runs + 1):
-        # with a baseline, alternate which goes first, so neither always has the
-        # page cache and the disk in the state the other leaves
-        order = ["current", "baseline"] if a.baseline else ["current"]
-        if a.baseline and run % 2 == 0:
+        # alternate which goes first, so neither always has the page cache and the
+        # disk in the state the other leaves
+        order = {"off": ["current"], "on": ["keyed"], "both": ["current", "keyed"]}[a.data_key]
+        order += ["baseline"] if a.baseline else []
+        if run % 2 == 0:
             order.reverse()
         for which in order:
             if which == "current":
                 hs_runs.append(run_hypersdk(run, img_sha["v1"], a.step_timeout, a.keep_repos))
+            elif which == "keyed":
+                key_runs.append(run_hypersdk(run, img_sha["v1"], a.step_timeout, a.keep_repos,
+                                             tool="hypersdk+key", keyed=True))
             else:
                 base_runs.append(run_hypersdk(run, img_sha["v1"], a.step_timeout,
                                               a.keep_repos, hs=a.baseline,
@@ -612,8 +656,9 @@ def main():
     if os.path.lexists(SRC):
         os.unlink(SRC)
 
-    cks = checks(hs_runs, restic_runs) + baseline_checks(hs_runs, base_runs)
-    table = fmt_table(hs_runs + base_runs, anchor_runs)
+    cks = (checks(hs_runs or key_runs, restic_runs) + key_checks(key_runs, hs_runs, restic_runs)
+           + baseline_checks(hs_runs, base_runs))
+    table = fmt_table(hs_runs + key_runs + base_runs, anchor_runs)
     ctable = fmt_checks(cks, anchors_note)
     mach, vers = machine(), versions(anchors)
     vers["hypersdk source"] = src_before
@@ -625,12 +670,13 @@ def main():
            "anchors_same_run": not a.skip_anchors, "quiet_wait_s": quiet,
            "anchors_phase": anchors.get("phase") if anchors else None,
            "anchor_notes": anchors.get("notes") if anchors else None,
-           "anchors": anchor_runs, "hypersdk": hs_runs, "baseline": a.baseline,
+           "anchors": anchor_runs, "hypersdk": hs_runs, "hypersdk_key": key_runs,
+           "baseline": a.baseline,
            "hypersdk_baseline": base_runs, "checks": cks}
     json.dump(doc, open(os.path.join(RESDIR, "bench_backup.json"), "w"), indent=1)
 
-    other = ", ".join("run %d %s %.1f s" % (r["run"], s, r[s]["other_cpu_s"])
-                      for r in hs_runs for s in ("v1", "v2", "restore"))
+    other = ", ".join("%s run %d %s %.1f s" % (r["tool"], r["run"], s, r[s]["other_cpu_s"])
+                      for r in hs_runs + key_runs for s in ("v1", "v2", "restore"))
     load = "Before each phase the script waited for an idle machine (%s). " % ", ".join(
         "%s: %s" % (k, "waited %d s" % v if v is not None else "never idle within the limit")
         for k, v in quiet.items())
@@ -658,8 +704,10 @@ max RSS from time -v); a separately timed `sync` follows and is not included; si
 `du -sb` of the repository / data dir. Anchors are run by `../shared/bench/backup_tools.py`
 in the same invocation, before hypersdk. hypersdk restore: `hypersdk restore <v1 manifest>
 OUT` into a new file with the store's packs warm; MB/s = image bytes / wall; the output's
-sha256 is compared with disk-v1.img's. MB = 10^6 bytes; targets are checked on the medians
-of the runs.
+sha256 is compared with disk-v1.img's. hypersdk+key: the same steps in a data dir that
+holds a data key (encryption at rest: keyed chunk ids, every record and manifest sealed with
+AES-256-GCM), alternating with hypersdk run by run. MB = 10^6 bytes; targets are checked on
+the medians of the runs.
 
 %s
 

@@ -5,7 +5,10 @@
     .venv/bin/python bench/bench_swarm.py swarm      # 4 seeds -> 1, 2 GiB v1 image
     .venv/bin/python bench/bench_swarm.py raw        # 1 seed -> 1, incompressible chunks
     .venv/bin/python bench/bench_swarm.py both
+    .venv/bin/python bench/bench_swarm.py swarm --network   # all nodes members, sealed
+    .venv/bin/python bench/bench_swarm.py prepare [--network]   # build the seed cache only
     options: --seeds 4 --raw-mib 512 --no-anchor --keep --fragment --runs N
+             --hypersdk EXE --rebuild
 
 swarm: 4 seed data dirs holding a backup of $BENCH_DATA/disk-v1.img (cached under
 $BENCH_DATA/repos/swarm-seedN, rebuilt when the image's mtime changes: one backup into
@@ -24,6 +27,29 @@ data, 1 MiB chunks; a fresh node runs `hypersdk fetch` (no image written). MB/s 
 chunk bytes / the fetch's wall time. The anchor is the libtorrent 1-seed swarm of
 the 2 GiB image (pieces of 1 MiB; the loopback copy ceiling of
 `swarm_libtorrent.py plain` is printed too).
+
+--network (issue 16: membership and encryption at rest): the same swarm restore,
+but every node is a member of one network and holds its data key. seed0's data
+dir gets `hypersdk network create` (which makes the data key) BEFORE its backup,
+so the backup is sealed with keyed chunk ids when the store seals; the other seeds
+(copies of seed0's data dir without DATA/network/, a fresh `node init` identity
+each) and each run's leecher get their own member certificate, enrolled offline
+with seed0's network key (membership.invite + redeem_invitation + enroll, the
+data key installed as a join that shares it would), so no node carries seed0's
+member.cert. Every libp2p connection then runs the membership proof after Noise
+(node/net/gate.py). The seed cache is $BENCH_DATA/repos/swarm-net-seedN, built by
+the same rules as the plain one. The result records how much of seed0's store
+and of the leecher's is sealed (chunks with the SEALED flag, manifests with a
+key): a warning if nothing is (a store that does not seal yet, or a cache built
+before it did: --rebuild).
+
+--hypersdk EXE runs another build's `hypersdk` (another checkout's venv; its
+Python, from EXE's #! line, runs the offline enrollment and --profile). Its seed
+caches are its own (repos/swarm-<8 hex of EXE's path>-seedN), so two builds never
+share a store made by either. bench/ab_swarm.py alternates two builds run by run.
+
+Every swarm run fails loudly (exit status 1, the restored image kept) when the
+restored image is not byte-identical to the source.
 
 libtorrent: the anchor runs under a Python that can `import libtorrent`: this
 script tries $LT_PYTHON, /usr/bin/python3, then this venv's python, and if none has
@@ -62,8 +88,34 @@ SHARED = REPO.parent / "shared" / "bench"
 DATA = Path(os.environ.get("BENCH_DATA", "/tmp/bench-data"))
 IMG = DATA / "disk-v1.img"
 PY = Path(sys.executable)
-HYPERSDK = PY.parent / "hypersdk"
+DEFAULT_HYPERSDK = PY.parent / "hypersdk"
+HYPERSDK = DEFAULT_HYPERSDK          # --hypersdk
+NODE_PY = PY                         # the Python of HYPERSDK's build
 MiB = 1 << 20
+
+
+def use_build(exe: Path):
+    """Run the nodes and commands with `exe` (a venv's bin/hypersdk), and that
+    build's Python (its #! line; else the python next to it) for what runs in-process."""
+    global HYPERSDK, NODE_PY
+    exe = Path(exe).absolute()
+    if not os.access(exe, os.X_OK):
+        raise SystemExit(f"--hypersdk {exe}: not an executable")
+    HYPERSDK, NODE_PY = exe, exe.parent / "python"
+    with open(exe, "rb") as f:
+        first = f.readline(4096)
+    if first.startswith(b"#!"):
+        interp = first[2:].decode(errors="replace").split()
+        if interp and Path(interp[0]).name.startswith("python") and Path(interp[0]).exists():
+            NODE_PY = Path(interp[0])
+
+
+def build_tag(base: str) -> str:
+    """The seed-cache tag of this build: `base` for this venv's hypersdk, else
+    base-<8 hex of the executable's path>."""
+    if HYPERSDK.resolve() == DEFAULT_HYPERSDK.resolve():
+        return base
+    return f"{base}-{hashlib.sha256(str(HYPERSDK.resolve()).encode()).hexdigest()[:8]}"
 
 
 def log(*a):
@@ -106,7 +158,7 @@ class NodeProc:
             (data_dir / f).unlink(missing_ok=True)
         argv = [str(HYPERSDK), "node", "run", "--listen", "/ip4/127.0.0.1/tcp/0"]
         if profile:
-            argv = [str(PY), str(REPO / "bench" / "_prof_node.py"), *argv[1:]]
+            argv = [str(NODE_PY), str(REPO / "bench" / "_prof_node.py"), *argv[1:]]
         if bootstrap:
             argv += ["--bootstrap", bootstrap]
         self.proc = subprocess.Popen(argv, env=env_for(data_dir), stdout=subprocess.DEVNULL,
@@ -150,32 +202,105 @@ def fresh_node_dir(path: Path) -> Path:
     return path
 
 
-def build_seeds(img: Path, n: int, tag: str) -> tuple[list[Path], str]:
-    """n seed data dirs holding a backup of img (cached by the image's mtime)."""
+def build_seeds(img: Path, n: int, tag: str, network: bool = False,
+                rebuild: bool = False) -> tuple[list[Path], str]:
+    """n seed data dirs holding a backup of img (cached by the image's mtime and the
+    hypersdk executable). network: seed0 creates a network (and its data key) before
+    the backup; the copies are enrolled as members of it (enroll_members)."""
     base = DATA / "repos"
     base.mkdir(parents=True, exist_ok=True)
-    stamp = f"{img}:{img.stat().st_mtime_ns}:{img.stat().st_size}"
+    stamp = f"{img}:{img.stat().st_mtime_ns}:{img.stat().st_size}:{HYPERSDK.resolve()}"
     dirs = [base / f"{tag}-seed{i}" for i in range(n)]
     meta = base / f"{tag}-seeds.json"
-    ok = meta.exists() and json.loads(meta.read_text()).get("stamp") == stamp
+    ok = not rebuild and meta.exists() and json.loads(meta.read_text()).get("stamp") == stamp
     if ok:
         doc = json.loads(meta.read_text())
-        if doc["n"] >= n and all(d.exists() for d in dirs):
+        if (doc["n"] >= n and all(d.exists() for d in dirs)
+                and doc.get("network", False) == network
+                and all((d / "network" / "member.cert").exists() == network for d in dirs)):
             return dirs, doc["manifest"]
-    log(f"building {n} seed dirs for {img} ...")
+    log(f"building {n} seed dirs for {img}{' (network)' if network else ''} "
+        f"with {HYPERSDK} ...")
+    meta.unlink(missing_ok=True)
     d0 = fresh_node_dir(dirs[0])
+    if network:
+        hs(d0, "network", "create", "--name", "bench", "--site", "site-1", "--json")
     t = time.perf_counter()
     doc = json.loads(hs(d0, "backup", img, "--chunk-size", str(MiB), "--json").stdout)
     log(f"  backup into seed0: {time.perf_counter() - t:.1f} s")
     mid = doc["manifest"]
     for d in dirs[1:]:
         shutil.rmtree(d, ignore_errors=True)
+        # no DATA/network/: a copy is not seed0 (its certificate, the network key);
+        # it is enrolled below as a member of its own
         shutil.copytree(d0, d, symlinks=True,
                         ignore=shutil.ignore_patterns("node.key", "node.addrs", "*.sock",
-                                                      "peers.json", "bench-node.log"))
+                                                      "peers.json", "bench-node.log",
+                                                      "network"))
         hs(d, "node", "init")                       # a new identity per copy
-    meta.write_text(json.dumps({"stamp": stamp, "n": n, "manifest": mid}))
+    if network:
+        enroll_members(d0, dirs[1:])
+    meta.write_text(json.dumps({"stamp": stamp, "n": n, "manifest": mid,
+                                "network": network}))
     return dirs, mid
+
+
+# Offline enrollment, run by the build's own Python: for each member dir, an
+# invitation from the admin dir (the network key holder), its redemption for the
+# member's node key, and enroll() with the answer a join would bring (the data key
+# shared); then the data key installed, as node/service/enroll.py does after a join.
+ENROLL = r"""
+import sys, time
+from hypersdk.node.audit.log import own_identity
+from hypersdk.node.net import datakey, membership
+from hypersdk.protocol import membership as ms
+admin, members = sys.argv[1], sys.argv[2:]
+net = membership.load(admin)
+dk = datakey.load(admin)
+assert net is not None and dk is not None, "the admin dir has no network or no data key"
+for d in members:
+    ident = own_identity(d)
+    now = time.time_ns()
+    tok = membership.invite(admin, site="site-1", roles=["member"], expires_in=600 * 10**9,
+                            addrs=["/ip4/127.0.0.1/tcp/1"], now=now, share_key=True)
+    cert, share = membership.redeem_invitation(admin, tok.secret, ident.public_key, now=now)
+    assert share
+    membership.enroll(d, tok, ms.JoinAnswer(cert.raw, net.public, (), net.name, dk.secret),
+                      ident, now=now)
+    datakey.install(d, dk.secret)
+    got = membership.load(d)
+    assert got.id == net.id and got.cert.node == ident.public_key and not got.has_key
+    print(d, got.cert.serial, datakey.load(d).fingerprint.hex()[:16])
+"""
+
+
+def enroll_members(admin: Path, members: list[Path]):
+    """Members of admin's network with their own certificates and the data key."""
+    p = subprocess.run([str(NODE_PY), "-c", ENROLL, str(admin), *map(str, members)],
+                       capture_output=True, text=True, timeout=120)
+    if p.returncode != 0:
+        raise SystemExit(f"offline enrollment into {admin}'s network failed: {p.stderr}")
+    for line in p.stdout.splitlines():
+        log(f"  enrolled {line}")
+
+
+def sealed_state(data_dir: Path) -> dict:
+    """How much of data_dir's store is sealed: chunk records with the SEALED flag
+    (node/store/packfile.py), manifests with a key fingerprint (catalog.py)."""
+    import sqlite3
+    if not (data_dir / "index.sqlite").exists():
+        return {"chunks": 0, "chunks_sealed": 0, "manifests": 0, "manifests_sealed": 0}
+    db = sqlite3.connect(f"file:{data_dir / 'index.sqlite'}?mode=ro", uri=True)
+    try:
+        n, sealed = db.execute("SELECT count(*), coalesce(sum((codec & 64) != 0), 0) "
+                               "FROM chunks").fetchone()
+        try:
+            m, mk = db.execute("SELECT count(*), count(key) FROM manifests").fetchone()
+        except sqlite3.OperationalError:       # a store from before manifests.key
+            m, mk = db.execute("SELECT count(*), 0 FROM manifests").fetchone()
+    finally:
+        db.close()
+    return {"chunks": n, "chunks_sealed": sealed, "manifests": m, "manifests_sealed": mk}
 
 
 def start_swarm(dirs: list[Path], mid: str, profile=False) -> list[NodeProc]:
@@ -185,10 +310,12 @@ def start_swarm(dirs: list[Path], mid: str, profile=False) -> list[NodeProc]:
     author) during its restore, which made that restore 0.1-0.2 s slower and the
     benchmark drift with its history. Removing audit.sqlite makes each seed
     re-create its log at start (reconcile(): one backup entry), so every run sees
-    the 5-log network the benchmark describes."""
+    the 5-log network the benchmark describes. (DATA/network/seen.json, the members
+    a node has checked, goes too for the same reason.)"""
     for d in dirs:
         for f in d.glob("audit.sqlite*"):
             f.unlink()
+        (d / "network" / "seen.json").unlink(missing_ok=True)
     seeds = [NodeProc(dirs[0], profile=profile)]
     for d in dirs[1:]:
         seeds.append(NodeProc(d, seeds[0].addr, profile=profile))
@@ -254,10 +381,14 @@ def run_libtorrent(seeds: int) -> dict:
 
 # -- the two measurements ---------------------------------------------------------------
 
-def run_restore(seeds_n: int, profile: bool, keep: bool) -> dict:
-    dirs, mid = build_seeds(IMG, seeds_n, "swarm")
+def run_restore(seeds_n: int, profile: bool, keep: bool, network: bool = False,
+                rebuild: bool = False) -> dict:
+    tag = build_tag("swarm-net" if network else "swarm")
+    dirs, mid = build_seeds(IMG, seeds_n, tag, network, rebuild)
+    leech_dir = fresh_node_dir(DATA / "repos" / f"{tag}-leech")
+    if network:
+        enroll_members(dirs[0], [leech_dir])
     seeds = start_swarm(dirs, mid, profile)
-    leech_dir = fresh_node_dir(DATA / "repos" / "swarm-leech")
     leech = None
     out = DATA / "restore" / "bench-swarm-out.img"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -268,16 +399,30 @@ def run_restore(seeds_n: int, profile: bool, keep: bool) -> dict:
         read_into_cache(IMG, *seed_packs(dirs))
         os.sync()
         run = timed(leech, seeds, leech_dir, "restore", mid, out)
+        if network:     # the leecher is in the network, and admitted its peers as members
+            gate = json.loads(hs(leech_dir, "status", "--json").stdout).get("membership", {})
+            run["membership"] = {k: gate.get(k) for k in ("mode", "network", "admitted",
+                                                          "counters")}
     finally:
         for n in [leech, *seeds]:
             if n is not None:
                 n.stop()
     same = sha256(out) == sha256(IMG)
+    if not same:
+        raise SystemExit(f"RESTORE NOT IDENTICAL: {out} differs from {IMG} "
+                         f"(kept, and the leecher's data dir {leech_dir})")
+    if network and not (run["membership"]["network"] and run["membership"]["admitted"]):
+        raise SystemExit(f"--network but the leecher's membership is {run['membership']}")
+    sealing = {"seed0": sealed_state(dirs[0]), "leecher": sealed_state(leech_dir)}
+    if network and not sealing["seed0"]["chunks_sealed"]:
+        log(f"WARNING: --network but seed0's store has no sealed chunk ({dirs[0]}): this "
+            "build does not seal yet, or the seed cache predates it (--rebuild)")
     if not keep:
         out.unlink(missing_ok=True)
         shutil.rmtree(leech_dir, ignore_errors=True)
     f = run.pop("doc").get("fetched", {})
-    return {"wall_s": round(run["wall"], 2),
+    return {"wall_s": round(run["wall"], 2), "network": network, "hypersdk": str(HYPERSDK),
+            "sealed": sealing, "membership": run.get("membership"),
             "MB_per_s": round(IMG.stat().st_size / run["wall"] / 1e6, 1),
             "image_bytes": IMG.stat().st_size,
             "identical": same, "leecher_rss_MiB": run["leecher_rss_MiB"],
@@ -310,7 +455,7 @@ def run_raw(mib: int, profile: bool, keep: bool) -> dict:
         with open(img, "wb") as f:
             for _ in range(mib):
                 f.write(os.urandom(MiB))
-    dirs, mid = build_seeds(img, 1, f"raw{mib}")
+    dirs, mid = build_seeds(img, 1, build_tag(f"raw{mib}"))
     seeds = start_swarm(dirs, mid, profile)
     leech_dir = fresh_node_dir(DATA / "repos" / "raw-leech")
     leech = None
@@ -336,7 +481,9 @@ def run_raw(mib: int, profile: bool, keep: bool) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("mode", choices=["swarm", "raw", "both"], nargs="?", default="both")
+    ap.add_argument("mode", choices=["swarm", "raw", "both", "prepare"], nargs="?",
+                    default="both", help="prepare: build (or check) the swarm seed cache "
+                                         "of this build and mode, and stop")
     ap.add_argument("--seeds", type=int, default=4)
     ap.add_argument("--raw-mib", type=int, default=512)
     ap.add_argument("--no-anchor", action="store_true", help="skip libtorrent")
@@ -349,9 +496,24 @@ def main():
                          "stats in each data dir's node.prof)")
     ap.add_argument("--runs", type=int, default=1,
                     help="repeat the whole measurement (each run side by side)")
+    ap.add_argument("--network", action="store_true",
+                    help="swarm: every node a member of one network, sharing its data key "
+                         "(seed cache repos/swarm-net-seedN)")
+    ap.add_argument("--hypersdk", type=Path, default=DEFAULT_HYPERSDK, metavar="EXE",
+                    help="the hypersdk executable to run (another checkout's venv; "
+                         "default: this venv's)")
+    ap.add_argument("--rebuild", action="store_true",
+                    help="rebuild the swarm seed cache even if it is current")
     a = ap.parse_args()
     if a.runs < 1:
         raise SystemExit("--runs must be >= 1")
+    use_build(a.hypersdk)
+    if a.mode == "prepare":
+        dirs, mid = build_seeds(IMG, a.seeds, build_tag("swarm-net" if a.network else "swarm"),
+                                a.network, a.rebuild)
+        print(json.dumps({"seeds": [str(d) for d in dirs], "manifest": mid,
+                          "network": a.network, "hypersdk": str(HYPERSDK)}))
+        return
     res: dict = {"nproc": os.cpu_count(), "runs": []}
     with Fragmented() if a.fragment else contextlib.nullcontext() as frag:
         if frag is not None:
@@ -373,7 +535,9 @@ def main():
 def measure(a) -> dict:
     res: dict = {"load_start": loadavg()}
     if a.mode in ("swarm", "both"):
-        res["hypersdk_swarm"] = r = run_restore(a.seeds, a.profile, a.keep)
+        res["hypersdk_swarm"] = r = run_restore(a.seeds, a.profile, a.keep, a.network,
+                                                a.rebuild)
+        a.rebuild = False                           # once, not every run
         log("hypersdk swarm:", json.dumps(r))
         if not a.no_anchor:
             res["lt_swarm"] = r = run_libtorrent(a.seeds)
@@ -403,7 +567,13 @@ def table(a, res: dict, whole: dict) -> list[str]:
             "|---|---|---|---|"]
     if "hypersdk_swarm" in res:
         h, lt = res["hypersdk_swarm"], res.get("lt_swarm")
-        rows.append(f"| restore {size_label(h['image_bytes'])}, {a.seeds} seeds -> 1, wall | "
+        net = ""
+        if h.get("network"):
+            sealed = h["sealed"]["seed0"]
+            net = (f", network, sealed {sealed['chunks_sealed']}/{sealed['chunks']} chunks"
+                   if sealed["chunks_sealed"] else ", network, NOT sealed")
+        rows.append(f"| restore {size_label(h['image_bytes'])}, {a.seeds} seeds -> 1{net}, "
+                    f"wall | "
                     f"{h['wall_s']:.2f} s "
                     f"(identical={h['identical']}) | "
                     + (f"{lt['wall_s']:.2f} s (ok={lt['ok'] and lt['verified_identical']}) | "

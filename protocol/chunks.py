@@ -27,6 +27,22 @@ def chunk_id(data) -> bytes:
     return blake3.blake3(data).digest()
 
 
+class VerifiedChunk(bytes):
+    """A chunk's plaintext that was already checked against its id `cid`, under the
+    id scheme that names it (plain or keyed: protocol/ids.py), by this process: a
+    store read, or exchange.open_data. A verifier that holds one (a possession
+    reference, protocol/possession.py) need not hash it again, nor know the key.
+    Only local code makes one; peers send bytes, never this type."""
+
+    cid: bytes
+
+    @classmethod
+    def of(cls, cid: bytes, plain) -> VerifiedChunk:
+        v = cls(plain)
+        v.cid = cid
+        return v
+
+
 def is_zero(data) -> bool:
     """True if every byte is zero.
 

@@ -59,7 +59,14 @@ choice: zstd when it shrinks the chunk, raw otherwise). A Data frame with codec
 receiver should turn a Data message into chunk bytes: it bounds decompression
 to raw_len and checks BLAKE3(plaintext) == id, raising ChunkHashMismatch (with
 expected and actual ids as evidence) when the content is wrong and
-RemoteProtocolError when the payload does not decompress.
+RemoteProtocolError when the payload does not decompress. Chunks of a manifest
+with keyed ids (protocol/ids.py) are checked with key=: the keyed id of the
+plaintext must be the id. The wire is the same for both schemes in this version:
+a server opens its sealed records (protocol/sealing.py) and sends codec and
+payload as above, over the already encrypted connection; a receiver with the key
+checks the keyed id and seals again before storing. (Sending the sealed records
+themselves, so that a holder without the key can store opaque bytes, is a later
+version of the protocol: it needs a new protocol id, see Versioning.)
 
 Bounds (tests/test_exchange.py checks the worst case of every type):
   rid, start      unsigned 64-bit integers
@@ -80,8 +87,9 @@ from typing import ClassVar, Iterable, Iterator, Union
 
 import zstandard
 
-from .chunks import ID_LEN, MAX_CHUNK, ZERO_ID, chunk_id
+from .chunks import ID_LEN, MAX_CHUNK, ZERO_ID, VerifiedChunk, chunk_id
 from .errors import ChunkHashMismatch, LocalProtocolError, RemoteProtocolError
+from .ids import id_of
 
 PROTOCOL_ID = "/hypersdk/exchange/1"
 MAX_U64 = (1 << 64) - 1
@@ -356,8 +364,9 @@ def _zc(level: int) -> zstandard.ZstdCompressor:
     return c
 
 
-def open_data(msg: Data) -> bytes:
-    """The verified plaintext of `msg`.
+def open_data(msg: Data, key=None) -> VerifiedChunk:
+    """The verified plaintext of `msg` (key: the DataKey of a keyed manifest's ids,
+    None for plain BLAKE3 ids).
 
     RemoteProtocolError: the zstd payload is not exactly one frame decoding to
     raw_len bytes (a declared content size other than raw_len is refused before
@@ -381,10 +390,10 @@ def open_data(msg: Data) -> bytes:
         if len(plain) != msg.raw_len:
             raise RemoteProtocolError(
                 f"zstd payload decodes to {len(plain)} bytes, raw_len is {msg.raw_len}")
-    actual = chunk_id(plain)
+    actual = id_of(key, plain)
     if actual != msg.id:
         raise ChunkHashMismatch(msg.id, actual, "received from a peer")
-    return plain
+    return VerifiedChunk.of(msg.id, plain)
 
 
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -422,14 +431,14 @@ def zstd_frame_size(payload) -> int:
     return off
 
 
-def open_data_into(msg: Data, buf) -> memoryview:
+def open_data_into(msg: Data, buf, key=None) -> memoryview:
     """open_data(msg) without allocating: the verified plaintext as a memoryview,
     of msg.payload (RAW) or of the start of `buf` (ZSTD: decompressed straight into
     it; `buf` is a writable buffer of at least raw_len + 1 bytes, reused by the
     caller, so the view is valid until the caller writes to `buf` again).
     Same checks and errors as open_data: exactly one frame (its size from the block
     headers must be the whole payload), declared size, decoded size == raw_len,
-    BLAKE3(plaintext) == id."""
+    BLAKE3(plaintext) == id (the keyed id under `key` when given)."""
     if type(msg) is not Data:
         raise LocalProtocolError("open_data_into takes a Data message")
     if msg.codec == CODEC_RAW:
@@ -457,7 +466,7 @@ def open_data_into(msg: Data, buf) -> memoryview:
                 f"zstd payload decodes to {got}{'+' if got > raw_len else ''} bytes, "
                 f"raw_len is {raw_len}")
         plain = out[:raw_len]
-    actual = chunk_id(plain)
+    actual = id_of(key, plain)
     if actual != msg.id:
         raise ChunkHashMismatch(msg.id, actual, "received from a peer")
     return plain

@@ -9,6 +9,22 @@ content-addressed chunk. So a 10 TB image at 1 MiB chunks has a manifest of
 300 MB list in memory.
 
 manifest id = BLAKE3(canonical msgpack of the manifest document).
+
+Id schemes (encryption at rest, protocol/sealing.py and protocol/ids.py). `key`
+names the data key the chunk ids and hash-list ids of this manifest are keyed
+with, by its fingerprint (32 bytes, safe to show); None means plain BLAKE3 ids.
+Version 1 documents (every manifest written before keyed ids, and every manifest
+of a node without a data key) have no "key" field; version 2 documents have it,
+never None, so each manifest still has exactly one encoding and an old manifest
+decodes, re-encodes and hashes exactly as before.
+
+The manifest id itself stays plain BLAKE3 of the encoding, keyed or not. It is
+what audit entries, certificates and DHT records name, and any member must be
+able to check it against the manifest bytes without the tenant's key (`audit
+check-certificate`, `verify --network`). It confirms nothing to an outsider: a
+keyed manifest holds keyed list ids and a creation time in nanoseconds, which
+nobody without the key can guess, so its hash is no oracle for the image's
+content (and at rest the manifest's bytes are sealed under its id).
 """
 from __future__ import annotations
 
@@ -18,11 +34,14 @@ from . import codec
 from .chunks import ID_LEN, ZERO_ID, chunk_id, valid_chunk_size
 from .errors import LocalProtocolError, RemoteProtocolError
 
-VERSION = 1
+VERSION = 1                               # plain BLAKE3 chunk ids (no "key" field)
+VERSION_KEYED = 2                         # keyed chunk ids: "key" names the data key
+FINGERPRINT_LEN = 32
 LIST_ENTRIES = 32768                      # ids per hash-list chunk (1 MiB)
 MAX_IMAGE = 1 << 56                       # 64 PiB: a sanity bound, not a limit in practice
 MAX_NAME = 255
 _KEYS = {"v", "name", "size", "chunk_size", "lists", "source", "created"}
+_KEYS_V2 = _KEYS | {"key"}
 
 
 def chunk_count(size: int, chunk_size: int) -> int:
@@ -41,6 +60,7 @@ class Manifest:
     lists: tuple[bytes, ...]
     source: dict = field(default_factory=dict)
     created: int = 0                      # unix time in nanoseconds
+    key: bytes | None = None              # fingerprint of the id key; None: plain BLAKE3
 
     def __post_init__(self):
         problem = _problem(self)
@@ -60,9 +80,12 @@ class Manifest:
         return min(LIST_ENTRIES, self.n_chunks - list_index * LIST_ENTRIES)
 
     def to_doc(self) -> dict:
-        return {"v": VERSION, "name": self.name, "size": self.size,
-                "chunk_size": self.chunk_size, "lists": list(self.lists),
-                "source": dict(self.source), "created": self.created}
+        doc = {"v": VERSION, "name": self.name, "size": self.size,
+               "chunk_size": self.chunk_size, "lists": list(self.lists),
+               "source": dict(self.source), "created": self.created}
+        if self.key is not None:
+            doc.update(v=VERSION_KEYED, key=self.key)
+        return doc
 
     def encode(self) -> bytes:
         return codec.encode(self.to_doc())
@@ -90,6 +113,8 @@ def _problem(m: Manifest) -> str | None:
         return f"manifest has {len(m.lists)} hash lists, its size needs {want}"
     if not all(isinstance(x, bytes) and len(x) == ID_LEN for x in m.lists):
         return "hash list ids must be 32 bytes"
+    if m.key is not None and not (type(m.key) is bytes and len(m.key) == FINGERPRINT_LEN):
+        return f"manifest key must be a {FINGERPRINT_LEN}-byte key fingerprint"
     return None
 
 
@@ -98,14 +123,18 @@ def decode_manifest(data: bytes) -> Manifest:
     doc = codec.decode(data)
     if not isinstance(doc, dict):
         raise RemoteProtocolError("manifest is not a map")
-    if doc.get("v") != VERSION:
-        raise RemoteProtocolError(f"unsupported manifest version {doc.get('v')!r}")
-    if set(doc) != _KEYS:
-        raise RemoteProtocolError(f"manifest keys {sorted(doc)} are not {sorted(_KEYS)}")
+    v = doc.get("v")
+    want = {VERSION: _KEYS, VERSION_KEYED: _KEYS_V2}.get(v) if type(v) is int else None
+    if want is None:
+        raise RemoteProtocolError(f"unsupported manifest version {v!r:.40}")
+    if set(doc) != want:
+        raise RemoteProtocolError(f"manifest keys {sorted(doc)} are not {sorted(want)}")
+    if v == VERSION_KEYED and doc["key"] is None:
+        raise RemoteProtocolError("a version 2 manifest must name its key")
     try:
         return Manifest(name=doc["name"], size=doc["size"], chunk_size=doc["chunk_size"],
                         lists=tuple(doc["lists"]) if isinstance(doc["lists"], list) else None,
-                        source=doc["source"], created=doc["created"])
+                        source=doc["source"], created=doc["created"], key=doc.get("key"))
     except (LocalProtocolError, TypeError) as exc:
         raise RemoteProtocolError(f"invalid manifest: {exc}") from None
 

@@ -338,7 +338,7 @@ _JOIN_OK = {"v": lambda v: v == VERSION, "cert": lambda v: type(v) is bytes,
                                       and all(type(r) is bytes for r in v)),
             "data_key": lambda v: v is None or _key(v)}
 _JOIN_NO = {"v": lambda v: v == VERSION,
-            "refused": lambda v: type(v) is str and 0 < len(v) <= MAX_REASON}
+            "refused": lambda v: _text(v, MAX_REASON)}     # printed to users: printable
 
 
 def frame(doc: dict) -> bytes:

@@ -13,7 +13,12 @@ Why this shape:
   must read the chunk at challenge time. A holder that kept only the answers
   to old nonces answers wrong ("damaged").
 - The answer is over the plaintext (after decompression), so it does not
-  depend on how either side stores the chunk (raw, zstd, zstd delta).
+  depend on how either side stores the chunk (raw, zstd, zstd delta, sealed
+  at rest). With keyed chunk ids (protocol/ids.py) nothing changes for the
+  holder; the verifier checks its reference copy against the keyed id
+  (`reference`). A holder without the data key cannot answer over the
+  plaintext: a challenge for such holders is a later version (over the sealed
+  record, which is deterministic: protocol/sealing.py).
 - A random sample of s out of n chunks catches a holder missing a fraction f
   of them with probability about 1 - (1 - f)^s (s = 64, f = 5%: 96%).
   Repeated verifications compound that.
@@ -60,9 +65,10 @@ from typing import ClassVar, Iterable, Mapping
 
 import blake3
 
-from .chunks import ID_LEN, ZERO_ID, chunk_id
+from .chunks import ID_LEN, ZERO_ID, VerifiedChunk, chunk_id
 from .errors import LocalProtocolError, RemoteProtocolError
 from .framing import HEADER, FrameDecoder, OversizedFrame, encode_document, open_document
+from .sealing import keyed_id
 
 PROTOCOL_ID = "/hypersdk/possession/1"
 VERSION = 1
@@ -187,12 +193,20 @@ class Precomputed:
     answer: bytes
 
 
-def reference(cid: bytes, nonce: bytes, plain) -> Precomputed | None:
+def reference(cid: bytes, nonce: bytes, plain, key=None) -> Precomputed | None:
     """The expected answer for chunk `cid` from the verifier's copy `plain`, or
     None when the copy is absent or does not hash to `cid` (a bad reference
     must not make an honest holder look damaged). Lets a verifier drop each
-    plaintext as soon as it is read, instead of keeping a whole sample."""
-    if plain is None or chunk_id(plain) != cid:
+    plaintext as soon as it is read, instead of keeping a whole sample.
+
+    Keyed ids (protocol/ids.py): the answer is over the plaintext either way; only
+    the check of the copy differs. A copy is accepted when it is a VerifiedChunk of
+    `cid` (a local store or open_data checked it under its scheme already), or when
+    it hashes to `cid` plainly, or keyed under `key` (a DataKey) when one is given."""
+    if plain is None:
+        return None
+    if not (type(plain) is VerifiedChunk and plain.cid == cid) and chunk_id(plain) != cid \
+            and (key is None or keyed_id(key, plain) != cid):
         return None
     return Precomputed(answer(nonce, plain))
 

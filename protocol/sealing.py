@@ -108,6 +108,7 @@ RECORD_OVERHEAD = HEADER_LEN + IV_LEN + TAG_LEN        # 35 bytes on top of the 
 MAX_RECORD = MAX_PAYLOAD + RECORD_OVERHEAD
 
 _CONTEXT = "hypersdk 2026-12 {} v1"
+_INTO = hasattr(AESGCM, "encrypt_into") and hasattr(AESGCM, "decrypt_into")
 
 
 class SealError(IntegrityError):
@@ -189,7 +190,7 @@ def keyed_id(key: DataKey, data) -> bytes:
 class Opened(NamedTuple):
     codec: int
     raw_len: int
-    payload: bytes
+    payload: bytearray                    # decrypted in place (see open_record)
 
 
 class Header(NamedTuple):
@@ -217,10 +218,23 @@ def _check_args(key, kind, oid) -> None:
         raise LocalProtocolError("the zero chunk is never sealed")
 
 
-def seal(key: DataKey, kind: int, oid: bytes, codec: int, raw_len: int, payload) -> bytes:
+def seal(key: DataKey, kind: int, oid: bytes, codec: int, raw_len: int, payload) -> bytearray:
     """The sealed record of `payload` (codec output of `raw_len` plaintext bytes) for
     object `oid`. Deterministic: the same arguments always give the same record.
-    `payload` may be bytes, bytearray or memoryview; it is not copied before encryption."""
+    `payload` may be bytes, bytearray or memoryview; it is not copied before encryption.
+    The record is a new bytearray (seal_into writes into a buffer of the caller's)."""
+    view = _bytes_view(payload, "payload")
+    out = bytearray(view.nbytes + RECORD_OVERHEAD)
+    seal_into(key, kind, oid, codec, raw_len, view, out)
+    return out
+
+
+def seal_into(key: DataKey, kind: int, oid: bytes, codec: int, raw_len: int, payload,
+              out) -> memoryview:
+    """seal() into the start of `out` (a writable buffer of at least len(payload) +
+    RECORD_OVERHEAD bytes that does not overlap payload); returns the record, a view
+    of out. For callers that reuse buffers: a fresh 1 MiB buffer per record (its
+    allocation and page faults) cost more than the encryption, measured."""
     _check_args(key, kind, oid)
     if type(codec) is not int or not 0 <= codec <= MAX_CODEC:
         raise LocalProtocolError(f"codec must be in 0..{MAX_CODEC}, not {codec!r:.40}")
@@ -230,12 +244,22 @@ def seal(key: DataKey, kind: int, oid: bytes, codec: int, raw_len: int, payload)
     view = _bytes_view(payload, "payload")
     if view.nbytes > MAX_PAYLOAD:
         raise LocalProtocolError(f"payload of {view.nbytes} bytes exceeds {MAX_PAYLOAD}")
+    n = view.nbytes + RECORD_OVERHEAD
+    dst = _bytes_view(out, "out")
+    if dst.readonly or dst.nbytes < n:
+        raise LocalProtocolError(f"out must be a writable buffer of at least {n} bytes")
     header = _HEADER.pack(MAGIC, kind, codec, raw_len)
     aad = header + oid
     h = blake3.blake3(aad, key=key.iv_key)
     h.update(view)
     iv = h.digest(length=IV_LEN)
-    return header + iv + key._aead.encrypt(iv, view, aad)
+    dst[:HEADER_LEN] = header
+    dst[HEADER_LEN:HEADER_LEN + IV_LEN] = iv
+    if _INTO:
+        key._aead.encrypt_into(iv, view, aad, dst[HEADER_LEN + IV_LEN:n])
+    else:                                 # cryptography < 45
+        dst[HEADER_LEN + IV_LEN:n] = key._aead.encrypt(iv, view, aad)
+    return dst[:n]
 
 
 def _parse(record, oid: bytes | None, want_kind: int | None) -> tuple[memoryview, int, int, int]:
@@ -272,15 +296,40 @@ def peek_header(record) -> Header:
 
 
 def open_record(key: DataKey, kind: int, oid: bytes, record) -> Opened:
-    """The payload sealed in `record` for object `oid` of `kind` under `key`.
+    """The payload sealed in `record` for object `oid` of `kind` under `key`, as a
+    new bytearray (decrypt_into: ~5x faster than a fresh bytes per 1 MiB payload).
     SealError if the record is malformed or was not sealed for exactly this
     (key, kind, id, header, payload); nothing else escapes."""
     _check_args(key, kind, oid)
     view, _, codec, raw_len = _parse(record, oid, kind)
+    payload = bytearray(view.nbytes - RECORD_OVERHEAD)
+    _decrypt(key, kind, oid, view, payload)
+    return Opened(codec, raw_len, payload)
+
+
+def open_record_into(key: DataKey, kind: int, oid: bytes, record, out) -> Opened:
+    """open_record into the start of `out` (a writable buffer of at least the record's
+    length - RECORD_OVERHEAD bytes, not overlapping it): the payload is a view of out,
+    valid until the caller writes to out again. For a reader that decodes the payload
+    at once with a reused buffer (a fresh zeroed 1 MiB buffer per record cost about
+    twice the decryption, measured). Same checks and errors as open_record."""
+    _check_args(key, kind, oid)
+    view, _, codec, raw_len = _parse(record, oid, kind)
+    n = view.nbytes - RECORD_OVERHEAD
+    dst = _bytes_view(out, "out")
+    if dst.readonly or dst.nbytes < n:
+        raise LocalProtocolError(f"out must be a writable buffer of at least {n} bytes")
+    _decrypt(key, kind, oid, view, dst[:n])
+    return Opened(codec, raw_len, dst[:n])
+
+
+def _decrypt(key: DataKey, kind: int, oid: bytes, view: memoryview, dst) -> None:
     header = view[:HEADER_LEN].tobytes()
     iv = view[HEADER_LEN:HEADER_LEN + IV_LEN].tobytes()
     try:
-        payload = key._aead.decrypt(iv, view[HEADER_LEN + IV_LEN:], header + oid)
+        if _INTO:
+            key._aead.decrypt_into(iv, view[HEADER_LEN + IV_LEN:], header + oid, dst)
+        else:                             # cryptography < 45
+            dst[:] = key._aead.decrypt(iv, view[HEADER_LEN + IV_LEN:], header + oid)
     except InvalidTag:
         raise SealError(oid, kind, "does not authenticate (damaged, another id, kind or key)") from None
-    return Opened(codec, raw_len, payload)

@@ -334,7 +334,8 @@ class HolderResult:
 
 async def prove_holder(net, contact, manifest_id: bytes, chunk_ids, reader, *,
                        sample_size: int = DEFAULT_SAMPLE, rng, timeout: float,
-                       nonce: bytes | None = None, threaded: bool = False) -> HolderResult:
+                       nonce: bytes | None = None, threaded: bool = False,
+                       key=None) -> HolderResult:
     """Challenge `contact` on a random sample of `chunk_ids` (the manifest's chunk
     list; duplicates and ZERO_ID are skipped) and judge its answers.
 
@@ -342,7 +343,10 @@ async def prove_holder(net, contact, manifest_id: bytes, chunk_ids, reader, *,
     a chunk (local store or a network fetch, the caller's choice); called only
     for ids the holder answered, one at a time, after the holder replied (so
     `timeout`, which bounds the challenge alone, is not spent on fetches); a
-    copy that does not hash to its id counts as no reference.
+    copy that does not hash to its id counts as no reference. With keyed chunk ids
+    (protocol/ids.py) a copy is checked against the keyed id: the reader returns
+    what a store read already verified (a protocol.chunks.VerifiedChunk, as
+    StoreSource.read does), or `key` (the DataKey) lets plain bytes be checked.
     threaded=True hashes the references in a worker thread (real nodes).
     Never raises for what the holder does (bugs and cancellation aside).
 
@@ -372,9 +376,9 @@ async def prove_holder(net, contact, manifest_id: bytes, chunk_ids, reader, *,
             continue                               # "not held" needs no reference
         plain = await reader(cid)
         if threaded and plain is not None:
-            expected[cid] = await trio.to_thread.run_sync(reference, cid, nonce, plain)
+            expected[cid] = await trio.to_thread.run_sync(reference, cid, nonce, plain, key)
         else:
-            expected[cid] = reference(cid, nonce, plain)
+            expected[cid] = reference(cid, nonce, plain, key)
         del plain
     r = check(ch, proof, expected)
     return HolderResult(contact.id, manifest_id, r.result, r.asked, r.proven, r.wrong,

@@ -16,6 +16,10 @@ implementation can run its blocking SQLite / pack-file work in a thread):
 
     ChunkSink (downloader side, node/exchange/swarm.py)
         manifest(mid) -> bytes | None        a manifest held locally
+        begin(manifest) -> DataKey | None    optional: the manifest to be fetched; returns
+                                             the key its ids are keyed with (None: plain
+                                             BLAKE3), protocol.ids.DataKeyMissing if this
+                                             node lacks it
         read(cid) -> bytes | None            a chunk held locally (hash-list pieces)
         missing(cids) -> list[bytes]         those not held locally, in the given order
         put(cid, plain, wire=None)           verified plaintext (the caller checked it);
@@ -28,6 +32,13 @@ implementation can run its blocking SQLite / pack-file work in a thread):
 
 Implementations: StoreSource / StoreSink on node/store/store.py's ChunkStore and
 PackWriter, and MemorySource / MemorySink (dicts) for simnet tests of many nodes.
+
+Encryption at rest. StoreSource serves what its records seal: it opens a sealed
+record (with the node's data key) and sends its payload codec and payload, as it
+sends a plaintext record; manifests go out opened too. StoreSink seals what it
+stores when its store has a data key: every chunk and hash-list piece (kind from
+the manifest begin() named, KEYED when the manifest's ids are) and the manifest.
+The wire is unchanged (protocol/exchange.py says why and what comes next).
 
 threaded: real nodes run store work through trio.to_thread.run_sync so the
 event loop never blocks on SQLite or fdatasync; threaded=False calls it
@@ -67,10 +78,13 @@ from typing import Iterable, Protocol
 import trio
 
 from hypersdk.node.config import DEFAULT_ZSTD_LEVEL
-from hypersdk.node.store import packfile
-from hypersdk.protocol.chunks import ZERO_ID, chunk_id
+from hypersdk.node.store import catalog, packfile
+from hypersdk.node.store.sealed import DataKeyNotHeld, seal_payload
+from hypersdk.protocol.chunks import ZERO_ID, VerifiedChunk, chunk_id
 from hypersdk.protocol.errors import IntegrityError
 from hypersdk.protocol.exchange import CODEC_RAW, CODEC_ZSTD, data_from_plain
+from hypersdk.protocol.ids import id_of, scheme_key
+from hypersdk.protocol.sealing import KIND_CHUNK, KIND_HASHLIST
 
 Stored = tuple  # (codec, raw_len, payload bytes)
 
@@ -131,8 +145,15 @@ def _locations(store, cids: list[bytes]) -> dict[bytes, tuple]:
 
 
 def _manifest_row(store, mid: bytes) -> bytes | None:
-    r = store.db.execute("SELECT body FROM manifests WHERE id=?", (mid,)).fetchone()
-    return bytes(r[0]) if r else None
+    """The manifest's canonical encoding (opened if sealed), None if not held here."""
+    return catalog.manifest_body(store, mid)
+
+
+def _served_manifest(store, mid: bytes) -> bytes | None:
+    try:
+        return _manifest_row(store, mid)
+    except (IntegrityError, DataKeyNotHeld):
+        return None                       # unreadable here: say "not held"
 
 
 # -- store-backed ------------------------------------------------------------------------
@@ -160,7 +181,7 @@ class StoreSource:
         self.served_cached = 0
 
     async def manifest(self, mid: bytes) -> bytes | None:
-        return await _run(self.threaded, _manifest_row, self.store, mid)
+        return await _run(self.threaded, _served_manifest, self.store, mid)
 
     async def have(self, cids: list[bytes]) -> list[bool]:
         if not self.threaded:
@@ -179,7 +200,7 @@ class StoreSource:
         if not self._locs:
             return None
         loc = self._locs.get(cid)
-        if loc is None or loc[4] == packfile.CODEC_ZSTD_DELTA:
+        if loc is None or packfile.inner(loc[4]) == packfile.CODEC_ZSTD_DELTA:
             return None
         pack, offset, stored_len, raw_len, codec = loc
         fd = self.store._fds.get(pack)     # an open pack only (opening one is I/O)
@@ -188,6 +209,12 @@ class StoreSource:
         got = packfile.read_record_cached(fd, offset, cid, stored_len)
         if got is None or got[0] != codec or got[1] != raw_len:
             return None
+        if packfile.is_sealed(codec):       # opened here: AES-GCM, ~0.1 ms per MiB
+            try:
+                inner, payload = self.store.open_stored(cid, codec, raw_len, got[2])
+            except (IntegrityError, DataKeyNotHeld):
+                return None                 # the thread path says Missing
+            got = (inner, raw_len, payload)
         self.served_cached += 1
         return got
 
@@ -196,12 +223,13 @@ class StoreSource:
         if loc is None:
             return None
         try:
-            if loc[4] == packfile.CODEC_ZSTD_DELTA:
+            if packfile.inner(loc[4]) == packfile.CODEC_ZSTD_DELTA:
                 d = data_from_plain(0, cid, self.store.read(cid, loc), self.level)
                 return d.codec, d.raw_len, d.payload
             codec, raw_len, stored = self.store.read_stored(cid, loc)
-        except IntegrityError:
-            return None                   # damaged here: say Missing, let others serve it
+            codec, stored = self.store.open_stored(cid, codec, raw_len, stored)
+        except (IntegrityError, DataKeyNotHeld):
+            return None                   # damaged (or sealed, no key) here: say Missing
         return codec, raw_len, stored     # a view of the record as read: no copy
 
     async def get(self, cid: bytes) -> Stored | None:
@@ -214,11 +242,15 @@ class StoreSource:
 
     def _read(self, cid: bytes):
         try:
-            return self.store.read(cid) if self.store.has(cid) else None
-        except IntegrityError:
+            if not self.store.has(cid):
+                return None
+            return VerifiedChunk.of(cid, self.store.read(cid))
+        except (IntegrityError, DataKeyNotHeld):
             return None
 
     async def read(self, cid: bytes) -> bytes | None:
+        """Verified plaintext (a protocol.chunks.VerifiedChunk: checked against cid
+        in its id scheme by the store), or None if not held or unreadable."""
         return await _run(self.threaded, self._read, cid)
 
 
@@ -251,6 +283,9 @@ class StoreSink:
         self._uncommitted = 0
         self.chunks_put = 0
         self.bytes_stored = 0
+        self._seal = None                 # the store's data key: records are sealed with it
+        self._keyed = False               # the manifest begin() named has keyed ids
+        self._lists: frozenset = frozenset()   # its hash-list ids
 
     def _open(self):
         stack = ExitStack()
@@ -266,6 +301,7 @@ class StoreSink:
             stack.close()
             raise
         self._stack = stack
+        self._seal = self.store.key
         self._gen = self._writer.generation
         if self.commit_seconds is not None:
             self._commit_due = time.monotonic() + self.commit_seconds
@@ -306,6 +342,17 @@ class StoreSink:
     async def manifest(self, mid: bytes) -> bytes | None:
         return await _run(self.threaded, _manifest_row, self.store, mid)
 
+    def _begin(self, m):
+        key = scheme_key(m.key, self.store.key)      # DataKeyMissing: not this node's key
+        self._keyed = key is not None
+        self._lists = frozenset(m.lists)
+        return key
+
+    async def begin(self, m):
+        """The DataKey manifest m's ids are keyed with (None: plain), or
+        protocol.ids.DataKeyMissing; what is put next belongs to m."""
+        return await _run(self.threaded, self._begin, m)
+
     def _read(self, cid: bytes):
         w = self._writer
         if w is not None and (cid in w.pending or cid in w.committing):
@@ -341,6 +388,9 @@ class StoreSink:
         else:
             codec, data = _compress(plain, self.level)
             raw_len = len(plain)
+        if self._seal is not None:
+            kind = KIND_HASHLIST if cid in self._lists else KIND_CHUNK
+            codec, data = seal_payload(self._seal, kind, cid, codec, raw_len, data, self._keyed)
         n = w.put(cid, raw_len, codec, data)
         if n:
             self.chunks_put += 1
@@ -382,7 +432,7 @@ class StoreSink:
             raise ValueError("manifest bytes do not hash to its id")
 
         def add(db):
-            db.execute("INSERT OR IGNORE INTO manifests(id, body) VALUES (?,?)", (mid, data))
+            catalog.put_manifest(db, mid, data, self._seal)      # sealed with the key, if any
 
         self._need_writer().commit(extra=add)
         self._uncommitted = 0
@@ -416,7 +466,9 @@ class MemorySource:
 
     def __init__(self, chunks: dict | None = None, manifests: dict | None = None, *,
                  compress: bool = False, corrupt: float = 0.0,
-                 rng: random.Random | None = None):
+                 rng: random.Random | None = None, key=None):
+        """key: a DataKey: add() and add_image() make keyed ids (protocol/ids.py)."""
+        self.key = key
         self.chunks = chunks if chunks is not None else {}
         self.manifests = manifests if manifests is not None else {}
         self.compress = compress
@@ -425,7 +477,7 @@ class MemorySource:
         self.served = 0
 
     def add(self, plain: bytes) -> bytes:
-        cid = chunk_id(plain)
+        cid = id_of(self.key, plain)
         self.chunks[cid] = plain
         return cid
 
@@ -441,7 +493,7 @@ class MemorySource:
             piece = b"".join(ids[i:i + LIST_ENTRIES])
             lists.append(ZERO_ID if piece == bytes(len(piece)) else self.add(piece))
         m = Manifest(name=name, size=sum(map(len, chunks)), chunk_size=chunk_size,
-                     lists=tuple(lists))
+                     lists=tuple(lists), key=self.key.fingerprint if self.key else None)
         self.manifests[m.id] = m.encode()
         return m.id
 
@@ -476,12 +528,19 @@ class MemorySource:
 
 
 class MemorySink:
-    """A dict-backed ChunkSink: chunks[cid] = plaintext."""
+    """A dict-backed ChunkSink: chunks[cid] = plaintext. key: the DataKey this
+    'node' holds (None: none), for manifests with keyed ids."""
 
-    def __init__(self, chunks: dict | None = None, manifests: dict | None = None):
+    def __init__(self, chunks: dict | None = None, manifests: dict | None = None, *,
+                 key=None):
         self.chunks = chunks if chunks is not None else {}
         self.manifests = manifests if manifests is not None else {}
+        self.key = key
         self.puts = 0
+
+    async def begin(self, m):
+        await trio.lowlevel.checkpoint()
+        return scheme_key(m.key, self.key)
 
     async def manifest(self, mid: bytes) -> bytes | None:
         await trio.lowlevel.checkpoint()

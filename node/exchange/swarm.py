@@ -11,7 +11,11 @@ Steps of one download (every wait bounded):
    cannot be reached within `open_timeout` is simply not used.
 2. Manifest: from the sink if held, else the first peer whose ManifestData
    verifies (open_manifest: BLAKE3(data) == id; a peer sending a wrong one is
-   scored down and skipped).
+   scored down and skipped). Its id scheme: a manifest with keyed ids
+   (protocol/ids.py) needs the data key it names, which the sink has or not
+   (sink.begin(m) returns it; without it the download fails at once with
+   "this backup is encrypted with data key ...; this node does not have it");
+   every chunk and hash-list piece is then checked against its keyed id.
 3. Hash lists: the manifest's list pieces are chunks too. Pieces not held
    locally are fetched first with a SwarmPlan in which every peer is assumed
    to hold them (a peer that does not answers Missing), verified like every
@@ -82,6 +86,7 @@ from hypersdk.node.net.transport import TransportError
 from hypersdk.protocol.chunks import ID_LEN, ZERO_ID
 from hypersdk.protocol.errors import ChunkHashMismatch, RemoteProtocolError
 from hypersdk.protocol.exchange import CODEC_RAW, MAX_HAVE, open_data_into, open_manifest
+from hypersdk.protocol.ids import DataKeyMissing, scheme_key
 from hypersdk.protocol.manifest import Manifest, decode_manifest, split_list
 
 EVENT_BUFFER = 256
@@ -102,7 +107,7 @@ def _scratch(n: int) -> mmap.mmap:
     return buf
 
 
-def _open_batch(msgs, writes, tee, keep: bool, order=None, out=None) -> list:
+def _open_batch(msgs, writes, tee, keep: bool, order=None, out=None, key=None) -> list:
     """Verify Data messages in this thread: out[i] becomes the
     ChunkHashMismatch / RemoteProtocolError open_data_into raised for msgs[i],
     else its plaintext bytes (keep) or True. writes[i]: msgs[i] is a new chunk
@@ -110,7 +115,8 @@ def _open_batch(msgs, writes, tee, keep: bool, order=None, out=None) -> list:
     one of the tee's pool buffers (tee.buffer) and submitted to its writer thread
     (or, for a tee without a pool, written with tee.write_many).
     order: an iterator of indices shared by the threads verifying one batch (each
-    takes the next index when it is free, so they finish together); default all."""
+    takes the next index when it is free, so they finish together); default all.
+    key: the DataKey of keyed ids (protocol/ids.py), None for plain BLAKE3."""
     if out is None:
         out = [None] * len(msgs)
     pooled = hasattr(tee, "submit")
@@ -123,7 +129,7 @@ def _open_batch(msgs, writes, tee, keep: bool, order=None, out=None) -> list:
         else:
             buf = None if raw else _scratch(msg.raw_len + _PAGE)
         try:
-            plain = open_data_into(msg, buf)
+            plain = open_data_into(msg, buf, key)
         except (ChunkHashMismatch, RemoteProtocolError) as exc:
             if own is not None:
                 tee.release(own)
@@ -234,6 +240,7 @@ class Downloader:
         self._nursery = None
         self._put_evs: deque = deque()    # trio.Events of the batches being stored
         self._put_error: Exception | None = None
+        self._key = None                  # the DataKey of the manifest's keyed ids, or None
 
     # -- the download ----------------------------------------------------------------------
 
@@ -250,6 +257,7 @@ class Downloader:
                     contacts = await self._contacts(manifest_id)
                     await self._open_sessions(nursery, contacts, send)
                     data, m = await self._manifest(manifest_id)
+                    self._key = await self._id_key(manifest_id, m)
                     res = DownloadResult(manifest_id, m)
                     ids = await self._chunk_ids(manifest_id, m, recv, res)
                     t1 = trio.current_time()
@@ -319,6 +327,16 @@ class Downloader:
                 pass
 
     # -- manifest and hash lists -----------------------------------------------------------
+
+    async def _id_key(self, mid: bytes, m: Manifest):
+        """The DataKey m's ids are keyed with (None: plain BLAKE3), from the sink
+        (sink.begin(m), which also learns which ids are hash lists); a manifest keyed
+        with a key this node lacks ends the download here, before any chunk is asked."""
+        begin = getattr(self.sink, "begin", None)
+        try:
+            return await begin(m) if begin is not None else scheme_key(m.key, None)
+        except DataKeyMissing as exc:
+            raise DownloadError(str(exc), manifest_id=mid) from None
 
     async def _manifest(self, mid: bytes) -> tuple[bytes, Manifest]:
         data = await self.sink.manifest(mid)
@@ -444,6 +462,7 @@ class Downloader:
         needed = set(need)
         keep_plain = getattr(self.sink, "needs_plain", True) or on_chunk is not None
         tee = self.tee if phase == "chunks" else None
+        key = self._key
         done: set[bytes] = set()
         needed_bytes = sum(sizes[c] for c in need)
         done_bytes = wire_bytes = 0
@@ -485,7 +504,7 @@ class Downloader:
                     async def one():
                         try:
                             await trio.to_thread.run_sync(
-                                _open_batch, msgs, writes, tee, keep_plain, order, out)
+                                _open_batch, msgs, writes, tee, keep_plain, order, out, key)
                         except Exception as exc:    # raised below as itself
                             errors.append(exc)
 
@@ -496,9 +515,9 @@ class Downloader:
                         raise errors[0]
                 elif self.verify_in_thread:
                     out = await trio.to_thread.run_sync(
-                        _open_batch, msgs, writes, tee, keep_plain)
+                        _open_batch, msgs, writes, tee, keep_plain, None, None, key)
                 else:
-                    out = _open_batch(msgs, writes, tee, keep_plain)
+                    out = _open_batch(msgs, writes, tee, keep_plain, key=key)
                 results = dict(zip(datas, out))
             puts: list = []
             progressed = False

@@ -254,9 +254,11 @@ class Gate:
         return adm
 
     def _refused(self, nid: bytes, reason: str) -> None:
+        """Count (by a fixed set of reasons: a peer's garbage must not grow the
+        counters) and log (bounded) a refusal."""
         self.counters["refused"] += 1
-        self.counters[f"refused: {reason}"] += 1
-        log.info("membership: refused node %s: %s", nid.hex()[:16], reason)
+        self.counters[f"refused: {_category(reason)}"] += 1
+        log.info("membership: refused node %s: %s", nid.hex()[:16], reason[:200])
 
     # -- who may do what ------------------------------------------------------------------
     def allows(self, nid: bytes, protocol: str) -> bool:
@@ -368,6 +370,21 @@ class Gate:
                        roles=list(net.cert.roles), certificate_expires_ns=net.cert.expires,
                        revocations=len(self.revocations))
         return doc
+
+
+REASONS = ("not a member of this network", "a member of another network", "revoked",
+           "certificate expired", "certificate not valid yet (check the clocks)",
+           "a certificate of another node", "not signed by this network's key",
+           "invitation not known here", "invitation already used", "invitation expired",
+           "no proof in time", "the inviter showed no certificate")
+
+
+def _category(reason: str) -> str:
+    """The counter name for a refusal: one of REASONS, else "malformed proof"."""
+    for r in REASONS:
+        if r in reason:
+            return r
+    return "malformed proof"
 
 
 def _reason(exc: Exception) -> str:

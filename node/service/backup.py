@@ -1,7 +1,9 @@
 """Backing up one image into the store: chunk, dedup, store, record.
 
 Either the whole backup is committed (chunks, hash lists, manifest, backup
-record in one final transaction) or no backup exists. Chunks committed by
+record in one final transaction) or no backup exists. A data dir with a data key
+makes keyed backups: chunk and hash-list ids keyed, every record and the
+manifest sealed (node/store/store.py), the manifest naming the key. Chunks committed by
 earlier batches of an interrupted run stay in the store unreferenced: the
 re-run finds them and skips them, and `gc` reclaims them if it never comes.
 """
@@ -19,10 +21,13 @@ from hypersdk.node.sources.local import ImageSource, SourceReadError
 from hypersdk.node.store import catalog
 from hypersdk.node.store.chunker import ScanStats, scan
 from hypersdk.node.store.delta import DeltaSource
+from hypersdk.node.store.sealed import seal_payload
 from hypersdk.node.store.store import compress
-from hypersdk.protocol.chunks import ID_LEN, ZERO_ID, chunk_id, is_zero
+from hypersdk.protocol.chunks import ID_LEN, ZERO_ID, is_zero
 from hypersdk.protocol.errors import ProtocolError
+from hypersdk.protocol.ids import id_of
 from hypersdk.protocol.manifest import LIST_ENTRIES, Manifest, check_list_lengths
+from hypersdk.protocol.sealing import KIND_HASHLIST
 
 
 @dataclass
@@ -56,8 +61,9 @@ def check_name(name: str):
                          "no leading/trailing spaces")
 
 
-def _delta_source(store, name: str, chunk_size: int, level: int):
-    """Deltas against the latest backup of the same name and chunk size, if any."""
+def _delta_source(store, name: str, chunk_size: int, level: int, sealed: bool):
+    """Deltas against the latest backup of the same name and chunk size, if any
+    (sealed: this backup's records are sealed, and so must their bases be)."""
     try:
         parent = catalog.resolve_name(store, name)
         if parent is None:
@@ -67,15 +73,18 @@ def _delta_source(store, name: str, chunk_size: int, level: int):
         return None
     if m.chunk_size != chunk_size:
         return None
-    return DeltaSource(store, m, level)
+    return DeltaSource(store, m, level, sealed)
 
 
-def _put_plain(writer, data: bytes, level: int) -> tuple[bytes, int]:
-    """Store a piece of metadata (a hash list) as a chunk; (id, bytes added)."""
+def _put_plain(writer, data: bytes, level: int, key) -> tuple[bytes, int]:
+    """Store a piece of metadata (a hash list) as a chunk, its id keyed and its
+    record sealed under `key` when given; (id, bytes added)."""
     if is_zero(data):
         return ZERO_ID, 0
-    cid = chunk_id(data)
+    cid = id_of(key, data)
     codec, stored = compress(data, level)
+    if key is not None:
+        codec, stored = seal_payload(key, KIND_HASHLIST, cid, codec, len(data), stored, True)
     return cid, writer.put(cid, len(data), codec, stored)
 
 
@@ -89,28 +98,30 @@ class _Tally:
     added: int = 0
 
 
-def _ingest(store, w, src, name, chunk_size, level, progress, scanned):
-    """Chunk the image into writer w; returns (hash-list ids, tally)."""
+def _ingest(store, w, src, name, chunk_size, level, progress, scanned, key):
+    """Chunk the image into writer w (ids keyed and records sealed under `key`, if
+    not None); returns (hash-list ids, tally)."""
     t = _Tally(lists=[])
     piece = bytearray()
     lists: list[bytes] = []
 
     def flush_piece():
-        lid, got = _put_plain(w, bytes(piece), level)
+        lid, got = _put_plain(w, bytes(piece), level, key)
         lists.append(lid)
         t.lists.append(len(piece) // ID_LEN)
         t.added += got
         piece.clear()
 
-    deltas = _delta_source(store, name, chunk_size, level)
+    deltas = _delta_source(store, name, chunk_size, level, key is not None)
     try:
         for c in scan(src, chunk_size, has=store.has, level=level, deltas=deltas,
-                      generation=lambda: w.generation, stats=scanned):
+                      generation=lambda: w.generation, stats=scanned, key=key):
             t.chunks += 1
             if c.cid == ZERO_ID:
                 t.zeros += 1
             elif c.data is not None:
-                got = w.put(c.cid, c.length, c.codec, c.data, checked_gen=c.gen)
+                got = w.put(c.cid, c.length, c.codec, c.data, base=c.base,
+                            checked_gen=c.gen)
                 if got:
                     t.new += 1
                     t.new_raw += c.length
@@ -143,22 +154,24 @@ def backup(store, path: str, *, name: str | None = None, chunk_size: int,
     no_space = UserError(f"no space left in data dir {store.root}: backup of {path} "
                          "aborted, nothing recorded")
     scanned = ScanStats()
+    key = store.key                   # a node with a data key stores everything sealed
     try:
         with store.write_lock(on_wait), store.writer(batch_bytes=commit_bytes()) as w:
-            lists, t = _ingest(store, w, src, name, chunk_size, level, progress, scanned)
+            lists, t = _ingest(store, w, src, name, chunk_size, level, progress, scanned, key)
             try:
                 src.check_unchanged()
             except SourceReadError as exc:
                 raise UserError(f"{path}: read error: {exc}") from None
             manifest = Manifest(name=name, size=src.size, chunk_size=chunk_size,
-                                lists=tuple(lists), source=src.metadata(), created=now_ns())
+                                lists=tuple(lists), source=src.metadata(), created=now_ns(),
+                                key=key.fingerprint if key is not None else None)
             check_list_lengths(manifest, t.lists)   # its lists must match its size
             stats = {"chunks": t.chunks, "zero_chunks": t.zeros, "new_chunks": t.new,
                      "new_bytes_stored": t.added, "chunk_size": chunk_size}
             version = []
 
             def record(db):
-                version.append(catalog.add_backup(db, manifest, stats))
+                version.append(catalog.add_backup(db, manifest, stats, key))
                 if extra is not None:
                     extra(db, manifest, version[0])
             w.commit(record)

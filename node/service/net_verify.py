@@ -153,11 +153,11 @@ class AuditNet:
         entry = await trio.to_thread.run_sync(read_log)
         providers, _ = await d.dht.find_providers(mid, MAX_HOLDERS)
         cache: dict[bytes, bytes] = {}
-        manifest_doc, ids = await self._manifest(mid, providers, entry, cache)
+        manifest_doc, ids, key = await self._manifest(mid, providers, entry, cache)
         holders = await self._holders(mid, providers, entry)
         results = []
         if ids is not None:
-            reader = self._reader(providers, cache)
+            reader = self._reader(providers, cache, key)
 
             async def one(contact):
                 from hypersdk.node.audit.possession import prove_holder
@@ -165,7 +165,7 @@ class AuditNet:
                     return
                 r = await prove_holder(d.net, contact, mid, ids, reader, sample_size=SAMPLE,
                                        rng=random.SystemRandom(), timeout=CHALLENGE_TIMEOUT,
-                                       threaded=True)
+                                       threaded=True, key=key)
                 results.append(r)
                 if r.misbehaved:
                     d.dht.penalize(contact.id, "malformed", trio.current_time())
@@ -210,22 +210,31 @@ class AuditNet:
                             "held here")
         return mid
 
-    async def _manifest(self, mid, providers, entry, cache) -> tuple[dict, list | None]:
-        """(check report, the chunk ids) of the manifest, or ids None if unobtainable."""
+    async def _manifest(self, mid, providers, entry, cache) -> tuple[dict, list | None, object]:
+        """(check report, the chunk ids, the data key of a keyed manifest or None) of
+        the manifest; ids None if unobtainable."""
         data = await self.source.manifest(mid)
         source = "local store"
         if data is None:
             data, source = await self._fetch_manifest(mid, providers)
         if data is None:
             return {"ok": False, "reason": "the manifest is neither held here nor served by "
-                                           f"any of {len(providers)} provider(s)"}, None
+                                           f"any of {len(providers)} provider(s)"}, None, None
         try:
             from hypersdk.protocol.chunks import chunk_id
             if chunk_id(data) != mid:
-                return {"ok": False, "reason": "manifest bytes do not hash to its id"}, None
+                return {"ok": False, "reason": "manifest bytes do not hash to its id"}, None, None
             m = decode_manifest(data)
         except ProtocolError as exc:
-            return {"ok": False, "reason": f"manifest does not decode: {exc}"}, None
+            return {"ok": False, "reason": f"manifest does not decode: {exc}"}, None, None
+        key = None
+        if m.key is not None:                   # keyed ids: checked with the tenant's key
+            from hypersdk.node.net import datakey
+            key = await trio.to_thread.run_sync(datakey.load, self.d.data_dir)
+            if key is None or key.fingerprint != m.key:
+                return {"ok": False, "reason": f"this backup is encrypted with data key "
+                                               f"{m.key.hex()[:16]}; this node does not have "
+                                               "it"}, None, None
         problems = []
         b = entry.get("body")
         if b is not None:
@@ -234,7 +243,7 @@ class AuditNet:
             if b["chunks"] != m.n_chunks:
                 problems.append(f"{m.n_chunks} chunks != {b['chunks']} in the backup entry")
         ids: list[bytes] = []
-        reader = self._reader(providers, cache)
+        reader = self._reader(providers, cache, key)
         for li, lid in enumerate(m.lists):
             n = m.list_len(li)
             if lid == ZERO_ID:
@@ -243,10 +252,10 @@ class AuditNet:
             plain = await reader(lid)
             if plain is None:
                 return {"ok": False, "reason": f"hash-list piece {li} unobtainable",
-                        "source": source}, None
+                        "source": source}, None, None
             ids.extend(split_list(plain, n))
         return {"ok": not problems, "source": source, "size": m.size, "chunks": m.n_chunks,
-                **({"problems": problems} if problems else {})}, ids
+                **({"problems": problems} if problems else {})}, ids, key
 
     async def _fetch_manifest(self, mid, providers):
         from hypersdk.node.exchange.client import open_session
@@ -262,20 +271,20 @@ class AuditNet:
                 log.info("manifest from %s: %s", c.id.hex()[:12], exc)
         return None, None
 
-    def _reader(self, providers, cache):
+    def _reader(self, providers, cache, key=None):
         """async reader(cid) -> verified plaintext: the local store, else a provider."""
         async def read(cid: bytes):
             if cid in cache:
                 return cache[cid]
             plain = await self.source.read(cid)
             if plain is None:
-                plain = await self._fetch_chunk(cid, providers)
+                plain = await self._fetch_chunk(cid, providers, key)
             if plain is not None:
                 cache[cid] = plain
             return plain
         return read
 
-    async def _fetch_chunk(self, cid, providers):
+    async def _fetch_chunk(self, cid, providers, key=None):
         from hypersdk.node.exchange.client import ChunkData, open_session
         from hypersdk.protocol.exchange import open_data
         for c in providers:
@@ -286,7 +295,7 @@ class AuditNet:
                         await s.get([cid])
                         ev = await recv.receive()
                 if type(ev) is ChunkData:
-                    return open_data(ev.data)       # BLAKE3 checked against cid
+                    return open_data(ev.data, key)  # (keyed) BLAKE3 checked against cid
             except Exception as exc:
                 log.info("chunk from %s: %s", c.id.hex()[:12], exc)
         return None

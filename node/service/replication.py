@@ -93,10 +93,10 @@ def resolve_ref(store, ref: str) -> bytes:
 
 def held_completely(store, mid: bytes) -> bool:
     """The manifest and every chunk of its image are in the store."""
-    row = store.db.execute("SELECT body FROM manifests WHERE id=?", (mid,)).fetchone()
-    if row is None:
+    body = catalog.manifest_body(store, mid)          # opened, if sealed here
+    if body is None:
         return False
-    m = decode_manifest(bytes(row[0]))
+    m = decode_manifest(body)
     if any(lid != ZERO_ID and not store.has(lid) for lid in m.lists):
         return False
     return all(cid == ZERO_ID or store.has(cid) for _, cid in catalog.iter_chunk_ids(store, m))
@@ -123,7 +123,7 @@ def record_replica(store, mid: bytes, result) -> bool:
                  "fetched_chunks": result.chunks_fetched,
                  "fetched_bytes": result.bytes_fetched, "new_bytes_stored": 0}
         with db:
-            catalog.add_backup(db, m, stats)
+            catalog.add_backup(db, m, stats, store.key)   # sealed, if this node seals
             # the `replica` entry is owed in the same commit (holder None: this node)
             store_intents.add(db, "replica", {"manifest": mid, "holder": None})
         return True
@@ -197,7 +197,10 @@ class Replication:
                 mids = {b.manifest_id for b in catalog.list_backups(store)}
                 out: set[bytes] = set()
                 for mid in mids:
-                    out.update(announce_keys(store, mid))
+                    try:
+                        out.update(announce_keys(store, mid))
+                    except UserError as exc:   # e.g. sealed with a data key not held here
+                        log.warning("not announcing %s: %s", mid.hex()[:16], exc)
                 return sorted(out)
         ks = await trio.to_thread.run_sync(keys)
         if ks:

@@ -6,7 +6,9 @@ is what the sparse-source bug fixed in this release did: a backup of a file
 with holes could record shifted data.) Comparing with the source is the only
 check that can: the source is read as a backup reads it (node/sources/local.py:
 positional reads, holes skipped) and every chunk's id compared with the one
-the backup recorded. Nothing is stored and nothing in the store changes.
+the backup recorded, in the backup's id scheme (keyed under the data key the
+manifest names, or plain BLAKE3). Nothing is stored and nothing in the store
+changes.
 """
 from __future__ import annotations
 
@@ -92,7 +94,8 @@ def verify_against(store, ref: str, path: str, *, progress=None) -> AgainstRepor
             stats = ScanStats()
             recorded = catalog.iter_chunk_ids(store, m)
             try:
-                for c in scan(src, m.chunk_size, has=lambda cid: True, level=1, stats=stats):
+                for c in scan(src, m.chunk_size, has=lambda cid: True, level=1, stats=stats,
+                              key=store.key_for(m.key)):      # the backup's id scheme
                     try:
                         _, want = next(recorded, (None, None))
                     except (IntegrityError, ProtocolError) as exc:

@@ -2,6 +2,7 @@
 
     store.py      ChunkStore: the index, pack reads verified against their ids
     packfile.py   the pack record format; pack_direct.py  O_DIRECT appends
+    sealed.py     sealed records (encryption at rest): sealing, opening, missing keys
     writer.py     PackWriter: the one writer, batch commits (fdatasync, then rows)
     catalog.py    named backups, versions, REF resolution, manifests, hash lists
     chunker.py    reading an image source into chunks (hash, zero test, compress)

@@ -8,6 +8,12 @@ REF forms accepted everywhere:
     NAME        the latest version of NAME
     NAME@N      version N of NAME (1 = oldest)
     HEX         a manifest id, or a unique prefix of at least 4 hex digits
+
+Manifests at rest: a node with a data key keeps each manifest body sealed
+(protocol/sealing.py KIND_MANIFEST, under the manifest id; manifests.key names the
+key's fingerprint), since a manifest holds the source path and the image's hash
+lists; manifest_body / load_manifest open it. Backup names, sizes and times stay
+readable in the backups table (`backups` lists them without the key).
 """
 from __future__ import annotations
 
@@ -16,7 +22,9 @@ import re
 from dataclasses import dataclass
 
 from hypersdk.node.errors import UsageError, UserError
+from hypersdk.protocol import sealing
 from hypersdk.protocol.chunks import ZERO_ID
+from hypersdk.protocol.errors import ChunkCorrupt, LocalProtocolError
 from hypersdk.protocol.manifest import Manifest, decode_manifest, split_list, zero_list
 
 _HEX = re.compile(r"^[0-9a-f]{4,64}$")
@@ -49,10 +57,26 @@ def _row(r) -> Backup:
     return Backup(r[0], r[1], r[2], bytes(r[3]), r[4], r[5], json.loads(r[6]))
 
 
-def add_backup(conn, manifest: Manifest, stats: dict) -> int:
-    """Record manifest as the next version of its name (inside the caller's transaction)."""
-    conn.execute("INSERT OR IGNORE INTO manifests(id, body) VALUES (?,?)",
-                 (manifest.id, manifest.encode()))
+MANIFEST_CODEC = 0                # sealed manifest bodies are not compressed (mostly ids)
+
+
+def put_manifest(conn, mid: bytes, body: bytes, key) -> None:
+    """Insert the manifests row of `body` (its canonical encoding, id mid) unless there
+    is one: sealed under `key` (a DataKey), or plaintext when key is None."""
+    if key is None:
+        conn.execute("INSERT OR IGNORE INTO manifests(id, body) VALUES (?,?)", (mid, body))
+        return
+    record = sealing.seal(key, sealing.KIND_MANIFEST, mid, MANIFEST_CODEC, len(body), body)
+    conn.execute("INSERT OR IGNORE INTO manifests(id, body, key) VALUES (?,?,?)",
+                 (mid, bytes(record), key.fingerprint))
+
+
+def add_backup(conn, manifest: Manifest, stats: dict, key=None) -> int:
+    """Record manifest as the next version of its name (inside the caller's
+    transaction); its body sealed under `key` (the store's data key) when given."""
+    if manifest.key is not None and key is None:
+        raise LocalProtocolError("a manifest with keyed ids is kept sealed: pass the key")
+    put_manifest(conn, manifest.id, manifest.encode(), key)
     (last,) = conn.execute("SELECT COALESCE(MAX(version), 0) FROM backups WHERE name=?",
                            (manifest.name,)).fetchone()
     conn.execute(f"INSERT INTO backups({_COLS}) VALUES (NULL,?,?,?,?,?,?)",
@@ -105,11 +129,38 @@ def resolve(store, ref: str) -> Backup:
     raise UserError(f"no backup matches REF {ref!r} (try `hypersdk backups`)")
 
 
-def load_manifest(store, manifest_id: bytes) -> Manifest:
-    r = store.db.execute("SELECT body FROM manifests WHERE id=?", (manifest_id,)).fetchone()
+def manifest_body(store, manifest_id: bytes) -> bytes | None:
+    """The manifest's canonical encoding (opened if sealed), or None if not held.
+    DataKeyNotHeld (a UserError) when it is sealed under a key this node lacks;
+    ChunkCorrupt naming the manifest when its sealed record does not open."""
+    r = store.db.execute(f"SELECT body, {store.manifest_key_sql} FROM manifests WHERE id=?",
+                         (manifest_id,)).fetchone()
     if r is None:
+        return None
+    body, fp = bytes(r[0]), r[1]
+    if fp is None:
+        return body
+    key = store.key_for(bytes(fp))
+    try:
+        opened = sealing.open_record(key, sealing.KIND_MANIFEST, manifest_id, body)
+    except sealing.SealError as exc:
+        raise ChunkCorrupt(manifest_id, f"sealed manifest does not open: {exc.reason}",
+                           "index.sqlite") from None
+    if opened.codec != MANIFEST_CODEC or len(opened.payload) != opened.raw_len:
+        raise ChunkCorrupt(manifest_id, "sealed manifest has an unknown codec or length",
+                           "index.sqlite")
+    return bytes(opened.payload)
+
+
+def load_manifest(store, manifest_id: bytes) -> Manifest:
+    """The decoded manifest. UserError when it is not held, or when it (or its ids)
+    needs a data key this node does not have (DataKeyNotHeld)."""
+    body = manifest_body(store, manifest_id)
+    if body is None:
         raise UserError(f"manifest {manifest_id.hex()} is not in the store")
-    return decode_manifest(bytes(r[0]))
+    m = decode_manifest(body)
+    store.key_for(m.key)              # ids keyed with a key not held here: say so now
+    return m
 
 
 def iter_chunk_ids(store, manifest: Manifest):

@@ -7,10 +7,15 @@ zstd-compressed with the parent's chunk at the same index as a raw-content
 dictionary. On the benchmark image the 182 changed 1 MiB chunks of the
 "next day" take 6.5 MB this way instead of 110 MB.
 
-Record (codec ZSTD_DELTA): stored bytes = base id (32) + zstd frame. Chunk
-ids stay BLAKE3 of the plaintext, so dedup, verification and the network
-see no difference. Bases are always full chunks (depth 1): if the parent's
-chunk is itself a delta, its base is used. The index keeps the base id so
+Record (codec ZSTD_DELTA): stored bytes = base id (32) + zstd frame (sealed
+as one payload when the store seals: the base id stays in the index, in the
+clear, as every chunk id is). Chunk ids stay the ids of the plaintext (plain
+or keyed), so dedup, verification and the network see no difference. A sealed
+delta only ever has a sealed base: after a data key is added, the first
+backup of an image stores its chunks whole (sealed) rather than as deltas
+against the old plaintext records, which would keep those alive forever.
+Bases are always full chunks (depth 1): if the parent's chunk is itself a
+delta, its base is used. The index keeps the base id so
 gc keeps a base alive while a live delta needs it.
 """
 from __future__ import annotations
@@ -50,8 +55,12 @@ class ParentChunks:
     """The chunk ids of a parent manifest by index, one hash-list piece at a
     time (thread-safe: chunker workers ask in roughly increasing order)."""
 
-    def __init__(self, store, manifest):
+    def __init__(self, store, manifest, sealed: bool = False):
+        """sealed: the new records are sealed; then only sealed records are bases
+        (a sealed backup must never keep a plaintext record alive), else only
+        plaintext ones (a node without the key cannot read sealed ones)."""
         self.store = store
+        self.sealed = sealed
         self.m = manifest
         self._lock = threading.Lock()
         self._pieces: dict[int, list[bytes]] = {}
@@ -76,9 +85,9 @@ class ParentChunks:
         if cid == ZERO_ID:
             return None
         loc = self.store.location(cid)
-        if loc is None:
+        if loc is None or packfile.is_sealed(loc[4]) != self.sealed:
             return None
-        if loc[4] == packfile.CODEC_ZSTD_DELTA:
+        if packfile.inner(loc[4]) == packfile.CODEC_ZSTD_DELTA:
             return self.store.base_of(cid)
         return cid
 
@@ -110,9 +119,9 @@ class DeltaPolicy:
 class DeltaSource:
     """What a chunker worker needs to delta-compress chunk `index`."""
 
-    def __init__(self, store, parent_manifest, level: int):
+    def __init__(self, store, parent_manifest, level: int, sealed: bool = False):
         self.store = store
-        self.parent = ParentChunks(store, parent_manifest)
+        self.parent = ParentChunks(store, parent_manifest, sealed)
         self.level = level
         self.policy = DeltaPolicy()
 

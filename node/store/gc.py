@@ -24,26 +24,27 @@ import os
 
 from hypersdk.node.config import commit_bytes
 from hypersdk.node.errors import UserError
-from hypersdk.node.store import packfile
+from hypersdk.node.store import catalog, packfile
+from hypersdk.node.store.sealed import DataKeyNotHeld
 from hypersdk.protocol.chunks import ZERO_ID
 from hypersdk.protocol.errors import IntegrityError, ProtocolError
-from hypersdk.protocol.manifest import decode_manifest, split_list
+from hypersdk.protocol.manifest import split_list
 
 
 def _mark(store) -> None:
     db = store.db
     db.execute("DROP TABLE IF EXISTS temp.live")
     db.execute("CREATE TEMP TABLE live(id BLOB PRIMARY KEY) WITHOUT ROWID")
-    for mid, body in db.execute("SELECT id, body FROM manifests").fetchall():
+    for (mid,) in db.execute("SELECT id FROM manifests").fetchall():
         try:
-            m = decode_manifest(bytes(body))
+            m = catalog.load_manifest(store, bytes(mid))
             for li, lid in enumerate(m.lists):
                 if lid == ZERO_ID:
                     continue
                 ids = split_list(store.read(lid), m.list_len(li))
                 db.executemany("INSERT OR IGNORE INTO temp.live VALUES (?)",
                                ((c,) for c in ids + [lid] if c != ZERO_ID))
-        except (IntegrityError, ProtocolError) as exc:
+        except (IntegrityError, ProtocolError, DataKeyNotHeld) as exc:
             refs = [f"{n}@{v}" for n, v in db.execute(
                 "SELECT name, version FROM backups WHERE manifest=? ORDER BY name, version",
                 (bytes(mid),))]
@@ -143,13 +144,14 @@ def _compact(store, threshold: float) -> int:
         with store.writer(fresh_pack=True, relocate=True, batch_bytes=commit_bytes()) as w:
             for pid in victims:
                 rows = db.execute(
-                    "SELECT id, pack, offset, stored_len, raw_len, codec FROM chunks "
+                    "SELECT id, pack, offset, stored_len, raw_len, codec, base FROM chunks "
                     "WHERE pack=? ORDER BY offset", (pid,)).fetchall()
                 try:
                     for r in rows:
                         cid = bytes(r[0])
-                        codec, raw_len, stored = store.read_stored(cid, tuple(r[1:]))
-                        w.put(cid, raw_len, codec, stored)
+                        codec, raw_len, stored = store.read_stored(cid, tuple(r[1:6]))
+                        w.put(cid, raw_len, codec, stored,     # sealed records move as they are
+                              base=bytes(r[6]) if r[6] is not None else None)
                 except IntegrityError:
                     w.abort()           # keep this pack (and its evidence) as it is
                     continue

@@ -2,10 +2,18 @@
 
 Record = 45-byte header + stored bytes:
     magic  b"HSC1"   4
-    codec  u8        1   0 = raw, 1 = zstd, 2 = zstd delta (see delta.py)
-    id     32 bytes      BLAKE3 of the plaintext
+    codec  u8        1   low 4 bits: 0 = raw, 1 = zstd, 2 = zstd delta (see delta.py)
+                         | SEALED (0x40): the stored bytes are a sealed record
+                           (protocol/sealing.py) whose payload is that codec's output
+                         | KEYED (0x20, only with SEALED): the id is keyed under the
+                           store's data key (protocol/ids.py), else plain BLAKE3
+    id     32 bytes      the chunk id (of the plaintext, in the scheme the codec says)
     raw    u32 LE        plaintext length
     stored u32 LE        length of the bytes that follow
+
+Records of stores before encryption at rest (index schema <= 2) have codecs 0-2
+only; they stay readable as they are. The index repeats the codec byte (with its
+flags), so a reader knows how to open and check a record before reading it.
 
 The header repeats the chunk id so that a record read at the wrong offset is
 detected at once, and so that the index could be rebuilt from packs alone.
@@ -27,7 +35,25 @@ HDR_LEN = HEADER.size
 CODEC_RAW = 0
 CODEC_ZSTD = 1
 CODEC_ZSTD_DELTA = 2
-CODECS = (CODEC_RAW, CODEC_ZSTD, CODEC_ZSTD_DELTA)
+INNER_CODECS = (CODEC_RAW, CODEC_ZSTD, CODEC_ZSTD_DELTA)
+SEALED = 0x40
+KEYED = 0x20
+INNER = 0x0F
+CODECS = frozenset(INNER_CODECS) | {SEALED | c for c in INNER_CODECS} | {
+    SEALED | KEYED | c for c in INNER_CODECS}
+
+
+def inner(codec: int) -> int:
+    """The codec of the payload (raw, zstd, zstd delta), sealed or not."""
+    return codec & INNER
+
+
+def is_sealed(codec: int) -> bool:
+    return bool(codec & SEALED)
+
+
+def is_keyed(codec: int) -> bool:
+    return bool(codec & KEYED)
 PACK_MAX = 512 << 20          # a pack is closed once it passes this size
 
 

@@ -12,6 +12,10 @@ worst a torn tail past the committed end of the active pack, which the next
 writer cuts off. Manifests and backup records are committed in the same
 transaction as the last chunk rows, so a backup exists completely or not at
 all. Every read re-hashes the chunk.
+
+Encryption at rest (schema 3): with a data key in the data dir, records and
+manifests are sealed; reads open them first (node/store/sealed.py). Records of
+older stores stay plaintext and read as before (read old, write new).
 """
 from __future__ import annotations
 
@@ -25,11 +29,13 @@ import zstandard
 
 from hypersdk.node.errors import UserError
 from hypersdk.node.files import flock, private_db, private_dir
-from hypersdk.node.store import delta, intents, packfile
-from hypersdk.protocol.chunks import chunk_id
+from hypersdk.node.net import datakey
+from hypersdk.node.store import delta, intents, packfile, sealed
 from hypersdk.protocol.errors import ChunkCorrupt, ChunkHashMismatch, ChunkMissing
+from hypersdk.protocol.ids import id_of
 
-SCHEMA_VERSION = 2         # 2: audit_intents (node/store/intents.py)
+SCHEMA_VERSION = 3         # 2: audit_intents (node/store/intents.py); 3: sealed records,
+                           # manifests.key (encryption at rest)
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS packs(
     id INTEGER PRIMARY KEY, end INTEGER NOT NULL);
@@ -39,7 +45,9 @@ CREATE TABLE IF NOT EXISTS chunks(
     base BLOB              -- delta records: the full chunk they decode against
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS manifests(
-    id BLOB PRIMARY KEY, body BLOB NOT NULL) WITHOUT ROWID;
+    id BLOB PRIMARY KEY, body BLOB NOT NULL,
+    key BLOB               -- fingerprint of the data key body is sealed with; NULL: plaintext
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS backups(
     seq INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL,
     version INTEGER NOT NULL, manifest BLOB NOT NULL, created INTEGER NOT NULL,
@@ -78,9 +86,10 @@ def _disk_full(path: Path) -> bool:
 
 
 def decode_chunk(cid: bytes, codec: int, raw_len: int, stored, where: str = "",
-                 base_plain: bytes | None = None) -> bytes:
-    """Plaintext of a stored record, verified against its id (a delta record
-    needs its base's plaintext)."""
+                 base_plain: bytes | None = None, key=None) -> bytes:
+    """Plaintext of a stored record's payload (codec: raw, zstd or zstd delta),
+    verified against its id: keyed under `key`, plain BLAKE3 if None (a delta
+    record needs its base's plaintext)."""
     if codec == packfile.CODEC_ZSTD:
         try:
             data = _zstd_d().decompress(stored, max_output_size=raw_len)
@@ -95,7 +104,7 @@ def decode_chunk(cid: bytes, codec: int, raw_len: int, stored, where: str = "",
         data = bytes(stored)
     if len(data) != raw_len:
         raise ChunkCorrupt(cid, f"decodes to {len(data)} bytes, index says {raw_len}", where)
-    actual = chunk_id(data)
+    actual = id_of(key, data)
     if actual != cid:
         raise ChunkHashMismatch(cid, actual, where)
     return data
@@ -112,6 +121,7 @@ class ChunkStore:
         if not (readonly and self.db_path.exists()):
             private_dir(self.root)
             private_dir(self.packs_dir)
+        self._key = None
         self._fds: dict[int, int] = {}
         self._fd_lock = threading.Lock()
         self._conns: list[tuple[threading.Thread, sqlite3.Connection]] = []
@@ -130,7 +140,29 @@ class ChunkStore:
             db.execute("PRAGMA journal_mode=WAL")
             with db:
                 db.executescript(SCHEMA)
+                if "key" not in self._manifest_columns():      # from schema 1 or 2
+                    db.execute("ALTER TABLE manifests ADD COLUMN key BLOB")
                 db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        # (an older store opened immutable on a full disk has no manifests.key yet)
+        self.manifest_key_sql = "key" if "key" in self._manifest_columns() else "NULL"
+
+    def _manifest_columns(self) -> set[str]:
+        return {r[1] for r in self.db.execute("PRAGMA table_info(manifests)")}
+
+    # -- the data key -----------------------------------------------------
+    @property
+    def key(self):
+        """This data dir's data key (protocol.sealing.DataKey), or None. Looked up
+        again while there is none: a running node gains one (network create, a join
+        that shares it, key import); a key, once there, never changes."""
+        if self._key is None:
+            self._key = datakey.load(self.root)
+        return self._key
+
+    def key_for(self, fingerprint: bytes | None):
+        """The key what `fingerprint` names needs (None for None); DataKeyNotHeld
+        when this node does not have it."""
+        return sealed.key_for(None if fingerprint is None else self.key, fingerprint)
 
     # -- connections and files ------------------------------------------
     @property
@@ -247,13 +279,25 @@ class ChunkStore:
         r = self.db.execute("SELECT base FROM chunks WHERE id=?", (cid,)).fetchone()
         return bytes(r[0]) if r and r[0] is not None else None
 
+    def open_stored(self, cid: bytes, codec: int, raw_len: int, stored, where: str = "",
+                    scratch: int | None = None):
+        """(payload codec, payload) of a record as read_stored returns it, opened if
+        sealed (node/store/sealed.py open_payload; scratch: see there)."""
+        if not codec & packfile.SEALED:
+            return codec, stored
+        return sealed.open_payload(self.key, cid, codec, raw_len, stored, where, scratch)
+
     def read(self, cid: bytes, loc=None, *, _depth: int = 0) -> bytes:
-        """The chunk's plaintext, verified against its id."""
+        """The chunk's plaintext, verified against its id (in the id scheme of its
+        record: keyed under this node's key, or plain BLAKE3)."""
         loc = loc or self.location(cid)
         if loc is None:
             raise ChunkMissing(cid)
         where = f"{packfile.pack_name(loc[0])} offset {loc[1]}"
-        codec, raw_len, stored = self.read_stored(cid, loc)
+        flags, raw_len, stored = self.read_stored(cid, loc)
+        # decoded before read returns: a reused buffer per depth (a delta reads its base
+        # into the other one while its own payload waits)
+        codec, stored = self.open_stored(cid, flags, raw_len, stored, where, scratch=_depth)
         base_plain = None
         if codec == packfile.CODEC_ZSTD_DELTA:
             base = delta.split_record(stored)[0]
@@ -263,7 +307,8 @@ class ChunkStore:
                 base_plain = self.read(base, _depth=1)
             except (ChunkCorrupt, ChunkMissing) as exc:
                 raise ChunkCorrupt(cid, f"its delta base is unreadable: {exc}", where) from None
-        return decode_chunk(cid, codec, raw_len, stored, where, base_plain)
+        return decode_chunk(cid, codec, raw_len, stored, where, base_plain,
+                            self.key if flags & packfile.KEYED else None)
 
     def stats(self) -> dict:
         db = self.db

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from hypersdk.node.errors import UserError
 from hypersdk.node.store import catalog
 from hypersdk.node.store.chunker import default_workers
+from hypersdk.node.store.sealed import DataKeyNotHeld
 from hypersdk.protocol.chunks import ZERO_ID
 from hypersdk.protocol.errors import IntegrityError, ProtocolError
 
@@ -53,7 +54,7 @@ class VerifyReport:
 
 
 def _check(store, cid, loc=None):
-    """(bytes checked, Damage or None)."""
+    """(bytes checked, Damage or None); DataKeyNotHeld (not damage) is raised."""
     try:
         return len(store.read(cid, loc)), None
     except (IntegrityError, ProtocolError) as exc:
@@ -87,7 +88,10 @@ def _backup_chunks(store, b, report):
     manifest or a hash list is recorded in report and ends the walk."""
     try:
         m = catalog.load_manifest(store, b.manifest_id)
-    except (ProtocolError, UserError) as exc:   # an undecodable manifest is damage too
+    except DataKeyNotHeld:
+        raise                                   # not damage: the key is elsewhere
+    except (ProtocolError, IntegrityError, UserError) as exc:   # an undecodable manifest
+        # (or a sealed one that does not open) is damage too
         report.hit(b, b.manifest_id)
         report.damaged[b.manifest_id] = Damage(b.manifest_id, f"manifest unreadable: {exc}")
         return
@@ -119,6 +123,9 @@ def verify_backup(store, ref: str, *, progress=None, workers=None) -> VerifyRepo
 def verify_store(store, *, progress=None, workers=None) -> VerifyReport:
     report = VerifyReport()
     with store.read_lock():
+        for (fp,) in store.db.execute(
+                f"SELECT DISTINCT {store.manifest_key_sql} FROM manifests").fetchall():
+            store.key_for(fp)     # backups sealed with a key not held here: one clear line
         rows = store.db.execute(
             "SELECT id, pack, offset, stored_len, raw_len, codec FROM chunks "
             "ORDER BY pack, offset").fetchall()

@@ -87,10 +87,13 @@ class PackWriter:
         self._new_pack(self.pack + 1)
 
     # -- writing --------------------------------------------------------------
-    def put(self, cid: bytes, raw_len: int, codec: int, data, *,
+    def put(self, cid: bytes, raw_len: int, codec: int, data, *, base: bytes | None = None,
             checked_gen: int | None = None) -> int:
         """Append one chunk record; returns bytes added (0 if already stored).
 
+        codec: the pack codec byte (packfile.py: a payload codec, with SEALED and
+        KEYED when data is a sealed record: node/store/store.py seal_payload).
+        base: the base id of a zstd delta (read from data when it is not sealed).
         checked_gen: the generation at which the caller saw cid absent from
         the index (then the index is not asked again).
         """
@@ -106,7 +109,12 @@ class PackWriter:
             self._unsynced = True
         else:
             _write_all(self.fd, self.end, hdr, data)
-        base = delta.split_record(data)[0] if codec == packfile.CODEC_ZSTD_DELTA else None
+        if packfile.inner(codec) != packfile.CODEC_ZSTD_DELTA:
+            base = None
+        elif base is None:
+            if packfile.is_sealed(codec):
+                raise ValueError("a sealed delta record needs its base id")
+            base = delta.split_record(data)[0]
         self.pending[cid] = (cid, self.pack, self.end, len(data), raw_len, codec, base)
         size = len(hdr) + len(data)
         self.end += size

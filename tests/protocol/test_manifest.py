@@ -80,7 +80,7 @@ def test_non_canonical_key_order_is_rejected():
 
 
 @pytest.mark.parametrize("change, match", [
-    ({"v": 2}, "version"),
+    ({"v": 3}, "version"),         # 2 is keyed ids (test_keyed_ids.py)
     ({"chunk_size": 1000}, "chunk size"),
     ({"size": -1}, "size"),
     ({"lists": [b"x" * 31]}, "lists|hash list"),

@@ -221,3 +221,31 @@ async def test_clock_skew_between_members_is_tolerated_up_to_five_minutes(acme):
                 await roundtrip(b, a)
         assert a.gate.counters["refused: certificate not valid yet (check the clocks)"] == 1
         n.cancel_scope.cancel()
+
+
+def test_garbage_proofs_are_refused_and_counted_in_a_fixed_set(acme):
+    """Whatever a stranger sends as its proof: a MembershipError (never anything else),
+    and the counters grow by a fixed set of names, not one per distinct garbage."""
+    import random
+
+    from hypersdk.node.net.gate import REASONS
+    from hypersdk.protocol import codec
+    from hypersdk.protocol.errors import RemoteProtocolError
+    d, ident = acme.member("a")
+    g = Gate(d, ident)
+    rng = random.Random(5)
+    peer = Identity.generate().public_key
+    samples = [rng.randbytes(rng.randrange(0, 300)) for _ in range(200)]
+    samples += [codec.encode({"v": 1, f"x{i}": i}) for i in range(200)]
+    samples += [codec.encode({"v": 1, "net": None, "cert": rng.randbytes(100), "join": None})]
+    for payload in samples:
+        with pytest.raises(RemoteProtocolError):
+            g.judge(payload, peer)
+        try:
+            g.judge(payload, peer)
+        except RemoteProtocolError as exc:
+            from hypersdk.node.net.gate import _reason
+            g._refused(ident.node_id, _reason(exc))
+    names = {k for k in g.counters if k.startswith("refused: ")}
+    assert names <= {f"refused: {r}" for r in (*REASONS, "malformed proof")}
+    assert g.counters["refused"] == len(samples)
