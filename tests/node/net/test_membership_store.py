@@ -115,3 +115,23 @@ def test_commands_through_real_processes(tmp_path):
     assert [r["site"] for r in rows] == ["hq"] and rows[0]["this_node"]
     state = json.loads((tmp_path / "data" / "network" / "state.json").read_text())
     assert len(state["invites"]) == 1
+
+
+def test_a_joiner_whose_clock_runs_far_behind_gets_one_clear_reason(admin):
+    """The inviter issues a certificate valid from its own 'now'; a joiner whose clock
+    is more than MAX_SKEW behind cannot use it yet and is told to check the clocks;
+    within the tolerance it joins."""
+    d, _, net = admin
+    for behind, ok in ((ms.MAX_SKEW_NS - S, True), (ms.MAX_SKEW_NS + 60 * S, False)):
+        joiner = Identity.generate()
+        t = membership.invite(d, site="p", roles=["member"], expires_in=3600 * S,
+                              addrs=ADDR, now=NOW)
+        cert = membership.redeem(d, t.secret, joiner.public_key, now=NOW)
+        answer = ms.JoinAnswer(cert.raw, net.public, (), "acme")
+        where = d.parent / f"j{behind}"
+        if ok:
+            assert membership.enroll(where, t, answer, joiner, now=NOW - behind).cert == cert
+        else:
+            with pytest.raises(UserError, match=r"not valid yet \(check the clocks\)"):
+                membership.enroll(where, t, answer, joiner, now=NOW - behind)
+            assert membership.load(where) is None            # nothing half-written

@@ -10,6 +10,9 @@ cuts R off, and R can fetch nothing more. Every wait is a bounded poll.
 """
 from __future__ import annotations
 
+import os
+import stat
+
 from conftest import Cli, mixed_image
 from test_node_cli import nodes, poll  # noqa: F401  (fixture)
 
@@ -86,3 +89,14 @@ def test_members_share_backups_strangers_foreigners_and_the_revoked_get_nothing(
     assert rows[keys[b]]["status"] == rows[keys[c]]["status"] == "valid"
     for n in (a, b, c):
         assert ids[r] not in {x["node_id"] for x in n.cli.json("peers") if x["connected"]}
+
+    # every data dir of the network is private while its node runs: dirs 0700, files
+    # (keys, certificates, the store, logs, sockets) 0600 or tighter
+    for n in (a, b, r):
+        root = n.cli.data_dir
+        for dirpath, dirnames, filenames in os.walk(root):
+            for name in dirnames + filenames + ["."]:
+                p = os.path.join(dirpath, name)
+                mode = os.lstat(p).st_mode
+                assert stat.S_IMODE(mode) & 0o077 == 0, f"{p} is {oct(stat.S_IMODE(mode))}"
+        assert (root / "network" / "data.key").exists()
