@@ -37,7 +37,9 @@ Versioning: a responder that gets a tag it does not know fails the stream
 ("/hypersdk/exchange/2", offered before /1 in the libp2p protocol negotiation,
 and a new version byte in the fast channel's offer), not a new tag under /1. Cancel
 is part of /1 as first deployed (no node without it ever ran outside this
-repository's history).
+repository's history). So is CODEC_SEALED, on the condition that no node with keyed
+ids (7fd0074, encryption at rest step 1) ran without it outside this repository: such
+a node would fail the stream on codec 3 (check_data_header).
 
 ManifestData.data is the manifest's canonical encoding (protocol.manifest);
 None means "not held" (a value, not an error). The receiver checks
@@ -50,23 +52,36 @@ ceil(count / 8) and the padding bits of the last byte are zero, so a bitfield
 has exactly one encoding. Positions past the end of the manifest, zero chunks,
 and every position of a manifest the responder does not know, are 0.
 
-The wire codec rule (Data.codec): only CODEC_RAW (0) and CODEC_ZSTD (1) are
-ever sent. A record stored as a zstd delta (node/store/packfile.py codec 2) depends
-on a base chunk the peer may not have, so a server MUST NOT send it as stored:
-it decodes the delta and re-encodes the plaintext (data_from_plain() does the
-choice: zstd when it shrinks the chunk, raw otherwise). A Data frame with codec
-2 does not decode (RemoteProtocolError). open_data() is the only way a
-receiver should turn a Data message into chunk bytes: it bounds decompression
-to raw_len and checks BLAKE3(plaintext) == id, raising ChunkHashMismatch (with
-expected and actual ids as evidence) when the content is wrong and
-RemoteProtocolError when the payload does not decompress. Chunks of a manifest
-with keyed ids (protocol/ids.py) are checked with key=: the keyed id of the
-plaintext must be the id. The wire is the same for both schemes in this version:
-a server opens its sealed records (protocol/sealing.py) and sends codec and
-payload as above, over the already encrypted connection; a receiver with the key
-checks the keyed id and seals again before storing. (Sending the sealed records
-themselves, so that a holder without the key can store opaque bytes, is a later
-version of the protocol: it needs a new protocol id, see Versioning.)
+The wire codec rule (Data.codec): CODEC_RAW (0), CODEC_ZSTD (1) and CODEC_SEALED
+(3) are sent; 2 never is. A record stored as a zstd delta (node/store/packfile.py
+codec 2) depends on a base chunk the peer may not have, so a server MUST NOT send
+it as stored: it decodes the delta and re-encodes the plaintext (data_from_plain()
+does the choice: zstd when it shrinks the chunk, raw otherwise), sealed or not. A
+Data frame with codec 2 does not decode (RemoteProtocolError). open_data() is the
+only way a receiver should turn a Data message into chunk bytes: it bounds
+decompression to raw_len and checks BLAKE3(plaintext) == id, raising
+ChunkHashMismatch (with expected and actual ids as evidence) when the content is
+wrong and RemoteProtocolError when the payload does not decompress. Chunks of a
+manifest with keyed ids (protocol/ids.py) are checked with key=: the keyed id of
+the plaintext must be the id.
+
+CODEC_SEALED: the payload is a whole sealed record (protocol/sealing.py) of the
+chunk under its id, exactly as the server stores it (node/store/packfile.py SEALED),
+whose inner codec is raw or zstd (never a delta: those go out re-encoded, above)
+and whose raw_len is the message's. A server sends it only for records whose ids
+are keyed (KEYED), so only a receiver that holds the data key ever asks for such a
+chunk (a manifest with keyed ids cannot be downloaded without it: sink.begin).
+The receiver opens it with the key under msg.id, kind from the record's header
+(authenticated: only chunk and hash-list records are accepted), decodes the inner
+payload as above and checks the keyed id; it can then keep the record as received
+(sealing is deterministic: it is the record sealing here would produce), so neither
+side decrypts-and-reseals on the way. A sealed payload that does not open, claims
+another kind, codec or length, or is not sealed for this id under this key is a
+SealedDataError (a RemoteProtocolError, with the id and the reason as evidence);
+one checked without a key (plain ids: no honest server sends it)
+SealedDataKeyMissing, also a RemoteProtocolError. Other schemes are unchanged: a
+server opens a sealed record with plain ids, or a sealed delta, and sends codec and
+payload as above, over the already encrypted connection.
 
 Bounds (tests/test_exchange.py checks the worst case of every type):
   rid, start      unsigned 64-bit integers
@@ -75,7 +90,9 @@ Bounds (tests/test_exchange.py checks the worst case of every type):
   Get.ids         1..MAX_GET_IDS = 64 distinct ids
   Cancel.ids      1..MAX_GET_IDS = 64 distinct ids
   Data.raw_len    1..MAX_CHUNK (protocol.chunks, 8 MiB)
-  Data.payload    RAW: exactly raw_len bytes; ZSTD: 1..zstd_bound(raw_len) bytes
+  Data.payload    RAW: exactly raw_len bytes; ZSTD: 1..zstd_bound(raw_len) bytes;
+                  SEALED: RECORD_OVERHEAD + 1..zstd_bound(raw_len) bytes (at most
+                  MAX_SEALED_PAYLOAD)
   ManifestData    data of at most MAX_MANIFEST = 60 KiB: ~1,800 hash lists, i.e.
                   images up to ~56 TiB at 1 MiB chunks (8x that at 8 MiB chunks)
 """
@@ -90,6 +107,16 @@ import zstandard
 from .chunks import ID_LEN, MAX_CHUNK, ZERO_ID, VerifiedChunk, chunk_id
 from .errors import ChunkHashMismatch, LocalProtocolError, RemoteProtocolError
 from .ids import id_of
+from .sealing import (
+    KIND_CHUNK,
+    KIND_HASHLIST,
+    KIND_NAMES,
+    RECORD_OVERHEAD,
+    SealError,
+    open_record,
+    open_record_into,
+    peek_header,
+)
 
 PROTOCOL_ID = "/hypersdk/exchange/1"
 MAX_U64 = (1 << 64) - 1
@@ -98,7 +125,8 @@ MAX_GET_IDS = 64              # ids per Get: 64 MiB of 1 MiB chunks in flight pe
 MAX_MANIFEST = 60 << 10       # encoded manifest bytes in one ManifestData
 CODEC_RAW = 0                 # = node.store.packfile.CODEC_RAW
 CODEC_ZSTD = 1                # = node.store.packfile.CODEC_ZSTD
-WIRE_CODECS = (CODEC_RAW, CODEC_ZSTD)   # never node.store.packfile.CODEC_ZSTD_DELTA (2)
+CODEC_SEALED = 3              # a whole sealed record (protocol/sealing.py) of raw or zstd
+WIRE_CODECS = (CODEC_RAW, CODEC_ZSTD, CODEC_SEALED)   # never packfile.CODEC_ZSTD_DELTA (2)
 
 
 def zstd_bound(n: int) -> int:
@@ -107,6 +135,7 @@ def zstd_bound(n: int) -> int:
 
 
 MAX_PAYLOAD = zstd_bound(MAX_CHUNK)
+MAX_SEALED_PAYLOAD = MAX_PAYLOAD + RECORD_OVERHEAD    # the largest Data body of all
 
 
 # -- field checks: raise LocalProtocolError, never anything else ----------------------
@@ -291,7 +320,7 @@ def check_data_header(codec: int, raw_len: int, size: int | None) -> None:
     """The rules on (codec, raw_len, payload size) of a Data message."""
     if type(codec) is not int or codec not in WIRE_CODECS:
         raise LocalProtocolError(f"codec {codec!r:.20} is not sent on the wire "
-                                 f"(only raw=0 and zstd=1; deltas are re-encoded)")
+                                 f"(only raw=0, zstd=1 and sealed=3; deltas are re-encoded)")
     if type(raw_len) is not int or not 0 < raw_len <= MAX_CHUNK:
         raise LocalProtocolError(f"raw_len must be in 1..{MAX_CHUNK}")
     if type(size) is not int:
@@ -301,6 +330,11 @@ def check_data_header(codec: int, raw_len: int, size: int | None) -> None:
     if codec == CODEC_ZSTD and not 0 < size <= zstd_bound(raw_len):
         raise LocalProtocolError(f"a zstd payload of {size} bytes for raw_len {raw_len} "
                                  f"(at most {zstd_bound(raw_len)})")
+    if codec == CODEC_SEALED and not (RECORD_OVERHEAD < size
+                                      <= zstd_bound(raw_len) + RECORD_OVERHEAD):
+        raise LocalProtocolError(f"a sealed payload of {size} bytes for raw_len {raw_len} "
+                                 f"(at least {RECORD_OVERHEAD + 1}, at most "
+                                 f"{zstd_bound(raw_len) + RECORD_OVERHEAD})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -364,32 +398,107 @@ def _zc(level: int) -> zstandard.ZstdCompressor:
     return c
 
 
+class SealedDataError(RemoteProtocolError):
+    """A CODEC_SEALED payload that is not a sealed raw or zstd chunk (or hash-list)
+    record of this id and raw_len under this key. Evidence: cid and reason."""
+
+    def __init__(self, cid: bytes, reason: str):
+        self.cid = cid
+        self.reason = reason
+        super().__init__(f"sealed chunk {cid.hex()} received from a peer: {reason}")
+
+
+class SealedDataKeyMissing(SealedDataError):
+    """A CODEC_SEALED payload checked without a data key (the manifest's ids are plain
+    BLAKE3): nothing here can open it, and no honest server sends one (module doc)."""
+
+    def __init__(self, cid: bytes):
+        super().__init__(cid, "it is sealed with a data key and its id is checked without "
+                              "one (plain ids: a server sends sealed records only for keyed ids)")
+
+
+def _sealed_header(msg: Data, key) -> tuple[int, int]:
+    """(kind, inner codec) of msg's sealed record after every check that needs no key."""
+    if key is None:
+        raise SealedDataKeyMissing(msg.id)
+    try:
+        kind, codec, raw_len, size = peek_header(msg.payload)
+    except SealError as exc:
+        raise SealedDataError(msg.id, exc.reason) from None
+    if kind not in (KIND_CHUNK, KIND_HASHLIST):
+        raise SealedDataError(msg.id, f"the record is a {KIND_NAMES[kind]}, not a chunk")
+    if raw_len != msg.raw_len:
+        raise SealedDataError(msg.id, f"the record's raw_len is {raw_len}, "
+                                      f"the message's {msg.raw_len}")
+    if codec == CODEC_RAW:
+        if size != raw_len:
+            raise SealedDataError(msg.id, f"a sealed raw payload of {size} bytes "
+                                          f"for raw_len {raw_len}")
+    elif codec == CODEC_ZSTD:
+        if not 0 < size <= zstd_bound(raw_len):
+            raise SealedDataError(msg.id, f"a sealed zstd payload of {size} bytes "
+                                          f"for raw_len {raw_len}")
+    else:
+        raise SealedDataError(msg.id, f"the record's codec {codec} is neither raw nor zstd")
+    return kind, codec
+
+
+def _open_sealed(msg: Data, key, out=None, kind: int | None = None) -> tuple[int, object]:
+    """(inner codec, payload) of a CODEC_SEALED message: opened under msg.id with key
+    (into `out`, a writable buffer, when given: the payload is then a view of it);
+    kind: _sealed_header's, when the caller has it already."""
+    if kind is None:
+        kind = _sealed_header(msg, key)[0]
+    try:
+        if out is None:
+            opened = open_record(key, kind, msg.id, msg.payload)
+        else:
+            opened = open_record_into(key, kind, msg.id, msg.payload, out)
+    except SealError as exc:
+        raise SealedDataError(msg.id, exc.reason) from None
+    return opened.codec, opened.payload
+
+
+def _sealed_scratch(n: int) -> bytearray:
+    """This thread's reused buffer for a sealed zstd payload, of at least n bytes."""
+    b = getattr(_tls, "sealed", None)
+    if b is None or len(b) < n:
+        b = _tls.sealed = bytearray(max(n, 1 << 20))
+    return b
+
+
+def _unzstd(payload, raw_len: int) -> bytes:
+    try:
+        declared = zstandard.frame_content_size(payload)
+        if declared not in (-1, raw_len):
+            raise RemoteProtocolError(
+                f"zstd frame declares {declared} bytes, raw_len is {raw_len}")
+        plain = _zd().decompress(payload, max_output_size=raw_len, allow_extra_data=False)
+    except zstandard.ZstdError as exc:
+        raise RemoteProtocolError(f"zstd payload does not decode: {exc}") from None
+    if len(plain) != raw_len:
+        raise RemoteProtocolError(
+            f"zstd payload decodes to {len(plain)} bytes, raw_len is {raw_len}")
+    return plain
+
+
 def open_data(msg: Data, key=None) -> VerifiedChunk:
     """The verified plaintext of `msg` (key: the DataKey of a keyed manifest's ids,
     None for plain BLAKE3 ids).
 
     RemoteProtocolError: the zstd payload is not exactly one frame decoding to
     raw_len bytes (a declared content size other than raw_len is refused before
-    any allocation, so a decompression bomb costs nothing).
+    any allocation, so a decompression bomb costs nothing); SealedDataError (one)
+    for a CODEC_SEALED payload that does not open (module doc), SealedDataKeyMissing
+    for one without a key.
     ChunkHashMismatch: the plaintext does not hash to msg.id (evidence: both ids).
     """
     if type(msg) is not Data:
         raise LocalProtocolError("open_data takes a Data message")
-    if msg.codec == CODEC_RAW:
-        plain = msg.payload
-    else:
-        try:
-            declared = zstandard.frame_content_size(msg.payload)
-            if declared not in (-1, msg.raw_len):
-                raise RemoteProtocolError(
-                    f"zstd frame declares {declared} bytes, raw_len is {msg.raw_len}")
-            plain = _zd().decompress(msg.payload, max_output_size=msg.raw_len,
-                                     allow_extra_data=False)
-        except zstandard.ZstdError as exc:
-            raise RemoteProtocolError(f"zstd payload does not decode: {exc}") from None
-        if len(plain) != msg.raw_len:
-            raise RemoteProtocolError(
-                f"zstd payload decodes to {len(plain)} bytes, raw_len is {msg.raw_len}")
+    codec, payload = msg.codec, msg.payload
+    if codec == CODEC_SEALED:
+        codec, payload = _open_sealed(msg, key)
+    plain = payload if codec == CODEC_RAW else _unzstd(payload, msg.raw_len)
     actual = id_of(key, plain)
     if actual != msg.id:
         raise ChunkHashMismatch(msg.id, actual, "received from a peer")
@@ -434,30 +543,41 @@ def zstd_frame_size(payload) -> int:
 def open_data_into(msg: Data, buf, key=None) -> memoryview:
     """open_data(msg) without allocating: the verified plaintext as a memoryview,
     of msg.payload (RAW) or of the start of `buf` (ZSTD: decompressed straight into
-    it; `buf` is a writable buffer of at least raw_len + 1 bytes, reused by the
-    caller, so the view is valid until the caller writes to `buf` again).
+    it; SEALED: a raw payload decrypted straight into it, a zstd one decrypted into
+    this thread's reused buffer and decompressed into it; `buf` is a writable buffer
+    of at least raw_len + 1 bytes, reused by the caller, so the view is valid until
+    the caller writes to `buf` again).
     Same checks and errors as open_data: exactly one frame (its size from the block
     headers must be the whole payload), declared size, decoded size == raw_len,
     BLAKE3(plaintext) == id (the keyed id under `key` when given)."""
     if type(msg) is not Data:
         raise LocalProtocolError("open_data_into takes a Data message")
-    if msg.codec == CODEC_RAW:
-        plain = memoryview(msg.payload)
-    else:
-        raw_len = msg.raw_len
+    raw_len = msg.raw_len
+    codec, payload = msg.codec, msg.payload
+    if codec != CODEC_RAW:
         out = memoryview(buf)
         if len(out) <= raw_len:
             raise LocalProtocolError(f"buffer of {len(out)} bytes for a {raw_len}-byte chunk")
-        size = zstd_frame_size(msg.payload)
-        if size != len(msg.payload):
-            raise RemoteProtocolError(f"zstd payload does not decode: {len(msg.payload) - size}"
+    if codec == CODEC_SEALED:
+        kind, inner = _sealed_header(msg, key)
+        if inner == CODEC_RAW:                # the plaintext, decrypted straight into buf
+            codec, payload = _open_sealed(msg, key, out, kind)
+        else:
+            codec, payload = _open_sealed(msg, key,
+                                          _sealed_scratch(len(payload) - RECORD_OVERHEAD), kind)
+    if codec == CODEC_RAW:
+        plain = memoryview(payload)
+    else:
+        size = zstd_frame_size(payload)
+        if size != len(payload):
+            raise RemoteProtocolError(f"zstd payload does not decode: {len(payload) - size}"
                                       f" bytes after the frame")
         try:
-            declared = zstandard.frame_content_size(msg.payload)
+            declared = zstandard.frame_content_size(payload)
             if declared not in (-1, raw_len):
                 raise RemoteProtocolError(
                     f"zstd frame declares {declared} bytes, raw_len is {raw_len}")
-            reader = _zd().stream_reader(msg.payload, read_across_frames=False)
+            reader = _zd().stream_reader(payload, read_across_frames=False)
             got = reader.readinto(out[:raw_len + 1])     # + 1: a longer frame shows
         except zstandard.ZstdError as exc:
             raise RemoteProtocolError(f"zstd payload does not decode: {exc}") from None

@@ -9,8 +9,9 @@ implementation can run its blocking SQLite / pack-file work in a thread):
         get(cid) -> (codec, raw_len, payload) | None
                                              payload: bytes-like (StoreSource: a
                                              memoryview of the record read, no copy);
-                                             codec is exchange.CODEC_RAW or CODEC_ZSTD:
-                                             a delta record is decoded and re-encoded
+                                             codec is exchange.CODEC_RAW, CODEC_ZSTD or
+                                             CODEC_SEALED (a sealed record as stored): a
+                                             delta record is decoded and re-encoded
                                              (exchange.data_from_plain), never sent as stored
         read(cid) -> bytes | None            verified plaintext (hash-list pieces)
 
@@ -33,12 +34,17 @@ implementation can run its blocking SQLite / pack-file work in a thread):
 Implementations: StoreSource / StoreSink on node/store/store.py's ChunkStore and
 PackWriter, and MemorySource / MemorySink (dicts) for simnet tests of many nodes.
 
-Encryption at rest. StoreSource serves what its records seal: it opens a sealed
-record (with the node's data key) and sends its payload codec and payload, as it
-sends a plaintext record; manifests go out opened too. StoreSink seals what it
-stores when its store has a data key: every chunk and hash-list piece (kind from
-the manifest begin() named, KEYED when the manifest's ids are) and the manifest.
-The wire is unchanged (protocol/exchange.py says why and what comes next).
+Encryption at rest. StoreSource sends a sealed record with keyed ids whose payload
+is raw or zstd as stored (exchange.CODEC_SEALED: no decryption; only a holder of
+the key can ask for a keyed id), when its store holds the key; any other sealed
+record (a delta, plain ids) it opens and sends its payload codec and payload (a
+delta re-encoded), as it sends a plaintext record; manifests go out opened.
+StoreSink seals what it stores when its store has a data key: every chunk and
+hash-list piece (kind from the manifest begin() named, KEYED when the manifest's
+ids are) and the manifest. A CODEC_SEALED record (verified by the downloader with
+this key) of the kind it would seal is stored as received: sealing is
+deterministic, so it is the record sealing here would produce, and nobody
+decrypts and reseals on the way (protocol/exchange.py, CODEC_SEALED).
 
 threaded: real nodes run store work through trio.to_thread.run_sync so the
 event loop never blocks on SQLite or fdatasync; threaded=False calls it
@@ -82,9 +88,9 @@ from hypersdk.node.store import catalog, packfile
 from hypersdk.node.store.sealed import DataKeyNotHeld, seal_payload
 from hypersdk.protocol.chunks import ZERO_ID, VerifiedChunk, chunk_id
 from hypersdk.protocol.errors import IntegrityError
-from hypersdk.protocol.exchange import CODEC_RAW, CODEC_ZSTD, data_from_plain
+from hypersdk.protocol.exchange import CODEC_RAW, CODEC_SEALED, CODEC_ZSTD, data_from_plain
 from hypersdk.protocol.ids import id_of, scheme_key
-from hypersdk.protocol.sealing import KIND_CHUNK, KIND_HASHLIST
+from hypersdk.protocol.sealing import KIND_CHUNK, KIND_HASHLIST, SealError, open_record, peek_header
 
 Stored = tuple  # (codec, raw_len, payload bytes)
 
@@ -179,6 +185,14 @@ class StoreSource:
         self.level = level
         self._locs: dict[bytes, tuple] = {}
         self.served_cached = 0
+        self.served_sealed = 0            # records sent as stored, CODEC_SEALED
+
+    def _as_sealed(self, codec: int) -> bool:
+        """Whether a record of pack codec `codec` goes out as stored (CODEC_SEALED):
+        sealed, keyed ids, raw or zstd inside, and this store holds the key."""
+        return (codec & (packfile.SEALED | packfile.KEYED) == packfile.SEALED | packfile.KEYED
+                and packfile.inner(codec) in (packfile.CODEC_RAW, packfile.CODEC_ZSTD)
+                and self.store.key is not None)
 
     async def manifest(self, mid: bytes) -> bytes | None:
         return await _run(self.threaded, _served_manifest, self.store, mid)
@@ -209,7 +223,10 @@ class StoreSource:
         got = packfile.read_record_cached(fd, offset, cid, stored_len)
         if got is None or got[0] != codec or got[1] != raw_len:
             return None
-        if packfile.is_sealed(codec):       # opened here: AES-GCM, ~0.1 ms per MiB
+        if self._as_sealed(codec):
+            self.served_sealed += 1
+            got = (CODEC_SEALED, raw_len, got[2])
+        elif packfile.is_sealed(codec):     # opened here: AES-GCM, ~0.1 ms per MiB
             try:
                 inner, payload = self.store.open_stored(cid, codec, raw_len, got[2])
             except (IntegrityError, DataKeyNotHeld):
@@ -227,6 +244,9 @@ class StoreSource:
                 d = data_from_plain(0, cid, self.store.read(cid, loc), self.level)
                 return d.codec, d.raw_len, d.payload
             codec, raw_len, stored = self.store.read_stored(cid, loc)
+            if self._as_sealed(codec):
+                self.served_sealed += 1
+                return CODEC_SEALED, raw_len, stored      # as stored: no decryption
             codec, stored = self.store.open_stored(cid, codec, raw_len, stored)
         except (IntegrityError, DataKeyNotHeld):
             return None                   # damaged (or sealed, no key) here: say Missing
@@ -379,6 +399,12 @@ class StoreSink:
 
     def _put(self, cid: bytes, plain, wire):
         w = self._need_writer()
+        if wire is not None and wire[0] == CODEC_SEALED:
+            if self._put_sealed(w, cid, wire):
+                return
+            # another kind here, or no key here (plaintext store): from the payload
+            # inside, or from the plaintext
+            wire = self._unseal(cid, wire) if self._seal is not None else None
         if wire is not None and wire[0] in (CODEC_RAW, CODEC_ZSTD):
             # the verified wire payload (exchange codecs = pack codecs 0/1), kept as
             # received: a zstd frame that decoded to the chunk, or its plaintext
@@ -391,7 +417,33 @@ class StoreSink:
         if self._seal is not None:
             kind = KIND_HASHLIST if cid in self._lists else KIND_CHUNK
             codec, data = seal_payload(self._seal, kind, cid, codec, raw_len, data, self._keyed)
-        n = w.put(cid, raw_len, codec, data)
+        self._count(w, w.put(cid, raw_len, codec, data))
+
+    def _put_sealed(self, w, cid: bytes, wire) -> bool:
+        """Store a CODEC_SEALED wire record as received when this store seals with the
+        key it was verified with (the downloader's, from begin(): the store's) and
+        under the kind it would seal it as; False: it must be sealed here."""
+        codec, raw_len, record = wire
+        if self._seal is None:
+            return False
+        kind = KIND_HASHLIST if cid in self._lists else KIND_CHUNK
+        h = peek_header(record)
+        if h.kind != kind:
+            return False
+        flags = packfile.SEALED | (packfile.KEYED if self._keyed else 0) | h.codec
+        self._count(w, w.put(cid, raw_len, flags, record))
+        return True
+
+    def _unseal(self, cid: bytes, wire):
+        """(inner codec, raw_len, payload) of a verified CODEC_SEALED wire record."""
+        codec, raw_len, record = wire
+        try:
+            opened = open_record(self._seal, peek_header(record).kind, cid, record)
+        except SealError as exc:
+            raise ValueError(f"StoreSink.put got a sealed record it cannot open: {exc}") from None
+        return opened.codec, raw_len, bytes(opened.payload)
+
+    def _count(self, w, n: int) -> None:
         if n:
             self.chunks_put += 1
             self.bytes_stored += n
