@@ -391,17 +391,24 @@ class JoinRefused(MembershipError):
     """The inviter refused (the reason is its words)."""
 
 
-def decode_join_answer(payload: bytes) -> JoinAnswer:
-    """The inviter's answer; JoinRefused with its reason, MembershipError if malformed."""
+def _answer(payload: bytes, schema: dict, what: str, refused) -> dict:
+    """An answer frame's document: `refused(reason)` raised for a refusal,
+    MembershipError if it is neither a valid refusal nor a valid `schema` answer."""
     doc = codec.decode(payload, max_size=MAX_JOIN_FRAME)
     if type(doc) is dict and "refused" in doc:
         problem = _problem(doc, _JOIN_NO)
         if problem:
-            raise MembershipError(f"join answer: {problem}")
-        raise JoinRefused(doc["refused"])
-    problem = _problem(doc, _JOIN_OK)
+            raise MembershipError(f"{what}: {problem}")
+        raise refused(doc["refused"])
+    problem = _problem(doc, schema)
     if problem:
-        raise MembershipError(f"join answer: {problem}")
+        raise MembershipError(f"{what}: {problem}")
+    return doc
+
+
+def decode_join_answer(payload: bytes) -> JoinAnswer:
+    """The inviter's answer; JoinRefused with its reason, MembershipError if malformed."""
+    doc = _answer(payload, _JOIN_OK, "join answer", JoinRefused)
     return JoinAnswer(doc["cert"], doc["network"], tuple(doc["revocations"]), doc["name"],
                       doc["data_key"])
 
@@ -527,16 +534,7 @@ def renew_answer(cert: bytes) -> bytes:
 
 
 def decode_renew_answer(payload: bytes) -> bytes:
-    doc = codec.decode(payload, max_size=MAX_JOIN_FRAME)
-    if type(doc) is dict and "refused" in doc:
-        problem = _problem(doc, _JOIN_NO)
-        if problem:
-            raise MembershipError(f"renew answer: {problem}")
-        raise RenewRefused(doc["refused"])
-    problem = _problem(doc, _RENEW_OK)
-    if problem:
-        raise MembershipError(f"renew answer: {problem}")
-    return doc["cert"]
+    return _answer(payload, _RENEW_OK, "renew answer", RenewRefused)["cert"]
 
 
 def renewal_due(cert: Certificate, now: int) -> bool:

@@ -524,14 +524,7 @@ class P2PTransport:
         conns = self.host.get_network().get_connections()
         if peer_id is None:
             return sum(1 for c in conns if _usable(c, self._dead))
-        n = 0
-        for c in conns:
-            try:
-                if _usable(c, self._dead) and _conn_node_id(c.muxed_conn) == peer_id:
-                    n += 1
-            except TransportError:
-                pass
-        return n
+        return sum(1 for c in conns if _usable(c, self._dead) and _safe_node_id(c) == peer_id)
 
     # -- lifetime -----------------------------------------------------------
     def bind(self) -> None:
@@ -612,12 +605,9 @@ class P2PTransport:
         """Close every connection to a node (in the background); how many."""
         n = 0
         for conn in list(self.host.get_network().get_connections()):
-            try:
-                if _conn_node_id(conn.muxed_conn) == peer_id:
-                    self._discard(conn)
-                    n += 1
-            except TransportError:
-                continue
+            if _safe_node_id(conn) == peer_id:
+                self._discard(conn)
+                n += 1
         for cb in self.on_cut:
             try:
                 cb(peer_id)

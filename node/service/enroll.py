@@ -25,6 +25,7 @@ from hypersdk.node.net import datakey, membership
 from hypersdk.node.net.gate import MembershipRefused
 from hypersdk.node.net.p2p_transport import node_id_of_libp2p_key, parse_peer_addr
 from hypersdk.node.net.transport import TransportError
+from hypersdk.node.service.frames import answer_once, read_frame
 from hypersdk.protocol import membership as ms
 from hypersdk.protocol.errors import RemoteProtocolError
 
@@ -32,23 +33,6 @@ log = logging.getLogger(__name__)
 
 READ_TIMEOUT = 10.0               # seconds a joiner may take to send its request
 ANSWER_TIMEOUT = 20.0             # seconds a joiner waits for the inviter's answer
-
-
-async def _read_frame(stream) -> bytes:
-    header = await _read_exactly(stream, 4)
-    return await _read_exactly(stream, ms.frame_length(header))
-
-
-async def _read_exactly(stream, n: int) -> bytes:
-    buf = bytearray()
-    for _ in range(n + 1):                       # bounded: each read returns >= 1 byte
-        if len(buf) >= n:
-            break
-        got = await stream.receive_some(min(n - len(buf), 65536))
-        if not got:
-            raise ms.MembershipError("the other side closed the stream mid-frame")
-        buf += got
-    return bytes(buf)
 
 
 class Enrollment:
@@ -63,40 +47,24 @@ class Enrollment:
         self.d.net.set_handler(ms.JOIN_PROTOCOL, self.handle)
 
     async def handle(self, stream, peer_id: bytes) -> None:
-        try:
-            try:
-                with trio.fail_after(READ_TIMEOUT):
-                    secret, node = ms.decode_join_request(await _read_frame(stream))
-                if node_id(node) != peer_id:
-                    raise UserError("the key in the request is not the connection's key")
-                cert, share = await trio.to_thread.run_sync(
-                    lambda: membership.redeem_invitation(self.d.data_dir, secret, node,
-                                                         now=time.time_ns()))
-                net = membership.load(self.d.data_dir)
-                revs = [r.raw for r in membership.revocations(self.d.data_dir)]
-                dk = datakey.load(self.d.data_dir) if share else None
-                answer = ms.join_answer(cert.raw, net.public, revs, net.name,
-                                        dk.secret if dk is not None else None)
-                self.admitted += 1
-                log.info("join: admitted node %s at site %s", node.hex()[:16], cert.site)
-            except UserError as exc:
-                self.refused += 1
-                log.info("join: refused %s: %s", peer_id.hex()[:16], exc)
-                answer = ms.join_refusal(str(exc))
-            except (RemoteProtocolError, trio.TooSlowError) as exc:
-                self.refused += 1
-                log.info("join: bad request from %s: %r", peer_id.hex()[:16], exc)
-                answer = ms.join_refusal("malformed join request")
-            with trio.move_on_after(READ_TIMEOUT):
-                await stream.send_all(answer)
-        except Exception as exc:                   # never into py-libp2p's host
-            log.debug("join handler: %r", exc)
-        finally:
-            with trio.move_on_after(1):
-                try:
-                    await stream.aclose()
-                except Exception:
-                    pass
+        async def answer(payload: bytes) -> bytes:
+            secret, node = ms.decode_join_request(payload)
+            if node_id(node) != peer_id:
+                raise UserError("the key in the request is not the connection's key")
+            cert, share = await trio.to_thread.run_sync(
+                lambda: membership.redeem_invitation(self.d.data_dir, secret, node,
+                                                     now=time.time_ns()))
+            net = membership.load(self.d.data_dir)
+            revs = [r.raw for r in membership.revocations(self.d.data_dir)]
+            dk = datakey.load(self.d.data_dir) if share else None
+            log.info("join: admitted node %s at site %s", node.hex()[:16], cert.site)
+            return ms.join_answer(cert.raw, net.public, revs, net.name,
+                                  dk.secret if dk is not None else None)
+
+        if await answer_once(stream, peer_id, "join", answer, timeout=READ_TIMEOUT):
+            self.admitted += 1
+        else:
+            self.refused += 1
 
     async def join(self, text: str) -> dict:
         """Join the network of invitation token `text`; a JSON document."""
@@ -127,7 +95,7 @@ class Enrollment:
                     with trio.fail_after(ANSWER_TIMEOUT):
                         await stream.send_all(ms.join_request(token.secret,
                                                               d.identity.public_key))
-                        answer = ms.decode_join_answer(await _read_frame(stream))
+                        answer = ms.decode_join_answer(await read_frame(stream))
                 finally:
                     with trio.move_on_after(1):
                         await stream.aclose()

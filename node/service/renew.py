@@ -26,6 +26,7 @@ from hypersdk.dht.keys import node_id
 from hypersdk.node.errors import UserError
 from hypersdk.node.net import membership
 from hypersdk.node.net.transport import TransportError
+from hypersdk.node.service.frames import answer_once, read_frame
 from hypersdk.protocol import membership as ms
 from hypersdk.protocol.errors import RemoteProtocolError
 
@@ -35,12 +36,6 @@ CHECK_EVERY = 3600.0              # seconds between checks (shorter for short li
 MIN_CHECK = 0.5
 IDLE_CHECK = 2.0                  # seconds between looks while the node is in no network
 TIMEOUT = 20.0
-
-
-async def _read_frame(stream) -> bytes:
-    from hypersdk.node.service.enroll import _read_exactly
-    header = await _read_exactly(stream, 4)
-    return await _read_exactly(stream, ms.frame_length(header))
 
 
 class Renewal:
@@ -57,7 +52,7 @@ class Renewal:
         """A connected member's renewed certificate: learnt if it is that peer's."""
         try:
             with trio.fail_after(TIMEOUT):
-                raw = ms.decode_renew_answer(await _read_frame(stream))
+                raw = ms.decode_renew_answer(await read_frame(stream))
             if node_id(ms.decode_certificate(raw).node) == peer_id:
                 self.d.gate.learn_certs([raw])
         except Exception as exc:                     # never into py-libp2p's host
@@ -65,36 +60,19 @@ class Renewal:
 
     # -- the issuer's side ------------------------------------------------------------
     async def handle(self, stream, peer_id: bytes) -> None:
-        d = self.d
-        try:
-            try:
-                with trio.fail_after(TIMEOUT):
-                    raw = ms.decode_renew_request(await _read_frame(stream))
-                cert = ms.decode_certificate(raw)
-                if node_id(cert.node) != peer_id:
-                    raise UserError("that certificate is not the connection's")
-                new = await trio.to_thread.run_sync(
-                    lambda: membership.renew(d.data_dir, raw, cert.node, now=time.time_ns()))
-                answer = ms.renew_answer(new.raw)
-                self.counters["issued"] += 1
-                log.info("renewed the certificate of %s (serial %d)", cert.node.hex()[:16],
-                         new.serial)
-            except UserError as exc:
-                self.counters["refused"] += 1
-                answer = ms.join_refusal(str(exc))
-            except (RemoteProtocolError, trio.TooSlowError):
-                self.counters["refused"] += 1
-                answer = ms.join_refusal("malformed renew request")
-            with trio.move_on_after(TIMEOUT):
-                await stream.send_all(answer)
-        except Exception as exc:                     # never into py-libp2p's host
-            log.debug("renew handler: %r", exc)
-        finally:
-            with trio.move_on_after(1):
-                try:
-                    await stream.aclose()
-                except Exception:
-                    pass
+        async def answer(payload: bytes) -> bytes:
+            raw = ms.decode_renew_request(payload)
+            cert = ms.decode_certificate(raw)
+            if node_id(cert.node) != peer_id:
+                raise UserError("that certificate is not the connection's")
+            new = await trio.to_thread.run_sync(
+                lambda: membership.renew(self.d.data_dir, raw, cert.node, now=time.time_ns()))
+            log.info("renewed the certificate of %s (serial %d)", cert.node.hex()[:16],
+                     new.serial)
+            return ms.renew_answer(new.raw)
+
+        ok = await answer_once(stream, peer_id, "renew", answer, timeout=TIMEOUT)
+        self.counters["issued" if ok else "refused"] += 1
 
     # -- the member's side ------------------------------------------------------------
     async def run(self) -> None:
@@ -182,7 +160,7 @@ class Renewal:
                     s = await self.d.net.open_stream(c.id, c.addr, ms.RENEW_PROTOCOL)
                     try:
                         await s.send_all(ms.renew_request(current))
-                        return ms.decode_renew_answer(await _read_frame(s))
+                        return ms.decode_renew_answer(await read_frame(s))
                     finally:
                         with trio.move_on_after(1):
                             await s.aclose()
