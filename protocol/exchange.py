@@ -67,11 +67,16 @@ the plaintext must be the id.
 
 CODEC_SEALED: the payload is a whole sealed record (protocol/sealing.py) of the
 chunk under its id, exactly as the server stores it (node/store/packfile.py SEALED),
-whose inner codec is raw or zstd (never a delta: those go out re-encoded, above)
-and whose raw_len is the message's. A server sends it only for records whose ids
-are keyed (KEYED), so only a receiver that holds the data key ever asks for such a
-chunk (a manifest with keyed ids cannot be downloaded without it: sink.begin).
-The receiver opens it with the key under msg.id, kind from the record's header
+whose inner codec is raw or zstd (a delta is re-encoded, above, and sealed again)
+and whose raw_len is the message's. The rule: a chunk whose id is keyed only ever
+travels sealed, whoever asks; a hash-list piece and a manifest travel opened (they
+hold ids and sizes, which every holder of the records sees anyway; keyed ids name
+nothing without the key). So a storage-only member, which lacks the tenant's key,
+learns from a manifest and its pieces which records to keep, and keeps the sealed
+chunks it cannot open (check_opaque: the header and sizes are all it can check;
+open_piece_unchecked: a piece decoded, its keyed id unchecked), and serves them
+as stored to the key's holders.
+A receiver with the key opens a sealed chunk under msg.id, kind from the record's header
 (authenticated: only chunk and hash-list records are accepted), decodes the inner
 payload as above and checks the keyed id; it can then keep the record as received
 (sealing is deterministic: it is the record sealing here would produce), so neither
@@ -421,6 +426,11 @@ def _sealed_header(msg: Data, key) -> tuple[int, int]:
     """(kind, inner codec) of msg's sealed record after every check that needs no key."""
     if key is None:
         raise SealedDataKeyMissing(msg.id)
+    return _sealed_shape(msg)
+
+
+def _sealed_shape(msg: Data) -> tuple[int, int]:
+    """(kind, inner codec) of msg's sealed record: its header and sizes checked."""
     try:
         kind, codec, raw_len, size = peek_header(msg.payload)
     except SealError as exc:
@@ -441,6 +451,40 @@ def _sealed_header(msg: Data, key) -> tuple[int, int]:
     else:
         raise SealedDataError(msg.id, f"the record's codec {codec} is neither raw nor zstd")
     return kind, codec
+
+
+def check_opaque(msg: Data) -> None:
+    """What a holder without the data key of a keyed backup (a storage-only member)
+    can check of one of its chunks before storing it for the key's holders: a
+    CODEC_SEALED record of a chunk (not a hash list, not a manifest), raw or zstd
+    inside, whose header agrees with the message (SealedDataError otherwise). The
+    content and its id are not checked: nobody without the key can; the backup's
+    owner proves them by possession challenges over the sealed record, and every
+    key holder that fetches the record opens and checks it. A keyed chunk that is
+    not sealed is refused too: honest servers send keyed chunks sealed only, so
+    this holder never receives their plaintext."""
+    if type(msg) is not Data:
+        raise LocalProtocolError("check_opaque takes a Data message")
+    if msg.codec != CODEC_SEALED:
+        raise SealedDataError(msg.id, "a chunk with a keyed id sent unsealed (a server "
+                                      "sends keyed chunks sealed only)")
+    kind, _ = _sealed_shape(msg)
+    if kind != KIND_CHUNK:
+        raise SealedDataError(msg.id, f"the record is a {KIND_NAMES[kind]}, not a chunk")
+
+
+def open_piece_unchecked(msg: Data) -> bytes:
+    """The plaintext of a hash-list piece of a keyed backup, for a holder without its
+    key: decoded with the bounds of open_data (raw, or one zstd frame of exactly
+    raw_len bytes) but not checked against its keyed id, which only a key holder
+    can compute. Servers send pieces opened (their keyed ids are no secret: module
+    doc); a sealed one is a SealedDataKeyMissing. A holder that stores what a
+    dishonest member sent holds useless records: its owner's challenges show it."""
+    if type(msg) is not Data:
+        raise LocalProtocolError("open_piece_unchecked takes a Data message")
+    if msg.codec == CODEC_SEALED:
+        raise SealedDataKeyMissing(msg.id)
+    return msg.payload if msg.codec == CODEC_RAW else _unzstd(msg.payload, msg.raw_len)
 
 
 def _open_sealed(msg: Data, key, out=None, kind: int | None = None) -> tuple[int, object]:

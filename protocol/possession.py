@@ -16,9 +16,21 @@ Why this shape:
   depend on how either side stores the chunk (raw, zstd, zstd delta, sealed
   at rest). With keyed chunk ids (protocol/ids.py) nothing changes for the
   holder; the verifier checks its reference copy against the keyed id
-  (`reference`). A holder without the data key cannot answer over the
-  plaintext: a challenge for such holders is a later version (over the sealed
-  record, which is deterministic: protocol/sealing.py).
+  (`reference`).
+- Sealed form (Challenge.sealed, for backups with keyed ids): a holder without
+  the data key (a storage-only member) cannot answer over the plaintext, so the
+  answer is BLAKE3(nonce || the sealed record the holder serves for the id), as
+  protocol/exchange.py CODEC_SEALED sends it. Every holder answers it, key or
+  not. The verifier's reference is a sealed record of the id that opens under
+  the key and whose plaintext has the keyed id (`reference_sealed`). Sealing is
+  deterministic, so a record that travelled from the author to the holder as
+  stored is the author's byte for byte; but two honest holders may hold
+  different records of one chunk (another zstd level, a delta re-encoded), so
+  an answer that differs from the verifier's own record is not yet damage: the
+  verifier then fetches that holder's record (the caller's `retrieve`, a few ids
+  at most) and judges the answer against it, once it opened and checked it. A
+  holder that answers without the record, or serves a record that is not the
+  chunk, is "damaged" either way.
 - A random sample of s out of n chunks catches a holder missing a fraction f
   of them with probability about 1 - (1 - f)^s (s = 64, f = 5%: 96%).
   Repeated verifications compound that.
@@ -66,9 +78,10 @@ from typing import ClassVar, Iterable, Mapping
 import blake3
 
 from .chunks import ID_LEN, ZERO_ID, VerifiedChunk, chunk_id
-from .errors import LocalProtocolError, RemoteProtocolError
+from .errors import ChunkHashMismatch, LocalProtocolError, RemoteProtocolError
+from .exchange import CODEC_SEALED, Data, open_data
 from .framing import HEADER, FrameDecoder, OversizedFrame, encode_document, open_document
-from .sealing import keyed_id
+from .sealing import KIND_CHUNK, SealError, keyed_id, peek_header
 
 PROTOCOL_ID = "/hypersdk/possession/1"
 VERSION = 1
@@ -80,7 +93,8 @@ MAX_U64 = (1 << 64) - 1
 
 __all__ = ["PROTOCOL_ID", "VERSION", "NONCE_LEN", "MAX_SAMPLE", "MAX_MESSAGE", "MAX_REASON",
            "Challenge", "Proof", "Refused", "Precomputed", "ProofResult", "answer", "sample",
-           "reference", "answers_challenge", "check", "encode_payload", "encode_message",
+           "reference", "reference_sealed", "answers_challenge", "check", "encode_payload",
+           "encode_message",
            "decode_payload", "decode_frame", "PossessionDecoder", "OversizedFrame"]
 
 
@@ -105,15 +119,19 @@ def _count(name: str, v) -> None:
 
 @dataclass(frozen=True, slots=True)
 class Challenge:
-    """Prove you hold these chunks of `manifest`: answer BLAKE3(nonce || chunk) each."""
+    """Prove you hold these chunks of `manifest`: answer BLAKE3(nonce || chunk) each,
+    or with sealed=True BLAKE3(nonce || the chunk's sealed record) (module doc)."""
     TAG: ClassVar[str] = "challenge"
     rid: int
     manifest: bytes
     nonce: bytes
     ids: tuple
+    sealed: bool = False
 
     def __post_init__(self):
         _u64("rid", self.rid)
+        if type(self.sealed) is not bool:
+            raise LocalProtocolError("sealed must be true or false")
         _bytes32("manifest", self.manifest)
         _bytes32("nonce", self.nonce)
         _count("ids", self.ids)
@@ -158,7 +176,7 @@ class Refused:
 MESSAGE_TYPES = {cls.TAG: cls for cls in (Challenge, Proof, Refused)}
 REQUEST_TAGS = frozenset({"challenge"})
 RESPONSE_TAGS = frozenset({"proof", "refused"})
-_FIELDS = {"challenge": ("rid", "manifest", "nonce", "ids"),
+_FIELDS = {"challenge": ("rid", "manifest", "nonce", "ids", "sealed"),
            "proof": ("rid", "manifest", "answers"),
            "refused": ("rid", "reason")}
 _KEYS = {tag: frozenset(names) for tag, names in _FIELDS.items()}
@@ -209,6 +227,23 @@ def reference(cid: bytes, nonce: bytes, plain, key=None) -> Precomputed | None:
             and (key is None or keyed_id(key, plain) != cid):
         return None
     return Precomputed(answer(nonce, plain))
+
+
+def reference_sealed(cid: bytes, nonce: bytes, record, key) -> Precomputed | None:
+    """The expected sealed-form answer for chunk `cid` from a sealed record of it
+    (as CODEC_SEALED carries it), or None when there is no record, no key, or the
+    record is not a chunk's that opens under `key` to a plaintext with the keyed id
+    `cid`."""
+    if record is None or key is None:
+        return None
+    try:
+        h = peek_header(record)
+        if h.kind != KIND_CHUNK:                   # challenges name chunks only
+            return None
+        open_data(Data(0, cid, CODEC_SEALED, h.raw_len, bytes(record)), key)
+    except (SealError, RemoteProtocolError, LocalProtocolError, ChunkHashMismatch):
+        return None
+    return Precomputed(answer(nonce, record))
 
 
 @dataclass(frozen=True, slots=True)

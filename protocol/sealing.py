@@ -295,6 +295,14 @@ def peek_header(record) -> Header:
     return Header(kind, codec, raw_len, view.nbytes - RECORD_OVERHEAD)
 
 
+def peek_kind(record) -> int | None:
+    """The kind byte a record's header claims, None when it has no sealed header at
+    all; never raises (a server's cheap test of what it is about to send)."""
+    if len(record) < RECORD_OVERHEAD or record[0] != MAGIC:
+        return None
+    return record[1]
+
+
 def open_record(key: DataKey, kind: int, oid: bytes, record) -> Opened:
     """The payload sealed in `record` for object `oid` of `kind` under `key`, as a
     new bytearray (decrypt_into: ~5x faster than a fresh bytes per 1 MiB payload).

@@ -86,9 +86,10 @@ B=$(start_node "$WORK/b" --bootstrap "$A"); echo "node B at $B"
 C=$(start_node "$WORK/c" --bootstrap "$A"); echo "node C at $C"
 echo
 echo "== membership: A creates a network and invites B and C with one-time tokens;"
-echo "   from then on every connection proves membership before anything runs on it"
+echo "   from then on every connection proves membership before anything runs on it."
+echo "   B is a storage-only site (--no-data-key): it will hold replicas it cannot read"
 step "$H" network create --name demo-net --site hq
-TOKEN_B=$("$H" invite --site branch-1 --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
+TOKEN_B=$("$H" invite --site vault --no-data-key --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
 TOKEN_C=$("$H" invite --site branch-2 --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
 step "$H" --data-dir "$WORK/b" join "$TOKEN_B"
 step "$H" --data-dir "$WORK/c" join "$TOKEN_C"
@@ -112,6 +113,9 @@ wait_providers() {  # wait_providers DIR N: until DIR's node finds N holders of 
 }
 wait_providers "$WORK/b" 1
 step "$H" --data-dir "$WORK/b" fetch "$MID"
+step "$H" --data-dir "$WORK/b" backups
+echo "(B cannot read what it holds:)"
+"$H" --data-dir "$WORK/b" restore "$MID" "$WORK/restored-on-b.img" || true
 wait_providers "$WORK/c" 2
 "$H" --data-dir "$WORK/c" restore "$MID" "$WORK/restored-on-c.img" --json > "$WORK/c-restore.json"
 python3 - "$WORK/c-restore.json" <<'PY'
@@ -123,7 +127,7 @@ print(f"C restored {d['out']}: fetched {f['chunks_fetched']} chunks "
 for peer, n in sorted(f["bytes_by_peer"].items()):
     print(f"  {peer[:16]}  {n} bytes")
 PY
-cmp "$WORK/disk-day2.img" "$WORK/restored-on-c.img" && echo "C's restore is byte-identical to the day-2 disk"
+cmp "$WORK/disk-day2.img" "$WORK/restored-on-c.img" && echo "C's restore is byte-identical to the day-2 disk (B's sealed records checked under the key)"
 step "$H" --data-dir "$WORK/c" peers
 step "$H" --data-dir "$WORK/c" status
 

@@ -57,6 +57,7 @@ import trio
 
 from hypersdk.node.net.transport import TransportError
 from hypersdk.protocol.errors import RemoteProtocolError
+from hypersdk.protocol.exchange import CODEC_SEALED
 from hypersdk.protocol.possession import (
     MAX_SAMPLE,
     NONCE_LEN,
@@ -74,6 +75,7 @@ from hypersdk.protocol.possession import (
     check,
     encode_message,
     reference,
+    reference_sealed,
     sample,
 )
 
@@ -91,6 +93,8 @@ RATE = 64.0                 # chunk ids per second per peer (one full challenge 
 BURST = 8 * MAX_SAMPLE      # ids a peer may ask in a burst
 MAX_TRACKED = 4096          # peers with a token bucket
 DEFAULT_SAMPLE = 32
+RETRIEVE_MAX = 8            # sealed form: records fetched from a holder to judge its answers
+_NOT_THE_CHUNK = Precomputed(b"")   # no answer equals it (answers are 32 bytes)
 
 
 async def _close_quietly(stream) -> None:
@@ -224,10 +228,15 @@ class PossessionServer:
         b.tokens -= n_ids
         return None
 
+    async def _record(self, cid: bytes):
+        """The sealed record this node serves for cid (Challenge.sealed), or None."""
+        got = await self.source.get(cid)
+        return got[2] if got is not None and got[0] == CODEC_SEALED else None
+
     async def _prove(self, ch: Challenge) -> Proof:
         answers = []
         for cid in ch.ids:
-            plain = await self.source.read(cid)
+            plain = await (self._record(cid) if ch.sealed else self.source.read(cid))
             if plain is None:
                 answers.append(None)
                 self.counters["not held"] += 1
@@ -253,7 +262,7 @@ class ChallengeFailed(Exception):
 
 
 async def challenge(net, contact, manifest_id: bytes, ids, *, nonce: bytes | None = None,
-                    rng, timeout: float, rid: int | None = None) -> Proof:
+                    rng, timeout: float, rid: int | None = None, sealed: bool = False) -> Proof:
     """Send one Challenge for `ids` (1..MAX_SAMPLE distinct non-zero chunk ids) of
     `manifest_id` to `contact` (dht.contact.Contact: .id, .addr) over transport
     `net`, and return its Proof, already checked to answer this challenge
@@ -264,7 +273,8 @@ async def challenge(net, contact, manifest_id: bytes, ids, *, nonce: bytes | Non
     docstring); LocalProtocolError for bad arguments."""
     if nonce is None:
         nonce = os.urandom(NONCE_LEN)
-    ch = Challenge(rng.getrandbits(64) if rid is None else rid, manifest_id, nonce, tuple(ids))
+    ch = Challenge(rng.getrandbits(64) if rid is None else rid, manifest_id, nonce, tuple(ids),
+                   sealed)
     frame = encode_message(ch)
     dec = PossessionDecoder(RESPONSE_TAGS)
     try:
@@ -308,6 +318,7 @@ class HolderResult:
     wrong: int = 0
     not_held: int = 0
     unverifiable: int = 0
+    retrieved: int = 0                # sealed form: records fetched from the holder to judge
     reason: str = ""                  # why, when not "ok" ("" when ok)
     misbehaved: bool = False          # the holder broke the protocol (score it down)
     nonce: bytes = b""
@@ -321,6 +332,8 @@ class HolderResult:
         s = {"protocol": PROTOCOL_ID, "asked": self.asked, "proven": self.proven,
              "wrong": self.wrong, "not_held": self.not_held,
              "unverifiable": self.unverifiable}
+        if self.retrieved:
+            s["retrieved"] = self.retrieved
         if self.nonce:
             s["nonce"] = self.nonce.hex()
         if self.reason:
@@ -335,7 +348,7 @@ class HolderResult:
 async def prove_holder(net, contact, manifest_id: bytes, chunk_ids, reader, *,
                        sample_size: int = DEFAULT_SAMPLE, rng, timeout: float,
                        nonce: bytes | None = None, threaded: bool = False,
-                       key=None) -> HolderResult:
+                       key=None, sealed: bool = False, retrieve=None) -> HolderResult:
     """Challenge `contact` on a random sample of `chunk_ids` (the manifest's chunk
     list; duplicates and ZERO_ID are skipped) and judge its answers.
 
@@ -348,6 +361,13 @@ async def prove_holder(net, contact, manifest_id: bytes, chunk_ids, reader, *,
     what a store read already verified (a protocol.chunks.VerifiedChunk, as
     StoreSource.read does), or `key` (the DataKey) lets plain bytes be checked.
     threaded=True hashes the references in a worker thread (real nodes).
+    sealed=True (keyed ids; `key` required): the sealed form (protocol/possession.py):
+    reader(cid) returns a sealed record of the chunk (checked here with
+    reference_sealed), and an answer that matches no reference is judged against
+    the holder's own record: `retrieve(contact, cids)` -> {cid: record} fetches at
+    most RETRIEVE_MAX of them from the holder (the sample's order is random); a
+    mismatch it does not settle (beyond that, or not served) counts as unverifiable,
+    not wrong. retrieve None: no second look; the references are authoritative.
     Never raises for what the holder does (bugs and cancellation aside).
 
     Results: "ok" / "damaged" / "missing" / "failed" as protocol.possession.check;
@@ -364,23 +384,48 @@ async def prove_holder(net, contact, manifest_id: bytes, chunk_ids, reader, *,
         nonce = os.urandom(NONCE_LEN)
     try:
         proof = await challenge(net, contact, manifest_id, ids, nonce=nonce, rng=rng,
-                                timeout=timeout)
+                                timeout=timeout, sealed=sealed)
     except ChallengeFailed as exc:
         result = "failed" if exc.misbehaved else "unreachable"
         return HolderResult(contact.id, manifest_id, result, asked=len(ids), reason=exc.reason,
                             misbehaved=exc.misbehaved, nonce=nonce)
-    ch = Challenge(proof.rid, manifest_id, nonce, tuple(ids))
+    ch = Challenge(proof.rid, manifest_id, nonce, tuple(ids), sealed)
+    ref = reference_sealed if sealed else reference
     expected: dict[bytes, Precomputed | None] = {}
     for cid, got in zip(ch.ids, proof.answers):
         if got is None:
             continue                               # "not held" needs no reference
         plain = await reader(cid)
         if threaded and plain is not None:
-            expected[cid] = await trio.to_thread.run_sync(reference, cid, nonce, plain, key)
+            expected[cid] = await trio.to_thread.run_sync(ref, cid, nonce, plain, key)
         else:
-            expected[cid] = reference(cid, nonce, plain, key)
+            expected[cid] = ref(cid, nonce, plain, key)
         del plain
     r = check(ch, proof, expected)
+    retrieved = 0
+    if sealed and retrieve is not None and (r.wrong or r.unverifiable):
+        # another encoding of the chunk, or damage: judge the holder's own record
+        again = [c for c, got in zip(ch.ids, proof.answers) if got is not None
+                 and (expected.get(c) is None or expected[c].answer != got)]
+        for cid in again[RETRIEVE_MAX:]:
+            expected[cid] = None                   # beyond the second look: unverifiable
+        again = again[:RETRIEVE_MAX]
+        try:
+            with trio.fail_after(timeout):
+                records = await retrieve(contact, again)
+        except (TransportError, trio.TooSlowError):
+            records = {}
+        for cid in again:
+            rec = records.get(cid)
+            if rec is None:
+                expected[cid] = None               # unsettled: unverifiable, not wrong
+            else:
+                retrieved += 1
+                got = await trio.to_thread.run_sync(ref, cid, nonce, rec, key) \
+                    if threaded else ref(cid, nonce, rec, key)
+                # a record the holder serves that is not the chunk: its answer is wrong
+                expected[cid] = got if got is not None else _NOT_THE_CHUNK
+        r = check(ch, proof, expected)
     return HolderResult(contact.id, manifest_id, r.result, r.asked, r.proven, r.wrong,
-                        r.not_held, r.unverifiable, r.reason, False, nonce,
+                        r.not_held, r.unverifiable, retrieved, r.reason, False, nonce,
                         r.wrong_ids, r.missing_ids)

@@ -34,17 +34,20 @@ implementation can run its blocking SQLite / pack-file work in a thread):
 Implementations: StoreSource / StoreSink on node/store/store.py's ChunkStore and
 PackWriter, and MemorySource / MemorySink (dicts) for simnet tests of many nodes.
 
-Encryption at rest. StoreSource sends a sealed record with keyed ids whose payload
-is raw or zstd as stored (exchange.CODEC_SEALED: no decryption; only a holder of
-the key can ask for a keyed id), when its store holds the key; any other sealed
-record (a delta, plain ids) it opens and sends its payload codec and payload (a
-delta re-encoded), as it sends a plaintext record; manifests go out opened.
+Encryption at rest. A chunk with a keyed id only travels sealed (exchange.py
+CODEC_SEALED): StoreSource sends such a record whose payload is raw or zstd as
+stored (no decryption), this tenant's or one it keeps opaque for another; a
+keyed delta it decodes, re-encodes and seals again. Anything else it opens and
+sends as codec and payload: hash-list pieces and manifests (ids and sizes, which
+a storage-only holder needs and may see), and records with plain ids.
 StoreSink seals what it stores when its store has a data key: every chunk and
 hash-list piece (kind from the manifest begin() named, KEYED when the manifest's
 ids are) and the manifest. A CODEC_SEALED record (verified by the downloader with
 this key) of the kind it would seal is stored as received: sealing is
 deterministic, so it is the record sealing here would produce, and nobody
-decrypts and reseals on the way (protocol/exchange.py, CODEC_SEALED).
+decrypts and reseals on the way (protocol/exchange.py, CODEC_SEALED). A sink
+without the manifest's key keeps its records opaque (begin_opaque): the sealed
+chunks as received (packfile FOREIGN), the pieces sealed under its own key.
 
 threaded: real nodes run store work through trio.to_thread.run_sync so the
 event loop never blocks on SQLite or fdatasync; threaded=False calls it
@@ -86,6 +89,7 @@ import trio
 from hypersdk.node.config import DEFAULT_ZSTD_LEVEL
 from hypersdk.node.store import catalog, packfile
 from hypersdk.node.store.sealed import DataKeyNotHeld, seal_payload
+from hypersdk.protocol import sealing
 from hypersdk.protocol.chunks import ZERO_ID, VerifiedChunk, chunk_id
 from hypersdk.protocol.errors import IntegrityError
 from hypersdk.protocol.exchange import CODEC_RAW, CODEC_SEALED, CODEC_ZSTD, data_from_plain
@@ -187,12 +191,15 @@ class StoreSource:
         self.served_cached = 0
         self.served_sealed = 0            # records sent as stored, CODEC_SEALED
 
-    def _as_sealed(self, codec: int) -> bool:
+    @staticmethod
+    def _as_sealed(codec: int, stored) -> bool:
         """Whether a record of pack codec `codec` goes out as stored (CODEC_SEALED):
-        sealed, keyed ids, raw or zstd inside, and this store holds the key."""
+        a sealed chunk with a keyed id, raw or zstd inside, this tenant's or (opaque
+        here) another's. A sealed hash-list piece goes out opened (its keyed ids are
+        no secret, and a holder without the key needs them: protocol/exchange.py)."""
         return (codec & (packfile.SEALED | packfile.KEYED) == packfile.SEALED | packfile.KEYED
                 and packfile.inner(codec) in (packfile.CODEC_RAW, packfile.CODEC_ZSTD)
-                and self.store.key is not None)
+                and sealing.peek_kind(stored) == KIND_CHUNK)
 
     async def manifest(self, mid: bytes) -> bytes | None:
         return await _run(self.threaded, _served_manifest, self.store, mid)
@@ -223,9 +230,11 @@ class StoreSource:
         got = packfile.read_record_cached(fd, offset, cid, stored_len)
         if got is None or got[0] != codec or got[1] != raw_len:
             return None
-        if self._as_sealed(codec):
+        if self._as_sealed(codec, got[2]):
             self.served_sealed += 1
             got = (CODEC_SEALED, raw_len, got[2])
+        elif packfile.is_opaque(codec):
+            return None
         elif packfile.is_sealed(codec):     # opened here: AES-GCM, ~0.1 ms per MiB
             try:
                 inner, payload = self.store.open_stored(cid, codec, raw_len, got[2])
@@ -242,11 +251,17 @@ class StoreSource:
         try:
             if packfile.inner(loc[4]) == packfile.CODEC_ZSTD_DELTA:
                 d = data_from_plain(0, cid, self.store.read(cid, loc), self.level)
+                if packfile.is_keyed(loc[4]):     # a keyed chunk only travels sealed
+                    self.served_sealed += 1
+                    return CODEC_SEALED, d.raw_len, sealing.seal(
+                        self.store.key, KIND_CHUNK, cid, d.codec, d.raw_len, d.payload)
                 return d.codec, d.raw_len, d.payload
             codec, raw_len, stored = self.store.read_stored(cid, loc)
-            if self._as_sealed(codec):
+            if self._as_sealed(codec, stored):
                 self.served_sealed += 1
                 return CODEC_SEALED, raw_len, stored      # as stored: no decryption
+            if packfile.is_opaque(codec):
+                return None                   # not a chunk record: damaged here
             codec, stored = self.store.open_stored(cid, codec, raw_len, stored)
         except (IntegrityError, DataKeyNotHeld):
             return None                   # damaged (or sealed, no key) here: say Missing
@@ -305,6 +320,7 @@ class StoreSink:
         self.bytes_stored = 0
         self._seal = None                 # the store's data key: records are sealed with it
         self._keyed = False               # the manifest begin() named has keyed ids
+        self._foreign = False             # ... keyed with a key this node lacks (opaque)
         self._lists: frozenset = frozenset()   # its hash-list ids
 
     def _open(self):
@@ -373,6 +389,21 @@ class StoreSink:
         protocol.ids.DataKeyMissing; what is put next belongs to m."""
         return await _run(self.threaded, self._begin, m)
 
+    async def begin_opaque(self, m) -> None:
+        """What is put next belongs to m, whose ids are keyed with a data key this
+        node does not hold: it keeps m's records for that key's holders (a
+        storage-only member's replica). Chunks come as the tenant's sealed records
+        and are stored as received (packfile FOREIGN | SEALED | KEYED: opaque here);
+        hash-list pieces come opened and are stored FOREIGN (their ids cannot be
+        checked here), sealed under this store's own key (DataKeyNotHeld when this
+        node has none: then it keeps nothing of the backup)."""
+        await trio.lowlevel.checkpoint()
+        if self._seal is None:
+            raise DataKeyNotHeld(f"this backup is encrypted with data key {m.key.hex()[:16]} "
+                                 "and this node has no data key at all, so it cannot keep "
+                                 "even the backup's metadata sealed: join a network first")
+        self._keyed, self._foreign, self._lists = False, True, frozenset(m.lists)
+
     def _read(self, cid: bytes):
         w = self._writer
         if w is not None and (cid in w.pending or cid in w.committing):
@@ -399,6 +430,8 @@ class StoreSink:
 
     def _put(self, cid: bytes, plain, wire):
         w = self._need_writer()
+        if self._foreign:
+            return self._put_foreign(w, cid, plain, wire)
         if wire is not None and wire[0] == CODEC_SEALED:
             if self._put_sealed(w, cid, wire):
                 return
@@ -433,6 +466,22 @@ class StoreSink:
         flags = packfile.SEALED | (packfile.KEYED if self._keyed else 0) | h.codec
         self._count(w, w.put(cid, raw_len, flags, record))
         return True
+
+    def _put_foreign(self, w, cid: bytes, plain, wire) -> None:
+        """put() of a record of an opaque backup (begin_opaque): the downloader
+        checked what it could (protocol.exchange.check_opaque, open_piece_unchecked)."""
+        codec, raw_len, data = wire
+        if cid not in self._lists:
+            if codec != CODEC_SEALED:
+                raise ValueError("an opaque backup's chunk must come sealed")
+            flags = packfile.FOREIGN | packfile.SEALED | packfile.KEYED | peek_header(data).codec
+        elif codec not in (CODEC_RAW, CODEC_ZSTD):
+            raise ValueError("an opaque backup's hash-list piece must come opened")
+        else:                             # sealed with this store's own key (begin_opaque)
+            flags, data = seal_payload(self._seal, KIND_HASHLIST, cid, codec, raw_len, data,
+                                       False)
+            flags |= packfile.FOREIGN
+        self._count(w, w.put(cid, raw_len, flags, data))
 
     def _unseal(self, cid: bytes, wire):
         """(inner codec, raw_len, payload) of a verified CODEC_SEALED wire record."""

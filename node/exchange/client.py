@@ -37,6 +37,7 @@ RemoteProtocolError; either closes the session and fails every waiter.
 from __future__ import annotations
 
 import itertools
+import logging
 from collections import deque
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -58,6 +59,8 @@ from hypersdk.protocol.exchange import (
     Missing,
 )
 from hypersdk.protocol.exchange_framing import ExchangeDecoder, encode_message
+
+log = logging.getLogger(__name__)
 
 RECV_MAX = 4 << 20
 
@@ -319,4 +322,27 @@ async def open_session(transport, contact, *, events=None, fast=None):
             nursery.cancel_scope.cancel()
 
 
-__all__ = ["ExchangeSession", "open_session", "ChunkData", "ChunkMissing", "SessionFailed"]
+async def get_some(transport, contact, cids) -> dict:
+    """{cid: Data} of what `contact` sends for one Get of `cids` (1..MAX_GET_IDS
+    distinct ids): the chunks it holds, unverified (the caller checks them). A
+    failure (unreachable, a broken session) ends it with what arrived so far; the
+    caller bounds the time (trio.fail_after)."""
+    out: dict = {}
+    send, recv = trio.open_memory_channel(len(cids))
+    try:
+        async with open_session(transport, contact, events=send) as s:
+            await s.get(list(cids))
+            for _ in cids:
+                ev = await recv.receive()
+                if type(ev) is ChunkData:
+                    out[ev.data.id] = ev.data
+                elif type(ev) is not ChunkMissing:
+                    break
+    except (TransportError, RemoteProtocolError, trio.BrokenResourceError,
+            trio.ClosedResourceError, OSError) as exc:
+        log.info("chunks from %s: %s", contact.id.hex()[:12], exc)
+    return out
+
+
+__all__ = ["ExchangeSession", "open_session", "get_some", "ChunkData", "ChunkMissing",
+           "SessionFailed"]

@@ -85,7 +85,14 @@ from hypersdk.node.exchange.swarm_plan import SwarmPlan, Tunables
 from hypersdk.node.net.transport import TransportError
 from hypersdk.protocol.chunks import ID_LEN, ZERO_ID
 from hypersdk.protocol.errors import ChunkHashMismatch, RemoteProtocolError
-from hypersdk.protocol.exchange import CODEC_RAW, MAX_HAVE, open_data_into, open_manifest
+from hypersdk.protocol.exchange import (
+    CODEC_RAW,
+    MAX_HAVE,
+    check_opaque,
+    open_data_into,
+    open_manifest,
+    open_piece_unchecked,
+)
 from hypersdk.protocol.ids import DataKeyMissing, scheme_key
 from hypersdk.protocol.manifest import Manifest, decode_manifest, split_list
 
@@ -107,7 +114,26 @@ def _scratch(n: int) -> mmap.mmap:
     return buf
 
 
-def _open_batch(msgs, writes, tee, keep: bool, order=None, out=None, key=None) -> list:
+_OPAQUE_LIST = "opaque hash list"       # `key` of _open_batch for an opaque backup (below)
+_OPAQUE_CHUNK = "opaque chunk"
+
+
+def _open_opaque(msg, phase: str, sizes: dict):
+    """A Data message of an opaque backup (Downloader opaque_ok): what a holder
+    without the key can check: the length the manifest gives its position, then
+    a sealed chunk record's header (check_opaque) or a hash-list piece's decoding
+    (open_piece_unchecked: its plaintext); RemoteProtocolError otherwise."""
+    if msg.raw_len != sizes.get(msg.id):
+        raise RemoteProtocolError(f"chunk {msg.id.hex()[:16]} of {msg.raw_len} bytes, its "
+                                  f"manifest says {sizes.get(msg.id)}")
+    if phase == _OPAQUE_CHUNK:
+        check_opaque(msg)
+        return True
+    return bytes(open_piece_unchecked(msg))
+
+
+def _open_batch(msgs, writes, tee, keep: bool, order=None, out=None, key=None,
+                sizes=None) -> list:
     """Verify Data messages in this thread: out[i] becomes the
     ChunkHashMismatch / RemoteProtocolError open_data_into raised for msgs[i],
     else its plaintext bytes (keep) or True. writes[i]: msgs[i] is a new chunk
@@ -116,12 +142,19 @@ def _open_batch(msgs, writes, tee, keep: bool, order=None, out=None, key=None) -
     (or, for a tee without a pool, written with tee.write_many).
     order: an iterator of indices shared by the threads verifying one batch (each
     takes the next index when it is free, so they finish together); default all.
-    key: the DataKey of keyed ids (protocol/ids.py), None for plain BLAKE3."""
+    key: the DataKey of keyed ids (protocol/ids.py), None for plain BLAKE3, or
+    _OPAQUE_LIST / _OPAQUE_CHUNK for an opaque backup (_open_opaque, with `sizes`)."""
     if out is None:
         out = [None] * len(msgs)
     pooled = hasattr(tee, "submit")
     for i in (range(len(msgs)) if order is None else order):
         msg, write = msgs[i], writes[i]
+        if type(key) is str:
+            try:
+                out[i] = _open_opaque(msg, key, sizes)
+            except RemoteProtocolError as exc:
+                out[i] = exc
+            continue
         raw = msg.codec == CODEC_RAW
         own = None                        # a tee pool buffer this message holds
         if write and pooled and msg.raw_len <= tee.chunk_size:
@@ -194,6 +227,7 @@ class DownloadResult:
     chunk_seconds: float = 0.0    # of which the chunk phase
     rate_by_peer: dict = field(default_factory=dict)   # bytes/s each peer delivered at
     slow_peers: list = field(default_factory=list)     # peers slow at the end (held at 1)
+    opaque: bool = False          # kept for the holders of a data key this node lacks
 
 
 @dataclass(frozen=True)
@@ -209,7 +243,7 @@ class Downloader:
                  tunables: Tunables = Tunables(), stall_timeout: float = 60.0,
                  scores=None, max_providers: int = 32, open_timeout: float = 10.0,
                  request_timeout: float = 30.0, verify_in_thread: bool = False,
-                 fast=None, tee=None):
+                 fast=None, tee=None, opaque_ok: bool = False):
         self.transport = transport
         # tee: gets every position's chunk id (tee.begin(manifest, ids)) and, right
         # after its check (in a worker thread when verify_in_thread), the verified
@@ -220,6 +254,12 @@ class Downloader:
         # the chunk phase waits for the queued writes and raises a write error.
         # StagedImage writes the image while it downloads.
         self.tee = tee
+        # opaque_ok: a manifest keyed with a data key this node lacks is still fetched,
+        # as records kept for that key's holders (sink.begin_opaque; a fetch by a
+        # storage-only member), instead of failing; never with a tee (nothing here can
+        # read such a backup)
+        self.opaque_ok = opaque_ok and tee is None
+        self._opaque = False
         self.fast = fast                  # node.net.fast_channel.FastDialer, or None
         self.verify_in_thread = verify_in_thread
         self.sink = sink
@@ -258,7 +298,7 @@ class Downloader:
                     await self._open_sessions(nursery, contacts, send)
                     data, m = await self._manifest(manifest_id)
                     self._key = await self._id_key(manifest_id, m)
-                    res = DownloadResult(manifest_id, m)
+                    res = DownloadResult(manifest_id, m, opaque=self._opaque)
                     ids = await self._chunk_ids(manifest_id, m, recv, res)
                     t1 = trio.current_time()
                     await self._chunks(manifest_id, m, ids, recv, res)
@@ -333,10 +373,16 @@ class Downloader:
         (sink.begin(m), which also learns which ids are hash lists); a manifest keyed
         with a key this node lacks ends the download here, before any chunk is asked."""
         begin = getattr(self.sink, "begin", None)
+        self._opaque = False
         try:
             return await begin(m) if begin is not None else scheme_key(m.key, None)
         except DataKeyMissing as exc:
-            raise DownloadError(str(exc), manifest_id=mid) from None
+            opaque = getattr(self.sink, "begin_opaque", None)
+            if not self.opaque_ok or opaque is None:
+                raise DownloadError(str(exc), manifest_id=mid) from None
+        await opaque(m)
+        self._opaque = True
+        return None
 
     async def _manifest(self, mid: bytes) -> tuple[bytes, Manifest]:
         data = await self.sink.manifest(mid)
@@ -463,6 +509,8 @@ class Downloader:
         keep_plain = getattr(self.sink, "needs_plain", True) or on_chunk is not None
         tee = self.tee if phase == "chunks" else None
         key = self._key
+        if self._opaque:
+            key = _OPAQUE_CHUNK if phase == "chunks" else _OPAQUE_LIST
         done: set[bytes] = set()
         needed_bytes = sum(sizes[c] for c in need)
         done_bytes = wire_bytes = 0
@@ -504,7 +552,8 @@ class Downloader:
                     async def one():
                         try:
                             await trio.to_thread.run_sync(
-                                _open_batch, msgs, writes, tee, keep_plain, order, out, key)
+                                _open_batch, msgs, writes, tee, keep_plain, order, out, key,
+                                sizes)
                         except Exception as exc:    # raised below as itself
                             errors.append(exc)
 
@@ -515,9 +564,9 @@ class Downloader:
                         raise errors[0]
                 elif self.verify_in_thread:
                     out = await trio.to_thread.run_sync(
-                        _open_batch, msgs, writes, tee, keep_plain, None, None, key)
+                        _open_batch, msgs, writes, tee, keep_plain, None, None, key, sizes)
                 else:
-                    out = _open_batch(msgs, writes, tee, keep_plain, key=key)
+                    out = _open_batch(msgs, writes, tee, keep_plain, key=key, sizes=sizes)
                 results = dict(zip(datas, out))
             puts: list = []
             progressed = False

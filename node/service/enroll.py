@@ -20,6 +20,7 @@ import time
 import trio
 
 from hypersdk.dht.keys import node_id
+from hypersdk.node.audit.intents import crash_point
 from hypersdk.node.errors import UsageError, UserError
 from hypersdk.node.net import datakey, membership
 from hypersdk.node.net.gate import MembershipRefused
@@ -109,15 +110,20 @@ class Enrollment:
                 continue
             finally:
                 d.gate.joins.pop(inviter, None)
-            net = await trio.to_thread.run_sync(
-                lambda: membership.enroll(d.data_dir, token, answer, d.identity,
-                                          now=time.time_ns()))
+            # the data key first, then the certificate: a node killed in between holds
+            # the key and is not a member yet (a new invitation completes the join,
+            # and the same key installs again); the other order left a member without
+            # a key, whose next backups would not be sealed
             shared = answer.data_key is not None
             if shared:
                 dk = await trio.to_thread.run_sync(datakey.install, d.data_dir, answer.data_key)
             else:       # a tenant of its own: its own backups are sealed with its own key
                 dk = (await trio.to_thread.run_sync(datakey.load, d.data_dir)
                       or await trio.to_thread.run_sync(datakey.create, d.data_dir))
+            crash_point("join-key-installed")
+            net = await trio.to_thread.run_sync(
+                lambda: membership.enroll(d.data_dir, token, answer, d.identity,
+                                          now=time.time_ns()))
             d.saved.add(addr)
             # now a member: the joining connection goes (a new network epoch), and the
             # node joins the DHT through the inviter with its certificate

@@ -19,7 +19,11 @@ verify --network (a control command; it needs the running node):
    (node/audit/possession.py: a fresh nonce, a random sample of the manifest's
    chunks, BLAKE3(nonce || chunk) per chunk) and the answers are checked
    against chunks this node holds or fetches (each fetched chunk verified
-   against its id first).
+   against its id first). A backup with keyed ids is challenged in the sealed
+   form (BLAKE3(nonce || sealed record)), which storage-only holders answer
+   too: the references are sealed records this node serves or fetches, opened
+   and checked under the key; an answer no reference matches is judged against
+   the holder's own record, fetched from it (at most 8 per holder).
 5. One `verify` entry per holder is appended to our log and gossiped.
 Exit 0 when the entry checks out, the manifest matches and every holder
 proved possession; 3 otherwise.
@@ -157,7 +161,10 @@ class AuditNet:
         holders = await self._holders(mid, providers, entry)
         results = []
         if ids is not None:
-            reader = self._reader(providers, cache, key)
+            # keyed ids: the sealed form, which holders without the key answer too
+            sealed = key is not None
+            reader = self._sealed_reader(providers) if sealed else \
+                self._reader(providers, cache, key)
 
             async def one(contact):
                 from hypersdk.node.audit.possession import prove_holder
@@ -165,7 +172,8 @@ class AuditNet:
                     return
                 r = await prove_holder(d.net, contact, mid, ids, reader, sample_size=SAMPLE,
                                        rng=random.SystemRandom(), timeout=CHALLENGE_TIMEOUT,
-                                       threaded=True, key=key)
+                                       threaded=True, key=key, sealed=sealed,
+                                       retrieve=self._records_of if sealed else None)
                 results.append(r)
                 if r.misbehaved:
                     d.dht.penalize(contact.id, "malformed", trio.current_time())
@@ -285,20 +293,44 @@ class AuditNet:
         return read
 
     async def _fetch_chunk(self, cid, providers, key=None):
-        from hypersdk.node.exchange.client import ChunkData, open_session
         from hypersdk.protocol.exchange import open_data
         for c in providers:
-            send, recv = trio.open_memory_channel(4)
-            try:
-                with trio.fail_after(FETCH_TIMEOUT):
-                    async with open_session(self.d.net, c, events=send) as s:
-                        await s.get([cid])
-                        ev = await recv.receive()
-                if type(ev) is ChunkData:
-                    return open_data(ev.data, key)  # (keyed) BLAKE3 checked against cid
-            except Exception as exc:
-                log.info("chunk from %s: %s", c.id.hex()[:12], exc)
+            msg = (await self._get_from(c, [cid])).get(cid)
+            if msg is not None:
+                try:
+                    return open_data(msg, key)  # (keyed) BLAKE3 checked against cid
+                except ProtocolError as exc:
+                    log.info("chunk from %s: %s", c.id.hex()[:12], exc)
         return None
+
+    async def _get_from(self, contact, cids) -> dict:
+        """{cid: Data} of the chunks `contact` sends for one Get of `cids`."""
+        from hypersdk.node.exchange.client import get_some
+        with trio.move_on_after(FETCH_TIMEOUT):
+            return await get_some(self.d.net, contact, cids)
+        return {}
+
+    def _sealed_reader(self, providers):
+        """async reader(cid) -> a sealed record of the chunk (possession's sealed
+        form): the one this node serves, else a provider's (checked by the caller)."""
+        from hypersdk.protocol.exchange import CODEC_SEALED
+
+        async def read(cid: bytes):
+            got = await self.source.get(cid)
+            if got is not None and got[0] == CODEC_SEALED:
+                return bytes(got[2])
+            for c in providers:
+                msg = (await self._get_from(c, [cid])).get(cid)
+                if msg is not None and msg.codec == CODEC_SEALED:
+                    return msg.payload
+            return None
+        return read
+
+    async def _records_of(self, contact, cids) -> dict:
+        """{cid: sealed record} that holder `contact` serves (prove_holder's retrieve)."""
+        from hypersdk.protocol.exchange import CODEC_SEALED
+        got = await self._get_from(contact, cids)
+        return {c: m.payload for c, m in got.items() if m.codec == CODEC_SEALED}
 
     async def _holders(self, mid, providers, entry) -> dict[bytes, Contact | None]:
         """node id -> contact (None: no address known) of every holder to challenge."""

@@ -145,7 +145,8 @@ def _op_backups(store, a, ui):
         when = datetime.datetime.fromtimestamp(b.created / 1e9, datetime.timezone.utc)
         lines.append(f"{b.ref:<28} {b.manifest_id.hex()[:16]:<16} {human(b.size):>10} "
                      f"{human(b.stats.get('new_bytes_stored', 0)):>10}  "
-                     f"{when:%Y-%m-%d %H:%M:%S}")
+                     f"{when:%Y-%m-%d %H:%M:%S}"
+                     + ("  (held sealed for others)" if b.stats.get("opaque") else ""))
     return [b.to_json() for b in rows], "\n".join(lines) if rows else "no backups yet", 0
 
 

@@ -22,6 +22,11 @@ its bootstrap ended) and after a `join`; the republish loop keeps them alive. A 
 backup announces and
 serves it like its own (edge caching).
 
+A storage-only member (no data key of the backup's tenant) fetches a keyed backup
+as its sealed records, kept for the key's holders ("opaque": Downloader opaque_ok,
+StoreSink.begin_opaque): it serves them and answers possession challenges over
+them, and cannot read them; a restore there refuses with one line.
+
 A fetched backup is recorded in the catalog (node/store/catalog.py) as the next
 version of its manifest's name, with stats {"replica": true, ...}, so that
 `backups` lists it, gc keeps its chunks and `restore NAME` finds it; a
@@ -104,7 +109,7 @@ def held_completely(store, mid: bytes) -> bool:
 
 def announce_keys(store, mid: bytes) -> list[bytes]:
     """The manifest id, its hash-list pieces and its distinct non-zero chunk ids."""
-    m = catalog.load_manifest(store, mid)
+    m = catalog.load_manifest(store, mid, opaque_ok=True)
     keys = {mid}
     keys.update(lid for lid in m.lists if lid != ZERO_ID)
     keys.update(cid for _, cid in catalog.iter_chunk_ids(store, m) if cid != ZERO_ID)
@@ -117,11 +122,13 @@ def record_replica(store, mid: bytes, result) -> bool:
     with store.write_lock():
         if db.execute("SELECT 1 FROM backups WHERE manifest=?", (mid,)).fetchone():
             return False
-        m = catalog.load_manifest(store, mid)
+        m = catalog.load_manifest(store, mid, opaque_ok=True)
         stats = {"replica": True, "chunks": m.n_chunks,
                  "zero_chunks": m.n_chunks - result.chunks_total,
                  "fetched_chunks": result.chunks_fetched,
                  "fetched_bytes": result.bytes_fetched, "new_bytes_stored": 0}
+        if getattr(result, "opaque", False):      # held for the holders of m.key
+            stats["opaque"] = True
         with db:
             catalog.add_backup(db, m, stats, store.key)   # sealed, if this node seals
             # the `replica` entry is owed in the same commit (holder None: this node)
@@ -272,9 +279,12 @@ class Replication:
                                   admit=gate.is_member if gate else None)
                 async with StoreSink(store, threaded=True, batch_bytes=fetch_commit_bytes(),
                                      commit_seconds=FETCH_COMMIT_SECONDS) as sink:
+                    # a fetch (not a restore) of a backup keyed with a data key this
+                    # node lacks keeps its sealed records for the key's holders
                     dl = Downloader(self.d.net, sink, peers=providers, rng=self.d.rng,
                                     progress=progress, scores=self.d.dht.scores,
-                                    verify_in_thread=True, fast=fast, tee=staged)
+                                    verify_in_thread=True, fast=fast, tee=staged,
+                                    opaque_ok=out is None)
                     self.d.transport.on_cut.append(fast.cut)
                     try:
                         result = await dl.download(mid)
@@ -300,7 +310,10 @@ class Replication:
                    slow_peers=[p.hex() for p in result.slow_peers],
                    banned=[p.hex() for p in result.banned],
                    failed_peers=[p.hex() for p in result.failed_peers],
-                   seconds=round(result.seconds, 3), announced_keys=keys)
+                   seconds=round(result.seconds, 3), announced_keys=keys,
+                   opaque=result.opaque)
+        if result.opaque:
+            doc["data_key"] = result.manifest.key.hex()
         return doc
 
 
@@ -314,6 +327,9 @@ def fetch_text(doc: dict) -> str:
              f"bytes by peer  {peers or '-'}"]
     if doc["banned"]:
         lines.append(f"banned         {', '.join(p[:12] for p in doc['banned'])}")
+    if doc.get("opaque"):
+        lines.append(f"held sealed    for the holders of data key {doc['data_key'][:16]}; "
+                     "this node cannot read it")
     return "\n".join(lines)
 
 

@@ -152,14 +152,17 @@ def manifest_body(store, manifest_id: bytes) -> bytes | None:
     return bytes(opened.payload)
 
 
-def load_manifest(store, manifest_id: bytes) -> Manifest:
+def load_manifest(store, manifest_id: bytes, *, opaque_ok: bool = False) -> Manifest:
     """The decoded manifest. UserError when it is not held, or when it (or its ids)
-    needs a data key this node does not have (DataKeyNotHeld)."""
+    needs a data key this node does not have (DataKeyNotHeld). opaque_ok: ids keyed
+    with another tenant's key are fine (a storage-only holder's replica, for callers
+    that use only its structure: ids and sizes, never a chunk's content)."""
     body = manifest_body(store, manifest_id)
     if body is None:
         raise UserError(f"manifest {manifest_id.hex()} is not in the store")
     m = decode_manifest(body)
-    store.key_for(m.key)              # ids keyed with a key not held here: say so now
+    if not opaque_ok:
+        store.key_for(m.key)          # ids keyed with a key not held here: say so now
     return m
 
 

@@ -37,7 +37,7 @@ def _mark(store) -> None:
     db.execute("CREATE TEMP TABLE live(id BLOB PRIMARY KEY) WITHOUT ROWID")
     for (mid,) in db.execute("SELECT id FROM manifests").fetchall():
         try:
-            m = catalog.load_manifest(store, bytes(mid))
+            m = catalog.load_manifest(store, bytes(mid), opaque_ok=True)
             for li, lid in enumerate(m.lists):
                 if lid == ZERO_ID:
                     continue

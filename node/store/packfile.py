@@ -7,6 +7,14 @@ Record = 45-byte header + stored bytes:
                            (protocol/sealing.py) whose payload is that codec's output
                          | KEYED (0x20, only with SEALED): the id is keyed under the
                            store's data key (protocol/ids.py), else plain BLAKE3
+                         | FOREIGN (0x10): the id is keyed under another tenant's data
+                           key, which this node does not hold (a storage-only
+                           holder's replica): nobody here can check it. With
+                           SEALED | KEYED the record is that tenant's sealed
+                           record, stored and served as received (opaque here;
+                           raw or zstd inside); without KEYED it is a hash-list
+                           piece a key holder sent opened (keyed ids are no
+                           secret), sealed under this store's own key (SEALED)
     id     32 bytes      the chunk id (of the plaintext, in the scheme the codec says)
     raw    u32 LE        plaintext length
     stored u32 LE        length of the bytes that follow
@@ -39,8 +47,11 @@ INNER_CODECS = (CODEC_RAW, CODEC_ZSTD, CODEC_ZSTD_DELTA)
 SEALED = 0x40
 KEYED = 0x20
 INNER = 0x0F
+FOREIGN = 0x10
+_WHOLE = (CODEC_RAW, CODEC_ZSTD)
 CODECS = frozenset(INNER_CODECS) | {SEALED | c for c in INNER_CODECS} | {
-    SEALED | KEYED | c for c in INNER_CODECS}
+    SEALED | KEYED | c for c in INNER_CODECS} | {
+    f | c for f in (FOREIGN | SEALED, FOREIGN | SEALED | KEYED) for c in _WHOLE}
 
 
 def inner(codec: int) -> int:
@@ -54,6 +65,15 @@ def is_sealed(codec: int) -> bool:
 
 def is_keyed(codec: int) -> bool:
     return bool(codec & KEYED)
+
+
+def is_foreign(codec: int) -> bool:
+    return bool(codec & FOREIGN)
+
+
+def is_opaque(codec: int) -> bool:
+    """Another tenant's sealed record: it cannot be opened here."""
+    return codec & (FOREIGN | SEALED | KEYED) == FOREIGN | SEALED | KEYED
 PACK_MAX = 512 << 20          # a pack is closed once it passes this size
 
 

@@ -31,6 +31,7 @@ from hypersdk.node.errors import UserError
 from hypersdk.node.files import flock, private_db, private_dir
 from hypersdk.node.net import datakey
 from hypersdk.node.store import delta, intents, packfile, sealed
+from hypersdk.protocol import sealing
 from hypersdk.protocol.errors import ChunkCorrupt, ChunkHashMismatch, ChunkMissing
 from hypersdk.protocol.ids import id_of
 
@@ -86,10 +87,11 @@ def _disk_full(path: Path) -> bool:
 
 
 def decode_chunk(cid: bytes, codec: int, raw_len: int, stored, where: str = "",
-                 base_plain: bytes | None = None, key=None) -> bytes:
+                 base_plain: bytes | None = None, key=None, check: bool = True) -> bytes:
     """Plaintext of a stored record's payload (codec: raw, zstd or zstd delta),
     verified against its id: keyed under `key`, plain BLAKE3 if None (a delta
-    record needs its base's plaintext)."""
+    record needs its base's plaintext); check=False: not against the id (a FOREIGN
+    hash-list piece, whose id is keyed under a key this node does not hold)."""
     if codec == packfile.CODEC_ZSTD:
         try:
             data = _zstd_d().decompress(stored, max_output_size=raw_len)
@@ -104,6 +106,8 @@ def decode_chunk(cid: bytes, codec: int, raw_len: int, stored, where: str = "",
         data = bytes(stored)
     if len(data) != raw_len:
         raise ChunkCorrupt(cid, f"decodes to {len(data)} bytes, index says {raw_len}", where)
+    if not check:
+        return data
     actual = id_of(key, data)
     if actual != cid:
         raise ChunkHashMismatch(cid, actual, where)
@@ -294,6 +298,10 @@ class ChunkStore:
         if loc is None:
             raise ChunkMissing(cid)
         where = f"{packfile.pack_name(loc[0])} offset {loc[1]}"
+        if packfile.is_opaque(loc[4]):
+            raise sealed.DataKeyNotHeld(
+                f"chunk {cid.hex()[:16]} is another tenant's sealed record: this node holds "
+                "it for them and cannot read it (it has not their data key)")
         flags, raw_len, stored = self.read_stored(cid, loc)
         # decoded before read returns: a reused buffer per depth (a delta reads its base
         # into the other one while its own payload waits)
@@ -308,7 +316,28 @@ class ChunkStore:
             except (ChunkCorrupt, ChunkMissing) as exc:
                 raise ChunkCorrupt(cid, f"its delta base is unreadable: {exc}", where) from None
         return decode_chunk(cid, codec, raw_len, stored, where, base_plain,
-                            self.key if flags & packfile.KEYED else None)
+                            self.key if flags & packfile.KEYED else None,
+                            check=not flags & packfile.FOREIGN)
+
+    def check_opaque(self, cid: bytes, loc=None) -> int:
+        """What a holder without the key can check of another tenant's sealed
+        record (packfile.is_opaque): it reads back whole, and its sealed header
+        claims a chunk of the index's codec and length. Returns the bytes read;
+        ChunkCorrupt otherwise. Its content is proven to its owner by possession
+        challenges over the sealed record (protocol/possession.py)."""
+        loc = loc or self.location(cid)
+        if loc is None:
+            raise ChunkMissing(cid)
+        where = f"{packfile.pack_name(loc[0])} offset {loc[1]}"
+        codec, raw_len, stored = self.read_stored(cid, loc)
+        try:
+            h = sealing.peek_header(stored)
+        except sealing.SealError as exc:
+            raise ChunkCorrupt(cid, f"sealed record is malformed: {exc.reason}", where) from None
+        if (h.kind != sealing.KIND_CHUNK or h.codec != packfile.inner(codec)
+                or h.raw_len != raw_len):
+            raise ChunkCorrupt(cid, "sealed record header does not match the index", where)
+        return len(stored)
 
     def stats(self) -> dict:
         db = self.db

@@ -14,8 +14,10 @@ from hypersdk.protocol.exchange import (
     Data,
     SealedDataError,
     SealedDataKeyMissing,
+    check_opaque,
     open_data,
     open_data_into,
+    open_piece_unchecked,
     zstd_bound,
 )
 from hypersdk.protocol.exchange_framing import HEADER, decode_frame, encode_message
@@ -144,3 +146,39 @@ def test_sealed_size_bounds_on_the_wire():
             decode_frame(len(doc).to_bytes(HEADER, "big") + doc + bytes(size))
     from hypersdk.protocol.chunks import MAX_CHUNK
     assert zstd_bound(MAX_CHUNK) + RECORD_OVERHEAD == MAX_SEALED_PAYLOAD
+
+
+@pytest.mark.parametrize("inner", [CODEC_RAW, CODEC_ZSTD])
+def test_what_a_holder_without_the_key_checks(inner):
+    """check_opaque: a sealed chunk record whose header agrees with the message, and
+    nothing else is accepted (a plaintext chunk, a hash list or a manifest record, a
+    header that lies); its content is not checked (nobody without the key can)."""
+    cid = keyed_id(K, PLAIN)
+    rec = bytes(seal(K, KIND_CHUNK, cid, inner, len(PLAIN), payload_of(PLAIN, inner)))
+    check_opaque(Data(1, cid, CODEC_SEALED, len(PLAIN), rec))
+    bad = bytearray(rec)
+    bad[-1] ^= 1
+    check_opaque(Data(1, cid, CODEC_SEALED, len(PLAIN), bytes(bad)))     # unknowable here
+    for msg in (Data(1, cid, CODEC_RAW, len(PLAIN), PLAIN),
+                Data(1, cid, CODEC_ZSTD, len(PLAIN), payload_of(PLAIN, CODEC_ZSTD)),
+                Data(1, cid, CODEC_SEALED, len(PLAIN), bytes(seal(
+                    K, KIND_HASHLIST, cid, inner, len(PLAIN), payload_of(PLAIN, inner)))),
+                Data(1, cid, CODEC_SEALED, len(PLAIN) - 1, rec)):       # raw_len lies
+        with pytest.raises(SealedDataError):
+            check_opaque(msg)
+    with pytest.raises(SealedDataError):
+        check_opaque(Data(1, cid, CODEC_SEALED, len(PLAIN), bytes(seal(
+            K, KIND_MANIFEST, cid, inner, len(PLAIN), payload_of(PLAIN, inner)))))
+
+
+def test_a_piece_for_a_holder_without_the_key_is_decoded_not_checked():
+    piece = bytes(range(256)) * 4
+    pid = keyed_id(K, piece)
+    assert open_piece_unchecked(Data(1, pid, CODEC_RAW, len(piece), piece)) == piece
+    z = payload_of(piece, CODEC_ZSTD)
+    assert open_piece_unchecked(Data(1, pid, CODEC_ZSTD, len(piece), z)) == piece
+    with pytest.raises(RemoteProtocolError):                    # bounded like open_data
+        open_piece_unchecked(Data(1, pid, CODEC_ZSTD, len(piece) - 1, z))
+    with pytest.raises(SealedDataKeyMissing):                   # sealed: unreadable here
+        open_piece_unchecked(Data(1, pid, CODEC_SEALED, len(piece), bytes(
+            seal(K, KIND_HASHLIST, pid, 0, len(piece), piece))))

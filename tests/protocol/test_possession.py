@@ -47,7 +47,7 @@ ids32 = st.binary(min_size=32, max_size=32).filter(lambda b: b != ZERO_ID)
 u64 = st.integers(0, (1 << 64) - 1)
 challenges = st.builds(
     Challenge, u64, st.binary(min_size=32, max_size=32), st.binary(min_size=32, max_size=32),
-    st.lists(ids32, min_size=1, max_size=MAX_SAMPLE, unique=True).map(tuple))
+    st.lists(ids32, min_size=1, max_size=MAX_SAMPLE, unique=True).map(tuple), st.booleans())
 proofs = st.builds(
     Proof, u64, st.binary(min_size=32, max_size=32),
     st.lists(st.none() | st.binary(min_size=32, max_size=32), min_size=1,
@@ -89,6 +89,7 @@ def test_worst_case_messages_fit():
     lambda: Challenge(1 << 64, MID, NONCE, (cid(1),)),
     lambda: Challenge(0, MID[:31], NONCE, (cid(1),)),
     lambda: Challenge(0, MID, NONCE, [cid(1)]),                           # not a tuple
+    lambda: Challenge(0, MID, NONCE, (cid(1),), 1),                       # sealed: a bool
     lambda: Proof(0, MID, ()),
     lambda: Proof(0, MID, (b"x" * 31,)),
     lambda: Proof(0, MID, (None,) * (MAX_SAMPLE + 1)),
@@ -124,7 +125,11 @@ def _doc_frame(doc) -> bytes:
     {"v": 1, "t": "proof", "rid": 1, "manifest": MID, "answers": [[b"x"]]},
     {"v": 1, "t": "challenge", "rid": 1, "manifest": MID, "nonce": NONCE,
      "ids": [ZERO_ID]},
-    {"v": 1, "t": "challenge", "rid": -5, "manifest": MID, "nonce": NONCE, "ids": [cid(1)]},
+    {"v": 1, "t": "challenge", "rid": -5, "manifest": MID, "nonce": NONCE, "ids": [cid(1)],
+     "sealed": False},
+    {"v": 1, "t": "challenge", "rid": 5, "manifest": MID, "nonce": NONCE, "ids": [cid(1)]},
+    {"v": 1, "t": "challenge", "rid": 5, "manifest": MID, "nonce": NONCE, "ids": [cid(1)],
+     "sealed": 0},
     [1, 2, 3],                                                            # not a map
 ])
 def test_malformed_documents_are_remote_errors(doc):
@@ -301,3 +306,29 @@ def test_check_without_references_and_mismatched_proofs():
                   Proof(5, MID, honest.answers[:2]), Refused(5, "busy")):
         r = check(ch, other, dict(zip(ids, plains)))
         assert r.result == "failed" and r.proven == 0
+
+
+def test_sealed_references_are_checked_records_of_the_keyed_id():
+    """reference_sealed: the expected sealed-form answer from a record that opens
+    under the key to a plaintext with the keyed id; anything else is no reference."""
+    from hypersdk.protocol.possession import reference_sealed
+    from hypersdk.protocol.sealing import KIND_CHUNK, KIND_HASHLIST, DataKey, keyed_id, seal
+    k = DataKey.generate(bytes(range(32)))
+    other = DataKey.generate(bytes(range(1, 33)))
+    plain = b"a sealed chunk " * 100
+    c = keyed_id(k, plain)
+    rec = bytes(seal(k, KIND_CHUNK, c, 0, len(plain), plain))
+    assert reference_sealed(c, NONCE, rec, k).answer == answer(NONCE, rec)
+    assert reference_sealed(c, NONCE, rec, k).answer != answer(NONCE, plain)
+    bad = bytearray(rec)
+    bad[-1] ^= 1
+    wrong_id = keyed_id(k, plain + b"!")
+    for args in ((c, NONCE, bytes(bad), k),                     # does not open
+                 (c, NONCE, rec, other),                        # another key
+                 (c, NONCE, rec, None),                         # no key
+                 (c, NONCE, None, k),                           # no record
+                 (c, NONCE, rec[:20], k),                       # truncated
+                 (wrong_id, NONCE, bytes(seal(k, KIND_CHUNK, wrong_id, 0, len(plain), plain)),
+                  k),                                           # plaintext is not the id
+                 (c, NONCE, bytes(seal(k, KIND_HASHLIST, c, 0, len(plain), plain)), k)):
+        assert reference_sealed(*args) is None, args[2][:8] if args[2] else None

@@ -152,9 +152,11 @@ def _records(store):
 @pytest.mark.parametrize("threaded", [True, False])
 async def test_keyed_stores_exchange_sealed_records_as_stored(nursery, tmp_path, request,
                                                                threaded):
-    """Server: every record (raw or zstd inside) goes out CODEC_SEALED, never opened;
-    receiver: stores it as received. Both stores hold byte-identical records, and
-    they are exactly what sealing at the receiver would have produced."""
+    """Server: every chunk record (raw or zstd inside) goes out CODEC_SEALED, never
+    opened; hash-list pieces go out opened (a storage-only holder needs their ids);
+    receiver: stores a sealed chunk as received and seals a piece itself. Both stores
+    hold byte-identical records, and they are exactly what sealing at the receiver
+    would have produced."""
     if not threaded:
         request.getfixturevalue("autojump_clock")
     img = mixed_image(tmp_path / "disk.img", 24 * CS + 77, chunk=CS)
@@ -167,7 +169,10 @@ async def test_keyed_stores_exchange_sealed_records_as_stored(nursery, tmp_path,
             async with StoreSink(b, threaded=threaded, batch_bytes=4 * CS) as sink:
                 res = await net.downloader(sink, [net.provider(source)],
                                            verify_in_thread=threaded).download(r.manifest_id)
-        assert res.chunks_fetched == source.served_sealed > 0
+        pieces = {lid for lid in catalog.load_manifest(a, r.manifest_id).lists
+                  if lid != ZERO_ID}
+        assert pieces and source.served_sealed > 0
+        assert res.chunks_fetched == source.served_sealed + len(pieces)
         ra, rb = _records(a), _records(b)
         assert ra == rb                                   # same ids, codecs, record bytes
         assert {packfile.inner(c) for c, _ in rb.values()} == {0, 1}   # raw and zstd inside

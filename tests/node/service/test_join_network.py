@@ -64,3 +64,32 @@ def test_a_token_of_another_network_is_refused_by_the_node_it_names(tmp_path, no
     foreign = other.json("invite", "--site", "x", "--addr", a.cli.json("status")["addrs"][0])
     b = nodes(Cli(tmp_path / "b"))
     _one_line(b.cli("join", foreign["token"], ok=False), 1, "not known")
+
+
+def test_a_join_killed_between_key_and_certificate_completes_with_a_new_token(
+        tmp_path, nodes):
+    """The joiner installs the tenant's data key before its certificate: killed (-9)
+    in between, it holds the key and is in no network; its next backup is sealed
+    anyway, and a new invitation completes the join with the same key."""
+    a = nodes(Cli(tmp_path / "a"))
+    a.cli("network", "create", "--name", "acme", "--site", "hq")
+    fp = a.cli.json("key", "show")["data_key_fingerprint"]
+    b = nodes(Cli(tmp_path / "b"), env={"HYPERSDK_TEST_CRASH_AT": "join-key-installed"})
+    p = b.cli("join", a.cli.json("invite", "--site", "plant")["token"], ok=None)
+    assert p.returncode != 0
+    b.proc.wait(timeout=30)
+    assert b.proc.returncode == -9                         # killed at the crash point
+    assert b.cli.json("key", "show")["data_key_fingerprint"] == fp
+    assert b.cli.json("network", "show") == {"network": None}
+    img = tmp_path / "img"
+    img.write_bytes(bytes(range(256)) * 4096)
+    b.cli.json("backup", img, "--name", "vm")              # sealed: the key is there
+    from hypersdk.node.store.store import ChunkStore
+    with ChunkStore(tmp_path / "b", readonly=True) as s:
+        codecs = {c for (c,) in s.db.execute("SELECT codec FROM chunks")}
+        assert codecs and all(c & 0x40 for c in codecs)
+    (tmp_path / "b" / "node.addrs").unlink()              # the killed node's, stale
+    b2 = nodes(Cli(tmp_path / "b"))
+    r = b2.cli.json("join", a.cli.json("invite", "--site", "plant")["token"])
+    assert r["data_key_shared"] and r["data_key_fingerprint"] == fp
+    assert b2.cli.json("network", "show")["certificate"]["site"] == "plant"

@@ -1,8 +1,8 @@
 """Encryption at rest between real `hypersdk node run` processes on 127.0.0.1: A and
 B share a data key (two sites of one tenant), C has none. B restores A's keyed
 backup over the network byte for byte and keeps it sealed; `verify --network` at B
-proves A's and B's possession over keyed ids; C, asked to fetch, gets one clear
-line and stores nothing. Every wait is a bounded poll."""
+proves A's and B's possession over keyed ids; C, with no data key at all, asked to
+fetch or restore, gets one clear line and stores nothing. Every wait is a bounded poll."""
 from __future__ import annotations
 
 import json
@@ -52,11 +52,14 @@ def test_two_sites_sharing_a_key_restore_over_the_network(tmp_path, nodes):
     assert ids[a] in holders
     assert all(h["result"] == "ok" and h["proven"] == h["asked"] > 0 for h in holders.values())
 
-    # C has no key: one clear line, nothing stored
+    # C has no data key at all (in no network): one clear line each, nothing stored; it
+    # cannot even keep the backup sealed for others (a storage-only member has a key)
     p = c.cli("fetch", mid, ok=False)
+    assert (f"this backup is encrypted with data key {key.fingerprint.hex()[:16]} and this "
+            "node has no data key at all" in p.stderr)
+    assert len(p.stderr.strip().splitlines()) == 1
     line = (f"this backup is encrypted with data key {key.fingerprint.hex()[:16]}; "
             "this node does not have it")
-    assert line in p.stderr and len(p.stderr.strip().splitlines()) == 1
     p = c.cli("restore", mid, tmp_path / "out-c", ok=False)
     assert line in p.stderr and not (tmp_path / "out-c").exists()
     assert c.cli.json("backups") == []

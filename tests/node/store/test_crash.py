@@ -257,17 +257,24 @@ BACKUP_MODES = ("early", "bytes", "bytes", "delay")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("commit_bytes", [None, "1M"], ids=["one-commit", "commit-every-1M"])
+@pytest.mark.parametrize("commit_bytes,keyed", [(None, False), ("1M", False), ("1M", True)],
+                         ids=["one-commit", "commit-every-1M", "sealed-commit-every-1M"])
 def test_kill9_during_backup_leaves_consistent_store_and_rerun_completes(
-        tmp_path, cli, monkeypatch, commit_bytes):
+        tmp_path, cli, monkeypatch, commit_bytes, keyed):
     # with 1M, kills also land between batch commits: earlier batches' chunks
-    # are committed but no backup references them yet
+    # are committed but no backup references them yet; keyed: the data dir holds a
+    # data key, so every record and manifest is sealed (encryption at rest)
     if commit_bytes:
         monkeypatch.setenv("HYPERSDK_COMMIT_BYTES", commit_bytes)
     rng = random.Random(SEED)
     data = cli.data_dir
     data.mkdir()
     scratch = {lv: Cli(tmp_path / f"calibrate-l{lv}") for lv in LEVELS}
+    if keyed:
+        from hypersdk.node.net import datakey
+        key = datakey.create(data)
+        for c in scratch.values():
+            datakey.install(c.data_dir, key.secret)
     out = tmp_path / "restored.img"
     images: dict[str, Image] = {}
     completed: dict[str, int] = {}          # ref -> size: backups known to be complete
@@ -360,6 +367,13 @@ def test_kill9_during_backup_leaves_consistent_store_and_rerun_completes(
     assert check_store(cli, "after gc") == completed
     for ref in completed:
         _assert_restores(cli, ref, images[ref.split("@")[0]], out, f"seed {SEED}, after gc")
+    if keyed:                           # every record and manifest kept is sealed
+        import sqlite3
+        with sqlite3.connect(data / "index.sqlite") as db:
+            codecs = {c for (c,) in db.execute("SELECT codec FROM chunks")}
+            keys = {k for (k,) in db.execute("SELECT key FROM manifests")}
+        assert codecs and all(c & 0x60 == 0x60 for c in codecs), codecs   # SEALED | KEYED
+        assert keys == {key.fingerprint}
 
 
 def test_kill9_mid_backup_then_rerun_restores_identical(tmp_path):
