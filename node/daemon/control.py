@@ -58,7 +58,8 @@ from hypersdk.protocol.errors import RemoteProtocolError
 
 VERSION = 1
 HEADER = 4
-MAX_REQUEST = 1 << 20           # requests are small: a command name and its arguments
+MAX_REQUEST = 64 << 10          # requests are small: a command name and its arguments
+                                # (paths, tokens); 128 silent connections hold <= 8 MiB
 MAX_REPLY = codec.MAX_DOC       # a reply carries e.g. a `backups --json` listing
 SOCKET_NAME = "control.sock"
 CONNECT_TIMEOUT = 5.0

@@ -81,7 +81,13 @@ KEY_FILE = "node.key"
 LOCK_FILE = "node.lock"
 ADDRS_FILE = "node.addrs"
 REQUEST_READ_TIMEOUT = 10.0      # a client must send its request within this
-MAX_CLIENTS = 64                 # concurrent control connections
+MAX_CLIENTS = 64                 # control requests running at once
+# Connections that have not sent their request yet. The CLI sends its request as
+# soon as it connects, so a connection still silent when MAX_PENDING others are
+# is idle: at capacity, each new connection closes the oldest silent one. 1,000
+# idle connections used to queue behind the 64 running slots, 10 s each, and a
+# `status` behind them failed after 120 s (issue 17, attack 7).
+MAX_PENDING = 128
 CONNECT_TIMEOUT = 10.0           # dialing a bootstrap / join address
 BOOTSTRAP_TIMEOUT = 30.0         # one DHT bootstrap walk
 BACKOFF_START, BACKOFF_MAX = 1.0, 60.0
@@ -380,7 +386,7 @@ async def _status(d: "Daemon", args, events):
             "requests": [{"cmd": c, "seconds": round(trio.current_time() - t, 3)}
                          for c, t in d.in_flight.values()],
             "served": dict(d.served), "failed": dict(d.failed),
-            "bad_requests": d.control_errors}
+            "bad_requests": d.control_errors, "idle_control_closed": d.control_idle_closed}
 
 
 @command("peers")
@@ -470,6 +476,8 @@ class Daemon:
         self.abandoned = 0                  # requests whose client went away
         self.in_flight: dict[int, tuple[str, float]] = {}   # control requests running
         self._clients = trio.CapacityLimiter(MAX_CLIENTS)
+        self._silent: collections.OrderedDict = collections.OrderedDict()  # id -> CancelScope
+        self.control_idle_closed = 0       # silent control connections closed (MAX_PENDING)
         if not COMMANDS.keys() & {"backup"}:
             _register_store_ops()
         from hypersdk.node.service import replication
@@ -636,26 +644,44 @@ class Daemon:
                 task_status.started()
                 while True:
                     conn = await listener.accept()
-                    n.start_soon(self._client, conn)
+                    scope = trio.CancelScope()
+                    if len(self._silent) >= MAX_PENDING:    # the oldest silent one goes
+                        _, oldest = self._silent.popitem(last=False)
+                        oldest.cancel()
+                        self.control_idle_closed += 1
+                    self._silent[id(scope)] = scope
+                    n.start_soon(self._client, conn, scope)
         finally:
             sock.close()
             _unlink(path)
 
-    async def _client(self, conn: trio.SocketStream) -> None:
+    async def _client(self, conn: trio.SocketStream, scope: trio.CancelScope) -> None:
         """One control connection: read one request, stream events, send the final
         frame. Nothing escapes: a bad request gets an error frame, a broken
-        connection is dropped."""
-        async with self._clients:
-            try:
-                async with conn:
-                    await self._answer(conn)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                log.debug("control client went away: %r", exc)
-            except Exception:               # a bug: keep serving the others
-                log.exception("control connection failed")
-                self.control_errors += 1
+        connection is dropped. Until its request is in, the connection is silent
+        (self._silent: the oldest is closed when MAX_PENDING are); only then does it
+        wait for one of MAX_CLIENTS running slots."""
+        try:
+            async with conn:
+                request = None
+                with scope:
+                    request = await self._read_request(conn)
+                self._silent.pop(id(scope), None)
+                if request is None:
+                    return
+                async with self._clients:
+                    await self._answer(conn, *request)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            log.debug("control client went away: %r", exc)
+        except Exception:                   # a bug: keep serving the others
+            log.exception("control connection failed")
+            self.control_errors += 1
+        finally:
+            self._silent.pop(id(scope), None)
 
-    async def _answer(self, conn: trio.SocketStream) -> None:
+    async def _read_request(self, conn: trio.SocketStream):
+        """(cmd, args, want_progress) of the connection's one request; None when
+        there is none (EOF, too slow, malformed: answered with an error frame)."""
         buf = bytearray()
 
         async def read_exactly(n: int) -> bytes:
@@ -674,16 +700,19 @@ class Daemon:
                 doc = codec.decode(await read_exactly(n), max_size=control.MAX_REQUEST)
             cmd, args, want_progress = control.check_request(doc)
         except EOFError:
-            return
+            return None
         except trio.TooSlowError:
             await conn.send_all(control.frame({"t": "error", "exit": 2,
                                                "msg": "control request not received in time"}))
-            return
+            return None
         except ProtocolError as exc:
             self.control_errors += 1
             await conn.send_all(control.frame({"t": "error", "exit": 2,
                                                "msg": f"bad control request: {exc}"}))
-            return
+            return None
+        return cmd, args, want_progress
+
+    async def _answer(self, conn: trio.SocketStream, cmd: str, args, want_progress) -> None:
         fn, schema = COMMANDS.get(cmd), ARGS.get(cmd)
         try:
             if fn is None:

@@ -97,7 +97,6 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.exceptions import MuxedConnError, MuxedStreamError
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID
-from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.transport.exceptions import OpenConnectionError
 from libp2p.transport.tcp.tcp import TCP
 from libp2p.utils.multiaddr_utils import multiaddr_from_socket
@@ -106,6 +105,8 @@ from hypersdk.dht.keys import node_id as _node_id
 from hypersdk.node.net.gate import ENFORCE_INTERVAL, SEEN_FLUSH, MembershipRefused
 from hypersdk.node.net.identity import Identity
 from hypersdk.node.net.transport import Handler, TransportError
+from hypersdk.node.net.yamux_guard import GuardedYamux
+from hypersdk.node.net.yamux_guard import install as install_yamux_guard
 
 log = logging.getLogger(__name__)
 
@@ -473,6 +474,7 @@ class P2PTransport:
     def __init__(self, identity: Identity | None = None, listen: str = DEFAULT_LISTEN,
                  gate=None):
         configure_libp2p_logging()
+        install_yamux_guard()             # receive windows enforced (node/net/yamux_guard.py)
         self.gate = gate                  # node/net/gate.Gate, or None: no membership check
         self.on_cut: list = []            # callbacks(node_id) when a peer is cut off
         self.identity = identity or Identity.generate()
@@ -492,7 +494,7 @@ class P2PTransport:
             key_pair=key_pair,
             sec_opt={NOISE_ID: (NoiseTransport(key_pair, noise_privkey=noise_key) if gate is None
                                 else _GatedNoise(key_pair, noise_key, gate))},
-            muxer_opt={YAMUX_ID: Yamux},
+            muxer_opt={YAMUX_ID: GuardedYamux},      # receive windows enforced
             listen_addrs=[self._listen],
             transports=[self._tcp],
             connection_config=ConnectionConfig(max_connections_per_peer=1),

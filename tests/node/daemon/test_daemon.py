@@ -333,3 +333,31 @@ def test_saved_peers_round_trip(tmp_path):
     assert p.add("/ip4/1.2.3.4/tcp/1/p2p/A")
     assert SavedPeers(tmp_path).load() == ["/ip4/1.2.3.4/tcp/2/p2p/B", "/ip4/1.2.3.4/tcp/1/p2p/A"]
     assert sorted(os.listdir(tmp_path)) == ["peers.json"]
+
+
+async def test_idle_control_connections_cannot_lock_out_a_request(tmp_path):
+    """1,000 connections that never send a request (issue 17, attack 7: a `status`
+    behind them failed after 120 s): the node keeps at most MAX_PENDING silent ones,
+    closing the oldest, and answers a real request at once."""
+    from hypersdk.node.daemon.daemon import MAX_PENDING
+    data = tmp_path / "a"
+    idle = []
+    async with trio.open_nursery() as n:
+        r = await start(n, data)
+        try:
+            with trio.fail_after(REQUEST_LIMIT * 3):
+                for _ in range(1000):
+                    idle.append(await trio.open_unix_socket(str(data / "control.sock")))
+                    await trio.sleep(0)                    # let the node accept it
+                s = await ask(data, "status")
+            assert s["idle_control_closed"] >= 1000 - MAX_PENDING
+            assert len(r.daemon._silent) <= MAX_PENDING
+            closed = 0
+            with trio.fail_after(REQUEST_LIMIT):            # the oldest were closed: EOF
+                for c in idle[:100]:
+                    closed += await c.receive_some(1) == b""
+            assert closed == 100
+        finally:
+            for c in idle:
+                await c.aclose()
+        await r.stop()
