@@ -101,6 +101,9 @@ D=$(start_node "$WORK/d"); echo "node D at $D"
 "$H" --data-dir "$WORK/d" join "$A" || true
 "$H" status --json | python3 -c 'import json,sys; m=json.load(sys.stdin)["membership"]; print("A:", m["mode"], {k: v for k, v in m["counters"].items() if k.startswith("refused")})'
 step "$H" --data-dir "$WORK/b" key show
+echo "(A backs up the day-2 disk again, now with the network's data key: sealed at rest;"
+echo " its earlier backups stay as they were, readable by any member)"
+step "$H" backup "$WORK/disk-day2.img" --name vm-web01
 MID=$("$H" backups --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[-1]["manifest"])')
 echo "(B and C know only the manifest id $MID; they find its holders in the DHT)"
 wait_providers() {  # wait_providers DIR N: until DIR's node finds N holders of $MID
