@@ -30,7 +30,7 @@ from pathlib import Path
 import click
 
 from hypersdk.node.cli.app import cli, emit, json_option
-from hypersdk.node.config import default_data_dir, human
+from hypersdk.node.config import default_data_dir, human, parse_size
 from hypersdk.node.errors import UsageError, UserError
 
 
@@ -83,15 +83,19 @@ def init(ctx, as_json):
                    "0.0.0.0 replaced by the primary IPv4 address)")
 @click.option("--dht-k", type=click.IntRange(2, 64), default=None, hidden=True,
               help="DHT bucket size / replication (default 20; tests use small networks)")
+@click.option("--serve-memory", default="256M", metavar="SIZE", show_default=True,
+              help="most chunk bytes held at once for the peers this node serves "
+                   "(1/16 of it per peer); beyond it, peers wait")
 @json_option
 @click.pass_context
-def run(ctx, listen, bootstrap, announce, dht_k, as_json):
+def run(ctx, listen, bootstrap, announce, dht_k, serve_memory, as_json):
     """Run the node in the foreground until SIGINT/SIGTERM."""
     import signal
 
     import trio
 
-    from hypersdk.node.daemon.daemon import DEFAULT_LISTEN, KEY_FILE, Daemon
+    from hypersdk.node.daemon.daemon import DEFAULT_LISTEN, KEY_FILE, Daemon, tune_malloc
+    tune_malloc()                   # before any thread starts
     from hypersdk.node.net.identity import Identity
     data = _data_dir(ctx)
     key = data / KEY_FILE
@@ -99,13 +103,16 @@ def run(ctx, listen, bootstrap, announce, dht_k, as_json):
         raise UserError(f"no identity in {data}: run `hypersdk node init` first")
     ident = Identity.load(key)
     _check_addrs(listen, bootstrap, announce)
+    serve_bytes = parse_size(serve_memory)
+    if serve_bytes < 16 << 20:
+        raise UsageError(f"--serve-memory {serve_memory}: at least 16M (a few chunks in flight)")
 
     async def main():
         # the receiver first: a SIGTERM during startup still stops us cleanly
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
                 d = Daemon(data, ident, listen=listen or DEFAULT_LISTEN, bootstrap=bootstrap,
-                           announce=announce, k=dht_k)
+                           announce=announce, k=dht_k, serve_memory=serve_bytes)
                 await nursery.start(d.run)
                 from hypersdk.node.daemon.control import socket_path
                 doc = {"peer_id": str(ident.libp2p_peer_id), "node_id": ident.node_id.hex(),

@@ -65,6 +65,8 @@ from hypersdk.node.config import DEFAULT_ZSTD_LEVEL
 from hypersdk.node.daemon import control
 from hypersdk.node.daemon.control import Arg
 from hypersdk.node.errors import UserError
+from hypersdk.node.exchange.budget import DEFAULT_TOTAL as DEFAULT_SERVE_MEMORY
+from hypersdk.node.exchange.budget import ServeBudget
 from hypersdk.node.files import write_atomic
 from hypersdk.node.net.identity import Identity
 from hypersdk.node.net.peers import SavedPeers
@@ -88,6 +90,37 @@ MAX_CLIENTS = 64                 # control requests running at once
 # idle connections used to queue behind the 64 running slots, 10 s each, and a
 # `status` behind them failed after 120 s (issue 17, attack 7).
 MAX_PENDING = 128
+MALLOC_ARENAS = 2                # glibc malloc arenas of a node process (tune_malloc)
+TRIM_INTERVAL = 5.0              # seconds between checks for memory to give back
+TRIM_AFTER = 64 << 20            # ... once this many chunk bytes were served since the last
+
+
+def _libc():
+    import ctypes
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:                  # not glibc: nothing to tune
+        return None
+
+
+def tune_malloc(arenas: int = MALLOC_ARENAS) -> bool:
+    """At most `arenas` glibc malloc arenas in this process (call before threads
+    start). The node reads and sends chunks from many worker threads; glibc gives
+    each its own arena, whose freed 1 MiB buffers stay in the process: under a flood
+    of streams that never read (issue 17, attack 1) the victim peaked at 398 MiB RSS
+    with default arenas and 327 MiB with 2, holding the same 128 MiB of chunks
+    (tests/node/exchange/test_flood_never_reading.py). False where there is no glibc."""
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallopt"):
+        return False
+    return bool(libc.mallopt(-8, arenas))      # M_ARENA_MAX
+
+
+def trim_malloc() -> None:
+    """Give freed heap memory back to the kernel (glibc malloc_trim)."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 CONNECT_TIMEOUT = 10.0           # dialing a bootstrap / join address
 BOOTSTRAP_TIMEOUT = 30.0         # one DHT bootstrap walk
 BACKOFF_START, BACKOFF_MAX = 1.0, 60.0
@@ -386,7 +419,8 @@ async def _status(d: "Daemon", args, events):
             "requests": [{"cmd": c, "seconds": round(trio.current_time() - t, 3)}
                          for c, t in d.in_flight.values()],
             "served": dict(d.served), "failed": dict(d.failed),
-            "bad_requests": d.control_errors, "idle_control_closed": d.control_idle_closed}
+            "bad_requests": d.control_errors, "idle_control_closed": d.control_idle_closed,
+            "serving": dict(d.serve_budget.status(), memory_trims=d.trims)}
 
 
 @command("peers")
@@ -457,7 +491,7 @@ async def _dht_find(d: "Daemon", args, events):
 class Daemon:
     def __init__(self, data_dir, identity: Identity, *, listen: str = DEFAULT_LISTEN,
                  bootstrap=(), announce=(), rng: random.Random | None = None,
-                 k: int | None = None):
+                 k: int | None = None, serve_memory: int = DEFAULT_SERVE_MEMORY):
         self.data_dir = Path(data_dir).absolute()
         self.identity = identity
         self.listen = listen
@@ -465,6 +499,8 @@ class Daemon:
         self.announce = list(announce)
         self.rng = rng or random.Random(int.from_bytes(os.urandom(8), "big"))
         self.k = k                          # DHT k (None: dht.lookup.K); tests shrink it
+        # what the chunk exchange may hold for peers (node/exchange/budget.py)
+        self.serve_budget = ServeBudget(total=serve_memory, per_peer=serve_memory // 16)
         self.saved = SavedPeers(self.data_dir)
         self.served: collections.Counter = collections.Counter()     # completed requests
         self.failed: collections.Counter = collections.Counter()     # error replies
@@ -478,6 +514,7 @@ class Daemon:
         self._clients = trio.CapacityLimiter(MAX_CLIENTS)
         self._silent: collections.OrderedDict = collections.OrderedDict()  # id -> CancelScope
         self.control_idle_closed = 0       # silent control connections closed (MAX_PENDING)
+        self.trims = 0                      # malloc_trim calls after serving bursts
         if not COMMANDS.keys() & {"backup"}:
             _register_store_ops()
         from hypersdk.node.service import replication
@@ -545,6 +582,7 @@ class Daemon:
                     self.started = trio.current_time()
                     write_atomic(addrs_file, "".join(a + "\n" for a in self.addrs).encode())
                     nursery.start_soon(self._join_then_announce)
+                    nursery.start_soon(self._trim_when_idle)
                     task_status.started(self)
             finally:
                 if self.transport is not None:
@@ -618,6 +656,19 @@ class Daemon:
             st.update(state="retrying", retry_in=delay)
             await trio.sleep(delay)
             delay = min(delay * 2, BACKOFF_MAX)
+
+    async def _trim_when_idle(self) -> None:
+        """Once the chunk bytes held for peers are back to zero after TRIM_AFTER bytes
+        were served (a burst of serving, a flood that left), give freed heap memory
+        back to the kernel: the memory a flood took is returned when its peers leave."""
+        b = self.serve_budget
+        mark = 0
+        while True:
+            await trio.sleep(TRIM_INTERVAL)
+            if b.used == 0 and b.taken - mark >= TRIM_AFTER:
+                mark = b.taken
+                await trio.to_thread.run_sync(trim_malloc)
+                self.trims += 1
 
     # -- control socket ------------------------------------------------------------------
     async def _serve_control(self, *, task_status=trio.TASK_STATUS_IGNORED):

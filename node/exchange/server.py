@@ -49,6 +49,7 @@ from collections import Counter, OrderedDict
 import trio
 
 from hypersdk.node.config import UsageError, parse_size
+from hypersdk.node.exchange.budget import StreamAccount
 from hypersdk.node.net.transport import TransportError
 from hypersdk.protocol.chunks import ID_LEN, ZERO_ID
 from hypersdk.protocol.errors import ProtocolError, RemoteProtocolError
@@ -73,16 +74,19 @@ SEND_BATCH = 2 << 20          # payload bytes per send of page-cached chunks (fa
 READ_AHEAD = 2               # chunks read ahead of the one being sent, per Get
 RECV_MAX = 64 << 10           # requests are small: at most one document at a time
 READ_REQUESTS = 16            # requests decoded ahead of the one being answered, per stream
+CHUNK_ESTIMATE = 1 << 20      # budget held for a chunk before it is read (grows to the
+                              # largest payload served)
 
 
 class _Asked:
     """One stream's unanswered Get ids (a count each: two Gets may ask for one id)
-    and which of them a Cancel named."""
-    __slots__ = ("pending", "cancelled")
+    and which of them a Cancel named; acct: the bytes it holds of the server's budget."""
+    __slots__ = ("pending", "cancelled", "acct")
 
     def __init__(self):
         self.pending: Counter = Counter()
         self.cancelled: set[bytes] = set()
+        self.acct: StreamAccount = StreamAccount(None, b"")
 
     def asked(self, ids) -> None:
         for cid in ids:
@@ -138,8 +142,12 @@ def serve_rate_from_env(environ=os.environ) -> float:
 class ExchangeServer:
     def __init__(self, source, *, rng: random.Random | None = None,
                  corrupt: float | None = None, rate: float | None = None,
-                 cache_manifests: int = 8, cache_pieces: int = 16):
+                 cache_manifests: int = 8, cache_pieces: int = 16, budget=None):
+        """budget: a node.exchange.budget.ServeBudget bounding the streams and the
+        chunk bytes held for peers (None: unbounded, as simnet's servers run)."""
         self.source = source
+        self.budget = budget
+        self._est = CHUNK_ESTIMATE         # bytes held for a chunk before it is read
         self.counters: Counter = Counter()
         self._rng = rng or random.Random()
         self.corrupt = corrupt_rate_from_env() if corrupt is None else corrupt
@@ -159,7 +167,23 @@ class ExchangeServer:
     async def handle(self, stream, peer_id: bytes) -> None:
         """A Transport handler: serve one stream until EOF or a protocol error."""
         self.counters["streams"] += 1
+        if self.budget is not None and not self.budget.open_stream(peer_id):
+            self.counters["streams refused"] += 1         # over a stream cap: closed at once
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                try:
+                    await stream.aclose()
+                except Exception:
+                    pass
+            return
+        try:
+            await self._handle(stream, peer_id)
+        finally:
+            if self.budget is not None:
+                self.budget.close_stream(peer_id)
+
+    async def _handle(self, stream, peer_id: bytes) -> None:
         asked = _Asked()
+        asked.acct = StreamAccount(self.budget, peer_id)
         send, recv = trio.open_memory_channel(READ_REQUESTS)
         failure: list[BaseException] = []
         try:
@@ -185,6 +209,7 @@ class ExchangeServer:
             self.counters["errors"] += 1
             log.exception("exchange handler failed (peer %s)", peer_id.hex()[:12])
         finally:
+            asked.acct.close()                      # bytes of unsent chunks go back
             with trio.CancelScope(shield=True):
                 try:
                     await stream.aclose()
@@ -220,8 +245,25 @@ class ExchangeServer:
     # -- answers -------------------------------------------------------------------------
 
     async def _get(self, cid: bytes, asked: _Asked):
-        """The stored chunk, unless it is cancelled already (then None: not read)."""
-        return None if cid in asked.cancelled else await self.source.get(cid)
+        """(the stored chunk or None, bytes held for it): not read if cancelled
+        already. The budget is asked before the read (for the largest payload seen
+        so far) and adjusted to the payload's size after it; _sent gives it back."""
+        if cid in asked.cancelled:
+            return None, 0
+        acct, est = asked.acct, self._est
+        await acct.take(est)
+        try:
+            got = await self.source.get(cid)
+        except BaseException:
+            acct.give(est)
+            raise
+        n = len(got[2]) if got is not None else 0
+        if n > est:
+            self._est = n
+            await acct.take(n - est)
+        else:
+            acct.give(est - n)
+        return got, n
 
     async def _answer(self, stream, msg, asked: _Asked) -> None:
         t = type(msg)
@@ -235,8 +277,9 @@ class ExchangeServer:
                 if done:
                     msg = Get(msg.rid, msg.ids[done:])  # the rest: read as below
             if len(msg.ids) == 1:
-                await self._send_chunk(stream, msg.rid, msg.ids[0],
-                                       await self._get(msg.ids[0], asked), asked)
+                got, held = await self._get(msg.ids[0], asked)
+                await self._send_chunk(stream, msg.rid, msg.ids[0], got, asked)
+                asked.acct.give(held)
                 return
             # read ahead: the next chunk is read (a thread hop for a store) while
             # this one is sent; at most READ_AHEAD chunks wait in memory
@@ -245,19 +288,20 @@ class ExchangeServer:
             async def reader():
                 async with send:
                     for cid in msg.ids:
-                        got = await self._get(cid, asked)
+                        got, held = await self._get(cid, asked)
                         try:
-                            await send.send((cid, got))
+                            await send.send((cid, got, held))
                         except (trio.BrokenResourceError, trio.ClosedResourceError):
-                            return
+                            return      # held bytes: given back when the stream ends
 
             error = None
             async with trio.open_nursery() as n:
                 n.start_soon(reader)
                 try:
                     async with recv:
-                        async for cid, got in recv:
+                        async for cid, got, held in recv:
                             await self._send_chunk(stream, msg.rid, cid, got, asked)
+                            asked.acct.give(held)
                 except Exception as exc:        # re-raised as itself, not in a group
                     error = exc
                     n.cancel_scope.cancel()
@@ -281,6 +325,7 @@ class ExchangeServer:
         parts: list = []
         pending = 0
         done = 0
+        acct = asked.acct
         for cid in ids:
             if cid in asked.cancelled:
                 asked.answered(cid)
@@ -288,18 +333,27 @@ class ExchangeServer:
                 parts.append(encode_message(Missing(rid, cid)))
                 done += 1
                 continue
+            await acct.take(self._est)
             got = cached(cid)
             if got is None:
+                acct.give(self._est)
                 break
+            n = len(got[2])
+            if n > self._est:
+                await acct.take(n - self._est)
+            else:
+                acct.give(self._est - n)
             asked.answered(cid)
             parts += self._data_frame(rid, cid, got)
-            pending += len(got[2])
+            pending += n
             done += 1
             if pending >= SEND_BATCH:
                 await send_parts(parts)
+                acct.give(pending)
                 parts, pending = [], 0
         if parts:
             await send_parts(parts)
+        acct.give(pending)
         return done
 
     def _data_frame(self, rid: int, cid: bytes, got) -> tuple:

@@ -149,7 +149,7 @@ class Replication:
     def start_serving(self) -> None:
         self._serve_store = self.d.open_store(readonly=True)
         self.server = ExchangeServer(StoreSource(self._serve_store, threaded=True),
-                                     rng=self.d.rng)
+                                     rng=self.d.rng, budget=self.d.serve_budget)
         self.d.net.set_handler(EXCHANGE, self.server.handle)
         # the bulk path: the same exchange over node/net/fast_channel.py (libp2p offers it)
         try:
