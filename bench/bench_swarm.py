@@ -399,6 +399,10 @@ def run_restore(seeds_n: int, profile: bool, keep: bool, network: bool = False,
         read_into_cache(IMG, *seed_packs(dirs))
         os.sync()
         run = timed(leech, seeds, leech_dir, "restore", mid, out)
+        # what each seed's serve budget did (builds with node/exchange/budget.py)
+        run["serving"] = [json.loads(hs(d, "status", "--json").stdout).get("serving")
+                          for d in dirs]
+        log(f"seeds' serving: {run['serving']}")
         if network:     # the leecher is in the network, and admitted its peers as members
             gate = json.loads(hs(leech_dir, "status", "--json").stdout).get("membership", {})
             run["membership"] = {k: gate.get(k) for k in ("mode", "network", "admitted",
@@ -430,7 +434,8 @@ def run_restore(seeds_n: int, profile: bool, keep: bool, network: bool = False,
             "chunks_fetched": f.get("chunks_fetched"), "bytes_by_peer": f.get("bytes_by_peer"),
             "duplicate_bytes": f.get("duplicate_bytes"), "load_before": run["load_before"],
             "free_in_2MiB_blocks_pct": run["free_in_2MiB_blocks_pct"],
-            "leecher_cpu_s": run["leecher_cpu_s"], "seeds_cpu_s": run["seeds_cpu_s"]}
+            "leecher_cpu_s": run["leecher_cpu_s"], "seeds_cpu_s": run["seeds_cpu_s"],
+            "seeds_serving": run["serving"]}
 
 
 def timed(leech, seeds, leech_dir, *command) -> dict:
@@ -476,7 +481,8 @@ def run_raw(mib: int, profile: bool, keep: bool) -> dict:
             "fetch_MB_per_s": round(doc["bytes_fetched"] / max(doc["seconds"], 1e-9) / 1e6, 1),
             "leecher_rss_MiB": run["leecher_rss_MiB"], "load_before": run["load_before"],
             "free_in_2MiB_blocks_pct": run["free_in_2MiB_blocks_pct"],
-            "leecher_cpu_s": run["leecher_cpu_s"], "seeds_cpu_s": run["seeds_cpu_s"]}
+            "leecher_cpu_s": run["leecher_cpu_s"], "seeds_cpu_s": run["seeds_cpu_s"],
+            "seeds_serving": run["serving"]}
 
 
 def main():

@@ -284,9 +284,11 @@ def restore(ctx, ref, out, force, to_device, follow_symlink, as_json):
 @click.option("--against", metavar="PATH", default=None,
               help="Compare backup REF with the image at PATH chunk by chunk (exit 3 if "
                    "they differ).")
+@click.option("--min-holders", type=click.IntRange(1, 64), default=None, metavar="N",
+              help="With --network: how many holders must prove possession (default 1).")
 @json_option
 @click.pass_context
-def verify(ctx, ref, network, against, as_json):
+def verify(ctx, ref, network, against, min_holders, as_json):
     """Re-read and re-hash chunks of backup REF, or of the whole store.
 
     With --against PATH, compare backup REF with its source image chunk by chunk
@@ -297,7 +299,10 @@ def verify(ctx, ref, network, against, as_json):
         if not ref or network:
             raise UsageError("verify --against PATH needs a REF and no --network")
         against = os.path.abspath(against)
-    run_op(ctx, "verify", as_json, ref=ref, network=network, against=against)
+    if min_holders is not None and not network:
+        raise UsageError("verify --min-holders N needs --network")
+    run_op(ctx, "verify", as_json, ref=ref, network=network, against=against,
+           min_holders=min_holders)
 
 
 @cli.command("backups")

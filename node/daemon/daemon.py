@@ -293,7 +293,9 @@ ARGS: dict[str, dict[str, Arg]] = {
     "verify": {"ref": Arg(str, required=False, nullable=True, valid=_text, desc=_REF.desc),
                "network": _FLAG,
                "against": Arg(str, required=False, nullable=True, valid=_abs_path,
-                              desc=_PATH.desc)},
+                              desc=_PATH.desc),
+               "min_holders": Arg(int, required=False, nullable=True,
+                                  valid=lambda n: 1 <= n <= 64, desc="an integer 1..64")},
     "backups": {},
     "delete": {"ref": _REF},
     "gc": {},
@@ -658,14 +660,15 @@ class Daemon:
             delay = min(delay * 2, BACKOFF_MAX)
 
     async def _trim_when_idle(self) -> None:
-        """Once the chunk bytes held for peers are back to zero after TRIM_AFTER bytes
-        were served (a burst of serving, a flood that left), give freed heap memory
-        back to the kernel: the memory a flood took is returned when its peers leave."""
+        """Once no exchange stream is open and no chunk byte held, after TRIM_AFTER
+        bytes were served (a burst of serving, a flood that left), give freed heap
+        memory back to the kernel: the memory a flood took is returned when its peers
+        leave. Never while a peer is being served (malloc_trim holds malloc's lock)."""
         b = self.serve_budget
         mark = 0
         while True:
             await trio.sleep(TRIM_INTERVAL)
-            if b.used == 0 and b.taken - mark >= TRIM_AFTER:
+            if b.used == 0 and b.streams == 0 and b.taken - mark >= TRIM_AFTER:
                 mark = b.taken
                 await trio.to_thread.run_sync(trim_malloc)
                 self.trims += 1

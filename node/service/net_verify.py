@@ -14,8 +14,9 @@ verify --network (a control command; it needs the running node):
    the entry's seq or later by other nodes are listed.
 3. The manifest: from the local store or a provider; its BLAKE3 must be the
    id (open_manifest) and its size and chunk count must match the entry.
-4. The holders: the DHT's providers of the manifest, the holders named by
-   `replica` entries, and the backup's author; each is challenged
+4. The holders: the backup's author and the holders named by `replica` entries
+   (they signed for it), then the DHT's providers (at most 20 in all); each is
+   challenged
    (node/audit/possession.py: a fresh nonce, a random sample of the manifest's
    chunks, BLAKE3(nonce || chunk) per chunk) and the answers are checked
    against chunks this node holds or fetches (each fetched chunk verified
@@ -25,8 +26,11 @@ verify --network (a control command; it needs the running node):
    and checked under the key; an answer no reference matches is judged against
    the holder's own record, fetched from it (at most 8 per holder).
 5. One `verify` entry per holder is appended to our log and gossiped.
-Exit 0 when the entry checks out, the manifest matches and every holder
-proved possession; 3 otherwise.
+Exit 0 when the entry checks out, the manifest matches, at least MIN_HOLDERS
+holders (`--min-holders`, default 1) proved possession and no holder that signed
+for the backup failed a proof (`judge`); 3 otherwise. Unreachable holders and
+providers that signed nothing are reported, not held against the backup: a dead
+or hostile announcement must not fail someone else's backup (issue 17, attack 8).
 """
 from __future__ import annotations
 
@@ -146,7 +150,7 @@ class AuditNet:
                 "bytes_in": c["bytes in"], "bytes_out": c["bytes out"]}
 
     # -- verify --network ------------------------------------------------------------
-    async def verify(self, ref: str, events) -> tuple[dict, str, int]:
+    async def verify(self, ref: str, events, min_holders: int = 1) -> tuple[dict, str, int]:
         from hypersdk.node.audit.log import AuditLog
         d = self.d
         mid = await trio.to_thread.run_sync(self._resolve, ref)
@@ -158,7 +162,7 @@ class AuditNet:
         providers, _ = await d.dht.find_providers(mid, MAX_HOLDERS)
         cache: dict[bytes, bytes] = {}
         manifest_doc, ids, key = await self._manifest(mid, providers, entry, cache)
-        holders = await self._holders(mid, providers, entry)
+        holders, claims = await self._holders(mid, providers, entry)
         results = []
         if ids is not None:
             # keyed ids: the sealed form, which holders without the key answer too
@@ -185,17 +189,16 @@ class AuditNet:
         for hid, c in sorted(holders.items()):
             r = by_holder.get(hid)
             rows.append({"node_id": hid.hex(), "addr": c.addr if c else None,
+                         "claim": claims.get(hid, "provider"),
                          "result": r.result if r else "unreachable",
                          **({"asked": r.asked, "proven": r.proven, "wrong": r.wrong,
                              "not_held": r.not_held, "reason": r.reason} if r else
                             {"reason": "no address known for this holder"})})
         await trio.to_thread.run_sync(self._record, mid, results)
         await self.gossip.spread_own()
-        ok = (entry["found"] and entry["chain_ok"] and manifest_doc.get("ok", False)
-              and bool(rows) and all(r["result"] == "ok" for r in rows))
         doc = {"manifest": mid.hex(), "backup_entry": entry, "manifest_check": manifest_doc,
-               "holders": rows, "ok": ok}
-        return doc, _text(doc), 0 if ok else 3
+               "holders": rows, **judge(entry, manifest_doc, rows, min_holders)}
+        return doc, _text(doc), 0 if doc["ok"] else 3
 
     def _resolve(self, ref: str) -> bytes:
         from hypersdk.node.audit.log import AuditLog
@@ -332,8 +335,10 @@ class AuditNet:
         got = await self._get_from(contact, cids)
         return {c: m.payload for c, m in got.items() if m.codec == CODEC_SEALED}
 
-    async def _holders(self, mid, providers, entry) -> dict[bytes, Contact | None]:
-        """node id -> contact (None: no address known) of every holder to challenge."""
+    async def _holders(self, mid, providers, entry) -> tuple[dict, dict]:
+        """(node id -> contact (None: no address known) of every holder to challenge,
+        node id -> its claim: "author" of the backup entry or "replica" (a signed
+        replica entry); DHT providers with neither are plain "provider"s)."""
         from hypersdk.node.audit.log import AuditLog
         own = self.d.identity.node_id
         out: dict[bytes, Contact | None] = {c.id: c for c in providers if c.id != own}
@@ -342,8 +347,10 @@ class AuditNet:
             with AuditLog(self.d.data_dir, identity=self.d.identity) as lg:
                 return lg.replica_holders(mid)
         ids = set(await trio.to_thread.run_sync(named))
+        claims = {i: "replica" for i in ids}
         if entry.get("author_node_id"):
             ids.add(bytes.fromhex(entry["author_node_id"]))
+            claims[bytes.fromhex(entry["author_node_id"])] = "author"
         for hid in sorted(ids - set(out) - {own}):
             c = self.d.dht.table.get(hid)
             if c is None:
@@ -351,7 +358,9 @@ class AuditNet:
                     found = await self.d.dht.find_node(hid)
                     c = next((x for x in found if x.id == hid), None)
             out[hid] = c
-        return dict(list(out.items())[:MAX_HOLDERS])
+        # the holders that signed for it first, then DHT providers, at most MAX_HOLDERS
+        ranked = sorted(out.items(), key=lambda kv: kv[0] not in claims)
+        return dict(ranked[:MAX_HOLDERS]), claims
 
     def _record(self, mid, results) -> None:
         from hypersdk.node.audit.log import AuditLog
@@ -370,7 +379,8 @@ def register(commands: dict, command_reply) -> None:
             return await local_verify(d, args, events)
         if not args.get("ref"):
             raise UserError("verify --network needs a REF (a backup name, NAME@N or manifest id)")
-        doc, text, code = await d.audit.verify(str(args["ref"]), events)
+        doc, text, code = await d.audit.verify(str(args["ref"]), events,
+                                               min_holders=args.get("min_holders") or 1)
         return command_reply(doc, text, code)
     verify.network = True
     commands["verify"] = verify
@@ -394,6 +404,27 @@ def _backup_check(lg, mid: bytes) -> dict:
             "other_backup_entries": len(entries) - 1}
 
 
+FAILED_PROOFS = ("damaged", "missing", "failed")
+
+
+def judge(entry: dict, manifest_doc: dict, rows: list, min_holders: int) -> dict:
+    """The verdict on a backup from its holders' results: it is safe when its
+    entry and manifest check out, at least `min_holders` holders proved possession,
+    and no holder that signed for it (its author, a `replica` entry) failed a
+    proof. An unreachable holder is no failure (it may come back: reported), and
+    neither is a DHT provider that signed nothing and fails a proof: any member may
+    announce itself (reported; one that breaks the protocol is also scored down)."""
+    proven = [r for r in rows if r["result"] == "ok"]
+    unreachable = [r for r in rows if r["result"] == "unreachable"]
+    failed = [r for r in rows if r["result"] in FAILED_PROOFS]
+    bad_claims = [r for r in failed if r["claim"] != "provider"]
+    ok = (entry["found"] and entry["chain_ok"] and manifest_doc.get("ok", False)
+          and len(proven) >= min_holders and not bad_claims)
+    return {"ok": bool(ok), "min_holders": min_holders, "proven_holders": len(proven),
+            "unreachable_holders": len(unreachable), "failed_holders": len(failed),
+            "failed_signed_holders": len(bad_claims)}
+
+
 def _text(doc: dict) -> str:
     e, m = doc["backup_entry"], doc["manifest_check"]
     lines = [f"verify {doc['manifest'][:16]} on the network"]
@@ -412,9 +443,14 @@ def _text(doc: dict) -> str:
         detail = (f"{h.get('proven', 0)}/{h.get('asked', 0)} proven"
                   if "asked" in h else "")
         reason = f" ({h['reason']})" if h.get("reason") else ""
-        lines.append(f"holder {h['node_id'][:16]}  {h['result'].upper():<11} {detail}{reason}")
+        lines.append(f"holder {h['node_id'][:16]}  {h['result'].upper():<11} "
+                     f"{h['claim']:<8} {detail}{reason}")
     if not doc["holders"]:
         lines.append("holders       none found")
+    lines.append(f"holders       {doc['proven_holders']} proved possession (at least "
+                 f"{doc['min_holders']} needed); {doc['unreachable_holders']} unreachable, "
+                 f"{doc['failed_holders']} failed a proof ({doc['failed_signed_holders']} of "
+                 "them signed for it)")
     lines.append("OK: backup verified on the network" if doc["ok"] else
                  "FAILED: see above")
     return "\n".join(lines)

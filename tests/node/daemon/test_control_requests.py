@@ -24,7 +24,7 @@ VALID = {
                 "zstd_level": 2}, ["path"]),
     "restore": ({"ref": "nope", "out": "/nonexistent/out.img", "force": False,
                  "to_device": False, "follow_symlink": False, "umask": 0o022}, ["ref", "out"]),
-    "verify": ({"ref": None, "network": False, "against": None}, []),
+    "verify": ({"ref": None, "network": False, "against": None, "min_holders": 1}, []),
     "backups": ({}, []),
     "delete": ({"ref": "nope"}, ["ref"]),
     "gc": ({}, []),
@@ -39,7 +39,8 @@ VALID = {
 }
 
 # the arguments nil is a value of (no name, no REF, no umask known)
-NULLABLE = {("backup", "name"), ("restore", "umask"), ("verify", "ref"), ("verify", "against")}
+NULLABLE = {("backup", "name"), ("restore", "umask"), ("verify", "ref"), ("verify", "against"),
+            ("verify", "min_holders")}
 
 # a value of the wrong type for an argument of each type
 # (the valid nil ones are the nullable text arguments; msgpack here has no floats)
@@ -54,7 +55,8 @@ OUT_OF_RANGE = [
     ("backup", "zstd_level", 20), ("backup", "name", ""),
     ("restore", "out", "out.img"), ("restore", "ref", ""), ("restore", "umask", -1),
     ("restore", "umask", 0o1000), ("verify", "against", "disk.img"),
-    ("verify", "ref", ""), ("delete", "ref", ""), ("fetch", "ref", ""),
+    ("verify", "ref", ""), ("verify", "min_holders", 0), ("verify", "min_holders", 65),
+    ("delete", "ref", ""), ("fetch", "ref", ""),
     ("join", "addr", ""),
     ("dht provide", "key", "zz"), ("dht provide", "key", "ab" * 31),
     ("dht find", "key", "ab" * 33), ("dht find", "count", 0), ("dht find", "count", 65),

@@ -109,3 +109,53 @@ def test_verify_network_needs_the_node_and_a_ref(tmp_path):
     p = cli("verify", "vm", "--network", ok=False)
     assert p.returncode != 0 and "running node" in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_dead_and_hostile_providers_do_not_fail_a_backup_that_enough_holders_prove(
+        tmp_path, nodes):
+    """Issue 17, attack 8. E announces itself as a provider of A's backup and holds
+    nothing; F announces it too and then dies. `verify --network` at D reports both
+    (F unreachable, E failing its proof, each a plain provider that signed nothing)
+    and judges the backup by the holders that prove possession: A (its author) and B
+    (a signed replica) prove it, so it is verified (exit 0); with --min-holders 3 it
+    is not (exit 3), and the text says how many proved."""
+    img = mixed_image(tmp_path / "img", 4 << 20, seed=8, chunk=CS)
+    a = nodes(Cli(tmp_path / "a"), env=FAST)
+    b, d, e, f = (nodes(Cli(tmp_path / n), "--bootstrap", a.addr, env=FAST) for n in "bdef")
+    mid = a.cli.json("backup", img, "--chunk-size", str(CS), "--name", "vm1")["manifest"]
+    ids = {n: n.cli.json("status")["node_id"] for n in (a, b, d, e, f)}
+    poll(lambda: b.cli.json("dht", "find", mid)["providers"], 60, "A's provider record",
+         interval=0.2)
+    b.cli.json("fetch", mid)
+    for liar in (e, f):
+        liar.cli("dht", "provide", mid)
+    poll(lambda: {ids[e], ids[f]} <= {p["node_id"] for p in
+                                       d.cli.json("dht", "find", mid, "--count", "8")
+                                       ["providers"]}, 60, "E's and F's provider records",
+         interval=0.2)
+    f.kill()
+
+    def d_knows():
+        import json
+        for x, kind in ((a, "backup"), (b, "replica")):
+            log = d.cli("audit", "log", ids[x][:16], "--json", ok=None)
+            if log.returncode != 0 or kind not in {z["kind"] for z in json.loads(log.stdout)}:
+                return False
+        return True
+    poll(d_knows, 60, "A's and B's logs at D", interval=0.5)
+
+    doc = d.cli.json("verify", mid, "--network")
+    rows = {h["node_id"]: h for h in doc["holders"]}
+    assert doc["ok"] is True, doc
+    assert (rows[ids[a]]["claim"], rows[ids[a]]["result"]) == ("author", "ok")
+    assert (rows[ids[b]]["claim"], rows[ids[b]]["result"]) == ("replica", "ok")
+    assert (rows[ids[e]]["claim"], rows[ids[e]]["result"]) == ("provider", "missing")
+    assert (rows[ids[f]]["claim"], rows[ids[f]]["result"]) == ("provider", "unreachable")
+    assert (doc["proven_holders"], doc["unreachable_holders"], doc["failed_holders"],
+            doc["failed_signed_holders"]) == (2, 1, 1, 0)
+    p = d.cli("verify", mid, "--network", "--min-holders", "3", ok=False)
+    assert p.returncode == 3
+    assert "2 proved possession (at least 3 needed); 1 unreachable, 1 failed a proof " \
+           "(0 of them signed for it)" in p.stdout and "FAILED" in p.stdout
+    p = d.cli("verify", mid, "--min-holders", "2", ok=False)
+    assert p.returncode == 2 and "needs --network" in p.stderr
