@@ -21,40 +21,15 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import trio
+from node_procs import cli, start
 
-HYPERSDK = Path(sys.executable).parent / "hypersdk"
 MiB = 1 << 20
 IDENTITIES, STREAMS, IDS = 4, 250, 64
-
-
-def cli(data_dir: Path, *args) -> str:
-    env = dict(os.environ, HYPERSDK_DATA_DIR=str(data_dir))
-    return subprocess.run([str(HYPERSDK), *map(str, args)], env=env, check=True,
-                          capture_output=True, text=True, timeout=600).stdout
-
-
-def start(data_dir: Path, *extra) -> tuple[subprocess.Popen, str]:
-    env = dict(os.environ, HYPERSDK_DATA_DIR=str(data_dir))
-    cli(data_dir, "node", "init")
-    proc = subprocess.Popen([str(HYPERSDK), "node", "run", "--listen",
-                             "/ip4/127.0.0.1/tcp/0", *extra], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    addrs = data_dir / "node.addrs"
-    for _ in range(600):                       # <= 60 s
-        if addrs.exists() and addrs.read_text().strip():
-            return proc, addrs.read_text().split()[0]
-        if proc.poll() is not None:
-            raise SystemExit(f"node in {data_dir} exited ({proc.returncode})")
-        time.sleep(0.1)
-    proc.kill()
-    raise SystemExit(f"node in {data_dir} did not start in 60 s")
 
 
 def rss(pid: int) -> int:

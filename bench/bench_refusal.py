@@ -18,7 +18,6 @@ The issue's bar: a stranger refused in <= 100 ms.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import subprocess
@@ -28,6 +27,7 @@ import time
 from pathlib import Path
 
 import trio
+from node_procs import cli, start
 
 REPO = Path(__file__).resolve().parents[1]
 HYPERSDK = Path(sys.executable).parent / "hypersdk"
@@ -35,25 +35,10 @@ S = 10**9
 
 
 def _cli(data_dir: Path, *args) -> str:
-    env = dict(os.environ, HYPERSDK_DATA_DIR=str(data_dir))
-    return subprocess.run([str(HYPERSDK), *map(str, args)], env=env, check=True,
-                          capture_output=True, text=True, timeout=120).stdout
+    return cli(data_dir, *args, timeout=120)
 
 
-def _start(data_dir: Path) -> tuple[subprocess.Popen, str]:
-    env = dict(os.environ, HYPERSDK_DATA_DIR=str(data_dir))
-    _cli(data_dir, "node", "init")
-    proc = subprocess.Popen([str(HYPERSDK), "node", "run", "--listen", "/ip4/127.0.0.1/tcp/0"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    addrs = data_dir / "node.addrs"
-    for _ in range(600):                       # <= 60 s
-        if addrs.exists() and addrs.read_text().strip():
-            return proc, addrs.read_text().split()[0]
-        if proc.poll() is not None:
-            raise SystemExit(f"node in {data_dir} exited ({proc.returncode})")
-        time.sleep(0.1)
-    proc.kill()
-    raise SystemExit(f"node in {data_dir} did not start in 60 s")
+_start = start
 
 
 _PLAIN = """
