@@ -247,7 +247,8 @@ class ExchangeServer:
     async def _get(self, cid: bytes, asked: _Asked):
         """(the stored chunk or None, bytes held for it): not read if cancelled
         already. The budget is asked before the read (for the largest payload seen
-        so far) and adjusted to the payload's size after it; _sent gives it back."""
+        so far) and adjusted to the payload's size after it; the caller gives the
+        bytes back once the chunk is sent (the stream's end gives back the rest)."""
         if cid in asked.cancelled:
             return None, 0
         acct, est = asked.acct, self._est
