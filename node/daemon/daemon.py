@@ -422,7 +422,8 @@ async def _status(d: "Daemon", args, events):
                          for c, t in d.in_flight.values()],
             "served": dict(d.served), "failed": dict(d.failed),
             "bad_requests": d.control_errors, "idle_control_closed": d.control_idle_closed,
-            "serving": dict(d.serve_budget.status(), memory_trims=d.trims)}
+            "serving": dict(d.serve_budget.status(), memory_trims=d.trims),
+            "handshakes": d.transport.handshake_counters if d.transport is not None else {}}
 
 
 @command("peers")

@@ -75,6 +75,7 @@ py-libp2p quirks this module works around:
 """
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import os
@@ -114,6 +115,14 @@ DEFAULT_LISTEN = "/ip4/127.0.0.1/tcp/0"
 _CLOSE_GRACE = 2.0        # seconds an aclose() may spend sending its FIN before resetting
 _SHUTDOWN_GRACE = 5.0     # seconds run() may spend closing connections and listeners
 _LISTEN_BACKLOG = 128     # as py-libp2p's own listener
+# Inbound handshakes (TCP accepted, Noise + membership proof + yamux not done yet):
+# at most PER_IP_HANDSHAKES at once from one address and MAX_HANDSHAKES in all (more
+# are closed at once), each done within HANDSHAKE_DEADLINE. 500 connections from one
+# address that stalled after the first multistream line made every honest dial fail
+# (issue 17, attack 3: 0 of 15; tests/node/net/test_half_open.py).
+PER_IP_HANDSHAKES = 16
+MAX_HANDSHAKES = 512
+HANDSHAKE_DEADLINE = 5.0
 
 
 def configure_libp2p_logging() -> None:
@@ -280,14 +289,17 @@ class P2PStream:
 class _ConnTracker(INotifee):
     """Remembers every connection so that run() can close its socket."""
 
-    def __init__(self, conns: set, on_disconnect=None):
+    def __init__(self, conns: set, on_disconnect=None, on_connect=None):
         self.conns = conns
         self.on_disconnect = on_disconnect
+        self.on_connect = on_connect
 
     async def connected(self, network, conn) -> None:
         for old in [c for c in self.conns if getattr(c.muxed_conn, "is_closed", False)]:
             self.conns.discard(old)
         self.conns.add(conn)
+        if self.on_connect is not None:
+            self.on_connect(conn)
 
     async def disconnected(self, network, conn) -> None:
         if self.on_disconnect is not None:
@@ -439,10 +451,59 @@ class _OwnSocketListener(IListener):
                 pass
 
     async def _accepted(self, stream: trio.SocketStream) -> None:
+        """One inbound connection's handshake, within the caps and deadline above.
+        It counts against its address from accept until the connection is up (the
+        swarm's connected notification: _ConnTracker calls tcp.upgraded) or gone;
+        the swarm's handler itself runs on a little longer (Identify)."""
+        tcp = self._tcp
         try:
-            await self._handler(TrioTCPStream(stream))
+            addr = tuple(stream.socket.getpeername()[:2])
+        except OSError:
+            addr = ("?", 0)
+        ip = addr[0]
+        if tcp.handshaking[ip] >= PER_IP_HANDSHAKES or \
+                sum(tcp.handshaking.values()) >= MAX_HANDSHAKES:
+            tcp.counters["refused: too many handshakes from one address"
+                         if tcp.handshaking[ip] >= PER_IP_HANDSHAKES else
+                         "refused: too many handshakes"] += 1
+            with trio.move_on_after(1):
+                await stream.aclose()
+            return
+        tcp.handshaking[ip] += 1
+        done = trio.Event()
+
+        def release() -> None:
+            if not done.is_set():
+                done.set()
+                tcp.handshaking[ip] -= 1
+                if tcp.handshaking[ip] <= 0:
+                    del tcp.handshaking[ip]
+                if tcp.pending.get(addr) is release:
+                    del tcp.pending[addr]
+
+        tcp.pending[addr] = release
+        timed_out = False
+        try:
+            async with trio.open_nursery() as n:
+                async def deadline():
+                    nonlocal timed_out
+                    with trio.move_on_after(HANDSHAKE_DEADLINE):
+                        await done.wait()
+                        return
+                    timed_out = True
+                    n.cancel_scope.cancel()
+
+                n.start_soon(deadline)
+                await self._handler(TrioTCPStream(stream))
+                n.cancel_scope.cancel()
+            if timed_out:
+                tcp.counters["handshake timeouts"] += 1
+                with trio.move_on_after(1):
+                    await stream.aclose()
         except Exception as exc:            # one bad inbound connection: drop it only
             log.debug("inbound connection failed: %r", exc)
+        finally:
+            release()
 
     def get_addrs(self) -> tuple[multiaddr.Multiaddr, ...]:
         return tuple(multiaddr_from_socket(lst.socket) for lst in self._listeners)
@@ -463,6 +524,19 @@ class _OwnSocketTCP(TCP):
         super().__init__()
         self.bound: dict[str, trio.socket.SocketType] = {}
         self.nursery: trio.Nursery | None = None
+        self.handshaking: collections.Counter = collections.Counter()   # ip -> in progress
+        self.pending: dict = {}            # (ip, port) -> release(), until connected
+        self.counters: collections.Counter = collections.Counter()
+
+    def upgraded(self, conn) -> None:
+        """The swarm says conn is up: its handshake no longer counts (_accepted)."""
+        try:
+            addr = conn.muxed_conn.secured_conn.get_remote_address()
+        except Exception:
+            return
+        release = self.pending.get(tuple(addr)[:2]) if addr else None
+        if release is not None:
+            release()
 
     def create_listener(self, handler_function) -> _OwnSocketListener:
         return _OwnSocketListener(handler_function, self)
@@ -504,7 +578,13 @@ class P2PTransport:
         self._conns: set = set()          # every connection, until run() closes it
         self._dead: weakref.WeakSet = weakref.WeakSet()   # failed under us, closing
         self._nursery: trio.Nursery | None = None
-        network.register_notifee(_ConnTracker(self._conns, self._disconnected))
+        network.register_notifee(_ConnTracker(self._conns, self._disconnected,
+                                              on_connect=self._tcp.upgraded))
+
+    @property
+    def handshake_counters(self) -> dict:
+        """Inbound handshakes refused or timed out (PER_IP_HANDSHAKES, ...)."""
+        return dict(self._tcp.counters, in_progress=sum(self._tcp.handshaking.values()))
 
     # -- addresses ----------------------------------------------------------
     @property
