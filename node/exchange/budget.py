@@ -10,10 +10,11 @@ stream ends):
     budget = ServeBudget(total=256 << 20, per_peer=16 << 20, streams=256,
                          streams_per_peer=8)
     if not budget.open_stream(peer): refuse the stream     # over the stream caps
-    async with budget.hold(peer, estimate) as h:           # waits: back-pressure
-        ... read the chunk ...; await h.grow(actual)       # the real size
-        ... send it ...                                    # released on exit
-    budget.close_stream(peer)
+    acct = StreamAccount(budget, peer)                     # the stream's share
+    await acct.take(estimate)                              # waits: back-pressure
+    ... read the chunk; take or give the difference to its real size; send it ...
+    acct.give(size)                                        # once sent
+    acct.close(); budget.close_stream(peer)                # the stream ends
 
 Rules:
 - bytes: at most `total` held for all peers and `per_peer` for one; a request
@@ -47,7 +48,6 @@ Pure trio (no I/O); the daemon sizes it from `node run --serve-memory` (default
 from __future__ import annotations
 
 from collections import Counter
-from contextlib import asynccontextmanager
 
 import trio
 
@@ -136,16 +136,6 @@ class ServeBudget:
         self._changed.set()
         self._changed = trio.Event()
 
-    @asynccontextmanager
-    async def hold(self, peer: bytes, n: int):
-        """Hold `n` bytes for `peer` for the block (h.grow(m): hold m in all)."""
-        h = _Hold(self, peer)
-        await h.grow(n)
-        try:
-            yield h
-        finally:
-            self.release(peer, h.n)
-
     def status(self) -> dict:
         return {"bytes_held": self.used, "high_water": self.high_water,
                 "limit": self.total, "per_peer": self.per_peer, "streams": self.streams,
@@ -176,19 +166,6 @@ class StreamAccount:
 
     def close(self) -> None:
         self.give(self.held)
-
-
-class _Hold:
-    def __init__(self, budget: ServeBudget, peer: bytes):
-        self.budget, self.peer, self.n = budget, peer, 0
-
-    async def grow(self, m: int) -> None:
-        """Hold m bytes in all (more: waits for the difference; less: gives back)."""
-        if m > self.n:
-            await self.budget.acquire(self.peer, m - self.n)
-        elif m < self.n:
-            self.budget.release(self.peer, self.n - m)
-        self.n = m
 
 
 __all__ = ["ServeBudget", "StreamAccount", "DEFAULT_TOTAL", "DEFAULT_PER_PEER", "DEFAULT_STREAMS",

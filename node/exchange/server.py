@@ -259,12 +259,17 @@ class ExchangeServer:
             acct.give(est)
             raise
         n = len(got[2]) if got is not None else 0
+        await self._settle(acct, est, n)
+        return got, n
+
+    async def _settle(self, acct: StreamAccount, est: int, n: int) -> None:
+        """Hold n bytes instead of the estimate `est` taken before a read (and let
+        the estimate grow to the largest payload seen)."""
         if n > est:
             self._est = n
             await acct.take(n - est)
         else:
             acct.give(est - n)
-        return got, n
 
     async def _answer(self, stream, msg, asked: _Asked) -> None:
         t = type(msg)
@@ -334,16 +339,14 @@ class ExchangeServer:
                 parts.append(encode_message(Missing(rid, cid)))
                 done += 1
                 continue
-            await acct.take(self._est)
+            est = self._est
+            await acct.take(est)
             got = cached(cid)
             if got is None:
-                acct.give(self._est)
+                acct.give(est)
                 break
             n = len(got[2])
-            if n > self._est:
-                await acct.take(n - self._est)
-            else:
-                acct.give(self._est - n)
+            await self._settle(acct, est, n)
             asked.answered(cid)
             parts += self._data_frame(rid, cid, got)
             pending += n
