@@ -69,6 +69,9 @@ def summarize(metrics: dict) -> dict:
         "join_messages_per_node": metrics["join"]["requests_per_node"],
         "background_messages_per_node_hour": metrics["background_requests_per_node_hour"],
         "churn_replacements": metrics["churn_replacements"],
+        "flood_keys_sent": (metrics.get("flood") or {}).get("keys", 0),
+        "flood_refused_by_honest": (metrics.get("flood") or {}).get("refused_by_honest", 0),
+        "flood_honest_stores_full": (metrics.get("flood") or {}).get("honest_stores_full", 0),
         "handler_errors": metrics["handler_errors"] + metrics["service_handler_errors"],
     }
 
@@ -110,6 +113,10 @@ def table(report: dict) -> str:
                  f"{_fmt(s['join_messages_per_node'])} messages/node"),
         ("background msgs/node/hour", _fmt(s["background_messages_per_node_hour"])),
         ("churn replacements", _fmt(s["churn_replacements"])),
+        *([("provider-record flood", f"{s['flood_keys_sent']} keys sent; honest stores full "
+                                     f"{s['flood_honest_stores_full']}, records refused "
+                                     f"{s['flood_refused_by_honest']}")]
+          if s.get("flood_keys_sent") else []),
         ("handler errors", _fmt(s["handler_errors"])),
         ("wall time", f"{r['wall_seconds']:.1f} s"),
         ("peak RSS", f"{r['peak_rss_bytes'] / 2**20:.0f} MiB"),

@@ -19,8 +19,11 @@ Phases, all in virtual time:
    switched on but never bind between honest nodes -- they exist against one
    operator filling a bucket, which a scenario does not model.
 2. Faults: a fraction of non-bootstrap nodes is made "malicious" before the
-   join (they lie from the start; node/kademlia/rpc.py strategies); "drop" and
-   "hang" nodes fail right after the join.
+   join (they lie from the start; node/kademlia/rpc.py strategies; "eclipse"
+   liars collude, each knowing the others); "drop" and "hang" nodes fail right
+   after the join. With [faults] flood_keys, every malicious node also floods
+   FLOOD_TARGETS peers of its table with provider records for random keys at a
+   random time in the workload's first half (the metrics' "flood").
 3. Join: the bootstrap nodes join one after the other; then every other node
    bootstraps through all of them, joins starting spread uniformly over
    [network] join_window, all concurrently.
@@ -66,12 +69,16 @@ import trio.testing
 
 from hypersdk.dht.contact import Contact
 from hypersdk.dht.keys import node_id
+from hypersdk.dht.providers import ProviderStore
+from hypersdk.node.kademlia.rpc import to_info
 from hypersdk.node.kademlia.service import DhtService
+from hypersdk.protocol.dht_messages import MAX_BATCH_KEYS, AddProviders
 from hypersdk.simnet.churn import churn
 from hypersdk.simnet.network import NetworkModel
 from hypersdk.simnet.scenario import Scenario
 from hypersdk.simnet.transport import SimNetwork, seed_scheduler
 
+FLOOD_TARGETS = 20            # peers each flooding node floods ([faults] flood_keys)
 _op: contextvars.ContextVar[list | None] = contextvars.ContextVar("simnet_op", default=None)
 
 
@@ -154,10 +161,11 @@ class _Sim:
         c = Contact(node_id(self.rng_ids.randbytes(32)), _address(i), f"site{i}")
         self.model.set_region(c.addr, self._region(i))
         d = self.sc.dht
+        store = ProviderStore(max_records=d.provider_capacity) if d.provider_capacity else None
         svc = DhtService(self.net.add_node(c.id, c.addr), c,
                          rng=random.Random(self.rng_nodes.getrandbits(64)), k=d.k,
                          alpha=d.alpha, request_timeout=d.request_timeout,
-                         disjoint_paths=d.disjoint_paths)
+                         disjoint_paths=d.disjoint_paths, providers=store)
         node = self.live[c.addr] = _Node(svc)
         await self.nursery.start(self._node_task, node, seeds)
         return node
@@ -239,9 +247,13 @@ class _Sim:
             chosen = self.rng_faults.sample(free, count)
             picked = {id(c) for c in chosen}
             free = [c for c in free if id(c) not in picked]
+            params = {}
+            if kind == "malicious":
+                params = {"strategy": f.malicious_strategy}
+                if f.malicious_strategy == "eclipse":     # the liars know each other
+                    params["accomplices"] = tuple(to_info(c.svc.own) for c in chosen)
             for c in chosen:
                 addr = c.svc.own.addr
-                params = {"strategy": f.malicious_strategy} if kind == "malicious" else {}
                 self.model.set_fault(addr, kind, **params)
                 self.bad[addr] = kind
 
@@ -287,9 +299,14 @@ class _Sim:
                             "owner_left": owner is not None
                             and owner.svc.own.addr not in self.live})
 
+        flood = {"messages": 0, "keys": 0}
         async with trio.open_nursery() as work:
             if sc.churn.replace_per_hour > 0:
                 work.start_soon(self._churn, duration)
+            if sc.faults.flood_keys:
+                for addr in [a for a, kind in self.bad.items() if kind == "malicious"]:
+                    work.start_soon(self._flood, self.live[addr],
+                                    t0 + rng.uniform(0, duration / 2), flood)
             async with trio.open_nursery() as ops:
                 for key, at in zip(keys, provide_at):
                     ops.start_soon(provide, key, at)
@@ -304,8 +321,13 @@ class _Sim:
         reprovide = await self._reprovide() if w.reprovide and w.reprovide_keys else None
         provides.sort(key=lambda r: r["t"])
         lookups.sort(key=lambda r: r["t"])
+        honest = self.honest()
         return {"provides": provides, "lookups": lookups,
                 "reprovide": reprovide,
+                "flood": {**flood, "refused_by_honest": sum(
+                    n.svc.counters["provider records refused"] for n in honest),
+                    "honest_stores_full": sum(
+                        len(n.svc.providers) >= n.svc.providers.max_records for n in honest)},
                 "workload_seconds": ops_end,
                 "background_requests": background,
                 "background_requests_per_node_hour":
@@ -345,6 +367,22 @@ class _Sim:
                 "batches": stats.batches, "batches_failed": stats.batches_failed,
                 "unannounced": stats.unannounced, "seconds": seconds,
                 "sample_held_by_k_closest": held}
+
+    async def _flood(self, node: _Node, at: float, tally: dict) -> None:
+        """An active adversary: at `at`, announce ourselves for flood_keys random
+        keys (AddProviders batches, the most a message holds) to FLOOD_TARGETS
+        random peers of our table, as fast as the replies come."""
+        await trio.sleep_until(at)
+        svc, rng = node.svc, random.Random(self.rng_faults.getrandbits(64))
+        peers = svc.table.closest(rng.randbytes(32), 4 * FLOOD_TARGETS)
+        me, n = svc.info, self.sc.faults.flood_keys
+        for peer in rng.sample(peers, min(FLOOD_TARGETS, len(peers))):
+            for start in range(0, n, MAX_BATCH_KEYS):
+                keys = tuple(sorted(rng.randbytes(32) for _ in range(min(MAX_BATCH_KEYS,
+                                                                          n - start))))
+                await svc.request(peer, AddProviders(svc._rid(), keys, me, me))
+                tally["messages"] += 1
+                tally["keys"] += len(keys)
 
     def _say(self, msg: str) -> None:
         self.progress(f"{msg} (wall {time.perf_counter() - self.wall0:.0f} s)")

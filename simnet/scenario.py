@@ -31,13 +31,21 @@ Format (all times in simulated seconds, bandwidths in Mbit/s):
     alpha = 3
     disjoint_paths = 1             # S/Kademlia disjoint lookup paths
     request_timeout = 5.0
+    provider_capacity = 0          # provider records each node keeps (0: the node's
+                                   # default, dht/providers.py MAX_RECORDS); small
+                                   # values let a simulated flood fill stores cheaply
 
     [churn]
     replace_per_hour = 0.2         # fraction of the nodes replaced per simulated hour
 
     [faults]
     malicious = 0.2                # fraction of nodes that lie (node/kademlia/rpc.py)
-    malicious_strategy = "mixed"   # "far-peers" | "fabricated" | "mixed"
+    malicious_strategy = "mixed"   # "far-peers" | "fabricated" | "mixed" | "eclipse"
+                                   # (eclipse: the liars collude, each answering with
+                                   # the liars closest to the target)
+    flood_keys = 0                 # each malicious node, during the workload's first
+                                   # half, announces itself for this many random keys
+                                   # to each of FLOOD_TARGETS peers of its table
     drop = 0.0                     # fraction of nodes that become unreachable after the join
     hang = 0.0                     # fraction of nodes that blackhole after the join
 
@@ -59,7 +67,7 @@ from pathlib import Path
 from hypersdk.node.errors import UserError
 from hypersdk.simnet.network import REGIONS
 
-STRATEGIES = ("far-peers", "fabricated", "mixed")
+STRATEGIES = ("far-peers", "fabricated", "mixed", "eclipse")
 
 
 @dataclass(frozen=True)
@@ -81,6 +89,7 @@ class DhtSpec:
     alpha: int = 3
     disjoint_paths: int = 1
     request_timeout: float = 5.0
+    provider_capacity: int = 0
 
 
 @dataclass(frozen=True)
@@ -92,6 +101,7 @@ class ChurnSpec:
 class FaultSpec:
     malicious: float = 0.0
     malicious_strategy: str = "mixed"
+    flood_keys: int = 0
     drop: float = 0.0
     hang: float = 0.0
 
@@ -179,10 +189,12 @@ _RULES = {
                 "join_window": (float, 0, None, False, False)},
     "dht": {"k": (int, 1, None, False, False), "alpha": (int, 1, None, False, False),
             "disjoint_paths": (int, 1, None, False, False),
-            "request_timeout": (float, 0, None, True, False)},
+            "request_timeout": (float, 0, None, True, False),
+            "provider_capacity": (int, 0, None, False, False)},
     "churn": {"replace_per_hour": (float, 0, None, False, False)},
     "faults": {"malicious": (float, 0, 1, False, False), "drop": (float, 0, 1, False, False),
-               "hang": (float, 0, 1, False, False), "malicious_strategy": (str, None, None, 0, 0)},
+               "hang": (float, 0, 1, False, False), "malicious_strategy": (str, None, None, 0, 0),
+               "flood_keys": (int, 0, None, False, False)},
     "workload": {"provides": (int, 0, None, False, False), "lookups": (int, 0, None, False, False),
                  "reprovide": (bool, None, None, 0, 0),
                  "reprovide_keys": (int, 0, None, False, False)},

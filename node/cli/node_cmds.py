@@ -29,6 +29,7 @@ from pathlib import Path
 
 import click
 
+from hypersdk.dht.providers import MAX_RECORDS
 from hypersdk.node.cli.app import cli, emit, json_option
 from hypersdk.node.config import default_data_dir, human, parse_size
 from hypersdk.node.errors import UsageError, UserError
@@ -86,9 +87,13 @@ def init(ctx, as_json):
 @click.option("--serve-memory", default="256M", metavar="SIZE", show_default=True,
               help="most chunk bytes held at once for the peers this node serves "
                    "(1/16 of it per peer); beyond it, peers wait")
+@click.option("--provider-records", type=click.IntRange(1024, 1 << 24), default=MAX_RECORDS,
+              show_default=True, metavar="N",
+              help="most DHT provider records kept for other peers (about 250 bytes "
+                   "each); a full store is shared fairly among the peers announcing")
 @json_option
 @click.pass_context
-def run(ctx, listen, bootstrap, announce, dht_k, serve_memory, as_json):
+def run(ctx, listen, bootstrap, announce, dht_k, serve_memory, provider_records, as_json):
     """Run the node in the foreground until SIGINT/SIGTERM."""
     import signal
 
@@ -112,7 +117,8 @@ def run(ctx, listen, bootstrap, announce, dht_k, serve_memory, as_json):
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
                 d = Daemon(data, ident, listen=listen or DEFAULT_LISTEN, bootstrap=bootstrap,
-                           announce=announce, k=dht_k, serve_memory=serve_bytes)
+                           announce=announce, k=dht_k, serve_memory=serve_bytes,
+                           provider_records=provider_records)
                 await nursery.start(d.run)
                 from hypersdk.node.daemon.control import socket_path
                 doc = {"peer_id": str(ident.libp2p_peer_id), "node_id": ident.node_id.hex(),

@@ -60,6 +60,7 @@ from pathlib import Path
 import trio
 
 from hypersdk.dht.contact import Contact
+from hypersdk.dht.providers import MAX_RECORDS, ProviderStore
 from hypersdk.dht.routing import MAX_PER_PREFIX24
 from hypersdk.node.config import DEFAULT_ZSTD_LEVEL
 from hypersdk.node.daemon import control
@@ -411,7 +412,11 @@ async def _status(d: "Daemon", args, events):
             "uptime": round(trio.current_time() - d.started, 3),
             "dht": {"routing_table": len(d.dht.table),
                     "providing": len(d.dht.republisher.keys),
-                    "provider_records": len(d.dht.providers)},
+                    "provider_records": len(d.dht.providers),
+                    "provider_records_max": d.dht.providers.max_records,
+                    "provider_records_refused": d.dht.counters["provider records refused"],
+                    "provider_records_evicted": d.dht.providers.evicted,
+                    "provider_checks": d.dht.counters["provider checks"]},
             "store": {"chunks": stats["unique_chunks"], "stored_bytes": stats["stored_bytes"],
                       "backups": stats["backups"]},
             "bootstrap": dict(d.bootstrap_state),
@@ -494,7 +499,8 @@ async def _dht_find(d: "Daemon", args, events):
 class Daemon:
     def __init__(self, data_dir, identity: Identity, *, listen: str = DEFAULT_LISTEN,
                  bootstrap=(), announce=(), rng: random.Random | None = None,
-                 k: int | None = None, serve_memory: int = DEFAULT_SERVE_MEMORY):
+                 k: int | None = None, serve_memory: int = DEFAULT_SERVE_MEMORY,
+                 provider_records: int = MAX_RECORDS):
         self.data_dir = Path(data_dir).absolute()
         self.identity = identity
         self.listen = listen
@@ -502,6 +508,7 @@ class Daemon:
         self.announce = list(announce)
         self.rng = rng or random.Random(int.from_bytes(os.urandom(8), "big"))
         self.k = k                          # DHT k (None: dht.lookup.K); tests shrink it
+        self.provider_records = provider_records   # the DHT provider store's bound
         # what the chunk exchange may hold for peers (node/exchange/budget.py)
         self.serve_budget = ServeBudget(total=serve_memory, per_peer=serve_memory // 16)
         self.saved = SavedPeers(self.data_dir)
@@ -568,6 +575,7 @@ class Daemon:
                     self.dht = DhtService(
                         self.net, own, rng=random.Random(self.rng.getrandbits(64)),
                         **({"k": self.k} if self.k else {}),
+                        providers=ProviderStore(max_records=self.provider_records),
                         max_per_prefix24=None if _is_loopback(self.listen) else MAX_PER_PREFIX24)
                     self.dht.author_ok = self.gate.author_ok
                     await nursery.start(self.dht.run)

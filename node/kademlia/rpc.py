@@ -32,6 +32,7 @@ Scoring rules (PeerScores; time is an argument, like the dht/ cores):
 """
 from __future__ import annotations
 
+import heapq
 import logging
 from dataclasses import dataclass
 
@@ -397,6 +398,7 @@ class Responder:
     def _respond(self, req, peer_id: bytes, now: float):
         svc = self.svc
         svc.counters["requests served"] += 1
+        svc.providers.mark_ok(peer_id, now)     # it asked: it is alive
         if req.sender is not None and req.sender.id == peer_id:
             svc.observe(to_contact(req.sender), now)
         elif req.sender is not None:                            # a claim we cannot check
@@ -428,16 +430,19 @@ class Responder:
             return Providers(req.rid, [to_info(c) for c in found[:MAX_PROVIDERS]],
                              self._closer(req.key, peer_id))
         if isinstance(req, AddProvider):         # a peer may announce only itself
-            stored = (req.provider.id == peer_id
-                      and svc.providers.add(req.key, to_contact(req.provider), now))
-            return Ack(req.rid, stored)
+            if req.provider.id != peer_id:
+                svc.counters["provider records for others refused"] += 1
+                return Ack(req.rid, False)
+            return Ack(req.rid, self._add_provider(req.key, to_contact(req.provider), now))
         if isinstance(req, AddProviders):        # the batch form, same rule
             if req.provider.id != peer_id:
+                svc.counters["provider records for others refused"] += 1
                 return Ack(req.rid, False)
             provider = to_contact(req.provider)
-            # ProviderStore's bounds apply key by key (a full store refuses new
-            # keys, a full key new providers); stored only if every key was.
-            refused = sum(not svc.providers.add(key, provider, now) for key in req.keys)
+            # ProviderStore's rules apply key by key (dht/providers.py: a full
+            # store is shared fairly, a full key keeps its live providers);
+            # stored only if every key was.
+            refused = sum(not self._add_provider(key, provider, now) for key in req.keys)
             if refused:
                 svc.counters["batch keys refused"] += refused
             return Ack(req.rid, refused == 0)
@@ -452,6 +457,15 @@ class Responder:
         if isinstance(req, GetRecord):
             return RecordFound(req.rid, svc.records.get(req.key), self._closer(req.key, peer_id))
         raise AssertionError(f"unhandled request {type(req).__name__}")
+
+    def _add_provider(self, key: bytes, provider: Contact, now: float) -> bool:
+        svc = self.svc
+        if svc.providers.add(key, provider, now):
+            return True
+        svc.counters["provider records refused"] += 1
+        if svc.providers.waiting(key) == provider:   # a full key: check its providers
+            svc.check_providers(key)
+        return False
 
     def _closer(self, target: bytes, requester: bytes) -> list[PeerInfo]:
         """The k peers we know closest to target, minus the requester."""
@@ -472,8 +486,17 @@ class Responder:
         return str((params or {}).get("strategy", "mixed"))
 
     def _lies(self, target: bytes, strategy: str) -> list[PeerInfo]:
-        """Real peers far from target and/or fabricated (undialable) ones."""
+        """Real peers far from target and/or fabricated (undialable) ones; for
+        "eclipse", the accomplices (the fault's parameter) closest to target, so
+        that a walk that trusts us only meets liars."""
         svc, rng = self.svc, self.svc.rng
+        if strategy == "eclipse":
+            model = svc.transport.net.model
+            accomplices = model.faults(svc.own.addr)["malicious"].get("accomplices", ())
+            t = int.from_bytes(target, "big")
+            near = heapq.nsmallest(svc.k + 1, accomplices,
+                                   key=lambda p: t ^ int.from_bytes(p.id, "big"))
+            return [p for p in near if p.id != svc.own.id][:min(svc.k, MAX_PEERS)]
         n_real = {"far-peers": svc.k, "fabricated": 0}.get(strategy, svc.k // 2)
         far = bytes(b ^ 0xFF for b in target)
         real = [to_info(c) for c in svc.table.closest(far, n_real)]

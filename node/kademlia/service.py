@@ -13,6 +13,9 @@ and owns the background tasks:
            │                   refresh only needs live contacts in the range, not a
            │                   record's k holders)
            ├─ provider expiry  every hour: drop expired provider records
+           ├─ provider checks  when a newcomer waits at a key full of providers, ping
+           │                   the ones not heard from lately; the first that fails
+           │                   gives the newcomer its place (dht/providers.py rule 4)
            └─ republish        every 22 h: re-announce every provided key with one
                                keyspace sweep (node/kademlia/republish.py): a few lookups
                                and batched AddProviders, not a lookup per key
@@ -78,6 +81,7 @@ LOOKUP_GRACE = 0.5              # seconds a lookup waits past a request's own de
 EARLY_STORE_PREFIX = 5          # a provide stores early once this many closest answered
 PROVIDE_WALK_K = 15             # a provide's walk ends once this many closest answered
 JOIN_MIN_MEMBERS = 2            # a join walks into a far bucket with fewer members
+MAX_CHECKS = 8                  # provider liveness pings in flight (check_providers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,15 +109,16 @@ class DhtService:
         self.refresh_interval = refresh_interval
         self.table = RoutingTable(own.id, rng=rng, k=k, max_per_prefix24=max_per_prefix24,
                                   max_per_site=max_per_site)
-        self.providers = providers or ProviderStore()
+        self.providers = providers if providers is not None else ProviderStore()
         self.republisher = Republisher(republish_interval)
         self.records = RecordStore()
-        self.scores = scores or PeerScores()
+        self.scores = scores if scores is not None else PeerScores()
         self.counters: collections.Counter = collections.Counter()
         self.errors: collections.deque = collections.deque(maxlen=10)   # last handler bugs
         self.rng = rng
         self.last_republish: RepublishStats | None = None    # the last sweep's figures
         self._nursery: trio.Nursery | None = None
+        self._checking: set[bytes] = set()      # providers being pinged (check_providers)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED):
         try:
@@ -241,10 +246,13 @@ class DhtService:
         found = {c.id: c for c in self.providers.get(key, trio.current_time())}
         if len(found) >= count:
             return list(found.values()), LookupStats(0, 0, 0, 0.0)
+        banned = self.scores.banned
 
         def absorb(peer: Contact, reply: Providers) -> bool:
+            now = trio.current_time()
             for p in reply.providers:
-                found.setdefault(p.id, to_contact(p))
+                if not banned(p.id, now):       # a peer we banned is asked for nothing
+                    found.setdefault(p.id, to_contact(p))
             return len(found) >= count
 
         _, stats = await self._walk(key, lambda rid: GetProviders(rid, key, self.info), absorb)
@@ -292,11 +300,35 @@ class DhtService:
             if exc.misbehaved:
                 self.penalize(contact.id, exc.reason, now)
             self.table.failed(contact.id, now)
+            self.counters["providers let in"] += self.providers.mark_failed(contact.id, now)
             return None
         now = trio.current_time()
         self.scores.reward(contact.id, now)
+        self.providers.mark_ok(contact.id, now)
         self.observe(contact, now)
         return reply
+
+    def check_providers(self, key: bytes) -> None:
+        """A newcomer waits at the full provider list of `key` (dht/providers.py
+        rule 4): ping the providers of it nobody heard from lately, in the
+        background (at most MAX_CHECKS at once, one per provider); the first
+        that fails gives its place to the newcomer."""
+        if not self.running:
+            return
+        for c in self.providers.to_check(key, trio.current_time()):
+            if len(self._checking) >= MAX_CHECKS:
+                self.counters["provider checks skipped"] += 1
+                return
+            if c.id not in self._checking:
+                self._checking.add(c.id)
+                self._nursery.start_soon(self._check_provider, c)
+
+    async def _check_provider(self, contact: Contact) -> None:
+        try:
+            self.counters["provider checks"] += 1
+            await self.request(contact, Ping(self._rid(), self.info))
+        finally:
+            self._checking.discard(contact.id)
 
     # -- lookups -------------------------------------------------------------------------
 
@@ -442,6 +474,7 @@ class DhtService:
             log.info("banning peer %s: %s", peer_id.hex()[:12], reason)
             self.counters["bans"] += 1
             self.table.remove(peer_id)          # from its bucket and the replacements
+            self.providers.mark_failed(peer_id, now, banned=True)   # never handed out
 
     async def _refresh_loop(self) -> None:
         while True:

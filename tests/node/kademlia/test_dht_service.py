@@ -430,7 +430,7 @@ async def test_add_providers_stores_only_the_sender_and_respects_store_bounds(
         nursery, autojump_clock):
     net, nodes = await start_network(nursery, 3, seed=22)
     a, holder, c = nodes
-    holder.providers = ProviderStore(max_keys=3)
+    holder.providers = ProviderStore(max_records=3)
     rng = random.Random(22)
     keys = tuple(sorted(rng.randbytes(32) for _ in range(5)))
     me, other = to_info(a.own), to_info(c.own)
@@ -441,6 +441,67 @@ async def test_add_providers_stores_only_the_sender_and_respects_store_bounds(
     now = trio.current_time()
     assert [holder.providers.get(k, now) for k in keys] == [[a.own]] * 3 + [[]] * 2
     assert holder.counters["batch keys refused"] == 2  # the store's bound, key by key
+    assert_healthy(net, nodes)
+
+
+async def test_a_provider_record_flood_cannot_hide_a_new_provider(nursery, autojump_clock):
+    """Attack 4: a member floods every node's provider store with random keys
+    (AddProviders batches of itself); a backup announced afterwards is still
+    stored on its k closest and found (dht/providers.py rule 3)."""
+    net, nodes = await start_network(nursery, 24, seed=24)
+    for svc in nodes:
+        svc.providers = ProviderStore(max_records=400)
+    await join(nodes)
+    attacker, owner, seeker = nodes[-1], nodes[1], nodes[2]
+    rng = random.Random(24)
+    me = to_info(attacker.own)
+    for target in nodes[:-1]:                 # 1,000 keys at every node: 2.5x its store
+        for batch in range(10):
+            keys = tuple(sorted(rng.randbytes(32) for _ in range(100)))
+            await attacker.request(target.own, AddProviders(batch, keys, me, me))
+    assert all(len(svc.providers) == 400 for svc in nodes[:-1])   # full of the flood
+    key = rng.randbytes(32)
+    assert await owner.provide(key) >= 15
+    found, _ = await seeker.find_providers(key)
+    assert owner.own in found
+    refused = sum(svc.counters["provider records refused"] for svc in nodes)
+    assert refused > 0 and all(svc.providers.records_of(attacker.own.id) < 400
+                               for svc in nodes[:-1] if svc.providers.get(key, trio.current_time()))
+    assert_healthy(net, nodes)
+
+
+async def test_dead_providers_give_their_place_to_a_new_one(nursery, autojump_clock):
+    """Attack 4: a key's provider slots full of providers that died; a new
+    provider waits while the holder pings them and takes the place of the
+    first that does not answer, and is then found (rule 4)."""
+    model = NetworkModel(rng=random.Random(25))
+    net, nodes = await start_network(nursery, 30, seed=25, model=model)
+    for svc in nodes:
+        svc.providers = ProviderStore(max_providers_per_key=3)
+        model.set_region(svc.own.addr, "eu-west")
+    await join(nodes)
+    rng = random.Random(25)
+    key = rng.randbytes(32)
+    dead = nodes[10:13]
+    for svc in dead:
+        await svc.provide(key)
+    for svc in dead:
+        model.set_fault(svc.own.addr, "drop")
+    await trio.sleep(15 * 60)                 # long enough that they are worth a check
+    newcomer, seeker = nodes[20], nodes[21]
+    full = [svc for svc in nodes if len(svc.providers.get(key, trio.current_time())) == 3]
+    assert len(full) >= 15
+    await newcomer.provide(key)               # refused (full), waits; the holders ping
+    for _ in range(3):                        # each ping ends within its request timeout
+        found, _ = await seeker.find_providers(key, count=4)
+        if newcomer.own in found:
+            break
+        await trio.sleep(nodes[0].request_timeout)
+    holders = [svc for svc in full if newcomer.own in svc.providers.get(key, trio.current_time())]
+    assert len(holders) >= 10                 # full of dead providers, it took one's place
+    assert all(svc.providers.evicted >= 1 for svc in holders)
+    found, _ = await seeker.find_providers(key, count=4)
+    assert newcomer.own in found
     assert_healthy(net, nodes)
 
 
@@ -514,7 +575,7 @@ class LyingModel(LinkModel):
 
 
 @pytest.mark.parametrize("strategy,paths", [("mixed", 1), ("mixed", 3), ("far-peers", 1),
-                                            ("fabricated", 1)])
+                                            ("fabricated", 1), ("eclipse", 3)])
 async def test_lookups_succeed_despite_lying_responders(nursery, autojump_clock, strategy,
                                                         paths):
     if strategy == "mixed":
@@ -528,9 +589,10 @@ async def test_lookups_succeed_despite_lying_responders(nursery, autojump_clock,
     await join(nodes)
     rng = random.Random(11 + 1000)
     liars = rng.sample(nodes[1:], 4)
+    accomplices = tuple(to_info(svc.own) for svc in liars)     # eclipse: they collude
     for svc in liars:
         if isinstance(model, NetworkModel):
-            model.set_fault(svc.own.addr, "malicious", strategy=strategy)
+            model.set_fault(svc.own.addr, "malicious", strategy=strategy, accomplices=accomplices)
         else:
             model.liars.add(svc.own.addr)
     honest = [svc for svc in nodes if svc not in liars]
@@ -546,7 +608,7 @@ async def test_lookups_succeed_despite_lying_responders(nursery, autojump_clock,
             total += 1
     print(f"\n{strategy}, {paths} path(s): {ok}/{total} found with {len(liars)} of 40 lying")
     assert ok == total
-    if strategy != "far-peers":               # fabricated peers were offered, dialling failed
+    if strategy not in ("far-peers", "eclipse"):   # fabricated peers offered, dialling failed
         assert sum(svc.counters["failed: unreachable"] for svc in honest) > 0
     assert_healthy(net, nodes)
 
