@@ -29,8 +29,10 @@ author, seq order, prev link, size and body bounds, future time) before it is
 stored or forwarded. A sender of an invalid entry, a false fork proof or
 malformed bytes is penalized in the node's PeerScores (the DHT's: a liar here
 is not trusted there either) and banned at the threshold. Inbound entries
-are rate-limited per peer (token bucket); over the limit a push is refused
-(Ack without reading it) and anti-entropy gets the entries later.
+are limited per peer and per author (node/audit/limits.py: entries and bytes
+per second, new authors per peer when membership does not vet them); over a
+peer's limit a push is refused (Ack without reading it), over an author's its
+entries wait for anti-entropy; each limit counts what it stopped.
 
 Forks: a new fork proof (from add_foreign, a sync or a ForkProof message) is
 kept, its author flagged, and the proof sent to every neighbour; a node that
@@ -64,6 +66,7 @@ import time
 import trio
 
 from hypersdk.dht.contact import Contact
+from hypersdk.node.audit.limits import PEER_BURST, PEER_RATE, InboundLimits
 from hypersdk.node.kademlia.rpc import FrameReader, PeerClosed
 from hypersdk.node.net.transport import TransportError
 from hypersdk.protocol import audit
@@ -106,15 +109,8 @@ MAX_DEFER = 120.0               # s a sync round's pulls wait at most for busy()
 MAX_QUEUE = 4096                # entries waiting for one neighbour
 MAX_PULL_PER_SYNC = 4096        # entries pulled in one anti-entropy round
 MAX_PUSH_PER_SYNC = 4096        # entries pushed in one anti-entropy round
-RATE = 2000.0                   # inbound entries/s per peer (token bucket) ...
-BURST = 4000.0                  # ... and its depth
-
-
-class _Bucket:
-    __slots__ = ("tokens", "at")
-
-    def __init__(self, now: float):
-        self.tokens, self.at = BURST, now
+RATE = PEER_RATE                # inbound entries/s per peer (token bucket) ...
+BURST = PEER_BURST              # ... and its depth
 
 
 class AuditGossip:
@@ -124,10 +120,13 @@ class AuditGossip:
                  own_poll: float | None = OWN_POLL, request_timeout: float = REQUEST_TIMEOUT,
                  threaded: bool = True, clock_ns=time.time_ns, rate: float = RATE,
                  on_new=None, busy=None, max_defer: float = MAX_DEFER, author_ok=None,
-                 certs_of=None, learn_certs=None):
+                 certs_of=None, learn_certs=None, vetted=None, limits=None):
         """peers() -> the Contacts this node may gossip with (e.g. its DHT table);
         on_new(entries), if given, sees every batch of foreign entries stored;
-        busy() -> True while the node moves bulk data (pulls wait, see above)."""
+        busy() -> True while the node moves bulk data (pulls wait, see above);
+        vetted() -> True while membership vets authors (author_ok): then no
+        new-author limit (None: vetted exactly when author_ok is given);
+        limits: an InboundLimits (default: node/audit/limits.py's, with `rate`)."""
         self.net, self.log, self.peers, self.rng = net, audit_log, peers, rng
         self.scores = scores
         self.fanout, self.sync_interval = fanout, sync_interval
@@ -136,6 +135,10 @@ class AuditGossip:
         self.rate = rate
         self.on_new = on_new
         self.author_ok = author_ok        # author key -> bool: a member now (None: anyone)
+        self.vetted = vetted if vetted is not None else (lambda: author_ok is not None)
+        self.limits = limits if limits is not None else InboundLimits(
+            peer_rate=rate, peer_burst=max(BURST, 2 * rate))
+        self._known: dict[bytes, int] | None = None   # author -> head seq held (lazy)
         self.certs_of = certs_of          # author keys -> their certificates (raw), to send
         self.learn_certs = learn_certs    # raw certificates received -> None
         self.busy, self.max_defer = busy, max_defer
@@ -148,7 +151,6 @@ class AuditGossip:
         self._queues: dict[bytes, collections.deque] = {}
         self._senders: set[bytes] = set()
         self._contacts: dict[bytes, Contact] = {}
-        self._buckets: dict[bytes, _Bucket] = {}
         self._db_lock = trio.Lock()
         self._digests = None                       # cached (root, buckets); None: stale
         self._own_spread = -1                      # highest own seq pushed
@@ -339,7 +341,8 @@ class AuditGossip:
         t = type(req)
         if t is Push:
             self.counters["pushes in"] += 1
-            if not self._take_tokens(peer_id, len(req.entries)):
+            if not self.limits.push(peer_id, len(req.entries), sum(map(len, req.entries)),
+                                    trio.current_time()):
                 self.counters["rate limited"] += len(req.entries)
                 return Ack(req.rid, ())
             res = await self._absorb(req.entries, peer_id, req.certs)
@@ -409,7 +412,11 @@ class AuditGossip:
             if len(kept) != len(raws):
                 self.counters["non-member entries dropped"] += len(raws) - len(kept)
             raws = kept
+        raws = await self._within_limits(raws, sender)
         res = await self._db(self.log.add_foreign, list(raws), now_ns=self._now_ns())
+        if self._known is not None:
+            for e in res.new:
+                self._known[e.author] = max(e.seq, self._known.get(e.author, -1))
         self.counters["entries in"] += len(raws)
         self.counters["entries added"] += res.added
         self.counters["duplicates"] += res.replays
@@ -426,6 +433,32 @@ class AuditGossip:
             self.counters["forks found"] += 1
             self._spread_fork(fork.first.raw, fork.second.raw, exclude=sender)
         return res
+
+    async def _within_limits(self, raws, sender: bytes | None) -> list:
+        """The entries the per-author and new-author limits let in (limits.py).
+        Undecodable ones pass: the log rejects them and the sender is scored."""
+        if self._known is None:
+            heads = await self._db(self.log.heads)
+            self._known = {a: seq for a, (seq, _) in heads.items()}
+        known = self._known
+        decoded, passed = [], []
+        for r in raws:
+            try:
+                e = audit.decode_entry(r, verify=False)
+            except RemoteProtocolError:
+                passed.append(r)
+                continue
+            if e.seq <= known.get(e.author, -1):
+                passed.append(r)          # a replay (or a fork): nothing new is stored
+            else:
+                decoded.append((e.author, e.seq, r))
+        decoded.sort(key=lambda t: (t[0], t[1]))      # the order the log applies them
+        ok = self.limits.admit(sender, [(a, len(r)) for a, _, r in decoded],
+                               known.__contains__, self.vetted(), trio.current_time())
+        dropped = len(decoded) - len(ok)
+        if dropped:
+            self.counters["entries limited"] += dropped
+        return passed + [decoded[i][2] for i in ok]
 
     def _member_entry(self, raw) -> bool:
         try:
@@ -634,19 +667,6 @@ class AuditGossip:
             self.counters["banned"] += 1
             self.neighbours = [c for c in self.neighbours if c.id != peer_id]
 
-    def _take_tokens(self, peer_id: bytes, n: int) -> bool:
-        now = trio.current_time()
-        b = self._buckets.get(peer_id)
-        if b is None:
-            if len(self._buckets) > 4096:
-                self._buckets.clear()
-            b = self._buckets[peer_id] = _Bucket(now)
-        b.tokens = min(BURST, b.tokens + (now - b.at) * self.rate)
-        b.at = now
-        if b.tokens < n:
-            return False
-        b.tokens -= n
-        return True
 
 
 class _Failed(Exception):

@@ -85,7 +85,9 @@ class AuditNet:
             busy=lambda: bool(getattr(getattr(d, "replication", None), "transfers", None)),
             on_new=self._on_new, **({} if d.gate is None else dict(
                 author_ok=d.gate.author_ok, certs_of=d.gate.certs_of,
-                learn_certs=d.gate.learn_certs)))
+                learn_certs=d.gate.learn_certs,
+                # in no network author_ok lets anyone author: new authors are limited
+                vetted=lambda: d.gate.network is not None)))
         await nursery.start(self.gossip.run)
         if d.gate is not None:
             nursery.start_soon(self._announce_revocations)
@@ -147,7 +149,13 @@ class AuditNet:
                 "rejected": c["entries rejected"], "pushes": c["pushes"], "syncs": c["syncs"],
                 "forks_found": c["forks found"] + c["forks learned"],
                 "witness_entries": c["witness entries"],
-                "bytes_in": c["bytes in"], "bytes_out": c["bytes out"]}
+                "bytes_in": c["bytes in"], "bytes_out": c["bytes out"],
+                "non_member_entries_dropped": c["non-member entries dropped"],
+                # entries each inbound limit stopped (node/audit/limits.py)
+                "limited": {k.replace(" ", "_"): n for k, n in
+                            sorted({"peer entries": 0, "peer bytes": 0, "author entries": 0,
+                                    "author bytes": 0, "new authors": 0,
+                                    **g.limits.limited}.items())}}
 
     # -- verify --network ------------------------------------------------------------
     async def verify(self, ref: str, events, min_holders: int = 1) -> tuple[dict, str, int]:
