@@ -131,7 +131,10 @@ class PossessionServer:
     def __init__(self, source, *, per_peer: int = PER_PEER, max_inflight: int = MAX_INFLIGHT,
                  rate: float = RATE, burst: int = BURST,
                  request_timeout: float = REQUEST_TIMEOUT,
-                 answer_timeout: float = ANSWER_TIMEOUT, max_tracked: int = MAX_TRACKED):
+                 answer_timeout: float = ANSWER_TIMEOUT, max_tracked: int = MAX_TRACKED,
+                 banned=None):
+        """banned(peer_id) -> True for a peer the node's reputation banned: its
+        challenges are not answered."""
         if burst < MAX_SAMPLE:
             raise ValueError(f"burst must allow one full challenge ({MAX_SAMPLE} ids)")
         self.source = source
@@ -143,6 +146,7 @@ class PossessionServer:
         self.request_timeout = request_timeout
         self.answer_timeout = answer_timeout
         self.max_tracked = max_tracked
+        self.banned = banned
         self.counters: Counter = Counter()
         self.errors: list[BaseException] = []
         self._inflight: Counter = Counter()
@@ -169,6 +173,9 @@ class PossessionServer:
             await _close_quietly(stream)
 
     async def _serve(self, stream, peer_id: bytes) -> None:
+        if self.banned is not None and self.banned(peer_id):
+            self.counters["banned peers refused"] += 1
+            return
         ch = None
         with trio.move_on_after(self.request_timeout):
             dec = PossessionDecoder(REQUEST_TAGS)

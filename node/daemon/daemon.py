@@ -63,7 +63,7 @@ from hypersdk.dht.contact import Contact
 from hypersdk.dht.providers import MAX_RECORDS, ProviderStore
 from hypersdk.dht.routing import MAX_PER_PREFIX24
 from hypersdk.node.config import DEFAULT_ZSTD_LEVEL
-from hypersdk.node.daemon import control
+from hypersdk.node.daemon import control, reputation_file
 from hypersdk.node.daemon.control import Arg
 from hypersdk.node.errors import UserError
 from hypersdk.node.exchange.budget import DEFAULT_TOTAL as DEFAULT_SERVE_MEMORY
@@ -421,13 +421,16 @@ async def _status(d: "Daemon", args, events):
                       "backups": stats["backups"]},
             "bootstrap": dict(d.bootstrap_state),
             "membership": dict(d.gate.status(), renewal=d.renewal.status()),
+            "reputation": reputation_file.status(d.dht.scores),
             "audit": d.audit.status() if d.audit is not None else {},
             "transfers": list(d.replication.transfers.values()),
             "requests": [{"cmd": c, "seconds": round(trio.current_time() - t, 3)}
                          for c, t in d.in_flight.values()],
             "served": dict(d.served), "failed": dict(d.failed),
             "bad_requests": d.control_errors, "idle_control_closed": d.control_idle_closed,
-            "serving": dict(d.serve_budget.status(), memory_trims=d.trims),
+            "serving": dict(d.serve_budget.status(), memory_trims=d.trims,
+                            refused_banned=d.replication.server.counters[
+                                "streams of banned peers refused"]),
             "handshakes": d.transport.handshake_counters if d.transport is not None else {}}
 
 
@@ -572,10 +575,12 @@ class Daemon:
                     self.addrs = public_addrs(self.transport.listen_addrs, self.announce,
                                               str(self.identity.libp2p_peer_id))
                     own = Contact(self.identity.node_id, self.addrs[0])
+                    scores = reputation_file.load(self.data_dir)   # shared by every protocol
                     self.dht = DhtService(
                         self.net, own, rng=random.Random(self.rng.getrandbits(64)),
                         **({"k": self.k} if self.k else {}),
                         providers=ProviderStore(max_records=self.provider_records),
+                        scores=scores,
                         max_per_prefix24=None if _is_loopback(self.listen) else MAX_PER_PREFIX24)
                     self.dht.author_ok = self.gate.author_ok
                     await nursery.start(self.dht.run)
@@ -594,6 +599,7 @@ class Daemon:
                     write_atomic(addrs_file, "".join(a + "\n" for a in self.addrs).encode())
                     nursery.start_soon(self._join_then_announce)
                     nursery.start_soon(self._trim_when_idle)
+                    nursery.start_soon(reputation_file.keep_saved, self.data_dir, scores)
                     task_status.started(self)
             finally:
                 if self.transport is not None:

@@ -35,6 +35,13 @@ payload, a number p in (0, 1) corrupts each payload with probability p.
 It exists so that real-process tests can run a lying provider; it must
 never be set in production (the server logs a warning when it is).
 
+TEST-ONLY stall hook: HYPERSDK_TEST_STALL_SERVE ("chunks" or "all") makes the
+server accept requests and never answer them (chunk requests, or all), so that
+real-process tests and bench/bench_staller.py can run a staller.
+
+Banned peers (the node's reputation, node/net/reputation.py): their streams are
+closed unanswered (counters["streams of banned peers refused"]).
+
 TEST-ONLY rate hook: HYPERSDK_TEST_SERVE_RATE (a size per second, e.g. "40M")
 caps the payload bytes this server sends, so that a real-process test can
 interrupt a transfer at a known point however fast the machine is.
@@ -69,6 +76,7 @@ log = logging.getLogger(__name__)
 
 CORRUPT_ENV = "HYPERSDK_TEST_CORRUPT_SERVE"
 RATE_ENV = "HYPERSDK_TEST_SERVE_RATE"
+STALL_ENV = "HYPERSDK_TEST_STALL_SERVE"
 SEND_SLICE = 256 << 10        # payload bytes per send_all
 SEND_BATCH = 2 << 20          # payload bytes per send of page-cached chunks (fast channel)
 READ_AHEAD = 2               # chunks read ahead of the one being sent, per Get
@@ -124,6 +132,24 @@ def corrupt_rate_from_env(environ=os.environ) -> float:
     return p
 
 
+def stall_from_env(environ=os.environ) -> str:
+    """The TEST-ONLY stall HYPERSDK_TEST_STALL_SERVE asks for: "" (off), "chunks"
+    (manifests and Have answered, chunk requests accepted and never answered) or
+    "all" (no request answered)."""
+    v = environ.get(STALL_ENV, "").strip().lower()
+    if v not in ("", "chunks", "all"):
+        raise ValueError(f"{STALL_ENV} must be 'chunks' or 'all', not {v!r}")
+    return v
+
+
+async def _close(stream) -> None:
+    with trio.CancelScope(shield=True), trio.move_on_after(1):
+        try:
+            await stream.aclose()
+        except Exception:
+            pass
+
+
 def serve_rate_from_env(environ=os.environ) -> float:
     """The TEST-ONLY payload rate cap HYPERSDK_TEST_SERVE_RATE asks for, in
     bytes per second (0: no cap)."""
@@ -142,11 +168,20 @@ def serve_rate_from_env(environ=os.environ) -> float:
 class ExchangeServer:
     def __init__(self, source, *, rng: random.Random | None = None,
                  corrupt: float | None = None, rate: float | None = None,
-                 cache_manifests: int = 8, cache_pieces: int = 16, budget=None):
+                 cache_manifests: int = 8, cache_pieces: int = 16, budget=None,
+                 banned=None, stall: str | None = None):
         """budget: a node.exchange.budget.ServeBudget bounding the streams and the
-        chunk bytes held for peers (None: unbounded, as simnet's servers run)."""
+        chunk bytes held for peers (None: unbounded, as simnet's servers run);
+        banned(peer_id) -> True for a peer the node's reputation banned (its
+        streams are closed unanswered); stall: the TEST-ONLY stall hook (None:
+        from HYPERSDK_TEST_STALL_SERVE)."""
         self.source = source
         self.budget = budget
+        self.banned = banned
+        self.stall = stall_from_env() if stall is None else stall
+        if self.stall:
+            log.warning("%s=%s is set: this server STALLS (a test-only switch)", STALL_ENV,
+                        self.stall)
         self._est = CHUNK_ESTIMATE         # bytes held for a chunk before it is read
         self.counters: Counter = Counter()
         self._rng = rng or random.Random()
@@ -167,13 +202,13 @@ class ExchangeServer:
     async def handle(self, stream, peer_id: bytes) -> None:
         """A Transport handler: serve one stream until EOF or a protocol error."""
         self.counters["streams"] += 1
+        if self.banned is not None and self.banned(peer_id):
+            self.counters["streams of banned peers refused"] += 1
+            await _close(stream)
+            return
         if self.budget is not None and not self.budget.open_stream(peer_id):
             self.counters["streams refused"] += 1         # over a stream cap: closed at once
-            with trio.CancelScope(shield=True), trio.move_on_after(1):
-                try:
-                    await stream.aclose()
-                except Exception:
-                    pass
+            await _close(stream)
             return
         try:
             await self._handle(stream, peer_id)
@@ -240,6 +275,8 @@ class ExchangeServer:
         async with recv:
             async for msg in recv:
                 self.counters["requests"] += 1
+                if self.stall and (self.stall == "all" or type(msg) is Get):
+                    await trio.sleep_forever()     # TEST-ONLY: accepted, never answered
                 await self._answer(stream, msg, asked)
 
     # -- answers -------------------------------------------------------------------------

@@ -11,7 +11,9 @@ Steps of one download (every wait bounded):
    cannot be reached within `open_timeout` is simply not used.
 2. Manifest: from the sink if held, else the first peer whose ManifestData
    verifies (open_manifest: BLAKE3(data) == id; a peer sending a wrong one is
-   scored down and skipped). Its id scheme: a manifest with keyed ids
+   scored down and skipped). Hedged: the next peer is asked as soon as one
+   answers without it, or after MANIFEST_HEDGE s, so a peer that accepts the
+   request and stalls costs at most that. Its id scheme: a manifest with keyed ids
    (protocol/ids.py) needs the data key it names, which the sink has or not
    (sink.begin(m) returns it; without it the download fails at once with
    "this backup is encrypted with data key ...; this node does not have it");
@@ -24,7 +26,10 @@ Steps of one download (every wait bounded):
    image is fetched once); the sink says which are missing (a chunk held
    locally is never fetched).
 5. Have: each peer is asked for its bits over the manifest's positions
-   (Have ranges of MAX_HAVE, in parallel across peers).
+   (Have ranges of MAX_HAVE, in parallel across peers); the chunk phase starts
+   when all answered, or max(HAVE_SHORT, 2 e) after the first answered (in e
+   seconds): a later answer joins it (HaveLate, plan.add_peer), a peer still
+   silent max(HAVE_GRACE, 4 e) after the first is left out (a stall).
 6. The plan loop (SwarmPlan's docstring, "The glue loop"): expire(now);
    send a Cancel for each copy plan.take_cancelled() names (another peer's
    copy arrived first: the peer answers Missing for it if it has not sent it
@@ -38,7 +43,13 @@ Steps of one download (every wait bounded):
    bans after max_bad) and the DHT's scores are told
    (`scores.penalize(peer, "malformed", now)`, if given); Missing ->
    plan.on_missing; a session that fails -> plan.remove_peer (only its
-   in-flight chunks go back to the pool).
+   in-flight chunks go back to the pool). Requests that expire (the plan's
+   deadlines: about 2 s for a peer that delivered nothing while others
+   deliver) count in the node's reputation (node/net/reputation.py): a peer
+   whose session received nothing since is a staller ("silent"), else slow
+   ("timeout", which cannot ban); a peer the reputation bans leaves the
+   download at once (plan.ban). Peers the reputation has banned are not
+   contacted at all (`scores`: the node's PeerScores).
 7. sink.put_manifest (the manifest is written last: a manifest held locally
    always has all its chunks) and sink.flush().
 
@@ -100,6 +111,16 @@ EVENT_BUFFER = 256
 VERIFY_BATCH = 32        # events applied together (bounds the payloads held at once)
 VERIFY_THREADS = max(2, min(4, os.cpu_count() or 2))
 PUT_DEPTH = 2            # verified batches that may wait to be stored (each <= VERIFY_BATCH)
+MANIFEST_HEDGE = 0.25    # s before the next peer is asked for the manifest as well
+HAVE_SHORT = 0.1         # s (at least) the chunk phase waits for more Have answers ...
+HAVE_GRACE = 1.0         # ... and a peer has to answer at all, after the first answer
+
+
+@dataclass(frozen=True)
+class HaveLate:
+    """A peer's Have answer that came after the chunk phase started."""
+    peer: bytes
+    have: frozenset
 _PAGE = mmap.PAGESIZE
 _tls = threading.local()
 
@@ -281,12 +302,14 @@ class Downloader:
         self._put_evs: deque = deque()    # trio.Events of the batches being stored
         self._put_error: Exception | None = None
         self._key = None                  # the DataKey of the manifest's keyed ids, or None
+        self._send = None                 # the download's event channel (late Have answers)
 
     # -- the download ----------------------------------------------------------------------
 
     async def download(self, manifest_id: bytes) -> DownloadResult:
         t0 = trio.current_time()
         send, recv = trio.open_memory_channel(EVENT_BUFFER)
+        self._send = send
         self._sessions, self._failed, self._banned, self._by_peer = {}, {}, set(), {}
         self._put_evs, self._put_error = deque(), None
         error: Exception | None = None
@@ -332,7 +355,18 @@ class Downloader:
             except TransportError:
                 pass
         found.pop(self.transport.peer_id, None)
+        for pid in [p for p in found if self._reputation_banned(p)]:
+            del found[pid]                    # banned by the node: asked for nothing
+            self._banned.add(pid)
         return list(found.values())[:max(self.max_providers, len(self.peers))]
+
+    def _reputation_banned(self, peer: bytes) -> bool:
+        if self.scores is None:
+            return False
+        try:
+            return self.scores.banned(peer, trio.current_time())
+        except Exception:              # scoring is advice; never fail a download on it
+            return False
 
     async def _open_sessions(self, nursery, contacts, send) -> None:
         async def one(c):
@@ -388,21 +422,37 @@ class Downloader:
         data = await self.sink.manifest(mid)
         if data is not None:
             return data, decode_manifest(data)
-        for peer in self._live():
+        found: list = []
+
+        async def ask(peer, answered: trio.Event):
             s = self._sessions[peer]
             try:
                 with trio.fail_after(self.request_timeout):
                     msg = await s.get_manifest(mid)
                 m = open_manifest(msg)
             except (ChunkHashMismatch, RemoteProtocolError) as exc:
-                self._penalize(peer)
+                self._penalize(peer, "wrong bytes")
                 self._drop(peer, f"bad manifest: {exc}")
-                continue
+                return
             except (TransportError, trio.TooSlowError) as exc:
                 self._drop(peer, str(exc) or "timeout")
-                continue
-            if m is not None:
-                return msg.data, m
+                return
+            finally:
+                answered.set()                # the next peer is asked at once
+            if m is not None and not found:
+                found.append((msg.data, m))
+                n.cancel_scope.cancel()       # the others' answers are not needed
+
+        # hedged: the next peer is asked when the one before answered without it,
+        # or after MANIFEST_HEDGE seconds (a peer that accepts and stalls costs that)
+        async with trio.open_nursery() as n:
+            for peer in self._live():
+                answered = trio.Event()
+                n.start_soon(ask, peer, answered)
+                with trio.move_on_after(MANIFEST_HEDGE):
+                    await answered.wait()
+        if found:
+            return found[0]
         raise DownloadError(f"manifest {mid.hex()} not found: none of "
                             f"{len(self._sessions) + len(self._failed)} peer(s) has it",
                             manifest_id=mid)
@@ -471,31 +521,83 @@ class Downloader:
                 finish()
 
     async def _haves(self, mid: bytes, ids: list, need: set) -> dict:
+        """Every live peer's holdings among `need`, asked in parallel. Returned once
+        all answered, or once the first answered (in e seconds) and max(HAVE_SHORT,
+        2 e) more passed: the chunk phase starts then, and a later answer joins it
+        as a HaveLate event (plan.add_peer). A peer that has not answered
+        max(HAVE_GRACE, 4 e) after the first is left out: silent (its session
+        received nothing meanwhile: a staller) or too slow ("timeout")."""
         out: dict[bytes, set] = {}
+        t0 = trio.current_time()
+        first, settled = trio.Event(), trio.Event()
+        peers = self._live()
+        pending = set(peers)
+        scopes = {peer: trio.CancelScope() for peer in peers}
+        marks = {peer: self._sessions[peer].bytes_received for peer in peers}
+        returned = [False]
+        send = self._send.clone()
+
+        def finished(peer):
+            pending.discard(peer)
+            if not pending:
+                settled.set()
 
         async def ask(peer):
             s = self._sessions[peer]
             held: set[bytes] = set()
             try:
-                with trio.fail_after(self.request_timeout):
-                    for start in range(0, len(ids), MAX_HAVE):
-                        bits = await s.have(mid, start, min(MAX_HAVE, len(ids) - start))
-                        for pos in bits.positions():
-                            if pos < len(ids) and ids[pos] in need:
-                                held.add(ids[pos])
-            except RemoteProtocolError as exc:
-                self._penalize(peer)
-                self._drop(peer, f"bad have: {exc}")
-                return
-            except (TransportError, trio.TooSlowError) as exc:
-                self._drop(peer, str(exc) or "timeout")
-                return
-            out[peer] = held
+                with scopes[peer]:
+                    try:
+                        with trio.fail_after(self.request_timeout):
+                            for start in range(0, len(ids), MAX_HAVE):
+                                bits = await s.have(mid, start,
+                                                    min(MAX_HAVE, len(ids) - start))
+                                for pos in bits.positions():
+                                    if pos < len(ids) and ids[pos] in need:
+                                        held.add(ids[pos])
+                    except RemoteProtocolError as exc:
+                        self._penalize(peer)
+                        self._drop(peer, f"bad have: {exc}")
+                        return
+                    except (TransportError, trio.TooSlowError) as exc:
+                        self._drop(peer, str(exc) or "timeout")
+                        return
+                    if not returned[0]:
+                        out[peer] = held
+                        if not first.is_set():
+                            first.set()
+                            self._nursery.start_soon(grace, trio.current_time() - t0)
+                    else:
+                        with trio.move_on_after(self.request_timeout):
+                            await send.send(HaveLate(peer, frozenset(held)))
+                    return
+                silent = s.bytes_received == marks[peer]   # cancelled by grace()
+                self._penalize(peer, "silent" if silent else "timeout")
+                self._drop(peer, "silent: no Have answer" if silent else "too slow to answer")
+            finally:
+                finished(peer)
 
-        async with trio.open_nursery() as n:
-            for peer in self._live():
-                n.start_soon(ask, peer)
-        return out
+        async def grace(e: float):
+            await trio.sleep(max(HAVE_GRACE, 4 * e))
+            for peer in list(pending):
+                scopes[peer].cancel()
+
+        for peer in peers:
+            self._nursery.start_soon(ask, peer)
+        async with trio.open_nursery() as w:
+            async def all_answered():
+                await settled.wait()
+                w.cancel_scope.cancel()
+
+            async def first_and_short_grace():
+                await first.wait()
+                await trio.sleep(max(HAVE_SHORT, 2 * (trio.current_time() - t0)))
+                w.cancel_scope.cancel()
+            if peers:
+                w.start_soon(all_answered)
+                w.start_soon(first_and_short_grace)
+        returned[0] = True
+        return dict(out)
 
     async def _swarm(self, phase: str, mid: bytes, need: list, sizes: dict, haves: dict,
                      recv, res: DownloadResult, on_chunk) -> None:
@@ -600,13 +702,23 @@ class Downloader:
             if type(ev) is ChunkMissing:
                 plan.on_missing(peer, ev.cid)
                 return False
+            if type(ev) is HaveLate:
+                s = self._sessions.get(peer)
+                if phase == "chunks" and peer not in self._banned and s is not None \
+                        and not s.closed:
+                    try:
+                        plan.add_peer(peer, set(ev.have))
+                    except ValueError:        # known already: nothing to add
+                        return False
+                    marks[peer] = s.bytes_received
+                return False
             msg = ev.data
             cid = msg.id
             plain = verified                  # late and extra copies too: a liar is a liar
             if isinstance(plain, Exception):
                 res.bad_chunks += 1
                 plan.on_bad(peer, cid, now)
-                self._penalize(peer)
+                self._penalize(peer, "wrong bytes")
                 if plan.is_banned(peer):
                     self._banned.add(peer)
                 return False
@@ -626,9 +738,11 @@ class Downloader:
             self._by_peer[peer] = self._by_peer.get(peer, 0) + len(msg.payload)
             return True
 
+        marks = {p: s.bytes_received for p, s in self._sessions.items()}
         while not plan.finished:
             now = trio.current_time()
-            plan.expire(now)
+            for peer in dict.fromkeys(p for p, _ in plan.expire(now)):
+                self._expired(plan, peer, marks)
             await self._cancel(plan.take_cancelled())
             for peer, batch in plan.next_requests(now):
                 s = self._sessions.get(peer)
@@ -667,6 +781,13 @@ class Downloader:
                                     manifest_id=mid, missing=left)
         await self._put_wait()
         report()
+        now = trio.current_time()
+        for peer in plan.peers():             # held requests to the end, answered none
+            sent = plan.oldest_request(peer)
+            s = self._sessions.get(peer)
+            if sent is not None and now - sent >= self.tunables.min_timeout \
+                    and s is not None and s.bytes_received == marks.get(peer):
+                self._penalize(peer, "silent")
         res.duplicate_bytes += plan.progress().duplicate_bytes
         if phase == "chunks":
             for peer in plan.peers():
@@ -674,6 +795,20 @@ class Downloader:
                     res.rate_by_peer[peer] = plan.rate(peer)
                 if plan.is_slow(peer):
                     res.slow_peers.append(peer)
+
+    def _expired(self, plan: SwarmPlan, peer: bytes, marks: dict) -> None:
+        """A peer's requests expired (swarm_plan rule 4). If its session received
+        nothing since the last time (a request accepted and never answered) that
+        is a stall, else a timeout (a slow link); both count in the node's
+        reputation, and a peer it bans now leaves this download too."""
+        s = self._sessions.get(peer)
+        got = None if s is None else s.bytes_received
+        stalled = got is not None and got == marks.get(peer)
+        marks[peer] = got
+        self._penalize(peer, "silent" if stalled else "timeout")
+        if self._reputation_banned(peer):
+            plan.ban(peer)
+            self._banned.add(peer)
 
     async def _cancel(self, redundant) -> None:
         """Cancel the copies another peer's answer made redundant (endgame): a copy

@@ -73,7 +73,9 @@ Rules, in the order next_requests(now) applies them:
    a peer is measured by what it delivers, not by how busy the downloader is.
 4. Deadlines. A request sent as the k-th outstanding one of a peer with rate r
    expires at now + max(min_timeout, timeout_slack * k * size / r)
-   (initial_timeout while r is unknown). expire(now) handles them: responses
+   (r unknown: the median rate of the peers measured so far, so a peer that
+   accepts requests and stalls is noticed within about min_timeout once any peer
+   delivers; initial_timeout while no peer is measured). expire(now) handles them: responses
    on one stream come in order, so when one request of a peer expires, all of
    that peer's outstanding requests are returned to the pool (they queue behind
    it), its window drops to 1 and it is paused (not asked) for
@@ -219,6 +221,7 @@ class SwarmPlan:
                  rng: random.Random, tunables: Tunables = Tunables()):
         self.t = tunables
         self._rng = rng
+        self._med: float | None | bool = False   # cached median rate (_median_rate)
         self._order = list(dict.fromkeys(needed))
         if isinstance(sizes, int):
             self._est = sizes
@@ -284,6 +287,7 @@ class SwarmPlan:
 
     def next_requests(self, now: float) -> list[tuple[Peer, tuple[bytes, ...]]]:
         """Batches to send now: [(peer, chunk ids)], each at most max_batch ids."""
+        self._med = False                     # _median_rate(): not computed yet
         self._update_slow()
         out: dict = {}
         order = self._peer_order(now)
@@ -403,6 +407,8 @@ class SwarmPlan:
     def _send(self, p: _PeerState, c: bytes, now: float) -> None:
         k = len(p.inflight) + 1
         r = p.rate
+        if r is None:                         # judged by what its peers deliver meanwhile
+            r = self._median_rate()
         if r is None:
             deadline = now + self.t.initial_timeout
         else:
@@ -539,6 +545,19 @@ class SwarmPlan:
     def is_banned(self, peer: Peer) -> bool:
         return peer in self._banned
 
+    def oldest_request(self, peer: Peer) -> float | None:
+        """When the oldest request outstanding at `peer` was sent (None: none)."""
+        p = self._peers.get(peer)
+        if p is None or not p.inflight:
+            return None
+        return min(r.sent for r in p.inflight.values())
+
+    def ban(self, peer: Peer) -> None:
+        """Ban a peer from outside (the node's reputation banned it): as rule 7."""
+        p = self._peers.get(peer)
+        if p is not None and not p.banned:
+            self._ban(p)
+
     def progress(self) -> Progress:
         return Progress(
             needed=len(self._order), done=len(self._done), in_flight=len(self._copies),
@@ -571,6 +590,14 @@ class SwarmPlan:
         at its measured rate (rule 2), at least 1."""
         p.window = min(self.t.max_window, max(1.0, min(
             p.window, p.rate * self.t.target_latency / max(1, size))))
+
+    def _median_rate(self) -> float | None:
+        """The median measured rate of the unbanned peers (None: none measured),
+        computed once per next_requests."""
+        if self._med is False:
+            rates = [q.rate for q in self._peers.values() if not q.banned and q.rate is not None]
+            self._med = statistics.median(rates) if rates else None
+        return self._med
 
     def _update_slow(self) -> None:
         measured = [p for p in self._peers.values()

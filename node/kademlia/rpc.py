@@ -8,37 +8,28 @@ sets with trio.fail_after), and closes. Anything else a peer does on a stream
 is misbehaviour, which `request` reports as `RequestFailed(misbehaved=True)`
 and the service turns into a penalty in `PeerScores`.
 
-Scoring rules (PeerScores; time is an argument, like the dht/ cores):
-1. A peer starts at 0. Each useful answer adds REWARD, up to MAX_CREDIT, so a
-   long-serving peer survives a rare corrupted frame, but credit cannot be
-   banked without limit.
-2. Each offence subtracts its PENALTIES weight: a protocol violation
-   (malformed or oversized frame, a reply with the wrong rid or type, bytes
-   after the one frame, a forged signature) costs 25; a stalled stream (bytes
-   trickle in but no frame completes before the deadline: the never-ending
-   stream; or a requester that opens a stream and sends nothing) costs 20,
-   a little less because a very slow honest link could look the same.
-   A plain timeout or unreachable peer is no offence: that is
-   RoutingTable.failed()'s business.
-3. At or below BAN_SCORE (-40) the peer is banned for BAN_TIME (1 h): the
-   service evicts it from the routing table, answers none of its streams,
-   never queries it and drops it from every peer list it receives. So a
-   stranger is banned on its second offence, a peer with full credit on its
-   third (violations) or fourth (stalls). When the ban ends the peer starts
-   over at 0.
-4. Memory is bounded: at most MAX_TRACKED peers are tracked; past that, the
-   oldest unbanned entry is forgotten. A flood of fresh ids can therefore at
-   worst reset unbanned scores to 0; it cannot unban anybody.
+Scoring: node/net/reputation.py (PeerScores, shared by every protocol of the
+node); this module reports offences by the names of its PENALTIES. A plain
+timeout or unreachable peer is no offence here: that is RoutingTable.failed()'s
+business (the service reports a timeout as "timeout", which cannot ban).
 """
 from __future__ import annotations
 
 import heapq
 import logging
-from dataclasses import dataclass
 
 import trio
 
 from hypersdk.dht.contact import Contact
+from hypersdk.node.net.reputation import (  # noqa: F401  (re-exported: the DHT's names)
+    BAN_SCORE,
+    BAN_TIME,
+    MAX_CREDIT,
+    MAX_TRACKED,
+    PENALTIES,
+    REWARD,
+    PeerScores,
+)
 from hypersdk.node.net.transport import TransportError
 from hypersdk.protocol.dht_messages import (
     MAX_PEERS,
@@ -74,12 +65,6 @@ log = logging.getLogger(__name__)
 PROTOCOL = "/hypersdk/dht/1"
 CLOSE_GRACE = 1.0                 # seconds a close may take once its request is over
 
-REWARD, MAX_CREDIT = 1, 20
-PENALTIES = {"malformed": 25, "oversized": 25, "wrong reply": 25, "trailing data": 25,
-             "not a request": 25, "bad signature": 25, "stalled": 20}
-BAN_SCORE = -40
-BAN_TIME = 3600.0
-MAX_TRACKED = 4096
 MAX_RECORDS = 1 << 16
 
 
@@ -224,66 +209,6 @@ async def _request_rpc(transport, contact: Contact, msg, timeout: float):
     if dec.room < MAX_FRAME + HEADER:
         raise RequestFailed("trailing data", misbehaved=True)
     return reply
-
-
-# -- peer scores -----------------------------------------------------------------------
-
-@dataclass(slots=True)
-class _Score:
-    value: int = 0
-    banned_until: float | None = None
-
-
-class PeerScores:
-    """Misbehaviour bookkeeping (module docstring, "Scoring rules")."""
-
-    def __init__(self, *, ban_score: int = BAN_SCORE, ban_time: float = BAN_TIME,
-                 max_tracked: int = MAX_TRACKED):
-        self.ban_score = ban_score
-        self.ban_time = ban_time
-        self.max_tracked = max_tracked
-        self._peers: dict[bytes, _Score] = {}
-
-    def reward(self, peer_id: bytes, now: float) -> None:
-        s = self._entry(peer_id, now)
-        if s.banned_until is None:
-            s.value = min(MAX_CREDIT, s.value + REWARD)
-
-    def penalize(self, peer_id: bytes, reason: str, now: float) -> bool:
-        """Lower the score; True if this offence banned the peer."""
-        s = self._entry(peer_id, now)
-        s.value -= PENALTIES[reason]
-        if s.banned_until is None and s.value <= self.ban_score:
-            s.banned_until = now + self.ban_time
-            return True
-        return False
-
-    def banned(self, peer_id: bytes, now: float) -> bool:
-        s = self._peers.get(peer_id)
-        if s is None or s.banned_until is None:
-            return False
-        if now >= s.banned_until:            # rule 3: the ban is over, start at 0
-            del self._peers[peer_id]
-            return False
-        return True
-
-    def score(self, peer_id: bytes) -> int:
-        s = self._peers.get(peer_id)
-        return 0 if s is None else s.value
-
-    def __len__(self) -> int:
-        return len(self._peers)
-
-    def _entry(self, peer_id: bytes, now: float) -> _Score:
-        s = self._peers.get(peer_id)
-        if s is not None and (s.banned_until is None or self.banned(peer_id, now)):
-            return s
-        if len(self._peers) >= self.max_tracked:
-            victim = next((p for p, e in self._peers.items() if e.banned_until is None), None)
-            if victim is not None:
-                del self._peers[victim]
-        s = self._peers[peer_id] = _Score()
-        return s
 
 
 # -- signed records --------------------------------------------------------------------

@@ -299,6 +299,8 @@ class DhtService:
             self.counters[f"failed: {exc.reason}"] += 1
             if exc.misbehaved:
                 self.penalize(contact.id, exc.reason, now)
+            elif exc.reason == "timeout":       # counts, but cannot ban by itself
+                self.scores.penalize(contact.id, "timeout", now)
             self.table.failed(contact.id, now)
             self.counters["providers let in"] += self.providers.mark_failed(contact.id, now)
             return None

@@ -93,7 +93,9 @@ class AuditNet:
             nursery.start_soon(self._announce_revocations)
         self._store = d.open_store(readonly=True)
         self.source = StoreSource(self._store, threaded=True)   # challenges and verify --network
-        self.possession = PossessionServer(self.source)
+        scores = d.dht.scores
+        self.possession = PossessionServer(
+            self.source, banned=lambda pid: scores.banned(pid, trio.current_time()))
         d.net.set_handler(PROTOCOL_ID, self.possession.handle)
 
     # -- revocations ride the audit gossip -----------------------------------------------

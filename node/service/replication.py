@@ -148,8 +148,10 @@ class Replication:
     # -- serving ----------------------------------------------------------------------
     def start_serving(self) -> None:
         self._serve_store = self.d.open_store(readonly=True)
+        scores = self.d.dht.scores
         self.server = ExchangeServer(StoreSource(self._serve_store, threaded=True),
-                                     rng=self.d.rng, budget=self.d.serve_budget)
+                                     rng=self.d.rng, budget=self.d.serve_budget,
+                                     banned=lambda pid: scores.banned(pid, trio.current_time()))
         self.d.net.set_handler(EXCHANGE, self.server.handle)
         # the bulk path: the same exchange over node/net/fast_channel.py (libp2p offers it)
         try:

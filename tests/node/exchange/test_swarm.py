@@ -14,6 +14,7 @@ from hypersdk.node.exchange.chunk_source import MemorySink, MemorySource, StoreS
 from hypersdk.node.exchange.server import ExchangeServer
 from hypersdk.node.exchange.swarm import Downloader, DownloadError
 from hypersdk.node.exchange.swarm_plan import Tunables
+from hypersdk.node.net.reputation import PeerScores
 from hypersdk.protocol.chunks import ZERO_ID, chunk_id
 from hypersdk.protocol.exchange import PROTOCOL_ID
 from hypersdk.protocol.manifest import decode_manifest, split_list
@@ -57,11 +58,11 @@ class Net:
         self.model.set_region(addr, "na-east")
         return t
 
-    def provider(self, source, *, up=None) -> Contact:
+    def provider(self, source, *, up=None, stall="") -> Contact:
         t = self._add(f"p{len(self.providers)}")
         if up or self.up:
             self.model.set_bandwidth(t.addr, up=up or self.up)
-        server = ExchangeServer(source)
+        server = ExchangeServer(source, stall=stall)
         t.set_handler(PROTOCOL_ID, server.handle)
         self.providers[t.peer_id] = (t, server, source)
         return Contact(t.peer_id, t.addr)
@@ -368,6 +369,35 @@ async def test_hung_provider_ends_in_an_error_not_a_hang(nursery, autojump_clock
         with pytest.raises(DownloadError) as err:
             await net2.downloader(sink, [peer2]).download(mid)
     assert err.value.missing
+
+
+@pytest.mark.parametrize("mode", ["chunks", "all"])
+async def test_a_staller_costs_little_and_is_scored_silent(nursery, autojump_clock, big_image,
+                                                           mode):
+    """Issue 17, attack 5: a provider that accepts requests and never answers
+    ("chunks": chunk requests; "all": every request, manifest and Have too),
+    asked first, next to three honest 100 Mbit/s providers: the download takes
+    about its normal (virtual) time, the staller delivers nothing, and the
+    node's reputation counts it silent."""
+    chunks, manifests, mid = big_image
+
+    async def run(with_staller: bool):
+        net = await Net(nursery, up=100 * MBIT).start()
+        peers = [net.provider(MemorySource(chunks, manifests)) for _ in range(3)]
+        if with_staller:
+            peers.insert(0, net.provider(MemorySource(chunks, manifests), stall=mode))
+        scores = PeerScores()
+        t0 = trio.current_time()
+        with trio.fail_after(LIMIT):
+            res = await net.downloader(MemorySink(), peers, scores=scores).download(mid)
+        return trio.current_time() - t0, res, scores, peers[0]
+
+    base, _, _, _ = await run(False)
+    took, res, scores, staller = await run(True)
+    print(f"\n{mode}: {took:.2f} s with the staller, {base:.2f} s without")
+    assert took <= 1.1 * base + 0.5               # the bar is 1.3x; virtual time is exact
+    assert res.bytes_by_peer.get(staller.id, 0) == 0
+    assert scores.offences["silent"] >= 1 and scores.score(staller.id) < 0
 
 
 async def test_unknown_manifest_is_a_clear_error(nursery, autojump_clock):
