@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import tempfile
@@ -26,7 +25,7 @@ import time
 from pathlib import Path
 
 import trio
-from node_procs import cli, start
+from node_procs import cli, random_image, start
 
 MiB = 1 << 20
 IDENTITIES, STREAMS, IDS = 4, 250, 64
@@ -112,13 +111,7 @@ def main():
     from hypersdk.protocol.chunks import ZERO_ID
     work = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="bench-flood-"))
     work.mkdir(parents=True, exist_ok=True)
-    img = work / "img"
-    with open(img, "wb") as f:
-        left = parse_size(a.size)
-        while left:
-            n = min(left, 8 * MiB)
-            f.write(os.urandom(n))
-            left -= n
+    img = random_image(work / "img", parse_size(a.size))
     vdir = work / "victim"
     vproc, vaddr = start(vdir)
     try:

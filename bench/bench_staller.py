@@ -21,30 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-from node_procs import HYPERSDK, cli, start
+from node_procs import HYPERSDK, cli, random_image, start
 
 MiB = 1 << 20
-
-
-def start_env(data_dir: Path, env: dict, *extra) -> tuple[subprocess.Popen, str]:
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        return start(data_dir, *extra)
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def wait_providers(d: Path, mid: str, n: int) -> None:
@@ -84,13 +69,7 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="bench-staller-"))
     procs = []
     try:
-        img = work / "img"
-        with open(img, "wb") as f:
-            left = parse_size(a.size)
-            while left:
-                n = min(left, 8 * MiB)
-                f.write(os.urandom(n))
-                left -= n
+        img = random_image(work / "img", parse_size(a.size))
         pa, boot = start(work / "a")
         procs.append(pa)
         mid = json.loads(cli(work / "a", "backup", img, "--name", "vm", "--json"))["manifest"]
@@ -103,7 +82,7 @@ def main():
         for r in range(a.runs):
             rows["baseline"].append(restore(work, f"base{r}", boot, mid, 3))
             print(f"baseline run {r + 1}: {rows['baseline'][-1][0]:.2f} s", flush=True)
-        ps, _ = start_env(work / "s", {"HYPERSDK_TEST_STALL_SERVE": a.mode}, "--bootstrap", boot)
+        ps, _ = start(work / "s", "--bootstrap", boot, env={"HYPERSDK_TEST_STALL_SERVE": a.mode})
         procs.append(ps)
         wait_providers(work / "s", mid, 1)
         cli(work / "s", "fetch", mid, "--json")      # honest when it fetches

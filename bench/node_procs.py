@@ -20,10 +20,22 @@ def cli(data_dir: Path, *args, timeout: float = 600) -> str:
                           capture_output=True, text=True, timeout=timeout).stdout
 
 
-def start(data_dir: Path, *extra) -> tuple[subprocess.Popen, str]:
-    """`node init` then `node run` on 127.0.0.1 (EXTRA: more run options); (process,
-    its first address) once it wrote node.addrs, within 60 s."""
-    env = dict(os.environ, HYPERSDK_DATA_DIR=str(data_dir))
+def random_image(path: Path, size: int) -> Path:
+    """A random (incompressible) image of `size` bytes at path."""
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(left, 8 << 20)
+            f.write(os.urandom(n))
+            left -= n
+    return path
+
+
+def start(data_dir: Path, *extra, env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    """`node init` then `node run` on 127.0.0.1 (EXTRA: more run options; env: more
+    environment of the node process); (process, its first address) once it wrote
+    node.addrs, within 60 s."""
+    env = dict(os.environ, **(env or {}), HYPERSDK_DATA_DIR=str(data_dir))
     cli(data_dir, "node", "init")
     proc = subprocess.Popen([str(HYPERSDK), "node", "run", "--listen",
                              "/ip4/127.0.0.1/tcp/0", *extra], env=env,
