@@ -782,8 +782,8 @@ class Downloader:
         await self._put_wait()
         report()
         now = trio.current_time()
-        for peer in plan.peers():             # held requests to the end, answered none
-            sent = plan.oldest_request(peer)
+        for peer in plan.peers():             # asked, and answered nothing to the end
+            sent = plan.first_request(peer)
             s = self._sessions.get(peer)
             if sent is not None and now - sent >= self.tunables.min_timeout \
                     and s is not None and s.bytes_received == marks.get(peer):

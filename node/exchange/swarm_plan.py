@@ -193,6 +193,7 @@ class _PeerState:
     slow: bool = False
     served_bytes: int = 0
     served_chunks: int = 0
+    first_sent: float | None = None       # when it was first asked for anything
     dup_bytes: int = 0
 
     @property
@@ -415,6 +416,8 @@ class SwarmPlan:
             deadline = now + max(self.t.min_timeout,
                                  self.t.timeout_slack * k * self._size(c) / r)
         p.inflight[c] = _Req(now, deadline)
+        if p.first_sent is None:
+            p.first_sent = now
         self._pending.discard(c)
         self._copies.setdefault(c, set()).add(p.id)
 
@@ -474,6 +477,7 @@ class SwarmPlan:
     def expire(self, now: float) -> list[tuple[Peer, bytes]]:
         """Return every request of a peer with an expired deadline to the pool
         (see rule 4). Returns the (peer, chunk id) requests given up."""
+        self._tighten()
         out = []
         for p in list(self._peers.values()):
             if not any(r.deadline <= now for r in p.inflight.values()):
@@ -504,6 +508,7 @@ class SwarmPlan:
     def next_deadline(self, now: float) -> float | None:
         """When to call expire() or next_requests() again even if nothing arrives:
         the earliest request deadline or end of a peer's pause (None: nothing waits)."""
+        self._tighten()
         times = [r.deadline for p in self._peers.values() for r in p.inflight.values()]
         times += [p.paused_until for p in self._peers.values()
                   if p.paused_until > now and not p.banned]
@@ -545,12 +550,30 @@ class SwarmPlan:
     def is_banned(self, peer: Peer) -> bool:
         return peer in self._banned
 
-    def oldest_request(self, peer: Peer) -> float | None:
-        """When the oldest request outstanding at `peer` was sent (None: none)."""
+    def first_request(self, peer: Peer) -> float | None:
+        """When `peer` was first asked for a chunk in this plan (None: never)."""
         p = self._peers.get(peer)
-        if p is None or not p.inflight:
-            return None
-        return min(r.sent for r in p.inflight.values())
+        return None if p is None else p.first_sent
+
+    def _tighten(self) -> None:
+        """Rule 4 for requests sent to a peer before any peer was measured (their
+        deadline is initial_timeout): once the median rate is known, each gets the
+        deadline it would have had, so a staller asked first is noticed in seconds."""
+        med = None
+        for p in self._peers.values():
+            if p.rate is not None or not p.inflight:
+                continue
+            if med is None:
+                rates = [q.rate for q in self._peers.values()
+                         if not q.banned and q.rate is not None]
+                if not rates:
+                    return
+                med = statistics.median(rates)
+            for k, (c, r) in enumerate(p.inflight.items(), 1):
+                tight = r.sent + max(self.t.min_timeout,
+                                     self.t.timeout_slack * k * self._size(c) / med)
+                if tight < r.deadline:
+                    r.deadline = tight
 
     def ban(self, peer: Peer) -> None:
         """Ban a peer from outside (the node's reputation banned it): as rule 7."""

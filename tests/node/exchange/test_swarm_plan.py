@@ -447,3 +447,23 @@ def test_terminates_and_every_chunk_with_an_honest_holder_completes(scenario):
     prog = sim.plan.progress()
     assert prog.done == len(sim.completed)
     assert sim.plan.finished or set(sim.plan.unavailable()) == ALL(n) - set(sim.completed)
+
+
+def test_a_peer_asked_before_anyone_was_measured_is_timed_by_the_median_rate_once_known():
+    """Rule 4: requests sent while no peer has a rate get initial_timeout (30 s);
+    once another peer delivers, they expire by the median rate (about min_timeout),
+    so a staller asked first is noticed in seconds, not 30."""
+    ids = [bytes([i]) * 32 for i in range(1, 41)]
+    plan = SwarmPlan(ids, 1 << 20, random.Random(1), Tunables())
+    plan.add_peer("staller", set(ids))
+    plan.add_peer("honest", set(ids))
+    sent = dict(plan.next_requests(0.0))
+    assert sent["staller"] and plan.first_request("staller") == 0.0
+    assert plan.next_deadline(0.0) == Tunables().initial_timeout
+    t = 0.0
+    for cid in sent["honest"]:                  # 100 MB/s from the honest peer
+        t += (1 << 20) / 100e6
+        plan.on_data("honest", cid, 1 << 20, t)
+    assert plan.next_deadline(t) <= Tunables().min_timeout + 0.5
+    expired = plan.expire(Tunables().min_timeout + 0.5)
+    assert {p for p, _ in expired} == {"staller"}
