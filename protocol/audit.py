@@ -45,7 +45,13 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from . import codec
-from .errors import AuditChainBroken, ForkDetected, LocalProtocolError, RemoteProtocolError
+from .errors import (
+    AuditChainBroken,
+    ForkDetected,
+    IntegrityError,
+    LocalProtocolError,
+    RemoteProtocolError,
+)
 
 VERSION = 1
 SIG_DOMAIN = b"hypersdk/audit-entry/v1\x00"
@@ -290,6 +296,16 @@ def decode_entry(raw, *, verify: bool = True) -> Entry:
 
 
 # -- chain checking ------------------------------------------------------------------
+class HeldEntryMissing(IntegrityError):
+    """LogView's lookup found no entry where its ids say one is held: the caller's
+    own copy of the log is damaged (not the author's fault). Carries the valid
+    entry that arrived for that place."""
+
+    def __init__(self, entry):
+        self.entry = entry
+        super().__init__(f"our copy of {entry.author.hex()[:16]}'s log lacks entry {entry.seq}")
+
+
 class LogView:
     """What one author's log looks like to us, checked entry by entry (sans-I/O).
 
@@ -358,7 +374,10 @@ class LogView:
                 return False          # before our window: nothing to compare with
             if self.id_at(e.seq) == e.id:
                 return False          # replay
-            raise ForkDetected(self.entry_at(e.seq), e)
+            held = self.entry_at(e.seq)
+            if held is None:          # the caller's stored copy has a hole here
+                raise HeldEntryMissing(e)
+            raise ForkDetected(held, e)
         if e.seq > nxt:
             raise AuditChainBroken(self.author, e.seq, f"gap: expected seq {nxt}, got {e.seq}",
                                    entry_id=e.id, index=index)

@@ -107,6 +107,9 @@ REQUEST_TIMEOUT = 10.0
 BUSY_POLL = 0.25                # s between checks of busy() while pulls wait
 MAX_DEFER = 120.0               # s a sync round's pulls wait at most for busy() to clear
 MAX_QUEUE = 4096                # entries waiting for one neighbour
+REPAIR_INTERVAL = 3600.0        # s between re-verifications of our copies (jittered)
+REPAIR_PEERS = 3                # peers asked for a damaged range
+REPAIR_ROUNDS = 16              # GetRange batches asked of one peer per damaged log
 MAX_PULL_PER_SYNC = 4096        # entries pulled in one anti-entropy round
 MAX_PUSH_PER_SYNC = 4096        # entries pushed in one anti-entropy round
 RATE = PEER_RATE                # inbound entries/s per peer (token bucket) ...
@@ -167,6 +170,7 @@ class AuditGossip:
             self._own_spread = -1 if head is None else head
             n.start_soon(self._sync_loop)
             n.start_soon(self._neighbour_loop)
+            n.start_soon(self._repair_loop)
             if self.own_poll:
                 n.start_soon(self._own_loop)
             if self.witness_interval:
@@ -420,6 +424,8 @@ class AuditGossip:
         self.counters["entries in"] += len(raws)
         self.counters["entries added"] += res.added
         self.counters["duplicates"] += res.replays
+        if res.repaired:                # our copy was damaged; a valid entry mended it
+            self.counters["entries repaired"] += res.repaired
         if res.new:
             self._digests = None
             if self.on_new is not None:
@@ -517,6 +523,54 @@ class AuditGossip:
             pool = [c for c in self.peers() if c.id != self.own_id and not self._banned(c.id)]
             if pool:
                 await self.sync_with(self.rng.choice(pool))
+
+    async def repair(self, authors=None) -> int:
+        """Find where our stored copies of other authors' logs are damaged (a row
+        missing, altered or not linking: AuditLog.damaged, which re-verifies) and
+        pull those ranges again from peers; add_foreign puts every valid entry that
+        links in place of the damage. Heads alone cannot show a hole in the middle
+        of a log: this compares ranges. Returns how many entries were repaired;
+        counters "entries repaired" and "damage found"; a warning says so."""
+        damaged = await self._db(self.log.damaged)
+        if authors is not None:
+            damaged = {a: s for a, s in damaged.items() if a in set(authors)}
+        fixed = 0
+        for author, start in damaged.items():
+            self.counters["damage found"] += 1
+            pool = [c for c in self.peers() if c.id != self.own_id and not self._banned(c.id)]
+            self.rng.shuffle(pool)
+            for c in pool[:REPAIR_PEERS]:
+                got = await self._repair_from(c, author, start)
+                fixed += got
+                if got and author not in await self._db(self.log.damaged, [author]):
+                    break
+        if fixed:
+            log.warning("audit: repaired %d damaged entr%s of our copies of other logs",
+                        fixed, "y" if fixed == 1 else "ies")
+        return fixed
+
+    async def _repair_from(self, c: Contact, author: bytes, start: int) -> int:
+        fixed = 0
+        for _ in range(REPAIR_ROUNDS):
+            try:
+                reply = await self._request(c, GetRange(self._next_rid(), author, start,
+                                                        MAX_ENTRIES))
+            except _Failed:
+                return fixed
+            if not reply.entries:
+                return fixed
+            res = await self._absorb(reply.entries, c.id, reply.certs)
+            fixed += res.repaired
+            left = (await self._db(self.log.damaged, [author])).get(author)
+            if left is None:
+                return fixed
+            start = left if left > start else start + len(reply.entries)
+        return fixed
+
+    async def _repair_loop(self) -> None:
+        while True:
+            await trio.sleep(REPAIR_INTERVAL * (0.5 + self.rng.random()))
+            await self.repair()
 
     async def sync_with(self, c: Contact) -> dict:
         """One anti-entropy round with c: pull what we lack, push what it lacks,

@@ -162,6 +162,9 @@ class AddResult:
     gaps: dict[bytes, int] = field(default_factory=dict)           # author -> seq we lack
     future: list[Exception] = field(default_factory=list)          # too far ahead of us
     contradictions: int = 0                                         # witnesses contradicted
+    repaired: int = 0           # our own copy was damaged there; the valid entry replaced it
+    unplaced: list[Exception] = field(default_factory=list)  # our copy is damaged around it:
+                                                             # neither stored nor blamed
 
 
 class AuditLog:
@@ -410,8 +413,14 @@ class AuditLog:
                             res.new.append(e)
                         else:
                             res.replays += 1
+                    except audit.HeldEntryMissing:
+                        self._repair(e, view, res)        # a hole in our copy
                     except ForkDetected as fork:
-                        if self._record_fork(fork, now_ns):
+                        # re-verify what we hold before blaming the author: an altered
+                        # row of ours is local damage, which the valid entry repairs
+                        if not self._held_valid(fork.first, author, e.seq):
+                            self._repair(e, view, res)
+                        elif self._record_fork(fork, now_ns):
                             res.forks.append(fork)
                     except audit.FutureEntry as exc:
                         res.future.append(exc)
@@ -420,6 +429,60 @@ class AuditLog:
                         res.rejected.append(exc)
                         break         # later entries of this author cannot link either
         return res
+
+    def _held_valid(self, held: audit.Entry | None, author: bytes, seq: int) -> bool:
+        """Is our stored entry at (author, seq) intact: present, decoding, signed by
+        the author, for that seq, and its row's id its own?"""
+        if held is None:
+            return False
+        row = self.db.execute("SELECT id, raw FROM entries WHERE author=? AND seq=?",
+                              (author, seq)).fetchone()
+        if row is None:
+            return False
+        try:
+            e = audit.decode_entry(bytes(row[1]), verify=True)
+        except RemoteProtocolError:
+            return False
+        return e.author == author and e.seq == seq and e.id == bytes(row[0])
+
+    def _repair(self, e: audit.Entry, view: audit.LogView, res: AddResult) -> None:
+        """Put the valid entry e (signature checked) where our copy is damaged, if it
+        links with the intact neighbours we hold; else leave it (no blame: the damage
+        is ours, anti-entropy's repair pulls the range again, node/audit/gossip.py)."""
+        before = view.id_at(e.seq - 1) if e.seq else None
+        after = self.entry(e.author, e.seq + 1)
+        if (e.seq and (before is None or e.prev != before)) or \
+                (after is not None and after.prev != e.id):
+            res.unplaced.append(AuditChainBroken(e.author, e.seq, "our copy is damaged here "
+                                                 "and the entry does not link with what we hold",
+                                                 entry_id=e.id))
+            return
+        self.db.execute("DELETE FROM entries WHERE author=? AND seq=?", (e.author, e.seq))
+        self._insert(e)
+        res.repaired += 1
+
+    def damaged(self, authors=None) -> dict[bytes, int]:
+        """author -> the first seq where our stored copy of its log is damaged (a
+        missing row, an entry that does not decode, verify or link): where a repair
+        starts (node/audit/gossip.py pulls from there). Our own log is not listed.
+        authors: only these (default: every author held)."""
+        own, out = self.own_author_if_any(), {}
+        if authors is None:
+            authors = [a for a, _, _ in self.authors()]
+        for author in authors:
+            if author == own:
+                continue
+            rep = self.verify(author)
+            if any(not p.reason.startswith(("fork:", "rewritten:")) for p in rep.problems):
+                out[author] = rep.entries
+        return out
+
+    def own_author_if_any(self) -> bytes | None:
+        if self._identity is not None:
+            return self._identity.public_key
+        if self.data_dir is not None and os.path.lexists(self.data_dir / KEY_FILE):
+            return self.own_author
+        return None
 
     def _view(self, author: bytes, max_skew: int) -> audit.LogView:
         """A LogView positioned at our stored head of author (trusted: verify()
@@ -650,8 +713,9 @@ class _StoredIds:
             raise IndexError(i)
         if i >= self.n:
             return self.extra[i - self.n]
-        return bytes(self.db.execute("SELECT id FROM entries WHERE author=? AND seq=?",
-                                     (self.author, i)).fetchone()[0])
+        row = self.db.execute("SELECT id FROM entries WHERE author=? AND seq=?",
+                              (self.author, i)).fetchone()
+        return None if row is None else bytes(row[0])    # None: a hole in our copy
 
     def append(self, i: bytes) -> None:
         self.extra.append(i)

@@ -153,6 +153,7 @@ class AuditNet:
                 "witness_entries": c["witness entries"],
                 "bytes_in": c["bytes in"], "bytes_out": c["bytes out"],
                 "non_member_entries_dropped": c["non-member entries dropped"],
+                "entries_repaired": c["entries repaired"], "damage_found": c["damage found"],
                 # entries each inbound limit stopped (node/audit/limits.py)
                 "limited": {k.replace(" ", "_"): n for k, n in
                             sorted({"peer entries": 0, "peer bytes": 0, "author entries": 0,
@@ -169,6 +170,12 @@ class AuditNet:
             with AuditLog(d.data_dir, identity=d.identity) as lg:
                 return _backup_check(lg, mid)
         entry = await trio.to_thread.run_sync(read_log)
+        if entry.get("local_damage"):
+            # our copy of the author's log is damaged, not the author's log: mend it
+            # from peers and check again before saying anything about the author
+            repaired = await self.gossip.repair([bytes.fromhex(entry["author"])])
+            entry = await trio.to_thread.run_sync(read_log)
+            entry["repaired_entries"] = repaired
         providers, _ = await d.dht.find_providers(mid, MAX_HOLDERS)
         cache: dict[bytes, bytes] = {}
         manifest_doc, ids, key = await self._manifest(mid, providers, entry, cache)
@@ -407,7 +414,12 @@ def _backup_check(lg, mid: bytes) -> dict:
     e = entries[0]
     rep = lg.verify(e.author)
     witnesses = sorted({node_id(w.author).hex() for w in lg.witnesses_of(e.author, e.seq)})
-    return {"found": True, "author_node_id": node_id(e.author).hex(), "seq": e.seq,
+    # a break in our stored copy (a missing, altered or unlinked row: AuditLog.damaged)
+    # is our damage until a valid entry of the author shows otherwise; forks and
+    # rewrites proven by witnesses are the author's
+    local = bool(lg.damaged([e.author]))
+    return {"found": True, "author": e.author.hex(), "local_damage": local,
+            "author_node_id": node_id(e.author).hex(), "seq": e.seq,
             "id": e.id.hex(), "time_ns": e.time, "body": e.to_json()["body"],
             "chain_ok": rep.ok, "log_entries": rep.entries,
             "problems": [p.reason for p in rep.problems][:10], "witnessed_by": witnesses,
@@ -440,10 +452,17 @@ def _text(doc: dict) -> str:
     lines = [f"verify {doc['manifest'][:16]} on the network"]
     if e["found"]:
         w = e["witnessed_by"]
+        if e["chain_ok"]:
+            state = "intact"
+        elif e.get("local_damage"):       # ours, not the author's: not blamed
+            state = ("OUR COPY IS DAMAGED (not the author's log; repair from peers did not "
+                     "finish): " + "; ".join(e["problems"]))
+        else:
+            state = "BROKEN: " + "; ".join(e["problems"])
+        if e.get("repaired_entries"):
+            state += f" (our copy was damaged: {e['repaired_entries']} entries repaired)"
         lines.append(f"backup entry  by {e['author_node_id'][:16]} (entry {e['seq']}, "
-                     f"'{e['body']['name']}'): log "
-                     f"{'intact' if e['chain_ok'] else 'BROKEN: ' + '; '.join(e['problems'])}"
-                     f", witnessed by {len(w)} node(s)")
+                     f"'{e['body']['name']}'): log {state}, witnessed by {len(w)} node(s)")
     else:
         lines.append(f"backup entry  NOT FOUND: {e['reason']}")
     lines.append(f"manifest      {'matches the entry' if m.get('ok') else 'PROBLEM'}"

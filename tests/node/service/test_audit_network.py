@@ -90,6 +90,20 @@ def test_backup_on_a_is_verified_from_d_with_challenges_to_b_and_c(tmp_path, nod
     # by name, too (a backup entry's name, D has no catalog entry for it)
     assert d.cli.json("verify", "vm1", "--network")["manifest"] == mid
 
+    # D's copy of A's log loses a row (local damage, issue 18 finding 4): verify
+    # --network mends it from the peers by range and does not blame A
+    import sqlite3
+    author = bytes.fromhex(e["author"])
+    poll(lambda: len(d.cli.json("audit", "log", ids[a][:16])) >= 3, 60, "A's log at D",
+         interval=0.5)
+    db = sqlite3.connect(d.cli.data_dir / "audit.sqlite")
+    with db:
+        db.execute("DELETE FROM entries WHERE author=? AND seq=1", (author,))
+    db.close()
+    doc = d.cli.json("verify", mid, "--network")
+    assert doc["ok"] is True and doc["backup_entry"]["chain_ok"], doc["backup_entry"]
+    assert d.cli.json("status")["audit"]["entries_repaired"] >= 1
+
     # C's copy rots on disk: the challenge names C, nobody else
     _flip_every_chunk(c.cli.data_dir)
     p = d.cli("verify", mid, "--network", "--json", ok=False)

@@ -1,0 +1,89 @@
+"""Local damage to a stored copy of another author's log (issue 18, finding 4):
+re-verify before blaming, repair from a valid entry, never crash, never record a
+false fork proof against an honest author."""
+from __future__ import annotations
+
+from test_audit_gossip import T0, body
+
+from hypersdk.node.audit.log import AuditLog
+from hypersdk.node.net.identity import Identity
+from hypersdk.protocol import audit
+
+AUTHOR = Identity.from_private_bytes(b"a" * 32)
+OTHER = Identity.from_private_bytes(b"o" * 32)
+
+
+def chain(ident, n):
+    out, prev = [], None
+    for seq in range(n):
+        e = audit.make_entry(ident, seq, prev, T0 + seq, "verify", body(seq))
+        out.append(e)
+        prev = e.id
+    return out
+
+
+def holder(tmp_path):
+    lg = AuditLog(tmp_path, identity=Identity.from_private_bytes(b"h" * 32))
+    es = chain(AUTHOR, 6)
+    assert lg.add_foreign([e.raw for e in es], now_ns=T0).added == 6
+    return lg, es
+
+
+def test_a_hole_in_our_copy_is_found_and_repaired_by_the_valid_entry(tmp_path):
+    lg, es = holder(tmp_path)
+    lg.db.execute("DELETE FROM entries WHERE author=? AND seq=2", (AUTHOR.public_key,))
+    assert lg.damaged() == {AUTHOR.public_key: 2}
+    res = lg.add_foreign([es[3].raw, es[2].raw], now_ns=T0)   # used to raise TypeError
+    assert res.repaired == 1 and not res.forks and not res.rejected
+    assert lg.verify(AUTHOR.public_key).ok and lg.damaged() == {}
+    assert lg.forks(AUTHOR.public_key) == []
+
+
+def test_a_forged_row_of_ours_is_not_blamed_on_the_author(tmp_path):
+    lg, es = holder(tmp_path)
+    forged = audit.make_entry(OTHER, 2, es[1].id, T0 + 2, "verify", body(99))
+    lg.db.execute("UPDATE entries SET id=?, raw=? WHERE author=? AND seq=2",
+                  (forged.id, forged.raw, AUTHOR.public_key))
+    assert lg.damaged() == {AUTHOR.public_key: 2}
+    res = lg.add_foreign([es[2].raw], now_ns=T0)
+    assert res.forks == [] and res.repaired == 1
+    assert lg.forks(AUTHOR.public_key) == [] and lg.verify(AUTHOR.public_key).ok
+
+
+def test_a_genuine_fork_is_still_proven(tmp_path):
+    lg, es = holder(tmp_path)
+    other = audit.make_entry(AUTHOR, 2, es[1].id, T0 + 2, "verify", body(42))
+    res = lg.add_foreign([other.raw], now_ns=T0)
+    assert len(res.forks) == 1 and res.repaired == 0
+    assert len(lg.forks(AUTHOR.public_key)) == 1
+
+
+def test_an_entry_that_does_not_link_with_the_damage_is_neither_stored_nor_blamed(tmp_path):
+    lg, es = holder(tmp_path)
+    lg.db.execute("DELETE FROM entries WHERE author=? AND seq IN (2, 3)", (AUTHOR.public_key,))
+    res = lg.add_foreign([es[3].raw], now_ns=T0)              # entry 2 is missing too
+    assert res.repaired == 0 and res.unplaced and not res.rejected and not res.forks
+    assert lg.add_foreign([es[2].raw, es[3].raw], now_ns=T0).repaired == 2
+    assert lg.verify(AUTHOR.public_key).ok
+
+
+async def test_gossip_repairs_a_hole_that_heads_cannot_show(nursery, autojump_clock):
+    """Anti-entropy compares heads; a hole in the middle of our copy of a log is
+    found by re-verifying it and pulled again as a range (AuditGossip.repair)."""
+    import trio
+    from test_audit_gossip import Net
+    net = await Net(nursery, 3, sync_interval=1e6).start()
+    author, holder, other = net.nodes
+    for k in range(10):
+        await author.append("verify", body(k))
+    a = author.own_author
+    await net.until(lambda: all(g.log.head_seq(a) == 9 for g in (holder, other))
+                    and not any(q for g in net.nodes for q in g._queues.values())
+                    and not any(g._senders for g in net.nodes), "spread, pushes done")
+    holder.log.db.execute("DELETE FROM entries WHERE author=? AND seq IN (3, 4)", (a,))
+    assert holder.log.damaged() == {a: 3}
+    with trio.fail_after(60):
+        fixed = await holder.repair()
+    assert fixed == 2 and holder.log.damaged() == {} and holder.log.verify(a).ok
+    assert holder.counters["entries repaired"] == 2 and holder.counters["damage found"] == 1
+    assert holder.log.forks(a) == [] and holder.counters["entries rejected"] == 0
