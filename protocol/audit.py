@@ -296,6 +296,12 @@ def decode_entry(raw, *, verify: bool = True) -> Entry:
 
 
 # -- chain checking ------------------------------------------------------------------
+class LinkBroken(AuditChainBroken):
+    """A validly signed entry whose `prev` is not the entry we hold before it: its
+    author signed another entry at seq - 1 than ours (a fork; the caller can fetch
+    that entry to prove it), or our copy is damaged there."""
+
+
 class HeldEntryMissing(IntegrityError):
     """LogView's lookup found no entry where its ids say one is held: the caller's
     own copy of the log is damaged (not the author's fault). Carries the valid
@@ -382,7 +388,7 @@ class LogView:
             raise AuditChainBroken(self.author, e.seq, f"gap: expected seq {nxt}, got {e.seq}",
                                    entry_id=e.id, index=index)
         if nxt and e.prev != self._ids[-1]:
-            raise AuditChainBroken(
+            raise LinkBroken(
                 self.author, e.seq, f"prev {e.prev.hex()[:16] if e.prev else None} does not "
                 f"link to entry {nxt - 1} ({self._ids[-1].hex()[:16]})", entry_id=e.id, index=index)
         self._push(e)

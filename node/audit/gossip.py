@@ -438,7 +438,32 @@ class AuditGossip:
         for fork in res.forks:
             self.counters["forks found"] += 1
             self._spread_fork(fork.first.raw, fork.second.raw, exclude=sender)
+        for author, seq in res.diverged.items():
+            # the author signed another entry at seq than ours (its later entries do not
+            # link to ours): fetch that entry from whoever sent them: a fork proof
+            self.counters["divergences"] += 1
+            c = self._contact_of(sender)
+            if c is not None and self._nursery is not None:
+                self._nursery.start_soon(self._fetch_proof, c, author, seq)
         return res
+
+    def _contact_of(self, peer_id: bytes | None) -> Contact | None:
+        if peer_id is None:
+            return None
+        sub = self.subscribers.get(peer_id)
+        if sub is not None:
+            return sub[0]
+        return next((c for c in [*self.neighbours, *self.peers()] if c.id == peer_id), None)
+
+    async def _fetch_proof(self, c: Contact, author: bytes, seq: int) -> None:
+        """Get c's entry (author, seq); one that differs from ours is a fork proof
+        (add_foreign records and _absorb spreads it)."""
+        try:
+            reply = await self._request(c, GetRange(self._next_rid(), author, seq, 1))
+        except _Failed:
+            return
+        if reply.entries:
+            await self._absorb(reply.entries[:1], c.id, reply.certs)
 
     async def _within_limits(self, raws, sender: bytes | None) -> list:
         """The entries the per-author and new-author limits let in (limits.py).
@@ -594,6 +619,13 @@ class AuditGossip:
         defer_until = trio.current_time() + self.max_defer
         for a, (s, i) in theirs.items():
             m = mine.get(a)
+            if m is not None and s < m[0]:
+                # their head is behind ours: is it one of our entries? (a fork whose
+                # other side is shorter: heads of equal seq are compared below)
+                held = await self._db(self.log.entry, a, s)
+                if held is not None and held.id != i:
+                    await self._fetch_proof(c, a, s)
+                    stats["forks"] += 1
             if m is None or m[0] < s:
                 await self._yield_to_transfers(defer_until)
                 stats["pulled"] += await self._pull_range(c, a, 0 if m is None else m[0] + 1, s,

@@ -163,6 +163,8 @@ class AddResult:
     future: list[Exception] = field(default_factory=list)          # too far ahead of us
     contradictions: int = 0                                         # witnesses contradicted
     repaired: int = 0           # our own copy was damaged there; the valid entry replaced it
+    diverged: dict[bytes, int] = field(default_factory=dict)  # author -> a seq where it
+                                # signed another entry than ours (fetch it: a fork proof)
     unplaced: list[Exception] = field(default_factory=list)  # our copy is damaged around it:
                                                              # neither stored nor blamed
 
@@ -424,6 +426,16 @@ class AuditLog:
                             res.forks.append(fork)
                     except audit.FutureEntry as exc:
                         res.future.append(exc)
+                        break
+                    except audit.LinkBroken:
+                        # validly signed, but its prev is not our entry seq - 1: the
+                        # author signed two histories (whoever relays it is no liar)
+                        if self._held_valid(view.entry_at(e.seq - 1), author, e.seq - 1):
+                            res.diverged[author] = e.seq - 1
+                        else:                     # our entry seq - 1 is damaged
+                            res.unplaced.append(AuditChainBroken(
+                                author, e.seq, "our copy is damaged before this entry",
+                                entry_id=e.id))
                         break
                     except (AuditChainBroken, RemoteProtocolError) as exc:
                         res.rejected.append(exc)

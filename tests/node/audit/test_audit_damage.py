@@ -87,3 +87,33 @@ async def test_gossip_repairs_a_hole_that_heads_cannot_show(nursery, autojump_cl
     assert fixed == 2 and holder.log.damaged() == {} and holder.log.verify(a).ok
     assert holder.counters["entries repaired"] == 2 and holder.counters["damage found"] == 1
     assert holder.log.forks(a) == [] and holder.counters["entries rejected"] == 0
+
+
+async def test_a_rewrite_plus_extension_leaves_a_fork_proof_everywhere(nursery, autojump_clock):
+    """Issue 18, finding 3: the author rewrites gossiped entries 5..9 and appends
+    10, 11 (head 11 where peers hold 9). The extension does not link to what the
+    peers hold; they fetch the author's other entry 9 from the sender and keep
+    the pair as a fork proof, gossiped to everyone; the relay is not blamed."""
+    import trio
+    from test_audit_gossip import Net
+    from hypersdk.protocol import audit_gossip as msg
+    net = await Net(nursery, 3, sync_interval=1e6).start()
+    rogue = Identity.from_private_bytes(b"r" * 32)
+    h1 = chain(rogue, 10)
+    await net.nodes[0]._request(net.nodes[1].contact, msg.Push(1, tuple(e.raw for e in h1)))
+    a = rogue.public_key
+    await net.until(lambda: all(g.log.head_seq(a) == 9 for g in net.nodes), "history 1")
+    h2, prev = h1[:5], h1[4].id
+    for seq in range(5, 12):
+        e = audit.make_entry(rogue, seq, prev, T0 + seq, "verify", body(100 + seq))
+        h2.append(e)
+        prev = e.id
+    relay = await net.add(peers=lambda: [])            # holds history 2 (from the author)
+    assert relay.log.add_foreign([e.raw for e in h2], now_ns=T0).added == 12
+    await relay._request(net.nodes[1].contact, msg.Push(2, (h2[10].raw, h2[11].raw)))
+    with trio.fail_after(60):
+        await net.until(lambda: all(a in g.log.fork_authors() for g in net.nodes), "the proof")
+    (f,) = net.nodes[1].log.forks(a)
+    assert f.seq == 9 and {f.first.id, f.second.id} == {h1[9].id, h2[9].id}
+    assert net.nodes[1].scores.score(relay.own_id) >= 0      # the relay told the truth
+    assert net.nodes[1].counters["divergences"] == 1
