@@ -391,6 +391,10 @@ class LogView:
             raise LinkBroken(
                 self.author, e.seq, f"prev {e.prev.hex()[:16] if e.prev else None} does not "
                 f"link to entry {nxt - 1} ({self._ids[-1].hex()[:16]})", entry_id=e.id, index=index)
+        if self.head is not None and self.head.seq == nxt - 1 and e.time < self.head.time:
+            raise AuditChainBroken(self.author, e.seq, f"time goes back: {e.time} after "
+                                   f"{self.head.time} (an author's clock never runs backwards "
+                                   "in its log)", entry_id=e.id, index=index)
         self._push(e)
         return True
 

@@ -152,6 +152,18 @@ class VerifyReport:
                 "seconds": round(self.seconds, 3)}
 
 
+class NameConflict(UserError):
+    """Several authors' logs name a backup `name`: which one is meant is the
+    user's call (by manifest id), never the claimed times'."""
+
+    def __init__(self, name: str, entries):
+        self.entries = entries
+        who = ", ".join(f"{node_id_of(e.author).hex()[:16]} (manifest "
+                        f"{e.body['manifest'].hex()[:16]})" for e in entries)
+        super().__init__(f"backup name {name!r} is claimed by {len(entries)} authors: {who}; "
+                         "give the manifest id")
+
+
 @dataclass
 class AddResult:
     added: int = 0
@@ -287,9 +299,11 @@ class AuditLog:
     def _append_locked(self, db, kind: str, body: dict, now_ns: int | None) -> audit.Entry:
         ident = self.identity
         now_ns = time.time_ns() if now_ns is None else now_ns
-        head = db.execute("SELECT seq, id FROM entries WHERE author=? ORDER BY seq DESC "
+        head = db.execute("SELECT seq, id, time FROM entries WHERE author=? ORDER BY seq DESC "
                           "LIMIT 1", (ident.public_key,)).fetchone()
         seq, prev = (head[0] + 1, bytes(head[1])) if head else (0, None)
+        if head is not None:            # never backwards, even when our clock was set back
+            now_ns = max(now_ns, head[2])
         e = audit.make_entry(ident, seq, prev, now_ns, kind, body)
         self._insert(e, now_ns)
         return e
@@ -370,14 +384,21 @@ class AuditLog:
             raise
 
     def witness(self, now_ns: int | None = None) -> audit.Entry | None:
-        """Append a witness entry naming the heads of other authors' logs that we
-        hold (at most MAX_WITNESS_HEADS, the most recently extended first), or
-        None when there are none. Part 2's gossip calls this periodically."""
+        """Append a witness entry naming heads of other authors' logs that we hold
+        and have not witnessed at that seq yet (at most MAX_WITNESS_HEADS), or None
+        when there are none. Fair, not by claimed time: the authors we witnessed
+        longest ago (or never) come first, so authors flooding entries or dated
+        ahead cannot crowd anybody out of the witness entries for longer than one
+        round. Part 2's gossip calls this periodically."""
         own = self.own_author
         rows = self.db.execute(
             "SELECT e.author, e.seq, e.id FROM entries e JOIN (SELECT author, MAX(seq) m "
             "FROM entries WHERE author != ? GROUP BY author) h ON e.author=h.author AND "
-            "e.seq=h.m ORDER BY e.time DESC LIMIT ?", (own, audit.MAX_WITNESS_HEADS)).fetchall()
+            "e.seq=h.m LEFT JOIN (SELECT author, MAX(witness_seq) last, MAX(seq) seen FROM witnessed "
+            "WHERE witness=? GROUP BY author) w ON w.author=e.author "
+            "WHERE w.seen IS NULL OR w.seen < e.seq "
+            "ORDER BY COALESCE(w.last, -1), e.author LIMIT ?",
+            (own, own, audit.MAX_WITNESS_HEADS)).fetchall()
         if not rows:
             return None
         heads = sorted([bytes(a), s, bytes(i)] for a, s, i in rows)
@@ -599,8 +620,10 @@ class AuditLog:
                 for a, b in self.db.execute(q, (author,) if author else ())]
 
     def find_backup_entries(self, manifest_id: bytes) -> list[audit.Entry]:
+        """Every backup entry of the manifest, by author then seq (never ordered by
+        the time an author claims: callers report several authors as a conflict)."""
         return [audit.decode_entry(bytes(r[0])) for r in self.db.execute(
-            "SELECT raw FROM entries WHERE manifest=? AND kind='backup' ORDER BY time",
+            "SELECT raw FROM entries WHERE manifest=? AND kind='backup' ORDER BY author, seq",
             (manifest_id,))]
 
     def witnesses_of(self, author: bytes, min_seq: int) -> list[audit.Entry]:
@@ -638,13 +661,18 @@ class AuditLog:
         return out
 
     def find_backup_by_name(self, name: str) -> bytes | None:
-        """The manifest of the newest backup entry named `name`, in any log held."""
+        """The manifest of the latest (highest seq) backup entry named `name` in the
+        one log that uses the name. NameConflict when several authors use it: a name
+        is never resolved by the time an author claims."""
+        latest: dict[bytes, audit.Entry] = {}
         for (raw,) in self.db.execute("SELECT raw FROM entries WHERE kind='backup' ORDER BY "
-                                      "time DESC"):
+                                      "author, seq"):
             e = audit.decode_entry(bytes(raw), verify=False)
             if e.body["name"] == name:
-                return e.body["manifest"]
-        return None
+                latest[e.author] = e
+        if len(latest) > 1:
+            raise NameConflict(name, sorted(latest.values(), key=lambda x: x.author))
+        return next(iter(latest.values())).body["manifest"] if latest else None
 
     def replica_holders(self, manifest_id: bytes) -> list[bytes]:
         """Node ids that replica entries (in any log held) name as holders."""

@@ -423,7 +423,10 @@ def _backup_check(lg, mid: bytes) -> dict:
             "id": e.id.hex(), "time_ns": e.time, "body": e.to_json()["body"],
             "chain_ok": rep.ok, "log_entries": rep.entries,
             "problems": [p.reason for p in rep.problems][:10], "witnessed_by": witnesses,
-            "other_backup_entries": len(entries) - 1}
+            "other_backup_entries": len(entries) - 1,
+            # several authors claim this manifest: reported, never settled by claimed time
+            "claimed_by": sorted({node_id(x.author).hex() for x in entries}),
+            "conflict": len({x.author for x in entries}) > 1}
 
 
 FAILED_PROOFS = ("damaged", "missing", "failed")
@@ -440,8 +443,8 @@ def judge(entry: dict, manifest_doc: dict, rows: list, min_holders: int) -> dict
     unreachable = [r for r in rows if r["result"] == "unreachable"]
     failed = [r for r in rows if r["result"] in FAILED_PROOFS]
     bad_claims = [r for r in failed if r["claim"] != "provider"]
-    ok = (entry["found"] and entry["chain_ok"] and manifest_doc.get("ok", False)
-          and len(proven) >= min_holders and not bad_claims)
+    ok = (entry["found"] and entry["chain_ok"] and not entry.get("conflict")
+          and manifest_doc.get("ok", False) and len(proven) >= min_holders and not bad_claims)
     return {"ok": bool(ok), "min_holders": min_holders, "proven_holders": len(proven),
             "unreachable_holders": len(unreachable), "failed_holders": len(failed),
             "failed_signed_holders": len(bad_claims)}
@@ -463,6 +466,10 @@ def _text(doc: dict) -> str:
             state += f" (our copy was damaged: {e['repaired_entries']} entries repaired)"
         lines.append(f"backup entry  by {e['author_node_id'][:16]} (entry {e['seq']}, "
                      f"'{e['body']['name']}'): log {state}, witnessed by {len(w)} node(s)")
+        if e.get("conflict"):
+            lines.append(f"CONFLICT      this manifest is claimed by {len(e['claimed_by'])} "
+                         f"authors ({', '.join(c[:16] for c in e['claimed_by'])}): not "
+                         "settled by the times they claim; check who made it")
     else:
         lines.append(f"backup entry  NOT FOUND: {e['reason']}")
     lines.append(f"manifest      {'matches the entry' if m.get('ok') else 'PROBLEM'}"

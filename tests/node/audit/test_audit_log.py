@@ -86,7 +86,7 @@ def test_verify_finds_the_first_break_of_a_tampered_db(tmp_path, how):
         # a validly signed replacement for seq 3 (the node rewrote its own log):
         # the stored id and the link from seq 4 no longer match
         ident = Identity.load(tmp_path / "node.key")
-        e = audit.make_entry(ident, 3, es[2].id, T0, "restore", restore_body(99))
+        e = audit.make_entry(ident, 3, es[2].id, T0 + 3, "restore", restore_body(99))
         _tamper(db, "UPDATE entries SET raw=?, id=? WHERE seq=3", e.raw, e.id)
     with AuditLog(tmp_path) as log:
         rep = log.verify(log.own_author)
