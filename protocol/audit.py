@@ -466,6 +466,12 @@ class CertificateReport:
     def witnessed(self) -> bool:
         return self.witnessed_seq is not None
 
+    @property
+    def witness_keys(self) -> list[bytes]:
+        """The distinct authors of the witness entries (one witness entry repeated
+        is one witness)."""
+        return sorted({w.author for w in self.witnesses})
+
     def to_json(self) -> dict:
         return {"manifest": self.manifest.hex(), "author": self.author.hex(),
                 "backup_entry": self.backup.to_json(),
@@ -473,6 +479,7 @@ class CertificateReport:
                 "chain_entries": self.head.seq - self.backup.seq + 1,
                 "witnesses": [{"author": w.author.hex(), "seq": w.seq, "id": w.id.hex()}
                               for w in self.witnesses],
+                "witness_keys": [k.hex() for k in self.witness_keys],
                 "witnessed": self.witnessed, "witnessed_seq": self.witnessed_seq}
 
 

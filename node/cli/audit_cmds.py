@@ -221,9 +221,12 @@ def _backup_entry(ctx, log, ref: str) -> audit.Entry:
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--require-witness", is_flag=True,
               help="fail (exit 4) when no other node has witnessed the chain")
+@click.option("--min-witnesses", type=click.IntRange(1, 64), default=None, metavar="N",
+              help="fail (exit 4) unless N distinct other nodes witnessed the chain "
+                   "(a witness entry repeated counts once)")
 @json_option
 @click.pass_context
-def audit_check_certificate_cmd(ctx, file, require_witness, as_json):
+def audit_check_certificate_cmd(ctx, file, require_witness, min_witnesses, as_json):
     """Verify certificate FILE offline (no network, no store)."""
     from hypersdk.protocol import audit
     try:
@@ -247,11 +250,17 @@ def audit_check_certificate_cmd(ctx, file, require_witness, as_json):
              f"{rep.head.seq - rep.backup.seq + 1} entries, every signature and link valid, "
              f"to head seq {rep.head.seq} {rep.head.id.hex()[:16]}"]
     if rep.witnessed:
-        lines.append(f"witnessed up to seq {rep.witnessed_seq} by " + ", ".join(
-            node_id(w.author).hex()[:16] for w in rep.witnesses))
+        keys = rep.witness_keys
+        lines.append(f"witnessed up to seq {rep.witnessed_seq} by {len(keys)} distinct "
+                     "node(s): " + ", ".join(node_id(k).hex()[:16] for k in keys))
     else:
         lines.append("WARNING: no witness yet: no other node has attested this log, so only "
                      "its author vouches that it was not rewritten")
     emit(as_json, dict(rep.to_json(), ok=True), "\n".join(lines))
     if require_witness and not rep.witnessed:
+        ctx.exit(4)
+    if min_witnesses is not None and len(rep.witness_keys) < min_witnesses:
+        if not as_json:
+            click.echo(f"hypersdk: error: {len(rep.witness_keys)} distinct witness(es), "
+                       f"{min_witnesses} required", err=True)
         ctx.exit(4)

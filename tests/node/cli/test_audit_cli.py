@@ -180,8 +180,20 @@ def test_certificate_carries_a_witness_from_another_node(cli, made, tmp_path):
     doc = Cli(tmp_path / "x").json("audit", "check-certificate", cert, "--require-witness")
     assert doc["witnessed"] and doc["witnessed_seq"] == head.seq
     assert doc["witnesses"] == [{"author": w.author.hex(), "seq": w.seq, "id": w.id.hex()}]
-    assert "witnessed up to seq 4" in Cli(tmp_path / "x")("audit", "check-certificate",
-                                                          cert).stdout
+    assert "witnessed up to seq 4 by 1 distinct node(s)" in Cli(tmp_path / "x")(
+        "audit", "check-certificate", cert).stdout
+    # one witness entry repeated is one witness (issue 18, finding 1: it was listed and
+    # counted as many): --min-witnesses counts distinct nodes
+    from hypersdk.protocol import codec
+    doc = codec.decode(cert.read_bytes())
+    doc["witnesses"] = doc["witnesses"] * 5
+    cert5 = tmp_path / "c5.cert"
+    cert5.write_bytes(codec.encode(doc))
+    x = Cli(tmp_path / "x")
+    rep = x.json("audit", "check-certificate", cert5, "--min-witnesses", "1")
+    assert len(rep["witnesses"]) == 5 and rep["witness_keys"] == [w.author.hex()]
+    p = x("audit", "check-certificate", cert5, "--min-witnesses", "2", ok=False)
+    assert p.returncode == 4 and "1 distinct witness(es), 2 required" in p.stderr
     # audit verify --all checks both logs
     out = cli("audit", "verify", "--all").stdout.splitlines()
     assert len(out) == 2 and all(line.startswith("OK") for line in out)
