@@ -5,8 +5,8 @@
 #  2. a local network of three real nodes on 127.0.0.1 (libp2p): B fetches the
 #     backup from A, C restores it from A and B at once (swarm), peers/status,
 #     and C verifies the backup on the network from the gossiped audit logs;
-#  3. simnet: a simulated network of a few hundred nodes on virtual time (DHT
-#     lookups, then audit-log gossip).
+#  3. simnet: a simulated network of 150 nodes on virtual time, a fifth of them
+#     hostile (eclipse + provider-record flood), then audit-log gossip.
 # Runs in a throw-away dir; set DEMO_SIZE (default 256M) for a bigger disk.
 set -eu
 cd "$(dirname "$0")/.."
@@ -148,7 +148,8 @@ step "$H" --data-dir "$WORK/c" audit verify "$A_ID"
 step "$H" --data-dir "$WORK/c" verify "$MID" --network
 
 echo
-echo "== simnet: the same DHT code on a simulated network (virtual time)"
-step "$H" simnet run scenarios/small.toml --out "$WORK/simnet"
+echo "== simnet: the same DHT code on a simulated network (virtual time), a fifth of it hostile"
+echo "(they collude to eclipse lookups and flood provider stores; lookups still find their providers)"
+step "$H" simnet run scenarios/hostile-20pct.toml --nodes 150 --out "$WORK/simnet"
 echo "(and the audit-log gossip: how fast an entry reaches every node, and a partition healing)"
 step "$H" simnet gossip --nodes 100 --entries 5
