@@ -467,6 +467,12 @@ class CertificateReport:
         return self.witnessed_seq is not None
 
     @property
+    def as_of(self) -> int:
+        """The newest time the certificate vouches for (ns): its head's time, or a
+        witness entry's if later (a witness saw the chain no earlier than it signed)."""
+        return max([self.head.time, *(w.time for w in self.witnesses)])
+
+    @property
     def witness_keys(self) -> list[bytes]:
         """The distinct authors of the witness entries (one witness entry repeated
         is one witness)."""
@@ -480,6 +486,7 @@ class CertificateReport:
                 "witnesses": [{"author": w.author.hex(), "seq": w.seq, "id": w.id.hex()}
                               for w in self.witnesses],
                 "witness_keys": [k.hex() for k in self.witness_keys],
+                "head_time_ns": self.head.time, "as_of_ns": self.as_of,
                 "witnessed": self.witnessed, "witnessed_seq": self.witnessed_seq}
 
 

@@ -14,20 +14,25 @@ appends), so they work with or without a running node.
     audit check-certificate F  verifies F offline: exit 0 when valid (with a WARNING
                                line when no other node has witnessed the chain yet;
                                --require-witness makes that exit 4), exit 3 with the
-                               reason when F is truncated, altered or does not prove it
+                               reason when F is truncated, altered or does not prove it;
+                               it prints the time it is valid as of (--fresh-within
+                               DURATION: exit 4 when older) and counts distinct
+                               witnesses (--min-witnesses N: exit 4 below N)
+    audit certificate refuses an author with a proven fork (exit 1, one line)
 
 AUTHOR is a hex prefix of a node id (or of a public key); default: this node.
 """
 from __future__ import annotations
 
 import datetime
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
 
 from hypersdk.node.cli.app import cli, emit, json_option
-from hypersdk.node.config import default_data_dir
+from hypersdk.node.config import default_data_dir, parse_duration
 from hypersdk.node.errors import UsageError, UserError
 from hypersdk.protocol.errors import AuditChainBroken, ForkDetected, RemoteProtocolError
 
@@ -154,6 +159,13 @@ def audit_certificate_cmd(ctx, ref, output, as_json):
             raise UsageError("a certificate is binary: redirect stdout to a file or use -o FILE")
     with _open(ctx) as log:
         entry = _backup_entry(ctx, log, ref)
+        forks = log.forks(entry.author)
+        if forks:           # a certificate would vouch for a log its author rewrote
+            from hypersdk.dht.keys import node_id as node_id_of
+            raise UserError(f"the author of {ref} ({node_id_of(entry.author).hex()[:16]}) "
+                            f"signed two different entries at seq {forks[0].seq} (a proven "
+                            "fork, `audit verify` shows it): no certificate is exported for "
+                            "its log")
         chain = list(log.entries(entry.author, entry.seq))
         if not chain or chain[0].id != entry.id:
             raise UserError("the backup entry changed while being read")
@@ -224,11 +236,17 @@ def _backup_entry(ctx, log, ref: str) -> audit.Entry:
 @click.option("--min-witnesses", type=click.IntRange(1, 64), default=None, metavar="N",
               help="fail (exit 4) unless N distinct other nodes witnessed the chain "
                    "(a witness entry repeated counts once)")
+@click.option("--fresh-within", default=None, metavar="DURATION",
+              help="fail (exit 4) when the certificate vouches for nothing newer than "
+                   "DURATION ago (30m, 1h, 7d): a later delete or failed verify of the "
+                   "backup could be missing from an old certificate")
 @json_option
 @click.pass_context
-def audit_check_certificate_cmd(ctx, file, require_witness, min_witnesses, as_json):
+def audit_check_certificate_cmd(ctx, file, require_witness, min_witnesses, fresh_within,
+                                as_json):
     """Verify certificate FILE offline (no network, no store)."""
     from hypersdk.protocol import audit
+    fresh_ns = parse_duration(fresh_within) if fresh_within is not None else None
     try:
         data = Path(file).read_bytes()
     except OSError as exc:
@@ -248,7 +266,9 @@ def audit_check_certificate_cmd(ctx, file, require_witness, min_witnesses, as_js
              f"{rep.manifest.hex()}",
              f"backup entry seq {rep.backup.seq} at {_when(rep.backup.time)} UTC; "
              f"{rep.head.seq - rep.backup.seq + 1} entries, every signature and link valid, "
-             f"to head seq {rep.head.seq} {rep.head.id.hex()[:16]}"]
+             f"to head seq {rep.head.seq} {rep.head.id.hex()[:16]}",
+             f"valid as of {_when(rep.as_of)} UTC (head dated {_when(rep.head.time)} UTC): "
+             "entries after that, e.g. a delete, are not in this certificate"]
     if rep.witnessed:
         keys = rep.witness_keys
         lines.append(f"witnessed up to seq {rep.witnessed_seq} by {len(keys)} distinct "
@@ -258,6 +278,11 @@ def audit_check_certificate_cmd(ctx, file, require_witness, min_witnesses, as_js
                      "its author vouches that it was not rewritten")
     emit(as_json, dict(rep.to_json(), ok=True), "\n".join(lines))
     if require_witness and not rep.witnessed:
+        ctx.exit(4)
+    if fresh_ns is not None and rep.as_of < time.time_ns() - fresh_ns:
+        if not as_json:
+            click.echo(f"hypersdk: error: the certificate is valid as of {_when(rep.as_of)} "
+                       f"UTC, older than {fresh_within}", err=True)
         ctx.exit(4)
     if min_witnesses is not None and len(rep.witness_keys) < min_witnesses:
         if not as_json:

@@ -224,3 +224,37 @@ def test_ops_through_a_running_node_append_to_the_same_log(cli, nodes, tmp_path)
     key = Identity.load(cli.data_dir / "node.key")
     assert {e["author"] for e in cli.json("audit", "log")} == {key.public_key.hex()}
     assert os.stat(cli.data_dir / "node.key").st_mode & 0o777 == 0o600
+
+
+def test_certificate_states_its_freshness_and_a_forked_author_gets_none(cli, made, tmp_path):
+    """Issue 18, finding 5: the check prints the time the certificate is valid as
+    of and --fresh-within fails an old one; export refuses an author whose log
+    this node holds a fork proof against."""
+    cert = tmp_path / "c.cert"
+    cli("audit", "certificate", "disk.img@1", "-o", cert)
+    x = Cli(tmp_path / "x")
+    out = x("audit", "check-certificate", cert).stdout
+    assert "valid as of " in out and "a delete, are not in this certificate" in out
+    doc = x.json("audit", "check-certificate", cert, "--fresh-within", "1h")
+    assert doc["as_of_ns"] >= doc["head_time_ns"] > 0
+    # a certificate of a log dated November 2023 is not fresh within a week
+    ident = Identity.from_private_bytes(b"q" * 32)
+    old = audit.make_entry(ident, 0, None, 1_700_000_000 * 10**9, "backup", {
+        "manifest": bytes(range(32)), "name": "vm", "size": 1, "chunks": 1, "source": {}})
+    (tmp_path / "old.cert").write_bytes(audit.build_certificate(bytes(range(32)), [old], []))
+    p = x("audit", "check-certificate", tmp_path / "old.cert", "--fresh-within", "7d", ok=False)
+    assert p.returncode == 4 and "2023-11-14" in p.stderr and "older than 7d" in p.stderr
+    p = x("audit", "check-certificate", cert, "--fresh-within", "soon", ok=False)
+    assert p.returncode == 2 and "cannot read duration" in p.stderr
+    # a fork proof against our own log (two entries of seq 0): no certificate
+    own = Identity.load(cli.data_dir / "node.key")
+    with AuditLog(cli.data_dir) as log:
+        first = log.entry(own.public_key, 0)
+        other = audit.make_entry(own, 0, None, first.time, first.kind, dict(first.body))
+        if other.id == first.id:                     # identical bytes: vary the time
+            other = audit.make_entry(own, 0, None, first.time + 1, first.kind,
+                                     dict(first.body))
+        assert log.add_fork_proof(first.raw, other.raw) is not None
+    p = cli("audit", "certificate", "disk.img@1", "-o", tmp_path / "f.cert", ok=False)
+    assert p.returncode == 1 and "proven fork" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
