@@ -45,6 +45,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from . import codec
+from . import membership as ms
 from .errors import (
     AuditChainBroken,
     ForkDetected,
@@ -447,6 +448,10 @@ CERT_TYPE = "hypersdk-audit-certificate"
 MAX_CERT_CHAIN = 100_000
 MAX_CERT_WITNESSES = 64
 _CERT_KEYS = frozenset({"v", "type", "manifest", "chain", "witnesses", "keys"})
+# a certificate of a backup made in a network pins the network's public key and carries
+# the member certificates (protocol/membership.py) of its author and witnesses
+_NET_KEYS = _CERT_KEYS | {"network", "members"}
+MAX_CERT_MEMBERS = MAX_CERT_WITNESSES + 1
 
 
 class InvalidCertificate(RemoteProtocolError):
@@ -460,7 +465,16 @@ class CertificateReport:
     backup: Entry
     head: Entry
     witnesses: list[Entry]
-    witnessed_seq: int | None       # the highest seq of the chain a witness attests
+    witnessed_seq: int | None       # the highest seq of the chain a (member) witness attests
+    network: bytes | None = None    # the network public key the file pins
+    members: frozenset = frozenset()  # keys with a valid member certificate in the file
+
+    @property
+    def member_witness_keys(self) -> list[bytes]:
+        """The distinct witnesses that count: members of the pinned network, or (no
+        network pinned: nothing can vet them) every witness."""
+        keys = self.witness_keys
+        return keys if self.network is None else [k for k in keys if k in self.members]
 
     @property
     def witnessed(self) -> bool:
@@ -487,16 +501,25 @@ class CertificateReport:
                               for w in self.witnesses],
                 "witness_keys": [k.hex() for k in self.witness_keys],
                 "head_time_ns": self.head.time, "as_of_ns": self.as_of,
+                "network": self.network.hex() if self.network else None,
+                "author_member": (self.author in self.members) if self.network else None,
+                "member_witness_keys": [k.hex() for k in self.member_witness_keys],
                 "witnessed": self.witnessed, "witnessed_seq": self.witnessed_seq}
 
 
-def build_certificate(manifest: bytes, chain: list[Entry], witnesses: list[Entry]) -> bytes:
+def build_certificate(manifest: bytes, chain: list[Entry], witnesses: list[Entry], *,
+                      network: bytes | None = None, members=()) -> bytes:
     """Encode a certificate (LocalProtocolError if chain/witnesses do not form one:
-    the result is checked with check_certificate before it is returned)."""
+    the result is checked with check_certificate before it is returned). network:
+    the public key of the backup's network, pinned in the file, with `members`, the
+    member certificates (raw) of the author and witnesses."""
     keys = sorted({e.author for e in chain} | {w.author for w in witnesses})
-    data = codec.encode({"v": VERSION, "type": CERT_TYPE, "manifest": manifest,
-                         "chain": [e.raw for e in chain],
-                         "witnesses": [w.raw for w in witnesses], "keys": keys})
+    doc = {"v": VERSION, "type": CERT_TYPE, "manifest": manifest,
+           "chain": [e.raw for e in chain], "witnesses": [w.raw for w in witnesses],
+           "keys": keys}
+    if network is not None:
+        doc.update(network=network, members=list(members)[:MAX_CERT_MEMBERS])
+    data = codec.encode(doc)
     try:
         check_certificate(data)
     except (RemoteProtocolError, AuditChainBroken, ForkDetected) as exc:
@@ -504,14 +527,17 @@ def build_certificate(manifest: bytes, chain: list[Entry], witnesses: list[Entry
     return data
 
 
-def check_certificate(data: bytes) -> CertificateReport:
+def check_certificate(data: bytes, *, network_key: bytes | None = None) -> CertificateReport:
     """Verify a certificate offline. Raises InvalidCertificate (or
-    AuditChainBroken for a break inside the chain) with the reason."""
+    AuditChainBroken for a break inside the chain) with the reason. network_key:
+    the network the checker expects; the file must pin it. In a file that pins a
+    network, only witnesses with a valid member certificate of it count
+    (witnessed_seq, member_witness_keys)."""
     try:
         doc = codec.decode(data)
     except RemoteProtocolError as exc:
         raise InvalidCertificate(f"not a certificate (truncated or altered?): {exc}") from None
-    if type(doc) is not dict or doc.keys() != _CERT_KEYS:
+    if type(doc) is not dict or doc.keys() not in (_CERT_KEYS, _NET_KEYS):
         raise InvalidCertificate("not a certificate: wrong fields")
     if doc["type"] != CERT_TYPE or doc["v"] != VERSION or type(doc["v"]) is not int:
         raise InvalidCertificate(f"unsupported certificate type/version {doc['type']!r} "
@@ -569,4 +595,44 @@ def check_certificate(data: bytes) -> CertificateReport:
     want = sorted({backup.author} | {w.author for w in witnesses})
     if keys != want:
         raise InvalidCertificate("the key list does not match the chain's and witnesses' authors")
-    return CertificateReport(manifest, backup.author, backup, view.head, witnesses, witnessed)
+    network, members = _members(doc, network_key, backup, witnesses)
+    if network is not None:             # only member witnesses attest anything
+        witnessed = max((s for w in witnesses if w.author in members
+                         for a, s, _ in witness_heads(w) if a == backup.author
+                         and view.id_at(s) is not None), default=None)
+    return CertificateReport(manifest, backup.author, backup, view.head, witnesses, witnessed,
+                             network, frozenset(members))
+
+
+def _members(doc: dict, network_key: bytes | None, backup: Entry, witnesses) -> tuple:
+    """(the pinned network public key or None, the keys of the author and witnesses
+    whose member certificate in the file is signed by that network and valid when
+    they signed their entry). network_key: the one the checker expects."""
+    pinned = doc.get("network")
+    if network_key is not None and pinned != network_key:
+        raise InvalidCertificate(
+            "the certificate is pinned to no network" if pinned is None else
+            f"the certificate is pinned to network {ms.network_id(pinned).hex()[:16]}, not "
+            f"the one given ({ms.network_id(network_key).hex()[:16]})")
+    if pinned is None:
+        return None, set()
+    raws = doc["members"]
+    if type(pinned) is not bytes or len(pinned) != KEY_LEN:
+        raise InvalidCertificate("the network key must be 32 bytes")
+    if type(raws) is not list or len(raws) > MAX_CERT_MEMBERS:
+        raise InvalidCertificate(f"at most {MAX_CERT_MEMBERS} member certificates")
+    when = {backup.author: backup.time}
+    for w in witnesses:
+        when[w.author] = min(when.get(w.author, w.time), w.time)
+    members = set()
+    for i, raw in enumerate(raws):
+        try:
+            cert = ms.decode_certificate(raw)
+            if cert.node in when:
+                ms.check_certificate(pinned, raw, now=when[cert.node])
+                members.add(cert.node)
+        except ms.NotAMember:         # of another network, or not when it signed: no vote
+            continue
+        except RemoteProtocolError as exc:  # malformed, or a forged network signature
+            raise InvalidCertificate(f"member certificate {i}: {exc}") from None
+    return pinned, members

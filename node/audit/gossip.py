@@ -142,6 +142,7 @@ class AuditGossip:
         self.limits = limits if limits is not None else InboundLimits(
             peer_rate=rate, peer_burst=max(BURST, 2 * rate))
         self._known: dict[bytes, int] | None = None   # author -> head seq held (lazy)
+        self._kept_certs: dict[bytes, bool] = {}      # member certificates stored (raw)
         self.certs_of = certs_of          # author keys -> their certificates (raw), to send
         self.learn_certs = learn_certs    # raw certificates received -> None
         self.busy, self.max_defer = busy, max_defer
@@ -411,6 +412,14 @@ class AuditGossip:
         certificates that came with them) are neither stored nor forwarded."""
         if certs and self.learn_certs is not None:
             self.learn_certs(certs)
+            if self.certs_of is not None:   # kept for audit certificates (valid ones only)
+                new = [raw for raw in self.certs_of(sorted(_cert_nodes(certs)))
+                       if self._kept_certs.get(raw) is None]
+                if new:
+                    await self._db(self.log.keep_member_certs, new)
+                    if len(self._kept_certs) > 4096:
+                        self._kept_certs.clear()
+                    self._kept_certs.update(dict.fromkeys(new, True))
         if self.author_ok is not None:
             kept = [r for r in raws if self._member_entry(r)]
             if len(kept) != len(raws):
@@ -753,6 +762,18 @@ class AuditGossip:
             self.counters["banned"] += 1
             self.neighbours = [c for c in self.neighbours if c.id != peer_id]
 
+
+
+def _cert_nodes(raws) -> set:
+    """The node keys certificates name (undecodable ones are skipped)."""
+    from hypersdk.protocol import membership as ms
+    out = set()
+    for raw in raws:
+        try:
+            out.add(ms.decode_certificate(raw).node)
+        except RemoteProtocolError:
+            continue
+    return out
 
 
 class _Failed(Exception):

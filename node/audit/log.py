@@ -64,7 +64,8 @@ from hypersdk.protocol.errors import AuditChainBroken, ForkDetected, RemoteProto
 
 DB_NAME = "audit.sqlite"
 KEY_FILE = "node.key"
-SCHEMA_VERSION = 3     # 2: witnessed heads and contradicted witnesses; 3: intents
+SCHEMA_VERSION = 4     # 2: witnessed heads and contradicted witnesses; 3: intents;
+                       # 4: member certificates (for audit certificates)
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS authors(
     author BLOB PRIMARY KEY, node_id BLOB NOT NULL, forked INTEGER NOT NULL DEFAULT 0
@@ -78,6 +79,8 @@ CREATE TABLE IF NOT EXISTS forks(
     author BLOB NOT NULL, seq INTEGER NOT NULL, id_a BLOB NOT NULL, raw_a BLOB NOT NULL,
     id_b BLOB NOT NULL, raw_b BLOB NOT NULL, found INTEGER NOT NULL,
     PRIMARY KEY(author, seq, id_b)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS members(
+    node BLOB PRIMARY KEY, serial INTEGER NOT NULL, raw BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS witnessed(
     author BLOB NOT NULL, seq INTEGER NOT NULL, id BLOB NOT NULL,
     witness BLOB NOT NULL, witness_seq INTEGER NOT NULL,
@@ -493,6 +496,25 @@ class AuditLog:
         self.db.execute("DELETE FROM entries WHERE author=? AND seq=?", (e.author, e.seq))
         self._insert(e)
         res.repaired += 1
+
+    def keep_member_certs(self, raws) -> int:
+        """Keep member certificates (raw, already checked against our network by the
+        caller: node/net/gate.py) of authors, the newest serial per node, so that
+        `audit certificate` can put the author's and witnesses' in a certificate."""
+        from hypersdk.protocol import membership as ms
+        n = 0
+        with self._immediate() as db:
+            for raw in raws:
+                c = ms.decode_certificate(raw)
+                cur = db.execute("INSERT INTO members VALUES (?,?,?) ON CONFLICT(node) DO "
+                                 "UPDATE SET serial=excluded.serial, raw=excluded.raw WHERE "
+                                 "excluded.serial > members.serial", (c.node, c.serial, c.raw))
+                n += cur.rowcount
+        return n
+
+    def member_certs(self, keys) -> list[bytes]:
+        return [bytes(r[0]) for k in keys for r in self.db.execute(
+            "SELECT raw FROM members WHERE node=?", (k,))]
 
     def damaged(self, authors=None) -> dict[bytes, int]:
         """author -> the first seq where our stored copy of its log is damaged (a

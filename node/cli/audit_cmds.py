@@ -179,7 +179,17 @@ def audit_certificate_cmd(ctx, ref, output, as_json):
                 and all(s <= chain[-1].seq for a, s, _ in audit.witness_heads(w)
                         if a == entry.author)]
         good = good[-audit.MAX_CERT_WITNESSES:]
-        data = audit.build_certificate(entry.body["manifest"], chain, good)
+        # in a network: pin its key, with the member certificates of the author and
+        # the witnesses (ours from DATA/network, the others' as gossip brought them)
+        from hypersdk.node.net import membership
+        net = membership.load(_data_dir(ctx))
+        members = []
+        if net is not None:
+            keys = sorted({entry.author} | {w.author for w in good})
+            members = [net.cert.raw] if net.cert.node in keys else []
+            members += log.member_certs([k for k in keys if k != net.cert.node])
+        data = audit.build_certificate(entry.body["manifest"], chain, good,
+                                       network=net.public if net else None, members=members)
     if output is None:
         out.write(data)
         out.flush()
@@ -236,14 +246,18 @@ def _backup_entry(ctx, log, ref: str) -> audit.Entry:
 @click.option("--min-witnesses", type=click.IntRange(1, 64), default=None, metavar="N",
               help="fail (exit 4) unless N distinct other nodes witnessed the chain "
                    "(a witness entry repeated counts once)")
+@click.option("--network-key", default=None, metavar="KEY",
+              help="the network the backup must belong to: its public key (64 hex "
+                   "digits, or a file such as DATA/network/network.pub); the certificate "
+                   "must pin it, and only its members' witnesses count")
 @click.option("--fresh-within", default=None, metavar="DURATION",
               help="fail (exit 4) when the certificate vouches for nothing newer than "
                    "DURATION ago (30m, 1h, 7d): a later delete or failed verify of the "
                    "backup could be missing from an old certificate")
 @json_option
 @click.pass_context
-def audit_check_certificate_cmd(ctx, file, require_witness, min_witnesses, fresh_within,
-                                as_json):
+def audit_check_certificate_cmd(ctx, file, require_witness, min_witnesses, network_key,
+                                fresh_within, as_json):
     """Verify certificate FILE offline (no network, no store)."""
     from hypersdk.protocol import audit
     fresh_ns = parse_duration(fresh_within) if fresh_within is not None else None
@@ -251,8 +265,9 @@ def audit_check_certificate_cmd(ctx, file, require_witness, min_witnesses, fresh
         data = Path(file).read_bytes()
     except OSError as exc:
         raise UserError(f"{file}: {exc.strerror}") from None
+    expect = _network_key(network_key) if network_key is not None else None
     try:
-        rep = audit.check_certificate(data)
+        rep = audit.check_certificate(data, network_key=expect)
     except (RemoteProtocolError, AuditChainBroken, ForkDetected) as exc:
         doc = {"ok": False, "reason": str(exc)}
         if as_json:
@@ -269,10 +284,24 @@ def audit_check_certificate_cmd(ctx, file, require_witness, min_witnesses, fresh
              f"to head seq {rep.head.seq} {rep.head.id.hex()[:16]}",
              f"valid as of {_when(rep.as_of)} UTC (head dated {_when(rep.head.time)} UTC): "
              "entries after that, e.g. a delete, are not in this certificate"]
+    if rep.network is not None:
+        from hypersdk.protocol import membership as ms
+        lines.append(f"network {ms.network_id(rep.network).hex()} (pinned in the file"
+                     + (", as given)" if expect else ": compare it with `hypersdk network "
+                        "show` of a member, or pass --network-key)")
+                     + ("; the author is a member" if rep.author in rep.members else
+                        "; WARNING: no member certificate of the author in the file"))
+        unvetted = [k for k in rep.witness_keys if k not in rep.members]
+        if unvetted:
+            lines.append(f"{len(unvetted)} witness(es) not counted: no valid member "
+                         "certificate of this network: " + ", ".join(
+                             node_id(k).hex()[:16] for k in unvetted))
     if rep.witnessed:
-        keys = rep.witness_keys
+        keys = rep.member_witness_keys
         lines.append(f"witnessed up to seq {rep.witnessed_seq} by {len(keys)} distinct "
-                     "node(s): " + ", ".join(node_id(k).hex()[:16] for k in keys))
+                     + ("member node(s): " if rep.network else "node(s) (no network: "
+                        "anyone could have signed): ")
+                     + ", ".join(node_id(k).hex()[:16] for k in keys))
     else:
         lines.append("WARNING: no witness yet: no other node has attested this log, so only "
                      "its author vouches that it was not rewritten")
@@ -284,8 +313,23 @@ def audit_check_certificate_cmd(ctx, file, require_witness, min_witnesses, fresh
             click.echo(f"hypersdk: error: the certificate is valid as of {_when(rep.as_of)} "
                        f"UTC, older than {fresh_within}", err=True)
         ctx.exit(4)
-    if min_witnesses is not None and len(rep.witness_keys) < min_witnesses:
+    if min_witnesses is not None and len(rep.member_witness_keys) < min_witnesses:
         if not as_json:
-            click.echo(f"hypersdk: error: {len(rep.witness_keys)} distinct witness(es), "
-                       f"{min_witnesses} required", err=True)
+            click.echo(f"hypersdk: error: {len(rep.member_witness_keys)} distinct "
+                       f"witness(es), {min_witnesses} required", err=True)
         ctx.exit(4)
+
+
+def _network_key(text: str) -> bytes:
+    """--network-key: 64 hex digits, or a file holding the 32-byte key (network.pub)."""
+    t = text.strip().lower()
+    if len(t) == 64 and all(c in "0123456789abcdef" for c in t):
+        return bytes.fromhex(t)
+    try:
+        raw = Path(text).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"--network-key {text}: not 64 hex digits, and cannot read it as a "
+                         f"file ({exc.strerror})") from None
+    if len(raw) != 32:
+        raise UsageError(f"--network-key {text}: a key file holds 32 bytes, this one {len(raw)}")
+    return raw

@@ -335,3 +335,57 @@ def test_validly_signed_hostile_fields_raise_only_remote_protocol_errors(key, va
     except RemoteProtocolError:
         return
     assert audit.body_problem(e.kind, e.body) is None and e.author == A.public_key
+
+
+# -- issue 18, finding 1: witnesses count only when they are members of the network --------
+
+NET = Identity.from_private_bytes(bytes(range(5, 37)))
+FORGER = Identity.from_private_bytes(bytes(range(9, 41)))
+
+
+def _member(ident, net=NET):
+    from hypersdk.protocol import membership as ms
+    return ms.issue_certificate(net, ident.public_key, site="s", roles=["member"], serial=1,
+                                not_before=0, expires=T0 + 10**15).raw
+
+
+def _net_cert(witnesses, members, network=NET.public_key):
+    return audit.build_certificate(M, LOG, witnesses, network=network, members=members)
+
+
+def test_only_member_witnesses_count_in_a_network_certificate():
+    real = _witness(W, 0, None, [[A.public_key, 7, LOG[7].id]])
+    fake = _witness(FORGER, 0, None, [[A.public_key, 7, LOG[7].id]])
+    rep = audit.check_certificate(_net_cert([real, fake], [_member(A), _member(W)]))
+    assert rep.network == NET.public_key and rep.author in rep.members
+    assert rep.witness_keys == sorted([W.public_key, FORGER.public_key])
+    assert rep.member_witness_keys == [W.public_key] and rep.witnessed_seq == 7
+    # a forged witness alone attests nothing (it was accepted before, for any key)
+    rep = audit.check_certificate(_net_cert([fake], [_member(A)]))
+    assert not rep.witnessed and rep.member_witness_keys == []
+    # the same file without a network cannot vet anybody: every witness is listed as such
+    assert audit.check_certificate(audit.build_certificate(M, LOG, [fake])).witnessed
+
+
+def test_the_network_the_checker_expects_must_be_pinned():
+    other = Identity.from_private_bytes(bytes(range(7, 39)))
+    real = _witness(W, 0, None, [[A.public_key, 7, LOG[7].id]])
+    data = _net_cert([real], [_member(A), _member(W)])
+    assert audit.check_certificate(data, network_key=NET.public_key).witnessed
+    with pytest.raises(audit.InvalidCertificate, match="pinned to network"):
+        audit.check_certificate(data, network_key=other.public_key)
+    # stripping the pin (re-encoding as a certificate of no network) does not help
+    doc = codec.decode(data)
+    del doc["network"], doc["members"]
+    with pytest.raises(audit.InvalidCertificate, match="pinned to no network"):
+        audit.check_certificate(codec.encode(doc), network_key=NET.public_key)
+    # a member certificate of another network does not make a witness count ...
+    doc = codec.decode(data)
+    doc["members"] = [_member(A), _member(W, net=other)]
+    assert not audit.check_certificate(codec.encode(doc)).witnessed
+    # ... and one claiming our network with a forged signature makes the file invalid
+    outer = codec.decode(_member(W))
+    outer["sig"] = bytes(64)                     # the network's signature, forged
+    doc["members"] = [_member(A), codec.encode(outer)]
+    with pytest.raises(audit.InvalidCertificate, match="member certificate 1"):
+        audit.check_certificate(codec.encode(doc))

@@ -39,6 +39,11 @@ async def test_only_members_entries_are_stored_and_forwarded(nursery, autojump_c
     await net.until(lambda: all(g.log.entry(e.author, 0) == e for g in members), "spread")
     # the others never met m0: its certificate came with its entry
     assert all(members[0].ident.public_key in g.certs for g in gates[1:])
+    # and is kept in their audit databases, for the certificates they export
+    # (issue 18, finding 1: a witness counts with its member certificate)
+    for g in members[1:]:
+        (raw,) = g.log.member_certs([e.author])
+        assert ms.decode_certificate(raw).node == e.author
 
     s = await stranger.append("verify", body(2))
     o = await outsider.append("verify", body(3))

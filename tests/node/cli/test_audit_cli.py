@@ -258,3 +258,26 @@ def test_certificate_states_its_freshness_and_a_forked_author_gets_none(cli, mad
     p = cli("audit", "certificate", "disk.img@1", "-o", tmp_path / "f.cert", ok=False)
     assert p.returncode == 1 and "proven fork" in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_a_certificate_made_in_a_network_pins_it_and_vouches_for_its_author(cli, tmp_path):
+    """Issue 18, finding 1: a node in a network exports certificates pinned to the
+    network key, with its member certificate; check-certificate prints the network
+    to compare, checks it against --network-key (hex or the key file), and refuses
+    a certificate pinned to another network."""
+    net = cli.json("network", "create", "--name", "acme", "--site", "hq")
+    src = image(tmp_path / "disk.img")
+    cli.json("backup", src, "--chunk-size", "64K")      # made in the network
+    cert = tmp_path / "c.cert"
+    cli("audit", "certificate", "disk.img", "-o", cert)
+    x = Cli(tmp_path / "x")
+    pub = cli.data_dir / "network" / "network.pub"
+    doc = x.json("audit", "check-certificate", cert, "--network-key", pub)
+    assert doc["network"] == pub.read_bytes().hex() and doc["author_member"] is True
+    out = x("audit", "check-certificate", cert, "--network-key", pub.read_bytes().hex()).stdout
+    assert f"network {net['network']}" in out and "the author is a member" in out
+    other = Identity.generate().public_key.hex()
+    p = x("audit", "check-certificate", cert, "--network-key", other, ok=False)
+    assert p.returncode == 3 and "pinned to network" in p.stderr
+    p = x("audit", "check-certificate", cert, "--network-key", "nonsense", ok=False)
+    assert p.returncode == 2 and "--network-key nonsense" in p.stderr
