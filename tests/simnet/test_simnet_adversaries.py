@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from hypersdk.simnet import report, runner, scenario
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_lookups_survive_eclipse_and_provider_flood_with_20pct_hostile():
+@pytest.mark.slow                   # ~15 s of simulation (runs in CI; the DHT service
+def test_lookups_survive_eclipse_and_provider_flood_with_20pct_hostile():   # tests cover it too
     sc = scenario.load(ROOT / "scenarios" / "hostile-20pct.toml").with_overrides(nodes=150)
     assert sc.faults.malicious_strategy == "eclipse" and sc.faults.flood_keys > 0
     result = runner.run(sc)

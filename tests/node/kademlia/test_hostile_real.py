@@ -16,6 +16,7 @@ from __future__ import annotations
 import random
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 import trio
 from conftest import Cli
 from test_node_cli import (  # noqa: F401  (fixture)
@@ -61,6 +62,7 @@ class _Net:
         self.model = model
 
 
+@pytest.mark.slow                   # ~15 s: 8 node processes (runs in CI)
 def test_lookups_succeed_with_a_fifth_of_the_members_hostile(tmp_path, nodes):
     clis = [Cli(tmp_path / f"n{i}") for i in range(HONEST)]
     opts = ("--dht-k", str(K), "--provider-records", str(STORE))
