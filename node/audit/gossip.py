@@ -475,8 +475,10 @@ class AuditGossip:
             await self._absorb(reply.entries[:1], c.id, reply.certs)
 
     async def _within_limits(self, raws, sender: bytes | None) -> list:
-        """The entries the per-author and new-author limits let in (limits.py).
-        Undecodable ones pass: the log rejects them and the sender is scored."""
+        """The entries the per-author and new-author limits let in (limits.py), as
+        decoded Entry objects (add_foreign takes them as they are: one decode per
+        entry). Undecodable ones pass as bytes: the log rejects them and the sender
+        is scored."""
         if self._known is None:
             heads = await self._db(self.log.heads)
             self._known = {a: seq for a, (seq, _) in heads.items()}
@@ -489,11 +491,11 @@ class AuditGossip:
                 passed.append(r)
                 continue
             if e.seq <= known.get(e.author, -1):
-                passed.append(r)          # a replay (or a fork): nothing new is stored
+                passed.append(e)          # a replay (or a fork): nothing new is stored
             else:
-                decoded.append((e.author, e.seq, r))
+                decoded.append((e.author, e.seq, e))
         decoded.sort(key=lambda t: (t[0], t[1]))      # the order the log applies them
-        ok = self.limits.admit(sender, [(a, len(r)) for a, _, r in decoded],
+        ok = self.limits.admit(sender, [(a, len(e.raw)) for a, _, e in decoded],
                                known.__contains__, self.vetted(), trio.current_time())
         dropped = len(decoded) - len(ok)
         if dropped:

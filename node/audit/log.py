@@ -155,6 +155,15 @@ class VerifyReport:
                 "seconds": round(self.seconds, 3)}
 
 
+def damage_in(rep: VerifyReport) -> int | None:
+    """The first seq where a verify() report shows our stored copy damaged (a
+    break of the chain as stored), or None: forks and witnessed rewrites are the
+    author's doing, not damage of ours."""
+    if any(not p.reason.startswith(("fork:", "rewritten:")) for p in rep.problems):
+        return rep.entries
+    return None
+
+
 class NameConflict(UserError):
     """Several authors' logs name a backup `name`: which one is meant is the
     user's call (by manifest id), never the claimed times'."""
@@ -527,9 +536,9 @@ class AuditLog:
         for author in authors:
             if author == own:
                 continue
-            rep = self.verify(author)
-            if any(not p.reason.startswith(("fork:", "rewritten:")) for p in rep.problems):
-                out[author] = rep.entries
+            first = damage_in(self.verify(author))
+            if first is not None:
+                out[author] = first
         return out
 
     def own_author_if_any(self) -> bytes | None:

@@ -535,12 +535,13 @@ class Downloader:
         scopes = {peer: trio.CancelScope() for peer in peers}
         marks = {peer: self._sessions[peer].bytes_received for peer in peers}
         returned = [False]
-        send = self._send.clone()
+        send = self._send.clone()          # closed once every ask has ended
 
         def finished(peer):
             pending.discard(peer)
             if not pending:
                 settled.set()
+                send.close()
 
         async def ask(peer):
             s = self._sessions[peer]
@@ -596,6 +597,8 @@ class Downloader:
             if peers:
                 w.start_soon(all_answered)
                 w.start_soon(first_and_short_grace)
+            else:
+                send.close()
         returned[0] = True
         return dict(out)
 

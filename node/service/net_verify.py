@@ -417,7 +417,8 @@ def _backup_check(lg, mid: bytes) -> dict:
     # a break in our stored copy (a missing, altered or unlinked row: AuditLog.damaged)
     # is our damage until a valid entry of the author shows otherwise; forks and
     # rewrites proven by witnesses are the author's
-    local = bool(lg.damaged([e.author]))
+    from hypersdk.node.audit.log import damage_in
+    local = damage_in(rep) is not None      # the report above: no second verify
     return {"found": True, "author": e.author.hex(), "local_damage": local,
             "author_node_id": node_id(e.author).hex(), "seq": e.seq,
             "id": e.id.hex(), "time_ns": e.time, "body": e.to_json()["body"],
