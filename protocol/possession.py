@@ -31,9 +31,24 @@ Why this shape:
   at most) and judges the answer against it, once it opened and checked it. A
   holder that answers without the record, or serves a record that is not the
   chunk, is "damaged" either way.
-- A random sample of s out of n chunks catches a holder missing a fraction f
-  of them with probability about 1 - (1 - f)^s (s = 64, f = 5%: 96%).
-  Repeated verifications compound that.
+- How many chunks to ask (`sample_size`): from a stated goal, not a fixed
+  count. The default goal is "a holder that lost 1% of the backup's distinct
+  chunks is caught with 99% confidence" (DEFAULT_LOSS, DEFAULT_CONFIDENCE): the
+  smallest s for which s ids drawn without replacement from n miss every one of
+  the k = ceil(loss * n) lost ones with probability <= 1 - confidence (exact
+  hypergeometric, not the 1 - (1 - f)^s approximation). That is 459 for a large
+  backup, fewer for a small one, every chunk when the backup is smaller than
+  that (n <= 100 at 1%). A fixed 16 caught 5% loss in about half the runs.
+- Coverage over time (`plan`): a random sample may leave a chunk unasked for
+  ever. So each verification also asks the next window of a rotation through
+  every distinct chunk, in an order only the verifier knows (a permutation
+  seeded by the verifier's secret `seed` and the pass number; round r of a
+  pass asks window r), of the same size s. Every chunk is asked at least once
+  every ceil(n / s) verifications (`SamplePlan.rounds`). The rotation alone
+  would let a holder drop chunks once they were asked (a window is never asked
+  again in the same pass); the uniform part, drawn afresh each time, still
+  catches that with the stated confidence. A sample is at most 2 s ids,
+  sent in frames of MAX_SAMPLE.
 - "I do not hold it" is an answer, not an error: an honest holder that lost a
   chunk (or found it damaged in its store, which reads as missing) says so,
   and the verifier records "missing".
@@ -72,6 +87,8 @@ Result of a check (protocol.audit.VERIFY_RESULTS):
 """
 from __future__ import annotations
 
+import math
+import random
 from dataclasses import dataclass, field
 from typing import ClassVar, Iterable, Mapping
 
@@ -90,10 +107,15 @@ MAX_SAMPLE = 64               # ids per challenge: bounds the holder's work per 
 MAX_MESSAGE = 4 << 10         # payload bytes of one frame (largest valid: ~2.3 KiB)
 MAX_REASON = 200              # characters of a Refused reason
 MAX_U64 = (1 << 64) - 1
+DEFAULT_LOSS = 0.01           # the goal: a holder missing 1% of the chunks ...
+DEFAULT_CONFIDENCE = 0.99     # ... is caught in 99% of verifications
+MIN_LOSS = 0.005              # finer goals ask more than a holder's burst allows (node/)
 
 __all__ = ["PROTOCOL_ID", "VERSION", "NONCE_LEN", "MAX_SAMPLE", "MAX_MESSAGE", "MAX_REASON",
            "Challenge", "Proof", "Refused", "Precomputed", "ProofResult", "answer", "sample",
            "reference", "reference_sealed", "answers_challenge", "check", "encode_payload",
+           "DEFAULT_LOSS", "DEFAULT_CONFIDENCE", "MIN_LOSS", "sample_size", "miss_probability",
+           "SamplePlan", "plan", "frames", "check_all",
            "encode_message",
            "decode_payload", "decode_frame", "PossessionDecoder", "OversizedFrame"]
 
@@ -205,6 +227,99 @@ def sample(ids: Iterable[bytes], n: int, rng) -> list[bytes]:
     return rng.sample(distinct, min(n, len(distinct)))
 
 
+def miss_probability(n: int, lost: int, s: int) -> float:
+    """The probability that s distinct ids drawn uniformly from n miss all `lost`
+    of them (hypergeometric: C(n - lost, s) / C(n, s))."""
+    if not 0 <= lost <= n or not 0 <= s <= n:
+        raise LocalProtocolError("need 0 <= lost <= n and 0 <= s <= n")
+    p = 1.0
+    for i in range(s):
+        if n - lost - i <= 0:
+            return 0.0
+        p *= (n - lost - i) / (n - i)
+    return p
+
+
+def _goal(loss, confidence) -> None:
+    if not (type(loss) in (int, float) and MIN_LOSS <= loss < 1):
+        raise LocalProtocolError(f"loss must be in {MIN_LOSS}..1, not {loss!r:.20}")
+    if not (type(confidence) in (int, float) and 0 < confidence < 1):
+        raise LocalProtocolError(f"confidence must be in (0, 1), not {confidence!r:.20}")
+
+
+def sample_size(n: int, loss: float = DEFAULT_LOSS,
+                confidence: float = DEFAULT_CONFIDENCE) -> int:
+    """The fewest ids to ask of n distinct chunks so that a holder missing
+    ceil(loss * n) of them (at least one) is caught with probability >= confidence
+    (module doc). n when even all of them are needed; 0 for n = 0."""
+    _goal(loss, confidence)
+    if type(n) is not int or n < 0:
+        raise LocalProtocolError(f"n must be a count, not {n!r:.20}")
+    lost = max(1, math.ceil(loss * n - 1e-9)) if n else 0
+    p, s = 1.0, 0
+    while s < n and p > 1 - confidence:    # at most ~ln(1/(1-c))/loss + 1 steps, or n
+        p *= (n - lost - s) / (n - s)
+        s += 1
+    return s
+
+
+@dataclass(frozen=True, slots=True)
+class SamplePlan:
+    """What one verification asks (`plan`): ids = the uniform draw plus this
+    round's rotation window, distinct, in random order."""
+    ids: tuple
+    n: int                  # distinct non-zero chunks of the backup
+    uniform: int            # ids drawn uniformly (the stated goal)
+    window: tuple           # the rotation window of this round (ids in it)
+    round: int              # this verification's round number (0, 1, ...)
+    rounds: int             # rounds of one pass: every chunk asked once per pass
+
+    @property
+    def whole(self) -> bool:
+        """The sample is the whole backup."""
+        return len(self.ids) == self.n
+
+
+def _rotation(distinct: list, seed: bytes, pass_no: int) -> list:
+    order = list(distinct)
+    key = blake3.blake3(b"hypersdk possession rotation" + seed
+                        + pass_no.to_bytes(8, "big")).digest()
+    random.Random(key).shuffle(order)
+    return order
+
+
+def plan(ids: Iterable[bytes], *, seed: bytes, round_no: int, rng,
+         loss: float = DEFAULT_LOSS, confidence: float = DEFAULT_CONFIDENCE) -> SamplePlan:
+    """The sample of one verification of a backup whose chunk list is `ids`
+    (duplicates and ZERO_ID skipped): sample_size(n) ids drawn with `rng`, plus
+    window `round_no % rounds` of pass `round_no // rounds` of the rotation keyed by
+    `seed` (the verifier's secret, 32 bytes: a holder that could compute it would
+    know which chunks come next). Round numbers are the caller's to keep (one per
+    verification of this backup)."""
+    _bytes32("seed", seed)
+    _u64("round", round_no)
+    distinct = [c for c in dict.fromkeys(ids) if c != ZERO_ID]
+    n = len(distinct)
+    s = sample_size(n, loss, confidence)
+    if s == n:                                      # the whole backup, every time
+        picked = list(distinct)
+        rng.shuffle(picked)
+        return SamplePlan(tuple(picked), n, n, tuple(distinct), round_no, 1)
+    rounds = -(-n // s)
+    pass_no, r = divmod(round_no, rounds)
+    order = _rotation(distinct, seed, pass_no)
+    window = order[r * s:(r + 1) * s]
+    picked = list(dict.fromkeys(rng.sample(distinct, s) + window))
+    rng.shuffle(picked)
+    return SamplePlan(tuple(picked), n, s, tuple(window), round_no, rounds)
+
+
+def frames(ids, size: int = MAX_SAMPLE) -> list[tuple]:
+    """`ids` cut into challenge-sized tuples (the last may be shorter)."""
+    ids = tuple(ids)
+    return [ids[i:i + size] for i in range(0, len(ids), size)]
+
+
 @dataclass(frozen=True, slots=True)
 class Precomputed:
     """An expected answer the verifier computed already (see `reference`)."""
@@ -299,6 +414,31 @@ def check(ch: Challenge, proof: Proof, expected: Mapping) -> ProofResult:
         result, reason = "failed", "no answer could be verified (no reference chunks)"
     return ProofResult(result, len(ch.ids), proven, len(wrong), len(missing), unverifiable,
                        tuple(wrong), tuple(missing), reason)
+
+
+def check_all(pairs, expected: Mapping) -> ProofResult:
+    """`check` over several frames of one verification: pairs = [(Challenge,
+    Proof)], judged as one challenge of all their ids (counts summed, results as
+    `check`: damaged over missing over ok over failed)."""
+    parts = [check(ch, proof, expected) for ch, proof in pairs]
+    if not parts:
+        return ProofResult("failed", 0, reason="nothing was asked")
+    if any(p.reason == "proof does not answer the challenge" for p in parts):
+        return ProofResult("failed", sum(p.asked for p in parts),
+                           reason="proof does not answer the challenge")
+    tot = {f: sum(getattr(p, f) for p in parts)
+           for f in ("asked", "proven", "wrong", "not_held", "unverifiable")}
+    wrong = tuple(c for p in parts for c in p.wrong_ids)
+    missing = tuple(c for p in parts for c in p.missing_ids)
+    if wrong:
+        result, reason = "damaged", f"{len(wrong)} wrong answer(s)"
+    elif missing:
+        result, reason = "missing", f"{len(missing)} chunk(s) not held"
+    elif tot["proven"]:
+        result, reason = "ok", ""
+    else:
+        result, reason = "failed", "no answer could be verified (no reference chunks)"
+    return ProofResult(result, wrong_ids=wrong, missing_ids=missing, reason=reason, **tot)
 
 
 # -- encoding -----------------------------------------------------------------------------

@@ -37,10 +37,25 @@ us hash the whole store:
 Verifier side: `challenge` sends one Challenge and returns the Proof, or raises
 ChallengeFailed (reason "unreachable" / "timeout" / "refused: ..." with
 misbehaved=False, or a protocol violation with misbehaved=True).
-`prove_holder` samples, challenges, fetches a reference for each answered id
-through the caller's `reader` (one at a time: a chunk is hashed and dropped
-before the next is read) and checks; it never raises for what the holder does,
-it returns a HolderResult whose `result` is one of protocol.audit.VERIFY_RESULTS.
+`prove_holders` challenges several holders at once on one sample (chosen by
+protocol.possession.plan from a stated goal), in frames of MAX_SAMPLE ids, then
+reads a reference for each answered id once through the caller's `reader` (one
+at a time: a chunk is hashed with every holder's nonce and dropped before the
+next is read) and checks; it never raises for what a holder does, it returns
+HolderResults whose `result` is one of protocol.audit.VERIFY_RESULTS.
+`prove_holder` is the one-holder, one-frame form.
+
+The deadline (why an answer must be quick): a holder that dropped the chunks
+could still answer correctly by fetching them from another replica when
+challenged. Each frame must therefore be answered within
+answer_deadline(ids, chunk size) = ANSWER_BASE + ids x chunk size / ANSWER_RATE
+(2 s + 2 s for a full frame of 1 MiB chunks), counted from the moment the
+challenge is sent: reading and hashing 64 MiB from a local disk fits easily
+(measured: bench/bench_possession.py, BENCHMARKS.md), fetching them over a link
+slower than about 64 MiB / 4 s (130 Mbit/s) does not. A correct answer after
+the deadline is "failed" (reason "late: ..."), not an offence: a holder on a
+faster link than that, or an overloaded honest one, is not told apart by time
+alone, and the figures are in the verify entry (slowest_ms, deadline_ms).
 
 Nonces: a fresh nonce per challenge, os.urandom(32) by default. Simnet, which
 must repeat exactly, passes nonce=rng.randbytes(32) (predictable: never in a
@@ -72,8 +87,9 @@ from hypersdk.protocol.possession import (
     Refused,
     answer,
     answers_challenge,
-    check,
+    check_all,
     encode_message,
+    frames,
     reference,
     reference_sealed,
     sample,
@@ -82,7 +98,8 @@ from hypersdk.protocol.possession import (
 log = logging.getLogger(__name__)
 
 __all__ = ["PROTOCOL_ID", "PossessionServer", "ChallengeFailed", "HolderResult", "challenge",
-           "prove_holder", "DEFAULT_SAMPLE"]
+           "prove_holder", "prove_holders", "answer_deadline", "DEFAULT_SAMPLE", "ANSWER_BASE",
+           "ANSWER_RATE"]
 
 REQUEST_TIMEOUT = 10.0      # seconds for the one request frame to arrive
 ANSWER_TIMEOUT = 60.0       # seconds to read, hash and send the answers
@@ -90,7 +107,10 @@ CLOSE_GRACE = 1.0
 PER_PEER = 2                # challenges of one peer answered at once
 MAX_INFLIGHT = 16           # challenges answered at once, all peers
 RATE = 64.0                 # chunk ids per second per peer (one full challenge a second)
-BURST = 8 * MAX_SAMPLE      # ids a peer may ask in a burst
+BURST = 32 * MAX_SAMPLE     # ids a peer may ask in a burst: one verification's sample
+                            # (<= 2 x 919 ids at the finest goal, protocol.possession.MIN_LOSS)
+ANSWER_BASE = 2.0           # seconds of a deadline for round trips and scheduling ...
+ANSWER_RATE = 32 << 20      # ... plus the sampled bytes at this rate (module doc)
 MAX_TRACKED = 4096          # peers with a token bucket
 DEFAULT_SAMPLE = 32
 RETRIEVE_MAX = 8            # sealed form: records fetched from a holder to judge its answers
@@ -282,14 +302,22 @@ async def challenge(net, contact, manifest_id: bytes, ids, *, nonce: bytes | Non
         nonce = os.urandom(NONCE_LEN)
     ch = Challenge(rng.getrandbits(64) if rid is None else rid, manifest_id, nonce, tuple(ids),
                    sealed)
+    return (await _ask(net, contact, ch, timeout))[0]
+
+
+async def _ask(net, contact, ch: Challenge, timeout: float) -> tuple[Proof, float]:
+    """(the Proof answering `ch`, seconds from sending the challenge to the whole
+    proof), or ChallengeFailed. `timeout` bounds everything, dial included."""
     frame = encode_message(ch)
     dec = PossessionDecoder(RESPONSE_TAGS)
     try:
         with trio.fail_after(timeout):
             stream = await net.open_stream(contact.id, contact.addr, PROTOCOL_ID)
             try:
+                sent = trio.current_time()
                 await stream.send_all(frame)
                 reply = await _read_one(stream, dec)
+                took = trio.current_time() - sent
             finally:                               # forceful once the deadline passed
                 await stream.aclose()
     except trio.TooSlowError:
@@ -310,7 +338,14 @@ async def challenge(net, contact, manifest_id: bytes, ids, *, nonce: bytes | Non
         raise ChallengeFailed(f"refused: {reply.reason}")
     if not answers_challenge(ch, reply):
         raise ChallengeFailed("wrong reply", misbehaved=True)
-    return reply
+    return reply, took
+
+
+def answer_deadline(n_ids: int, chunk_bytes: int, *, base: float = ANSWER_BASE,
+                    rate: float = ANSWER_RATE) -> float:
+    """Seconds a holder has to answer a challenge of n_ids chunks of at most
+    chunk_bytes each (module doc: the deadline)."""
+    return base + n_ids * chunk_bytes / rate
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,6 +366,11 @@ class HolderResult:
     nonce: bytes = b""
     wrong_ids: tuple = field(default=())
     missing_ids: tuple = field(default=())
+    frames: int = 0                   # challenges sent (each at most MAX_SAMPLE ids)
+    slowest: float = 0.0              # seconds of the slowest answer
+    allowed: float = 0.0              # the deadline of that answer (0: none set)
+    late: int = 0                     # answers that came after their deadline
+    extra: dict = field(default_factory=dict)   # the caller's (sample plan) for the summary
 
     @property
     def summary(self) -> dict:
@@ -349,6 +389,14 @@ class HolderResult:
             s["wrong_ids"] = ",".join(c.hex() for c in self.wrong_ids[:8])
         if self.missing_ids:
             s["missing_ids"] = ",".join(c.hex() for c in self.missing_ids[:8])
+        if self.frames:
+            s["frames"] = self.frames
+            s["slowest_ms"] = round(self.slowest * 1000)
+        if self.allowed:
+            s["deadline_ms"] = round(self.allowed * 1000)
+        if self.late:
+            s["late"] = self.late
+        s.update(self.extra)
         return s
 
 
@@ -356,70 +404,146 @@ async def prove_holder(net, contact, manifest_id: bytes, chunk_ids, reader, *,
                        sample_size: int = DEFAULT_SAMPLE, rng, timeout: float,
                        nonce: bytes | None = None, threaded: bool = False,
                        key=None, sealed: bool = False, retrieve=None) -> HolderResult:
-    """Challenge `contact` on a random sample of `chunk_ids` (the manifest's chunk
-    list; duplicates and ZERO_ID are skipped) and judge its answers.
+    """Challenge `contact` on one random sample of `sample_size` (<= MAX_SAMPLE) of
+    `chunk_ids` (the manifest's chunk list; duplicates and ZERO_ID are skipped) and
+    judge its answers: prove_holders for one holder, one frame, no deadline but
+    `timeout`. Never raises for what the holder does (bugs and cancellation aside).
+    An image with no non-zero chunk has nothing to prove: "ok" with asked=0, no I/O."""
+    ids = sample(chunk_ids, min(sample_size, MAX_SAMPLE), rng)
+    return (await prove_holders(net, [contact], manifest_id, ids, reader, rng=rng,
+                                timeout=timeout, nonces=[nonce] if nonce else None,
+                                threaded=threaded, key=key, sealed=sealed,
+                                retrieve=retrieve))[0]
 
-    reader: async reader(cid) -> plaintext bytes | None, the verifier's copy of
-    a chunk (local store or a network fetch, the caller's choice); called only
-    for ids the holder answered, one at a time, after the holder replied (so
-    `timeout`, which bounds the challenge alone, is not spent on fetches); a
-    copy that does not hash to its id counts as no reference. With keyed chunk ids
-    (protocol/ids.py) a copy is checked against the keyed id: the reader returns
-    what a store read already verified (a protocol.chunks.VerifiedChunk, as
+
+@dataclass
+class _Asked:
+    """One holder's side of a verification in progress."""
+    contact: object
+    nonce: bytes
+    pairs: list = field(default_factory=list)     # (Challenge, Proof)
+    failure: ChallengeFailed | None = None
+    slowest: float = 0.0
+    allowed: float = 0.0
+    late: int = 0
+    expected: dict = field(default_factory=dict)  # cid -> Precomputed | None
+    answered: set = field(default_factory=set)    # ids it answered (not None)
+
+
+async def prove_holders(net, contacts, manifest_id: bytes, ids, reader, *, rng,
+                        timeout: float, chunk_bytes: int | None = None,
+                        nonces=None, threaded: bool = False, key=None, sealed: bool = False,
+                        retrieve=None, extra: dict | None = None) -> list[HolderResult]:
+    """Challenge every holder in `contacts` (at once) on the chunk ids `ids` (the
+    sample: distinct, non-zero; protocol.possession.plan chooses it), in frames of
+    MAX_SAMPLE sent one after another, each with a fresh rid and all with the
+    holder's own nonce (`nonces[i]`, os.urandom by default: a holder cannot use
+    another's answers), and judge the answers. One HolderResult per contact, in order.
+
+    chunk_bytes: the backup's chunk size; with it each frame must be answered
+    within answer_deadline(len(frame), chunk_bytes) (module doc), and a holder that
+    answers correctly but later is "failed" with the times in the reason (it may
+    have fetched the chunks from another replica). `timeout` bounds each frame
+    in any case; a holder with no answer by then is "unreachable".
+
+    reader: async reader(cid) -> plaintext bytes | None, the verifier's copy of a
+    chunk (local store or a network fetch, the caller's choice); called once per
+    sampled id that some holder answered, after every holder replied, one id at a
+    time (memory: one chunk; the answers each holder's nonce calls for are computed
+    from the one copy); a copy that does not hash to its id counts as no reference.
+    With keyed chunk ids (protocol/ids.py) a copy is checked against the keyed id:
+    the reader returns what a store read already verified (a VerifiedChunk, as
     StoreSource.read does), or `key` (the DataKey) lets plain bytes be checked.
-    threaded=True hashes the references in a worker thread (real nodes).
+    threaded=True hashes in a worker thread (real nodes).
     sealed=True (keyed ids; `key` required): the sealed form (protocol/possession.py):
     reader(cid) returns a sealed record of the chunk (checked here with
     reference_sealed), and an answer that matches no reference is judged against
     the holder's own record: `retrieve(contact, cids)` -> {cid: record} fetches at
-    most RETRIEVE_MAX of them from the holder (the sample's order is random); a
-    mismatch it does not settle (beyond that, or not served) counts as unverifiable,
-    not wrong. retrieve None: no second look; the references are authoritative.
-    Never raises for what the holder does (bugs and cancellation aside).
+    most RETRIEVE_MAX of them from the holder; a mismatch it does not settle counts
+    as unverifiable, not wrong. retrieve None: the references are authoritative.
 
     Results: "ok" / "damaged" / "missing" / "failed" as protocol.possession.check;
     "unreachable" when no proof came (dial failure, timeout, stream closed,
     Refused: reason says which); "failed" with misbehaved=True when the holder
-    broke the protocol (malformed, oversized, wrong or replayed reply). An image
-    with no non-zero chunk has nothing to prove: "ok" with asked=0, no I/O.
-    """
-    ids = sample(chunk_ids, min(sample_size, MAX_SAMPLE), rng)
+    broke the protocol (malformed, oversized, wrong or replayed reply); "failed"
+    (not misbehaved) when it answered late. Nothing to ask (no ids): "ok" with
+    asked=0, no I/O."""
+    ids = tuple(ids)
     if not ids:
-        return HolderResult(contact.id, manifest_id, "ok",
-                            reason="nothing to prove (no non-zero chunks)")
-    if nonce is None:
-        nonce = os.urandom(NONCE_LEN)
-    try:
-        proof = await challenge(net, contact, manifest_id, ids, nonce=nonce, rng=rng,
-                                timeout=timeout, sealed=sealed)
-    except ChallengeFailed as exc:
-        result = "failed" if exc.misbehaved else "unreachable"
-        return HolderResult(contact.id, manifest_id, result, asked=len(ids), reason=exc.reason,
-                            misbehaved=exc.misbehaved, nonce=nonce)
-    ch = Challenge(proof.rid, manifest_id, nonce, tuple(ids), sealed)
+        return [HolderResult(c.id, manifest_id, "ok",
+                             reason="nothing to prove (no non-zero chunks)") for c in contacts]
+    asked = [_Asked(c, (nonces[i] if nonces and nonces[i] else os.urandom(NONCE_LEN)))
+             for i, c in enumerate(contacts)]
+
+    async def ask(a: _Asked) -> None:
+        for part in frames(ids):
+            ch = Challenge(rng.getrandbits(64), manifest_id, a.nonce, part, sealed)
+            try:
+                proof, took = await _ask(net, a.contact, ch, timeout)
+            except ChallengeFailed as exc:
+                a.failure = exc
+                return
+            a.pairs.append((ch, proof))
+            a.answered.update(c for c, got in zip(part, proof.answers) if got is not None)
+            allowed = answer_deadline(len(part), chunk_bytes) if chunk_bytes else 0.0
+            if took >= a.slowest:
+                a.slowest, a.allowed = took, allowed
+            if allowed and took > allowed:
+                a.late += 1
+    async with trio.open_nursery() as n:
+        for a in asked:
+            n.start_soon(ask, a)
+    await _references(asked, ids, reader, key, sealed, threaded)
+    out = []
+    for a in asked:
+        out.append(await _judge(a, manifest_id, len(ids), key, sealed, threaded, retrieve,
+                                timeout, extra or {}))
+    return out
+
+
+async def _references(asked, ids, reader, key, sealed: bool, threaded: bool) -> None:
+    """Fill each holder's expected answers from one read of each sampled chunk."""
     ref = reference_sealed if sealed else reference
-    expected: dict[bytes, Precomputed | None] = {}
-    for cid, got in zip(ch.ids, proof.answers):
-        if got is None:
+    for cid in ids:
+        want = [a for a in asked if cid in a.answered]
+        if not want:
             continue                               # "not held" needs no reference
         plain = await reader(cid)
+
+        def compute(plain=plain, want=want, cid=cid):
+            for a in want:
+                a.expected[cid] = ref(cid, a.nonce, plain, key)
         if threaded and plain is not None:
-            expected[cid] = await trio.to_thread.run_sync(ref, cid, nonce, plain, key)
+            await trio.to_thread.run_sync(compute)
         else:
-            expected[cid] = ref(cid, nonce, plain, key)
+            compute()
         del plain
-    r = check(ch, proof, expected)
+
+
+async def _judge(a: _Asked, manifest_id, n_ids, key, sealed, threaded, retrieve, timeout,
+                 extra) -> HolderResult:
+    c = a.contact
+    timing = dict(frames=len(a.pairs), slowest=a.slowest, allowed=a.allowed, late=a.late,
+                  extra=extra)
+    if a.failure is not None:
+        exc = a.failure
+        result = "failed" if exc.misbehaved else "unreachable"
+        return HolderResult(c.id, manifest_id, result, asked=n_ids, reason=exc.reason,
+                            misbehaved=exc.misbehaved, nonce=a.nonce, **timing)
+    expected = a.expected
+    r = check_all(a.pairs, expected)
     retrieved = 0
     if sealed and retrieve is not None and (r.wrong or r.unverifiable):
         # another encoding of the chunk, or damage: judge the holder's own record
-        again = [c for c, got in zip(ch.ids, proof.answers) if got is not None
-                 and (expected.get(c) is None or expected[c].answer != got)]
+        ref = reference_sealed
+        again = [cid for ch, proof in a.pairs for cid, got in zip(ch.ids, proof.answers)
+                 if got is not None and (expected.get(cid) is None or expected[cid].answer != got)]
         for cid in again[RETRIEVE_MAX:]:
             expected[cid] = None                   # beyond the second look: unverifiable
         again = again[:RETRIEVE_MAX]
         try:
             with trio.fail_after(timeout):
-                records = await retrieve(contact, again)
+                records = await retrieve(c, again)
         except (TransportError, trio.TooSlowError):
             records = {}
         for cid in again:
@@ -428,11 +552,17 @@ async def prove_holder(net, contact, manifest_id: bytes, chunk_ids, reader, *,
                 expected[cid] = None               # unsettled: unverifiable, not wrong
             else:
                 retrieved += 1
-                got = await trio.to_thread.run_sync(ref, cid, nonce, rec, key) \
-                    if threaded else ref(cid, nonce, rec, key)
+                got = await trio.to_thread.run_sync(ref, cid, a.nonce, rec, key) \
+                    if threaded else ref(cid, a.nonce, rec, key)
                 # a record the holder serves that is not the chunk: its answer is wrong
                 expected[cid] = got if got is not None else _NOT_THE_CHUNK
-        r = check(ch, proof, expected)
-    return HolderResult(contact.id, manifest_id, r.result, r.asked, r.proven, r.wrong,
-                        r.not_held, r.unverifiable, retrieved, r.reason, False, nonce,
-                        r.wrong_ids, r.missing_ids)
+        r = check_all(a.pairs, expected)
+    result, reason = r.result, r.reason
+    if a.late and result == "ok":
+        result = "failed"
+        reason = (f"late: {a.late} of {len(a.pairs)} answer(s) after the deadline (slowest "
+                  f"{a.slowest:.2f} s, {a.allowed:.2f} s allowed): a holder that had to fetch "
+                  "the chunks from elsewhere answers this slowly")
+    return HolderResult(c.id, manifest_id, result, r.asked, r.proven, r.wrong, r.not_held,
+                        r.unverifiable, retrieved, reason, False, a.nonce, r.wrong_ids,
+                        r.missing_ids, **timing)

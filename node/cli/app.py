@@ -286,9 +286,14 @@ def restore(ctx, ref, out, force, to_device, follow_symlink, as_json):
                    "they differ).")
 @click.option("--min-holders", type=click.IntRange(1, 64), default=None, metavar="N",
               help="With --network: how many holders must prove possession (default 1).")
+@click.option("--detect-loss", type=click.FloatRange(0.5, 99.0), default=None, metavar="PCT",
+              help="With --network: the goal the sample size follows: catch a holder that "
+                   "lost PCT percent of the chunks (default 1, at least 0.5) ...")
+@click.option("--confidence", type=click.FloatRange(1.0, 99.9999), default=None,
+              metavar="PCT", help="... with PCT percent confidence (default 99).")
 @json_option
 @click.pass_context
-def verify(ctx, ref, network, against, min_holders, as_json):
+def verify(ctx, ref, network, against, min_holders, detect_loss, confidence, as_json):
     """Re-read and re-hash chunks of backup REF, or of the whole store.
 
     With --against PATH, compare backup REF with its source image chunk by chunk
@@ -299,10 +304,13 @@ def verify(ctx, ref, network, against, min_holders, as_json):
         if not ref or network:
             raise UsageError("verify --against PATH needs a REF and no --network")
         against = os.path.abspath(against)
-    if min_holders is not None and not network:
-        raise UsageError("verify --min-holders N needs --network")
+    for flag, value in (("--min-holders", min_holders), ("--detect-loss", detect_loss),
+                        ("--confidence", confidence)):
+        if value is not None and not network:
+            raise UsageError(f"verify {flag} needs --network")
+    ppm = (lambda pct: None if pct is None else round(pct * 1e4))    # percent -> ppm
     run_op(ctx, "verify", as_json, ref=ref, network=network, against=against,
-           min_holders=min_holders)
+           min_holders=min_holders, loss_ppm=ppm(detect_loss), confidence_ppm=ppm(confidence))
 
 
 @cli.command("backups")

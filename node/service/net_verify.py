@@ -47,7 +47,6 @@ from hypersdk.protocol.manifest import decode_manifest, split_list
 
 log = logging.getLogger(__name__)
 
-SAMPLE = 16                     # chunks challenged per holder
 CHALLENGE_TIMEOUT = 30.0
 FETCH_TIMEOUT = 60.0
 MAX_HOLDERS = 20
@@ -161,8 +160,12 @@ class AuditNet:
                                     **g.limits.limited}.items())}}
 
     # -- verify --network ------------------------------------------------------------
-    async def verify(self, ref: str, events, min_holders: int = 1) -> tuple[dict, str, int]:
+    async def verify(self, ref: str, events, min_holders: int = 1, loss: float | None = None,
+                     confidence: float | None = None) -> tuple[dict, str, int]:
         from hypersdk.node.audit.log import AuditLog
+        from hypersdk.protocol import possession as pp
+        loss = pp.DEFAULT_LOSS if loss is None else loss
+        confidence = pp.DEFAULT_CONFIDENCE if confidence is None else confidence
         d = self.d
         mid = await trio.to_thread.run_sync(self._resolve, ref)
 
@@ -180,27 +183,32 @@ class AuditNet:
         cache: dict[bytes, bytes] = {}
         manifest_doc, ids, key = await self._manifest(mid, providers, entry, cache)
         holders, claims = await self._holders(mid, providers, entry)
-        results = []
+        cache.clear()                  # hash-list pieces: not needed past the manifest
+        results, sampling = [], None
         if ids is not None:
             # keyed ids: the sealed form, which holders without the key answer too
             sealed = key is not None
             reader = self._sealed_reader(providers) if sealed else \
-                self._reader(providers, cache, key)
-
-            async def one(contact):
-                from hypersdk.node.audit.possession import prove_holder
-                if contact is None:
-                    return
-                r = await prove_holder(d.net, contact, mid, ids, reader, sample_size=SAMPLE,
-                                       rng=random.SystemRandom(), timeout=CHALLENGE_TIMEOUT,
-                                       threaded=True, key=key, sealed=sealed,
-                                       retrieve=self._records_of if sealed else None)
-                results.append(r)
+                self._reader(providers, None, key)
+            round_no = await trio.to_thread.run_sync(self._next_round, mid)
+            p = pp.plan(ids, seed=self._rotation_seed(mid), round_no=round_no,
+                        rng=random.SystemRandom(), loss=loss, confidence=confidence)
+            sampling = {"goal": f"a holder missing {loss:.2%} of the chunks is caught with "
+                                f"{confidence:.2%} confidence",
+                        "chunks": p.n, "uniform": p.uniform, "asked": len(p.ids),
+                        "round": p.round, "rounds": p.rounds, "whole": p.whole}
+            extra = {"round": p.round, "rounds": p.rounds, "chunks": p.n,
+                     "loss_ppm": round(loss * 1e6), "confidence_ppm": round(confidence * 1e6)}
+            from hypersdk.node.audit.possession import prove_holders
+            live = [c for c in holders.values() if c is not None]
+            results = await prove_holders(
+                d.net, live, mid, p.ids, reader, rng=random.SystemRandom(),
+                timeout=CHALLENGE_TIMEOUT, chunk_bytes=manifest_doc["chunk_size"],
+                threaded=True, key=key, sealed=sealed,
+                retrieve=self._records_of if sealed else None, extra=extra)
+            for r in results:
                 if r.misbehaved:
-                    d.dht.penalize(contact.id, "malformed", trio.current_time())
-            async with trio.open_nursery() as n:
-                for c in holders.values():
-                    n.start_soon(one, c)
+                    d.dht.penalize(r.holder, "malformed", trio.current_time())
         by_holder = {r.holder: r for r in results}
         rows = []
         for hid, c in sorted(holders.items()):
@@ -209,12 +217,14 @@ class AuditNet:
                          "claim": claims.get(hid, "provider"),
                          "result": r.result if r else "unreachable",
                          **({"asked": r.asked, "proven": r.proven, "wrong": r.wrong,
-                             "not_held": r.not_held, "reason": r.reason} if r else
+                             "not_held": r.not_held, "reason": r.reason,
+                             "slowest_s": round(r.slowest, 3),
+                             "deadline_s": round(r.allowed, 3), "late": r.late} if r else
                             {"reason": "no address known for this holder"})})
         await trio.to_thread.run_sync(self._record, mid, results)
         await self.gossip.spread_own()
         doc = {"manifest": mid.hex(), "backup_entry": entry, "manifest_check": manifest_doc,
-               "holders": rows, **judge(entry, manifest_doc, rows, min_holders)}
+               "sampling": sampling, "holders": rows, **judge(entry, manifest_doc, rows, min_holders)}
         return doc, _text(doc), 0 if doc["ok"] else 3
 
     def _resolve(self, ref: str) -> bytes:
@@ -283,6 +293,7 @@ class AuditNet:
                         "source": source}, None, None
             ids.extend(split_list(plain, n))
         return {"ok": not problems, "source": source, "size": m.size, "chunks": m.n_chunks,
+                "chunk_size": m.chunk_size,
                 **({"problems": problems} if problems else {})}, ids, key
 
     async def _fetch_manifest(self, mid, providers):
@@ -300,17 +311,40 @@ class AuditNet:
         return None, None
 
     def _reader(self, providers, cache, key=None):
-        """async reader(cid) -> verified plaintext: the local store, else a provider."""
+        """async reader(cid) -> verified plaintext: the local store, else a provider
+        (kept in `cache` when one is given)."""
         async def read(cid: bytes):
-            if cid in cache:
+            if cache is not None and cid in cache:
                 return cache[cid]
             plain = await self.source.read(cid)
             if plain is None:
                 plain = await self._fetch_chunk(cid, providers, key)
-            if plain is not None:
+            if plain is not None and cache is not None:
                 cache[cid] = plain
             return plain
         return read
+
+    def _rotation_seed(self, mid: bytes) -> bytes:
+        """The secret that orders this node's rotation through mid's chunks
+        (protocol.possession.plan): derived from our signature (Ed25519 signs
+        deterministically), so it survives restarts and no holder can compute it."""
+        import blake3
+        return blake3.blake3(self.d.identity.sign(b"hypersdk possession rotation v1" + mid)
+                             ).digest()
+
+    def _next_round(self, mid: bytes) -> int:
+        """The round of this verification of mid: one past the round our last verify
+        entry for it recorded (its summary), 0 for the first."""
+        from hypersdk.node.audit.log import AuditLog
+        from hypersdk.protocol import audit
+        with AuditLog(self.d.data_dir, identity=self.d.identity) as lg:
+            row = lg.db.execute("SELECT raw FROM entries WHERE author=? AND kind='verify' AND "
+                                "manifest=? ORDER BY seq DESC LIMIT 1",
+                                (lg.own_author, mid)).fetchone()
+        if row is None:
+            return 0
+        got = audit.decode_entry(bytes(row[0]), verify=False).body["summary"].get("round")
+        return got + 1 if type(got) is int and 0 <= got < (1 << 62) else 0
 
     async def _fetch_chunk(self, cid, providers, key=None):
         from hypersdk.protocol.exchange import open_data
@@ -396,8 +430,11 @@ def register(commands: dict, command_reply) -> None:
             return await local_verify(d, args, events)
         if not args.get("ref"):
             raise UserError("verify --network needs a REF (a backup name, NAME@N or manifest id)")
+        per = (lambda v: None if v is None else v / 1e6)
         doc, text, code = await d.audit.verify(str(args["ref"]), events,
-                                               min_holders=args.get("min_holders") or 1)
+                                               min_holders=args.get("min_holders") or 1,
+                                               loss=per(args.get("loss_ppm")),
+                                               confidence=per(args.get("confidence_ppm")))
         return command_reply(doc, text, code)
     verify.network = True
     commands["verify"] = verify
@@ -476,9 +513,18 @@ def _text(doc: dict) -> str:
     lines.append(f"manifest      {'matches the entry' if m.get('ok') else 'PROBLEM'}"
                  f" ({m.get('source') or m.get('reason')})"
                  + ("".join(f"; {p}" for p in m.get("problems", []))))
+    sp = doc.get("sampling")
+    if sp:
+        lines.append(f"sample        {sp['asked']} of {sp['chunks']} chunks per holder"
+                     + (" (the whole backup)" if sp["whole"] else
+                        f" ({sp['uniform']} at random + rotation window "
+                        f"{sp['round'] % sp['rounds'] + 1} of {sp['rounds']}: every chunk "
+                        f"asked once per {sp['rounds']} verifications)") + f"; goal: {sp['goal']}")
     for h in doc["holders"]:
         detail = (f"{h.get('proven', 0)}/{h.get('asked', 0)} proven"
                   if "asked" in h else "")
+        if h.get("deadline_s"):
+            detail += f", slowest answer {h['slowest_s']:.2f} s of {h['deadline_s']:.2f} s allowed"
         reason = f" ({h['reason']})" if h.get("reason") else ""
         lines.append(f"holder {h['node_id'][:16]}  {h['result'].upper():<11} "
                      f"{h['claim']:<8} {detail}{reason}")

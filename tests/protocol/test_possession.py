@@ -332,3 +332,94 @@ def test_sealed_references_are_checked_records_of_the_keyed_id():
                   k),                                           # plaintext is not the id
                  (c, NONCE, bytes(seal(k, KIND_HASHLIST, c, 0, len(plain), plain)), k)):
         assert reference_sealed(*args) is None, args[2][:8] if args[2] else None
+
+
+# -- sample size from a stated goal, rotation (issue 18, finding 6) ---------------------
+
+def _lost(n, loss=0.01):
+    import math
+    return max(1, math.ceil(loss * n - 1e-9))
+
+
+@settings(max_examples=300, deadline=None)
+@given(n=st.integers(1, 20_000), loss=st.sampled_from([0.005, 0.01, 0.05, 0.2]),
+       confidence=st.sampled_from([0.5, 0.9, 0.99, 0.999]))
+def test_sample_size_is_the_smallest_that_meets_the_goal(n, loss, confidence):
+    from hypersdk.protocol.possession import miss_probability, sample_size
+    s = sample_size(n, loss, confidence)
+    k = _lost(n, loss)
+    assert 1 <= s <= n
+    assert miss_probability(n, k, s) <= 1 - confidence + 1e-12
+    if s > 1:          # one fewer would miss the goal
+        assert miss_probability(n, k, s - 1) > 1 - confidence
+
+
+def test_sample_size_default_goal_figures():
+    """1% at 99%: the whole of a small backup, 459 of a large one (16 was the old
+    fixed sample: it catches 1% loss in 15% of the runs)."""
+    from hypersdk.protocol.possession import miss_probability, sample_size
+    assert [sample_size(n) for n in (0, 1, 50, 100)] == [0, 1, 50, 99]
+    assert sample_size(10**6) == 459 and sample_size(10**9) == 459
+    assert 1 - miss_probability(10**6, 10**4, 16) < 0.16
+    with pytest.raises(LocalProtocolError):
+        sample_size(100, loss=0.001)
+    with pytest.raises(LocalProtocolError):
+        sample_size(100, confidence=1.0)
+
+
+def _ids(n):
+    return [blake3.blake3(i.to_bytes(4, "big")).digest() for i in range(n)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 3000), seed=st.binary(min_size=32, max_size=32),
+       start=st.integers(0, 50))
+def test_plan_covers_every_chunk_in_each_pass(n, seed, start):
+    """Rounds p*R .. p*R+R-1 (one pass) ask every distinct chunk; each plan asks
+    the goal's uniform sample plus its window, all distinct, never ZERO_ID."""
+    from hypersdk.protocol.possession import plan, sample_size
+    ids = _ids(n) + [ZERO_ID] * 3 + _ids(min(n, 5))          # duplicates and zeros skipped
+    first = plan(ids, seed=seed, round_no=0, rng=random.Random(0))
+    rounds = first.rounds
+    assert first.n == n and rounds == -(-n // sample_size(n))
+    asked, windows = set(), set()
+    p0 = start * rounds
+    for r in range(p0, p0 + rounds):
+        p = plan(ids, seed=seed, round_no=r, rng=random.Random(r))
+        assert p.rounds == rounds and p.round == r
+        assert len(set(p.ids)) == len(p.ids) and ZERO_ID not in p.ids
+        assert set(p.window) <= set(p.ids) and len(p.ids) >= min(n, p.uniform)
+        assert not windows & set(p.window)                   # windows of a pass are disjoint
+        windows |= set(p.window)
+        asked |= set(p.ids)
+    assert windows == asked == set(_ids(n))
+
+
+def test_plan_rotation_is_secret_and_per_pass():
+    from hypersdk.protocol.possession import plan
+    ids = _ids(5000)
+    a = plan(ids, seed=b"\1" * 32, round_no=0, rng=random.Random(1))
+    b = plan(ids, seed=b"\2" * 32, round_no=0, rng=random.Random(1))
+    nxt = plan(ids, seed=b"\1" * 32, round_no=a.rounds, rng=random.Random(1))
+    assert a.window != b.window and a.window != nxt.window      # another seed, another pass
+    assert a.ids != plan(ids, seed=b"\1" * 32, round_no=0, rng=random.Random(2)).ids
+    with pytest.raises(LocalProtocolError):
+        plan(ids, seed=b"short", round_no=0, rng=random.Random(1))
+
+
+def test_check_all_merges_frames():
+    from hypersdk.protocol.possession import check_all
+    chunks = [bytes([i]) * 100 for i in range(1, 5)]
+    ids = [chunk_id(c) for c in chunks]
+    ch1, ch2 = Challenge(1, MID, NONCE, tuple(ids[:2])), Challenge(2, MID, NONCE, tuple(ids[2:]))
+    good = {cid: c for cid, c in zip(ids, chunks)}
+    p1 = Proof(1, MID, tuple(answer(NONCE, c) for c in chunks[:2]))
+    p2 = Proof(2, MID, (answer(NONCE, chunks[2]), None))
+    r = check_all([(ch1, p1), (ch2, p2)], good)
+    assert (r.result, r.asked, r.proven, r.not_held, r.missing_ids) == ("missing", 4, 3, 1,
+                                                                        (ids[3],))
+    bad = Proof(2, MID, (b"\0" * 32, answer(NONCE, chunks[3])))
+    r = check_all([(ch1, p1), (ch2, bad)], good)
+    assert (r.result, r.wrong, r.wrong_ids) == ("damaged", 1, (ids[2],))
+    assert check_all([(ch1, p1)], good).result == "ok"
+    assert check_all([(ch1, p2)], good).result == "failed"       # answers another challenge

@@ -6,6 +6,7 @@ libp2p tests bound every step with STEP_LIMIT real seconds.
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 import pytest
 import trio
@@ -360,3 +361,111 @@ async def test_over_libp2p_missing_and_damaged(nursery):
     assert res.result == "damaged" and res.wrong_ids == (ids[1],)
     assert res.missing_ids == (ids[0],) and res.not_held == 1
     assert b.handler_errors == [] and server.errors == []
+
+
+# -- sampling goal, several holders, the answer deadline (issue 18, finding 6) ------------
+
+async def _sim_holders(nursery, sources, delay=0.01):
+    """A verifier node and one holder per source on a simnet; their contacts."""
+    net = SimNetwork(LinkModel(delay=delay))
+    await nursery.start(net.run)
+    a = net.add_node(b"v" * 32, "/ip4/10.0.0.1/tcp/1")
+    contacts = []
+    for i, src in enumerate(sources):
+        h = net.add_node(bytes([i + 1]) * 32, f"/ip4/10.0.1.{i + 1}/tcp/1")
+        h.set_handler(PROTOCOL_ID, PossessionServer(src).handle)
+        contacts.append(Contact(h.peer_id, h.addr))
+    return net, a, contacts
+
+
+def small_chunks(n: int, seed: int = 5) -> list[bytes]:
+    rng = random.Random(seed)
+    return [rng.randbytes(48) for _ in range(n)]
+
+
+async def test_goal_sample_catches_one_percent_loss(nursery, autojump_clock):
+    """A holder that lost 1% of 2,000 chunks: the default goal (1% at 99%) catches it
+    in (about) 99 of 100 verifications, where the old fixed 16-chunk sample caught it
+    in about 15. Deterministic: seeded rngs, virtual time."""
+    from hypersdk.node.audit.possession import prove_holders
+    from hypersdk.protocol.possession import plan
+    chunks = small_chunks(2000)
+    ids = ids_of(chunks)
+    src = holder_source(chunks)
+    for cid in random.Random(9).sample(ids, 20):
+        del src.chunks[cid]
+    net, a, (holder,) = await _sim_holders(nursery, [src])
+    caught_goal = caught_16 = 0
+    for run in range(100):
+        p = plan(ids, seed=b"\7" * 32, round_no=run, rng=random.Random(run))
+        with trio.fail_after(STEP_LIMIT):
+            (r,) = await prove_holders(a, [holder], MID, p.ids, reader_of(chunks),
+                                       rng=random.Random(run), timeout=5, chunk_bytes=48)
+        assert r.result in ("ok", "missing") and r.asked == len(p.ids) > 400
+        assert r.frames == -(-len(p.ids) // MAX_SAMPLE) and not r.late
+        caught_goal += r.result == "missing"
+        with trio.fail_after(STEP_LIMIT):
+            old = await prove_holder(a, holder, MID, ids, reader_of(chunks), sample_size=16,
+                                     rng=random.Random(run), timeout=5)
+        caught_16 += old.result == "missing"
+        await trio.sleep(30)             # the holder's rate bucket refills (virtual time)
+    assert caught_goal >= 97 and caught_16 <= 30, (caught_goal, caught_16)
+
+
+async def test_several_holders_one_read_per_chunk_and_their_own_nonces(nursery,
+                                                                        autojump_clock):
+    from hypersdk.node.audit.possession import prove_holders
+    chunks = small_chunks(150)
+    ids = ids_of(chunks)
+    damaged = holder_source(chunks)
+    damaged.chunks[ids[3]] = b"not the chunk"
+    net, a, contacts = await _sim_holders(nursery, [holder_source(chunks), damaged,
+                                                    holder_source(chunks[:100])])
+    reads = Counter()
+    base = reader_of(chunks)
+
+    async def counting(cid):
+        reads[cid] += 1
+        return await base(cid)
+    with trio.fail_after(STEP_LIMIT):
+        res = await prove_holders(a, contacts, MID, ids, counting, rng=random.Random(3),
+                                  timeout=5, chunk_bytes=48, extra={"round": 4})
+    assert [r.result for r in res] == ["ok", "damaged", "missing"]
+    assert res[1].wrong_ids == (ids[3],) and len(res[2].missing_ids) == 50
+    assert len({r.nonce for r in res}) == 3
+    assert set(reads.values()) == {1} and len(reads) == 150       # one read per sampled id
+    assert all(r.frames == 3 and summary_fits_audit(r) and r.summary["round"] == 4
+               for r in res)
+
+
+async def test_an_answer_after_the_deadline_fails(nursery, autojump_clock):
+    """A holder that has to fetch each chunk from elsewhere (0.1 s a chunk, here in
+    virtual time) answers correctly but after the deadline of 1 MiB chunks
+    (ANSWER_BASE + 64 MiB at ANSWER_RATE): "failed", late, not an offence. An
+    honest holder answers in time; without chunk_bytes there is no deadline."""
+    from hypersdk.node.audit.possession import answer_deadline, prove_holders
+    chunks = small_chunks(100)
+    ids = ids_of(chunks)
+
+    class Outsourcing(MemorySource):
+        async def read(self, cid):
+            await trio.sleep(0.1)
+            return self.chunks.get(cid)
+    far = Outsourcing()
+    for c in chunks:
+        far.add(c)
+    net, a, contacts = await _sim_holders(nursery, [holder_source(chunks), far])
+    with trio.fail_after(STEP_LIMIT):
+        honest, late = await prove_holders(a, contacts, MID, ids, reader_of(chunks),
+                                           rng=random.Random(4), timeout=30,
+                                           chunk_bytes=1 << 20)
+    assert honest.result == "ok" and honest.late == 0 and honest.slowest < honest.allowed
+    assert honest.allowed in (answer_deadline(64, 1 << 20), answer_deadline(36, 1 << 20))
+    assert (late.result, late.misbehaved, late.proven, late.late) == ("failed", False, 100, 2)
+    assert late.reason.startswith("late: 2 of 2 answer(s) after the deadline")
+    assert late.slowest > late.allowed and summary_fits_audit(late)
+    assert late.summary["late"] == 2 and late.summary["deadline_ms"] == round(late.allowed * 1e3)
+    with trio.fail_after(STEP_LIMIT):
+        (r,) = await prove_holders(a, contacts[1:], MID, ids, reader_of(chunks),
+                                   rng=random.Random(5), timeout=30)
+    assert (r.result, r.late, r.allowed) == ("ok", 0, 0.0)

@@ -24,7 +24,8 @@ VALID = {
                 "zstd_level": 2}, ["path"]),
     "restore": ({"ref": "nope", "out": "/nonexistent/out.img", "force": False,
                  "to_device": False, "follow_symlink": False, "umask": 0o022}, ["ref", "out"]),
-    "verify": ({"ref": None, "network": False, "against": None, "min_holders": 1}, []),
+    "verify": ({"ref": None, "network": False, "against": None, "min_holders": 1,
+                "loss_ppm": 10000, "confidence_ppm": 990000}, []),
     "backups": ({}, []),
     "delete": ({"ref": "nope"}, ["ref"]),
     "gc": ({}, []),
@@ -40,7 +41,7 @@ VALID = {
 
 # the arguments nil is a value of (no name, no REF, no umask known)
 NULLABLE = {("backup", "name"), ("restore", "umask"), ("verify", "ref"), ("verify", "against"),
-            ("verify", "min_holders")}
+            ("verify", "min_holders"), ("verify", "loss_ppm"), ("verify", "confidence_ppm")}
 
 # a value of the wrong type for an argument of each type
 # (the valid nil ones are the nullable text arguments; msgpack here has no floats)
@@ -56,6 +57,8 @@ OUT_OF_RANGE = [
     ("restore", "out", "out.img"), ("restore", "ref", ""), ("restore", "umask", -1),
     ("restore", "umask", 0o1000), ("verify", "against", "disk.img"),
     ("verify", "ref", ""), ("verify", "min_holders", 0), ("verify", "min_holders", 65),
+    ("verify", "loss_ppm", 4999), ("verify", "loss_ppm", 990001),
+    ("verify", "confidence_ppm", 1000000), ("verify", "confidence_ppm", 0),
     ("delete", "ref", ""), ("fetch", "ref", ""),
     ("join", "addr", ""),
     ("dht provide", "key", "zz"), ("dht provide", "key", "ab" * 31),

@@ -11,16 +11,20 @@ from __future__ import annotations
 from conftest import Cli, mixed_image
 from test_node_cli import nodes, poll  # noqa: F401  (fixture)
 
+from hypersdk.protocol.chunks import chunk_id
+from hypersdk.protocol.possession import sample_size
+
 CS = 64 << 10
 FAST = {"HYPERSDK_AUDIT_SYNC": "1", "HYPERSDK_AUDIT_WITNESS": "2"}
 
 
-def _flip_every_chunk(data_dir):
+def _flip_every_chunk(data_dir, only=None):
+    """Flip a byte of every stored chunk (of those whose id is in `only`, if given)."""
     from hypersdk.node.store.packfile import HDR_LEN
     from hypersdk.node.store.store import ChunkStore
     with ChunkStore(data_dir, readonly=True) as store:
         rows = [(bytes(c), p, o) for c, p, o in store.db.execute(
-            "SELECT id, pack, offset FROM chunks")]
+            "SELECT id, pack, offset FROM chunks") if only is None or bytes(c) in only]
         paths = {p: store.pack_path(p) for _, p, _ in rows}
     for _, p, o in rows:
         with open(paths[p], "r+b") as f:
@@ -28,6 +32,11 @@ def _flip_every_chunk(data_dir):
             b = f.read(1)
             f.seek(o + HDR_LEN + 3)
             f.write(bytes([b[0] ^ 0x55]))
+
+
+def _pieces(img) -> list[bytes]:
+    data = open(img, "rb").read()
+    return [data[i:i + CS] for i in range(0, len(data), CS)]
 
 
 def test_backup_on_a_is_verified_from_d_with_challenges_to_b_and_c(tmp_path, nodes):
@@ -104,16 +113,38 @@ def test_backup_on_a_is_verified_from_d_with_challenges_to_b_and_c(tmp_path, nod
     assert doc["ok"] is True and doc["backup_entry"]["chain_ok"], doc["backup_entry"]
     assert d.cli.json("status")["audit"]["entries_repaired"] >= 1
 
-    # C's copy rots on disk: the challenge names C, nobody else
-    _flip_every_chunk(c.cli.data_dir)
-    p = d.cli("verify", mid, "--network", "--json", ok=False)
-    assert p.returncode == 3
+    # the sample follows the stated goal: the default (1% loss at 99%) asks every
+    # chunk of a backup this small; a looser goal asks fewer, and each verification
+    # moves the rotation on (issue 18, finding 6)
+    sp = doc["sampling"]
+    n = len({chunk_id(x) for x in _pieces(img) if any(x)})
+    assert n <= 100 and (sp["chunks"], sp["asked"], sp["rounds"], sp["whole"]) == (n, n, 1, True)
+    goal = ("--detect-loss", "5", "--confidence", "90")
+    first = d.cli.json("verify", mid, "--network", *goal)["sampling"]
+    assert first["uniform"] == sample_size(n, 0.05, 0.9) < n and first["round"] == sp["round"] + 1
+    rounds = first["rounds"]
+    assert rounds == -(-n // first["uniform"]) >= 2
+    again = d.cli.json("verify", mid, "--network", *goal)
+    assert again["sampling"]["round"] == first["round"] + 1
+    assert all(h["deadline_s"] > h["slowest_s"] > 0 for h in again["holders"])
+
+    # one chunk of C's copy rots on disk: within one pass of the rotation (at most
+    # 2 x rounds - 1 verifications) a challenge names C, and nobody else
+    _flip_every_chunk(c.cli.data_dir, only={chunk_id(next(x for x in _pieces(img)[5:] if any(x)))})
     import json
-    doc = json.loads(p.stdout)
-    got = {h["node_id"]: h["result"] for h in doc["holders"]}
-    assert got[ids[c]] in ("missing", "damaged") and got[ids[a]] == got[ids[b]] == "ok"
-    text = d.cli("verify", mid, "--network", ok=False).stdout
-    assert ids[c][:16] in text and "FAILED" in text
+    for _ in range(2 * rounds - 1):
+        p = d.cli("verify", mid, "--network", "--json", *goal, ok=None)
+        doc = json.loads(p.stdout)
+        got = {h["node_id"]: h["result"] for h in doc["holders"]}
+        assert got[ids[a]] == got[ids[b]] == "ok", got
+        if p.returncode == 3:
+            break
+        assert p.returncode == 0 and got[ids[c]] == "ok"
+    assert p.returncode == 3 and got[ids[c]] in ("missing", "damaged"), got
+    # every chunk of C's copy rots: every verification names C
+    _flip_every_chunk(c.cli.data_dir)
+    text = d.cli("verify", mid, "--network", *goal, ok=False).stdout
+    assert ids[c][:16] in text and "FAILED" in text and "rotation window" in text
 
 
 def test_verify_network_needs_the_node_and_a_ref(tmp_path):
