@@ -462,9 +462,40 @@ def _backup_check(lg, mid: bytes) -> dict:
             "chain_ok": rep.ok, "log_entries": rep.entries,
             "problems": [p.reason for p in rep.problems][:10], "witnessed_by": witnesses,
             "other_backup_entries": len(entries) - 1,
+            **_later_entries(lg, mid, e),
             # several authors claim this manifest: reported, never settled by claimed time
             "claimed_by": sorted({node_id(x.author).hex() for x in entries}),
             "conflict": len({x.author for x in entries}) > 1}
+
+
+MAX_LATER = 20
+
+
+def _later_entries(lg, mid: bytes, backup) -> dict:
+    """What the logs held say about the backup after its entry (issue 18, finding 5):
+    deletes (by its author: the backup no longer stands; by another node: that node
+    dropped its copy) and verifications whose latest verdict per (verifier, holder)
+    is not "ok" (a failure that a later "ok" of the same pair superseded is history).
+    At most MAX_LATER of each, newest first."""
+    from hypersdk.dht.keys import node_id
+    from hypersdk.protocol import audit
+    deletes, latest = [], {}
+    for (raw,) in lg.db.execute("SELECT raw FROM entries WHERE manifest=? AND kind IN "
+                                "('delete', 'verify') ORDER BY time, author, seq", (mid,)):
+        x = audit.decode_entry(bytes(raw), verify=False)
+        who = node_id(x.author).hex()
+        if x.kind == "delete":
+            deletes.append({"by": who, "by_author": x.author == backup.author, "seq": x.seq,
+                            "time_ns": x.time,
+                            "ref": f"{x.body['name']}@{x.body['version']}"})
+        else:
+            latest[(who, x.body["holder"])] = {"by": who, "holder": x.body["holder"].hex(),
+                                               "result": x.body["result"], "seq": x.seq,
+                                               "time_ns": x.time}
+    failed = [v for v in latest.values() if v["result"] != "ok"]
+    newest = (lambda rows: sorted(rows, key=lambda r: r["time_ns"], reverse=True)[:MAX_LATER])
+    return {"deleted_by_author": any(d["by_author"] for d in deletes),
+            "later_deletes": newest(deletes), "later_failed_verifies": newest(failed)}
 
 
 FAILED_PROOFS = ("damaged", "missing", "failed")
@@ -482,10 +513,17 @@ def judge(entry: dict, manifest_doc: dict, rows: list, min_holders: int) -> dict
     failed = [r for r in rows if r["result"] in FAILED_PROOFS]
     bad_claims = [r for r in failed if r["claim"] != "provider"]
     ok = (entry["found"] and entry["chain_ok"] and not entry.get("conflict")
+          and not entry.get("deleted_by_author")
           and manifest_doc.get("ok", False) and len(proven) >= min_holders and not bad_claims)
     return {"ok": bool(ok), "min_holders": min_holders, "proven_holders": len(proven),
             "unreachable_holders": len(unreachable), "failed_holders": len(failed),
             "failed_signed_holders": len(bad_claims)}
+
+
+def _utc(ns: int) -> str:
+    import datetime
+    return datetime.datetime.fromtimestamp(ns / 1e9, datetime.timezone.utc).strftime(
+        "%Y-%m-%d %H:%M:%S UTC")
 
 
 def _text(doc: dict) -> str:
@@ -508,6 +546,13 @@ def _text(doc: dict) -> str:
             lines.append(f"CONFLICT      this manifest is claimed by {len(e['claimed_by'])} "
                          f"authors ({', '.join(c[:16] for c in e['claimed_by'])}): not "
                          "settled by the times they claim; check who made it")
+        for x in e.get("later_deletes", []):
+            lines.append(f"DELETED       {x['ref']} by "
+                         + ("its author" if x["by_author"] else f"node {x['by'][:16]} (its copy)")
+                         + f" at {_utc(x['time_ns'])} (entry {x['seq']})")
+        for x in e.get("later_failed_verifies", []):
+            lines.append(f"LATER         {x['by'][:16]} found holder {x['holder'][:16]} "
+                         f"{x['result'].upper()} at {_utc(x['time_ns'])} (its latest check)")
     else:
         lines.append(f"backup entry  NOT FOUND: {e['reason']}")
     lines.append(f"manifest      {'matches the entry' if m.get('ok') else 'PROBLEM'}"

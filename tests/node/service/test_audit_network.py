@@ -145,6 +145,19 @@ def test_backup_on_a_is_verified_from_d_with_challenges_to_b_and_c(tmp_path, nod
     _flip_every_chunk(c.cli.data_dir)
     text = d.cli("verify", mid, "--network", *goal, ok=False).stdout
     assert ids[c][:16] in text and "FAILED" in text and "rotation window" in text
+    # the failures recorded before are reported as later entries about the backup
+    assert f"found holder {ids[c][:16]} " in text and "(its latest check)" in text
+
+    # A deletes its backup: D's verify reports the author's delete (finding 5) and
+    # fails it, even though holders still prove possession
+    a.cli("delete", "vm1")
+
+    def deleted():
+        p = d.cli("verify", mid, "--network", "--json", ok=None)
+        return p.returncode == 3 and json.loads(p.stdout)["backup_entry"]["deleted_by_author"]
+    poll(deleted, 60, "A's delete entry at D", interval=0.5)
+    text = d.cli("verify", mid, "--network", ok=False).stdout
+    assert "DELETED       vm1@1 by its author" in text and "FAILED" in text
 
 
 def test_verify_network_needs_the_node_and_a_ref(tmp_path):
