@@ -13,6 +13,11 @@ modules are imported here first (their coverage guides the fuzzer).
 """
 from __future__ import annotations
 
+import io
+import struct
+import zlib
+
+from hypersdk.node.sources import vmdk
 from hypersdk.protocol import audit, audit_gossip, codec, exchange, exchange_framing, framing, sealing
 from hypersdk.protocol import dht_messages as dm
 from hypersdk.protocol import manifest as mf
@@ -124,6 +129,15 @@ def t_sealed(data: bytes) -> None:
     key = sealing.DataKey.generate(_K)
     kind = data[0] % 4 if data else 1
     sealing.open_record(key, kind, _K, data[1:])
+
+
+def t_vmdk(data: bytes) -> None:
+    try:
+        r = vmdk.StreamOptimizedReader(io.BytesIO(data))
+        for _ in r.grains():
+            pass
+    except vmdk.VmdkError:
+        pass            # the reader's one typed error (a ValueError: caught here, not in ALLOWED)
 
 
 class _Collect:
@@ -271,6 +285,31 @@ def _seeds_sealed() -> list[bytes]:
     return [bytes([1]) + bytes(sealing.seal(key, 1, _K, 0, 5, b"hello"))]
 
 
+def _seeds_vmdk() -> list[bytes]:
+    """Small streams (grains of 8 sectors, 8 entries per grain table) in VMware's
+    layout (footer, EOS; one with GT and GD markers) and in qemu-img's (tables
+    in the header area, no metadata markers)."""
+    def header(gd_offset=vmdk.GD_AT_END, desc=0, overhead=1):
+        return struct.pack("<4sIIQQQQIQQQB4sH433x", b"KDMV", 3, 0x30001, 64, 8, 1, desc, 8, 0,
+                           gd_offset, overhead, 0, b"\n \r\n", 1)
+
+    def meta(kind, n, body=b""):
+        return struct.pack("<QII496x", n, 0, kind) + body.ljust(n * 512, b"\0")
+
+    def grain(lba, data):
+        comp = zlib.compress(data.ljust(4096, b"\0"))
+        return (struct.pack("<QI", lba, len(comp)) + comp).ljust(-(-(12 + len(comp)) // 512) * 512,
+                                                                b"\0")
+
+    end = meta(vmdk.FOOTER, 1, header(gd_offset=5)) + meta(vmdk.EOS, 0)
+    gt = struct.pack("<8I", 2, 0, 0, 0, 0, 0, 0, 0)
+    return [header() + grain(0, b"first grain") + meta(vmdk.PROGRESS, 0) + grain(56, b"last") + end,
+            header() + meta(vmdk.GT, 1, gt) + meta(vmdk.GD, 1, struct.pack("<I", 2)) + end,
+            header(gd_offset=2, desc=1, overhead=4) + b"# Disk DescriptorFile\n".ljust(512, b"\0")
+            + struct.pack("<I", 3).ljust(512, b"\0") + struct.pack("<8I", 4, 0, 0, 0, 0, 0, 0, 0)
+            .ljust(512, b"\0") + grain(0, b"qemu-img") + meta(vmdk.EOS, 0)]
+
+
 # name -> (target, seeds(), what it covers)
 TARGETS = {
     "codec": (t_codec, lambda: [codec.encode({"a": [1, b"x", None, True, "t"]})],
@@ -292,4 +331,6 @@ TARGETS = {
                    "join/proof/renew messages"),
     "manifest": (t_manifest, _seeds_manifest, "protocol/manifest.py decode_manifest"),
     "sealed": (t_sealed, _seeds_sealed, "protocol/sealing.py open_record: sealed records"),
+    "vmdk": (t_vmdk, _seeds_vmdk,
+             "node/sources/vmdk.py: a streamOptimized VMDK as a vCenter export serves it"),
 }

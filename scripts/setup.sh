@@ -8,8 +8,9 @@ cd "$(dirname "$0")/.."
 SUDO=""
 [ "$(id -u)" = 0 ] || SUDO=sudo
 # gcc + libgmp-dev build fastecdsa (a py-libp2p dependency); e2fsprogs + zstd
-# are what ../shared/bench/make_image.py needs to build realistic disk images.
-PKGS="python3-venv python3-dev gcc libgmp-dev e2fsprogs zstd"
+# are what ../shared/bench/make_image.py needs to build realistic disk images;
+# qemu-utils (qemu-img) writes the streamOptimized VMDKs the VMDK reader's tests read.
+PKGS="python3-venv python3-dev gcc libgmp-dev e2fsprogs zstd qemu-utils"
 missing=""
 for p in $PKGS; do
     dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"
