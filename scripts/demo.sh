@@ -5,7 +5,9 @@
 #  2. a local network of three real nodes on 127.0.0.1 (libp2p): B fetches the
 #     backup from A, C restores it from A and B at once (swarm), peers/status,
 #     and C verifies the backup on the network from the gossiped audit logs;
-#  3. simnet: a simulated network of 150 nodes on virtual time, a fifth of them
+#  3. vSphere: a VM backed up from vcsim (snapshot + Changed Block Tracking),
+#     changed, backed up incrementally (only changed blocks read), restored;
+#  4. simnet: a simulated network of 150 nodes on virtual time, a fifth of them
 #     hostile (eclipse + provider-record flood), then audit-log gossip.
 # Runs in a throw-away dir; set DEMO_SIZE (default 256M) for a bigger disk.
 set -eu
@@ -146,6 +148,9 @@ done
 step "$H" --data-dir "$WORK/c" audit log "$A_ID" --limit 4
 step "$H" --data-dir "$WORK/c" audit verify "$A_ID"
 step "$H" --data-dir "$WORK/c" verify "$MID" --network
+
+echo
+.venv/bin/python scripts/demo_vsphere.py "$WORK"
 
 echo
 echo "== simnet: the same DHT code on a simulated network (virtual time), a fifth of it hostile"

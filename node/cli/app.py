@@ -235,22 +235,48 @@ def _remove_if_empty(root) -> None:
 
 @cli.command()
 @click.argument("path")
-@click.option("--name", help="backup name (default: the file name)")
+@click.option("--name", help="backup name (default: the file name, or the VM's name)")
 @click.option("--chunk-size", default=str(DEFAULT_CHUNK), show_default=True,
               help="power of two from 64K to 8M")
 @click.option("--zstd-level", default=DEFAULT_ZSTD_LEVEL, show_default=True, type=click.IntRange(1, 19),
               help="zstd compression level for new chunks")
+@click.option("--quiesce", is_flag=True,
+              help="vSphere: ask the guest tools to flush the guest's disks for the snapshot")
+@click.option("--insecure", is_flag=True,
+              help="vSphere: do not verify the server's TLS certificate")
+@click.option("--ca-file", type=click.Path(dir_okay=False), default=None,
+              help="vSphere: verify the server's certificate against this CA only")
+@click.option("--credentials", type=click.Path(dir_okay=False), default=None,
+              help="vSphere: a file (mode 0600) whose first line is the password "
+                   "(default: $HYPERSDK_VSPHERE_PASSWORD)")
 @json_option
 @click.pass_context
-def backup(ctx, path, name, chunk_size, zstd_level, as_json):
-    """Back up the disk image PATH; print the manifest id and what was stored."""
+def backup(ctx, path, name, chunk_size, zstd_level, quiesce, insecure, ca_file, credentials,
+           as_json):
+    """Back up the disk image PATH, or the VM at vsphere://USER@HOST[:PORT]/DATACENTER/vm/PATH
+    (every disk, from a snapshot, reading only what changed since its last backup);
+    print the manifest id(s) and what was stored."""
     from hypersdk.node.service.backup import check_name
-    from hypersdk.node.sources.local import ImageSource
     cs = parse_size(chunk_size)
     if not valid_chunk_size(cs):
         raise UsageError(f"--chunk-size {chunk_size}: must be a power of two from 64K to 8M")
     if name is not None:
         check_name(name)
+    from hypersdk.node.sources.vsphere import url as vurl
+    if vurl.is_vsphere(path):
+        if insecure and ca_file:
+            raise UsageError("--insecure and --ca-file exclude each other")
+        vurl.parse(path)                  # a bad URL fails here, before any data dir exists
+        password = vurl.password(credentials)
+        run_op(ctx, "backup vm", as_json, url=path, password=password, name=name,
+               quiesce=quiesce, insecure=insecure,
+               ca_file=os.path.abspath(ca_file) if ca_file else None, chunk_size=cs,
+               zstd_level=zstd_level)
+        return
+    if quiesce or insecure or ca_file or credentials:
+        raise UsageError("--quiesce, --insecure, --ca-file and --credentials are for "
+                         "vsphere:// sources")
+    from hypersdk.node.sources.local import ImageSource
     ImageSource.open(path).close()        # a bad PATH fails here, before any data dir exists
     run_op(ctx, "backup", as_json, path=os.path.abspath(path), name=name, chunk_size=cs,
            zstd_level=zstd_level)

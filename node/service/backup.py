@@ -9,6 +9,7 @@ re-run finds them and skips them, and `gc` reclaims them if it never comes.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import sqlite3
@@ -43,6 +44,7 @@ class BackupResult:
     new_bytes_raw: int
     seconds: float
     bytes_read: int = 0             # read from the source (holes are skipped)
+    reused_bytes: int = 0           # unchanged chunks the source vouched for: not read
 
 
     def to_json(self) -> dict:
@@ -98,7 +100,7 @@ class _Tally:
     added: int = 0
 
 
-def _ingest(store, w, src, name, chunk_size, level, progress, scanned, key):
+def _ingest(store, w, src, name, chunk_size, level, progress, scanned, key, deltas=True):
     """Chunk the image into writer w (ids keyed and records sealed under `key`, if
     not None); returns (hash-list ids, tally)."""
     t = _Tally(lists=[])
@@ -112,7 +114,7 @@ def _ingest(store, w, src, name, chunk_size, level, progress, scanned, key):
         t.added += got
         piece.clear()
 
-    deltas = _delta_source(store, name, chunk_size, level, key is not None)
+    deltas = _delta_source(store, name, chunk_size, level, key is not None) if deltas else None
     try:
         for c in scan(src, chunk_size, has=store.has, level=level, deltas=deltas,
                       generation=lambda: w.generation, stats=scanned, key=key):
@@ -147,38 +149,23 @@ def backup(store, path: str, *, name: str | None = None, chunk_size: int,
     size (or a file's mtime) differs after the last read, SourceChanged is
     raised and nothing is recorded (the chunks stored so far stay for the next
     run). extra(conn, manifest, version) runs in the commit's transaction."""
-    t0 = time.perf_counter()
     name = os.path.basename(os.path.abspath(path)) if name is None else name
     check_name(name)
     src = ImageSource.open(path)
-    no_space = UserError(f"no space left in data dir {store.root}: backup of {path} "
-                         "aborted, nothing recorded")
-    scanned = ScanStats()
-    key = store.key                   # a node with a data key stores everything sealed
     try:
-        # direct: the packs are appended with O_DIRECT from one reused buffer, not
-        # through fresh page-cache pages (node/store/pack_direct.py says why: on this
-        # VM a buffered backup paid 0.3-0.8 CPU-s more in the kernel, BENCHMARKS.md)
-        with store.write_lock(on_wait), \
-                store.writer(batch_bytes=commit_bytes(), direct=True) as w:
-            lists, t = _ingest(store, w, src, name, chunk_size, level, progress, scanned, key)
-            try:
-                src.check_unchanged()
-            except SourceReadError as exc:
-                raise UserError(f"{path}: read error: {exc}") from None
-            manifest = Manifest(name=name, size=src.size, chunk_size=chunk_size,
-                                lists=tuple(lists), source=src.metadata(), created=now_ns(),
-                                key=key.fingerprint if key is not None else None)
-            check_list_lengths(manifest, t.lists)   # its lists must match its size
-            stats = {"chunks": t.chunks, "zero_chunks": t.zeros, "new_chunks": t.new,
-                     "new_bytes_stored": t.added, "chunk_size": chunk_size}
-            version = []
+        return backup_source(store, src, name=name, chunk_size=chunk_size, level=level,
+                             progress=progress, on_wait=on_wait, now_ns=now_ns, extra=extra)
+    finally:
+        src.close()
 
-            def record(db):
-                version.append(catalog.add_backup(db, manifest, stats, key))
-                if extra is not None:
-                    extra(db, manifest, version[0])
-            w.commit(record)
+
+@contextlib.contextmanager
+def space_errors(store, what: str):
+    """A full disk (ENOSPC, SQLite's "database or disk is full") as one clear line."""
+    no_space = UserError(f"no space left in data dir {store.root}: backup of {what} "
+                         "aborted, nothing recorded")
+    try:
+        yield
     except OSError as exc:
         if exc.errno != errno.ENOSPC:
             raise
@@ -187,7 +174,68 @@ def backup(store, path: str, *, name: str | None = None, chunk_size: int,
         if "full" not in str(exc):
             raise
         raise no_space from None
-    finally:
-        src.close()
-    return BackupResult(manifest.id, name, version[0], src.size, t.chunks, t.zeros, t.new,
-                        t.added, t.new_raw, time.perf_counter() - t0, scanned.bytes_read)
+
+
+@dataclass
+class Ingested:
+    """One image chunked into a writer, not committed yet (`ingest`)."""
+    manifest: Manifest
+    stats: dict
+    tally: _Tally
+    scanned: ScanStats
+    seconds: float
+
+    def result(self, version: int) -> BackupResult:
+        m, t = self.manifest, self.tally
+        return BackupResult(m.id, m.name, version, m.size, t.chunks, t.zeros, t.new, t.added,
+                            t.new_raw, self.seconds, self.scanned.bytes_read,
+                            self.scanned.reused_bytes)
+
+
+def ingest(store, w, src, *, name: str, chunk_size: int, level: int = DEFAULT_ZSTD_LEVEL,
+           progress=None, now_ns=time.time_ns, deltas: bool = True) -> Ingested:
+    """Chunk the open image source `src` (node/sources: size, is_hole, read_into,
+    check_unchanged, metadata, path; optionally known) into writer w (the caller
+    holds the store's write lock) and build its manifest; nothing is recorded until
+    the caller commits w with the catalog rows. deltas=False: no zstd deltas
+    against the previous version (a source whose unchanged chunks keep their ids
+    has nothing to gain)."""
+    t0 = time.perf_counter()
+    check_name(name)
+    scanned = ScanStats()
+    key = store.key                   # a node with a data key stores everything sealed
+    lists, t = _ingest(store, w, src, name, chunk_size, level, progress, scanned, key, deltas)
+    try:
+        src.check_unchanged()
+    except SourceReadError as exc:
+        raise UserError(f"{src.path}: read error: {exc}") from None
+    manifest = Manifest(name=name, size=src.size, chunk_size=chunk_size, lists=tuple(lists),
+                        source=src.metadata(), created=now_ns(),
+                        key=key.fingerprint if key is not None else None)
+    check_list_lengths(manifest, t.lists)   # its lists must match its size
+    stats = {"chunks": t.chunks, "zero_chunks": t.zeros, "new_chunks": t.new,
+             "new_bytes_stored": t.added, "chunk_size": chunk_size}
+    return Ingested(manifest, stats, t, scanned, time.perf_counter() - t0)
+
+
+def backup_source(store, src, *, name: str, chunk_size: int, level: int = DEFAULT_ZSTD_LEVEL,
+                  progress=None, on_wait=None, now_ns=time.time_ns, extra=None) -> BackupResult:
+    """Back up an open image source as the next version of NAME (see `backup` and
+    `ingest`); the caller closes src."""
+    check_name(name)
+    with space_errors(store, src.path):
+        # direct: the packs are appended with O_DIRECT from one reused buffer, not
+        # through fresh page-cache pages (node/store/pack_direct.py says why: on this
+        # VM a buffered backup paid 0.3-0.8 CPU-s more in the kernel, BENCHMARKS.md)
+        with store.write_lock(on_wait), \
+                store.writer(batch_bytes=commit_bytes(), direct=True) as w:
+            got = ingest(store, w, src, name=name, chunk_size=chunk_size, level=level,
+                         progress=progress, now_ns=now_ns)
+            version = []
+
+            def record(db):
+                version.append(catalog.add_backup(db, got.manifest, got.stats, store.key))
+                if extra is not None:
+                    extra(db, got.manifest, version[0])
+            w.commit(record)
+    return got.result(version[0])

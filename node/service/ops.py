@@ -12,6 +12,7 @@ and streams progress to the client. Nothing here imports the CLI or the daemon.
 from __future__ import annotations
 
 import datetime
+import os
 
 from hypersdk.node.config import human
 from hypersdk.node.errors import UserError
@@ -64,11 +65,50 @@ def _op_backup(store, a, ui):
             0)
 
 
+@store_op("backup vm")
+def _op_backup_vm(store, a, ui):
+    import contextlib
+
+    from hypersdk.node.service.vm_backup import backup_vm
+    from hypersdk.node.store import intents as store_intents
+
+    def owe_entry(db, m, version, disk):             # in the set's commit, per disk
+        store_intents.add(db, "backup", {"manifest": m.id, "name": m.name, "size": m.size,
+                                         "chunks": m.n_chunks, "source": m.source})
+    with contextlib.ExitStack() as bars:
+        def progress(label, total):
+            return bars.enter_context(ui.progress(total, f"backup {label}"))
+        r = backup_vm(store, a["url"], password=a["password"], name=a["name"],
+                      quiesce=a["quiesce"], insecure=a["insecure"], ca_file=a["ca_file"],
+                      chunk_size=a["chunk_size"], level=a["zstd_level"], progress=progress,
+                      on_wait=ui.on_wait, record_extra=owe_entry)
+    from hypersdk.node.audit import intents as audit_intents
+    audit_intents.crash_point("backup-committed")
+    audit_intents.flush(store, ui.on_wait)
+    lines = [f"backup {r.ref} of VM {r.vm} ({len(r.disks)} disk(s)) in {r.seconds:.2f} s"]
+    if r.stale_removed:
+        lines.append(f"removed {len(r.stale_removed)} snapshot(s) an earlier run left: "
+                     + ", ".join(r.stale_removed))
+    for d in r.disks:
+        rate = d.downloaded / d.seconds if d.seconds else 0
+        why = f" ({d.reason})" if d.reason else f" since changeId {d.change_id}"
+        lines.append(f"disk {d.label:<16} {d.ref}: {d.mode}{why}; {human(d.capacity)}, read "
+                     f"{human(d.downloaded)} at {human(rate)}/s, {human(d.reused_bytes)} "
+                     f"unchanged kept, {d.new_chunks} new chunks")
+    if r.snapshot_left:
+        lines.append(f"WARNING: the backup snapshot could not be removed ({r.snapshot_left}); "
+                     "the next backup of this VM removes it")
+    return r.to_json(), "\n".join(lines), 0
+
+
 @store_op("restore", readonly=True)
 def _op_restore(store, a, ui):
     from hypersdk.node.audit import intents as audit_intents
     from hypersdk.node.service.restore import restore as run_restore
-    from hypersdk.node.store import catalog
+    from hypersdk.node.store import catalog, vm_sets
+    vmset = vm_sets.resolve(store.db, a["ref"])
+    if vmset is not None:
+        return _restore_set(store, vmset, a, ui)
     size = catalog.resolve(store, a["ref"]).size
     umask = a.get("umask")
     with ui.progress(size, "restore") as advance:
@@ -85,6 +125,28 @@ def _op_restore(store, a, ui):
             f"restored {r.manifest_id.hex()[:16]} to {r.out}: {human(r.size)} in {r.seconds:.2f} s "
             f"({human(rate)}/s), {r.chunks} chunks verified, {zeros}",
             0)
+
+
+def _restore_set(store, vmset, a, ui):
+    import contextlib
+
+    from hypersdk.node.audit import intents as audit_intents
+    from hypersdk.node.service.vm_restore import restore_set
+    if a.get("to_device") or a.get("follow_symlink"):
+        raise UserError("a VM backup restores into a directory: --to-device and "
+                        "--follow-symlink do not apply")
+    with contextlib.ExitStack() as bars:
+        def progress(label, total):
+            return bars.enter_context(ui.progress(total, f"restore {label}"))
+        r = restore_set(store, vmset, a["out"], force=a["force"], progress=progress,
+                        on_wait=ui.on_wait,
+                        before_commit=audit_intents.restore_recorder(store.root, ui.on_wait))
+    lines = [f"restored VM backup {r.ref} ({vmset.doc['vm']['name']}) to {r.out} in "
+             f"{r.seconds:.2f} s"]
+    for x in r.disks:
+        lines.append(f"  {os.path.basename(x.out)}: {human(x.size)}, {x.chunks} chunks verified")
+    lines.append(f"  vm.json: the VM's configuration ({len(r.disks)} disk(s))")
+    return r.to_json(), "\n".join(lines), 0
 
 
 NEEDS_NODE = ("verify --network needs the running node on this data dir (start it with "
@@ -138,16 +200,24 @@ def _op_verify(store, a, ui):
 
 @store_op("backups", readonly=True)
 def _op_backups(store, a, ui):
-    from hypersdk.node.store import catalog
+    from hypersdk.node.store import catalog, vm_sets
     rows = catalog.list_backups(store)
+    sets = vm_sets.list_sets(store.db)
     lines = [f"{'REF':<28} {'MANIFEST':<16} {'SIZE':>10} {'NEW STORED':>10}  CREATED (UTC)"]
+    for v in sets:
+        when = datetime.datetime.fromtimestamp(v.created / 1e9, datetime.timezone.utc)
+        doc = v.to_json()
+        lines.append(f"{v.ref:<28} {'(VM ' + doc['vm'] + ')':<16} {human(doc['size']):>10} "
+                     f"{'':>10}  {when:%Y-%m-%d %H:%M:%S}  disks: "
+                     + ", ".join(d["ref"] for d in doc["disks"]))
     for b in rows:
         when = datetime.datetime.fromtimestamp(b.created / 1e9, datetime.timezone.utc)
         lines.append(f"{b.ref:<28} {b.manifest_id.hex()[:16]:<16} {human(b.size):>10} "
                      f"{human(b.stats.get('new_bytes_stored', 0)):>10}  "
                      f"{when:%Y-%m-%d %H:%M:%S}"
                      + ("  (held sealed for others)" if b.stats.get("opaque") else ""))
-    return [b.to_json() for b in rows], "\n".join(lines) if rows else "no backups yet", 0
+    docs = [v.to_json() for v in sets] + [b.to_json() for b in rows]
+    return docs, "\n".join(lines) if docs else "no backups yet", 0
 
 
 @store_op("delete")

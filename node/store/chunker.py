@@ -40,6 +40,7 @@ def default_workers() -> int:
 class ScanStats:
     bytes_read: int = 0          # read from the source
     hole_bytes: int = 0          # chunks wholly in holes: recorded as zero, never read
+    reused_bytes: int = 0        # chunks the source vouched unchanged: previous ids, never read
 
 
 def scan(src, chunk_size: int, *, has, level: int, generation=lambda: 0,
@@ -56,6 +57,9 @@ def scan(src, chunk_size: int, *, has, level: int, generation=lambda: 0,
     just before, and recorded in the Chunk (see PackWriter.put). `deltas`
     (a delta.DeltaSource) lets new chunks be stored as deltas against the
     previous version of the image. `stats` counts bytes read and skipped.
+    A source may also have `known(index, pos, n)`: the id of a chunk it knows is
+    unchanged since a previous backup and held in the store (vSphere's Changed
+    Block Tracking), or None; such a chunk is recorded with that id, not read.
     `key` (a protocol.sealing.DataKey): chunk ids are keyed under it and the
     stored form of a new chunk is sealed (node/store/sealed.py), in the workers,
     so ids, compression and sealing all run on every core. A sealed chunk's `data`
@@ -87,6 +91,7 @@ def scan(src, chunk_size: int, *, has, level: int, generation=lambda: 0,
         return Chunk(index, n, cid, codec, data, gen, base)
 
     size = src.size
+    known = getattr(src, "known", None)
     free = [bytearray(chunk_size) for _ in range(depth)]
     # sealed records: a payload is at most the chunk (raw), or a delta's base id and a
     # frame under 0.8x the chunk (delta.MARGIN), plus the seal
@@ -107,6 +112,9 @@ def scan(src, chunk_size: int, *, has, level: int, generation=lambda: 0,
                         # a hole in a sparse source: zero without reading it
                         inflight.append((Chunk(index, n, ZERO_ID), None, None))
                         stats.hole_bytes += n
+                    elif known is not None and (cid := known(index, pos, n)) is not None:
+                        inflight.append((Chunk(index, n, cid), None, None))
+                        stats.reused_bytes += n
                     else:
                         buf = free.pop()
                         try:

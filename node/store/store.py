@@ -30,13 +30,13 @@ import zstandard
 from hypersdk.node.errors import UserError
 from hypersdk.node.files import flock, private_db, private_dir
 from hypersdk.node.net import datakey
-from hypersdk.node.store import delta, intents, packfile, sealed
+from hypersdk.node.store import delta, intents, packfile, sealed, vm_sets
 from hypersdk.protocol import sealing
 from hypersdk.protocol.errors import ChunkCorrupt, ChunkHashMismatch, ChunkMissing
 from hypersdk.protocol.ids import id_of
 
-SCHEMA_VERSION = 3         # 2: audit_intents (node/store/intents.py); 3: sealed records,
-                           # manifests.key (encryption at rest)
+SCHEMA_VERSION = 4         # 2: audit_intents (node/store/intents.py); 3: sealed records,
+                           # manifests.key (encryption at rest); 4: vm_sets (node/store/vm_sets.py)
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS packs(
     id INTEGER PRIMARY KEY, end INTEGER NOT NULL);
@@ -53,7 +53,7 @@ CREATE TABLE IF NOT EXISTS backups(
     seq INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL,
     version INTEGER NOT NULL, manifest BLOB NOT NULL, created INTEGER NOT NULL,
     size INTEGER NOT NULL, stats TEXT NOT NULL, UNIQUE(name, version));
-""" + intents.TABLE
+""" + intents.TABLE + vm_sets.TABLE
 
 _tls = threading.local()
 

@@ -22,6 +22,9 @@ DEAD = "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWBLwLYANmtx2VovArjC4PzXMLySeZnfwfSb4fqq6
 VALID = {
     "backup": ({"path": "/nonexistent/disk.img", "name": None, "chunk_size": 65536,
                 "zstd_level": 2}, ["path"]),
+    "backup vm": ({"url": "vsphere://u@127.0.0.1:1/DC0/vm/x", "password": "pw", "name": None,
+                   "quiesce": False, "insecure": False, "ca_file": None, "chunk_size": 65536,
+                   "zstd_level": 2}, ["url", "password"]),
     "restore": ({"ref": "nope", "out": "/nonexistent/out.img", "force": False,
                  "to_device": False, "follow_symlink": False, "umask": 0o022}, ["ref", "out"]),
     "verify": ({"ref": None, "network": False, "against": None, "min_holders": 1,
@@ -40,7 +43,7 @@ VALID = {
 }
 
 # the arguments nil is a value of (no name, no REF, no umask known)
-NULLABLE = {("backup", "name"), ("restore", "umask"), ("verify", "ref"), ("verify", "against"),
+NULLABLE = {("backup", "name"), ("backup vm", "name"), ("backup vm", "ca_file"), ("restore", "umask"), ("verify", "ref"), ("verify", "against"),
             ("verify", "min_holders"), ("verify", "loss_ppm"), ("verify", "confidence_ppm")}
 
 # a value of the wrong type for an argument of each type
@@ -54,6 +57,8 @@ OUT_OF_RANGE = [
     ("backup", "path", "/a\0b"), ("backup", "chunk_size", 1000),
     ("backup", "chunk_size", 16 << 20), ("backup", "zstd_level", 0),
     ("backup", "zstd_level", 20), ("backup", "name", ""),
+    ("backup vm", "url", "/x.img"), ("backup vm", "url", ""), ("backup vm", "password", ""),
+    ("backup vm", "ca_file", "ca.pem"), ("backup vm", "chunk_size", 1000),
     ("restore", "out", "out.img"), ("restore", "ref", ""), ("restore", "umask", -1),
     ("restore", "umask", 0o1000), ("verify", "against", "disk.img"),
     ("verify", "ref", ""), ("verify", "min_holders", 0), ("verify", "min_holders", 65),

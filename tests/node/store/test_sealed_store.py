@@ -176,7 +176,7 @@ def test_a_schema_2_store_is_upgraded_in_place(tmp_path):
     db.close()
     datakey.create(d)
     with ChunkStore(d) as s:
-        assert s.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert s.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
         restore(s, "vm", str(tmp_path / "out"))
         assert same_bytes(img, tmp_path / "out")
         backup(s, str(img), name="vm", chunk_size=CS)   # a new backup is sealed

@@ -1,0 +1,248 @@
+"""Backing up a vSphere VM: snapshot, Changed Block Tracking, every disk, one set.
+
+    backup_vm(store, "vsphere://user@vc/DC/vm/web01", password=..., chunk_size=...)
+
+The flow (node/sources/vsphere/ has the pieces):
+1. log in (TLS verified unless --insecure), find the VM; a VM with no disk is
+   refused;
+2. remove hypersdk's own snapshots a killed run left behind (said in the result);
+3. turn CBT on when it is off (this first backup is then full, and says so);
+4. take a snapshot (hypersdk's name, --quiesce asks the guest tools to flush);
+5. per disk of the snapshot: the areas to read come from QueryChangedDiskAreas
+   since the changeId recorded with this disk's previous backup (incremental), or
+   since "*" (every allocated area: a full backup, with the reason: no previous
+   backup, CBT just enabled, capacity or chunk size changed, changeId rejected);
+   chunks outside the areas are the previous backup's chunks (incremental) or
+   zeros (full), never read; the rest is read from the snapshot's export lease;
+6. one transaction records every disk's backup (NAME/LABEL@N, ordinary backups)
+   and the set NAME@N (node/store/vm_sets.py) with the VM's configuration and
+   each disk's changeId; nothing is recorded when any disk fails;
+7. the snapshot is removed whatever happened (success, error, Ctrl-C); a removal
+   that fails after a recorded backup is reported, and the next run removes it.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+from hypersdk.node.config import DEFAULT_ZSTD_LEVEL, commit_bytes
+from hypersdk.node.errors import UserError
+from hypersdk.node.service.backup import check_name, ingest, space_errors
+from hypersdk.node.sources.vsphere import export, session
+from hypersdk.node.sources.vsphere import url as vurl
+from hypersdk.node.sources.vsphere import vm as vvm
+from hypersdk.node.sources.vsphere.source import VsphereDiskSource
+from hypersdk.node.store import catalog, vm_sets
+
+
+@dataclass
+class DiskResult:
+    label: str
+    key: int
+    capacity: int
+    change_id: str | None
+    mode: str                    # "full" | "incremental"
+    reason: str                  # why full
+    ref: str = ""
+    manifest: bytes = b""
+    downloaded: int = 0          # bytes that came over HTTP
+    read_bytes: int = 0          # bytes of chunks read (the rest: holes, unchanged)
+    reused_bytes: int = 0
+    requests: int = 0
+    format: str | None = None
+    new_chunks: int = 0
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return {"label": self.label, "key": self.key, "capacity": self.capacity,
+                "change_id": self.change_id, "mode": self.mode, "reason": self.reason,
+                "ref": self.ref, "manifest": self.manifest.hex(), "bytes_read": self.downloaded,
+                "chunk_bytes_read": self.read_bytes, "unchanged_bytes_reused": self.reused_bytes,
+                "http_requests": self.requests, "export_format": self.format,
+                "new_chunks": self.new_chunks, "seconds": round(self.seconds, 3)}
+
+
+@dataclass
+class VmBackupResult:
+    name: str
+    version: int
+    vm: str
+    source: str
+    disks: list = field(default_factory=list)
+    stale_removed: list = field(default_factory=list)
+    cbt_enabled: bool = False
+    snapshot_left: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    def to_json(self) -> dict:
+        return {"ref": self.ref, "name": self.name, "version": self.version, "kind": "vm",
+                "vm": self.vm, "source": self.source, "cbt_enabled_now": self.cbt_enabled,
+                "stale_snapshots_removed": self.stale_removed,
+                "snapshot_left_behind": self.snapshot_left,
+                "bytes_read": sum(d.downloaded for d in self.disks),
+                "disks": [d.to_json() for d in self.disks], "seconds": round(self.seconds, 3)}
+
+
+def _previous_ids(store, mid: bytes) -> list[bytes] | None:
+    try:
+        m = catalog.load_manifest(store, mid)
+    except UserError:
+        return None
+    if (m.key is not None) != (store.key is not None) or (
+            store.key is not None and m.key != store.key.fingerprint):
+        return None                              # ids under another key: not reusable
+    return [cid for _, cid in catalog.iter_chunk_ids(store, m)]
+
+
+def _local(store, cid: bytes) -> bytes | None:
+    """A chunk of the previous backup from the store, or None (missing, damaged:
+    then the whole chunk is read from vSphere)."""
+    from hypersdk.protocol.errors import ProtocolError
+    try:
+        return store.read(cid)
+    except (ProtocolError, OSError, UserError):
+        return None
+
+
+def _plan(store, vm, snap, d, prev_set, chunk_size: int, cbt_new: bool):
+    """(mode, reason, areas, previous ids) for disk d of the snapshot."""
+    prev = prev_set.disk(d.key) if prev_set is not None else None
+    reason = None
+    if cbt_new:
+        reason = "Changed Block Tracking was off: turned on now, so this first backup is full"
+    elif prev is None:
+        reason = "no previous backup of this disk"
+    elif not d.change_id or not prev.get("change_id"):
+        reason = "no changeId to compare with"
+    elif prev["capacity"] != d.capacity:
+        reason = f"capacity changed ({prev['capacity']} -> {d.capacity} bytes)"
+    elif prev["chunk_size"] != chunk_size:
+        reason = f"chunk size changed ({prev['chunk_size']} -> {chunk_size})"
+    if reason is None:
+        previous = _previous_ids(store, bytes.fromhex(prev["manifest"]))
+        if previous is None:
+            reason = "the previous backup's manifest is not readable here"
+        else:
+            try:
+                areas = vvm.changed_areas(vm, snap, d, prev["change_id"])
+                return "incremental", "", areas, previous
+            except vvm.ChangeIdRejected as exc:
+                reason = f"vSphere rejected the previous changeId ({exc})"
+    try:
+        areas = vvm.changed_areas(vm, snap, d, "*")
+    except vvm.ChangeIdRejected as exc:
+        areas = [(0, d.capacity)]                # no allocation map: read it all
+        reason += f"; allocated areas unknown ({exc}): reading the whole disk"
+    return "full", reason, areas, None
+
+
+def backup_vm(store, url_text: str, *, password: str, name: str | None = None,
+              quiesce: bool = False, insecure: bool = False, ca_file: str | None = None,
+              chunk_size: int, level: int = DEFAULT_ZSTD_LEVEL, progress=None,
+              on_wait=None, now_ns=time.time_ns, record_extra=None) -> VmBackupResult:
+    """Back up the VM at url_text as the next version of NAME (default: the VM's
+    name); see the module doc. progress(label, total) -> advance(n) or None, per
+    disk. record_extra(db, manifest, version, disk_result) runs in the commit for
+    each disk (the audit intent)."""
+    t0 = time.perf_counter()
+    u = vurl.parse(url_text)
+    name = name or u.vm_path.rsplit("/", 1)[-1]
+    check_name(name)
+    if vm_sets.is_image_name(store.db, name) and vm_sets.latest(store.db, name) is None:
+        raise UserError(f"{name!r} names image backups already: choose another --name")
+    with session.connect(u, password, insecure=insecure, ca_file=ca_file) as s:
+        vm = vvm.find_vm(s, u)
+        if not vvm.disks(vm.config):
+            raise UserError(f"VM {u.inventory_path} has no virtual disks: nothing to back up")
+        res = VmBackupResult(name, 0, u.inventory_path, str(u))
+        for label, old in vvm.stale_snapshots(vm):
+            vvm.remove_snapshot(old, f"removing snapshot {label} an earlier run left on "
+                                     f"{vm.name}")
+            res.stale_removed.append(label)
+        res.cbt_enabled = vvm.enable_cbt(vm)
+        snap = vvm.create_snapshot(vm, quiesce=quiesce)
+        lease, ok = None, False
+        try:
+            _test_hook()
+            config = vvm.config_doc(vm)
+            sdisks = vvm.disks(snap.config)
+            lease = export.Lease(s, snap, f"export of {vm.name}")
+            _read_disks(store, s, vm, snap, lease, sdisks, res, config, u, chunk_size, level,
+                        progress, on_wait, now_ns, record_extra)
+            ok = True
+        finally:
+            if lease is not None:
+                lease.complete() if ok else lease.abort()
+            try:
+                vvm.remove_snapshot(snap, f"removing the backup snapshot of {vm.name}")
+            except Exception as exc:
+                if not ok:
+                    raise                        # the first error is the one to tell
+                res.snapshot_left = str(exc)
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def _test_hook() -> None:
+    """Tests only (HYPERSDK_TEST_VSPHERE_HOOK=PATH): with the snapshot taken, create
+    PATH.snap and wait (at most 60 s) for PATH, so a test can change the live disk,
+    kill this process or the server at that moment."""
+    hook = os.environ.get("HYPERSDK_TEST_VSPHERE_HOOK")
+    if not hook:
+        return
+    open(hook + ".snap", "w").close()
+    deadline = time.monotonic() + 60
+    while not os.path.exists(hook) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def _read_disks(store, s, vm, snap, lease, sdisks, res, config, u, chunk_size, level,
+                progress, on_wait, now_ns, record_extra) -> None:
+    with space_errors(store, str(u)), store.write_lock(on_wait), \
+            store.writer(batch_bytes=commit_bytes(), direct=True) as w:
+        prev_set = vm_sets.latest(store.db, res.name)
+        res.version = vm_sets.next_version(store.db, res.name)
+        got = []
+        for pos, d in enumerate(sdisks):
+            t1 = time.perf_counter()
+            mode, reason, areas, previous = _plan(store, vm, snap, d, prev_set, chunk_size,
+                                                  res.cbt_enabled)
+            r = DiskResult(d.label, d.key, d.capacity, d.change_id, mode, reason)
+            reader = export.DiskReader(s, lease, lease.url_for(d, pos), d.capacity, d.label)
+            meta = {"kind": "vsphere", "host": u.host, "vm": u.inventory_path,
+                    "disk": d.label, "disk_key": d.key, "change_id": d.change_id or "",
+                    "set": f"{res.name}@{res.version}", "mode": mode}
+            src = VsphereDiskSource(reader, d.capacity, chunk_size, areas, previous=previous,
+                                    has=store.has, read_previous=lambda cid: _local(store, cid),
+                                    path=f"{u}/{d.label}", metadata=meta)
+            advance = progress(d.label, d.capacity) if progress else None
+            try:
+                one = ingest(store, w, src, name=f"{res.name}/{d.label}", chunk_size=chunk_size,
+                             level=level, progress=advance, now_ns=now_ns, deltas=False)
+            finally:
+                src.close()
+            r.downloaded, r.requests, r.format = reader.downloaded, reader.requests, reader.format
+            r.read_bytes, r.reused_bytes = one.scanned.bytes_read, one.scanned.reused_bytes
+            r.new_chunks, r.manifest = one.tally.new, one.manifest.id
+            r.seconds = time.perf_counter() - t1
+            res.disks.append(r)
+            got.append((r, one))
+        created = now_ns()
+
+        def record(db):
+            docs = []
+            for r, one in got:
+                v = catalog.add_backup(db, one.manifest, dict(one.stats, vm_set=True),
+                                       store.key)
+                r.ref = f"{one.manifest.name}@{v}"
+                if record_extra is not None:
+                    record_extra(db, one.manifest, v, r)
+                docs.append(dict(r.to_json(), chunk_size=chunk_size))
+            vm_sets.add(db, res.name, res.version, created,
+                        {"vm": config, "source": str(u), "disks": docs})
+        w.commit(record)
