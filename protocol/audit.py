@@ -35,6 +35,39 @@ Rules of LogView (the chain checker for one author):
     carrying both entries;
   - an entry whose time is more than max_skew ahead of `now`: FutureEntry
     (not stored; it may be accepted later).
+
+Cosigning (witness entries; node/audit/gossip.py runs it, AuditLog.witness picks
+the heads). An entry its author never publishes is undetectable except through
+witnesses, and an old certificate looks like a fresh one unless someone vouches
+for the log after it. So, as Certificate Transparency witnesses do, every node
+cosigns the heads of the other logs it holds at a regular interval:
+  - news: when some log gained an entry other than a witness entry, the node
+    appends, at its next tick (every WITNESS_INTERVAL_S, jittered 0.75-1.25x), a
+    witness entry naming the changed heads (and heads due for a refresh);
+  - refresh: when the node's last cosign of some head is older than
+    COSIGN_REFRESH_S, it appends, at most once per COSIGN_REFRESH_S, a witness
+    entry naming every head it holds (an unchanged head too), so all its cosigns
+    stay in step and fall due together.
+Every witness entry names at most MAX_WITNESS_HEADS heads, least recently
+cosigned first (never by the time an author claims: authors flooding entries or
+dating them ahead cannot crowd others out). A log that only grew by witness
+entries is no news (witnesses of witnesses would never end); it is cosigned at
+the refresh. So with up to 65 nodes, every node cosigns every head at least every
+COSIGN_INTERVAL_S (the refresh, plus up to 1.25 ticks, plus gossip), and the
+newest cosign a certificate can carry is younger than that while the log is
+live; a certificate whose as_of is older says so (CertificateReport.stale).
+In larger networks a node cosigns 64 heads per refresh in turn, so each head
+still gets ~64 cosigns per refresh, from distinct nodes.
+
+Cost of the refresh, and why 1 h: an idle node appends at most one witness entry
+per hour; a 64-head entry is ~4.9 KB (a 19-head one ~1.6 KB). Every node holds
+every log, so with 1,000 nodes each node stores ~1,000 x 4.9 KB = 4.9 MB/h
+(~120 MB/day) and, the push path delivering ~5 copies of an entry (BENCHMARKS.md),
+receives ~25 MB/h (~7 KB/s); with 65 nodes, 0.3 MB/h; with 20 nodes, 32 KB/h.
+News witnessing already costs up to six times the 1,000-node figure in a busy
+network (one entry per 10 min), so the refresh adds at most a sixth of it, and
+an hour is the freshness a certificate checker can then rely on. A network far
+beyond 1,000 nodes would lengthen the refresh (AuditGossip's cosign_refresh).
 """
 from __future__ import annotations
 
@@ -64,7 +97,12 @@ MAX_PAYLOAD = MAX_ENTRY - 96    # room for the signature and the outer map
 MAX_NAME = 255
 MAX_TEXT = 1024                 # any other string in a body
 MAX_MAP = 32                    # entries of a source / summary map
-MAX_WITNESS_HEADS = 64          # heads per witness entry (~4.5 KiB)
+MAX_WITNESS_HEADS = 64          # heads per witness entry (~4.9 KB)
+WITNESS_INTERVAL_S = 600        # a node's witness ticks (jittered 0.75-1.25x): news is cosigned
+COSIGN_REFRESH_S = 3600         # an unchanged head is cosigned again once its cosign is this old
+# the newest cosign of a live log (<= 65 nodes) is younger than this: the refresh,
+# the next tick (<= 1.25 intervals) and gossip; an older certificate says so
+COSIGN_INTERVAL_S = COSIGN_REFRESH_S + 2 * WITNESS_INTERVAL_S
 MAX_SEQ = (1 << 63) - 1
 MAX_TIME = (1 << 63) - 1
 DEFAULT_MAX_SKEW_NS = 10 * 60 * 10**9   # entries may be 10 minutes ahead of our clock
@@ -483,8 +521,20 @@ class CertificateReport:
     @property
     def as_of(self) -> int:
         """The newest time the certificate vouches for (ns): its head's time, or a
-        witness entry's if later (a witness saw the chain no earlier than it signed)."""
-        return max([self.head.time, *(w.time for w in self.witnesses)])
+        counted witness entry's if later (a witness saw the chain no earlier than it
+        signed; in a network, only members' witness entries count)."""
+        counted = set(self.member_witness_keys)
+        return max([self.head.time, *(w.time for w in self.witnesses if w.author in counted)])
+
+    def age_ns(self, now_ns: int) -> int:
+        """How long ago (ns) the certificate was valid as of (0 when dated ahead)."""
+        return max(0, now_ns - self.as_of)
+
+    def stale(self, now_ns: int, interval_s: int = COSIGN_INTERVAL_S) -> bool:
+        """Older than the cosigning interval: a live log's head would have been
+        cosigned since (see the module doc), so entries its author signed later,
+        e.g. a delete, may be missing from this certificate."""
+        return self.age_ns(now_ns) > interval_s * 10**9
 
     @property
     def witness_keys(self) -> list[bytes]:

@@ -46,10 +46,15 @@ at most max_defer s per sync round; then they go ahead anyway. Measured on a
 logs during it cost 0.1-0.2 s of its 1.4-1.7 s (BENCHMARKS.md, swarm
 section). Pushes are not held back: they carry one new entry at a time.
 
-Witnessing: every `witness_interval` the node appends a witness entry naming
-the heads of the other logs it holds, if some log gained an entry other than
-a witness since the last one (witnesses of witnesses would never stop); that
-entry is gossiped like any other.
+Witnessing (the cosigning rule of protocol/audit.py): every `witness_interval`
+(jittered) the node appends a witness entry naming the changed heads of the
+other logs it holds, if some log gained an entry other than a witness since the
+last one (witnesses of witnesses would never stop); and, at most once per
+`cosign_refresh`, when its last cosign of some head is older than that, one
+naming every head it holds, least recently cosigned first (so an idle author's
+head is cosigned again and certificates of it stay fresh). In an idle network
+a node thus appends one witness entry per refresh. Witness entries are gossiped
+like any other.
 
 Database work (SQLite, Ed25519) runs in a worker thread when `threaded`
 (the daemon), inline in simnet (virtual time must not run while a thread
@@ -101,7 +106,8 @@ FANOUT = 3
 SUBSCRIPTION_TTL = 300.0
 MAX_SUBSCRIBERS = 64
 SYNC_INTERVAL = 30.0
-WITNESS_INTERVAL = 600.0
+WITNESS_INTERVAL = float(audit.WITNESS_INTERVAL_S)
+COSIGN_REFRESH = float(audit.COSIGN_REFRESH_S)
 OWN_POLL = 1.0                  # s between checks for entries other processes appended
 REQUEST_TIMEOUT = 10.0
 BUSY_POLL = 0.25                # s between checks of busy() while pulls wait
@@ -120,6 +126,7 @@ class AuditGossip:
     def __init__(self, net, audit_log, peers, *, rng: random.Random, scores=None,
                  fanout: int = FANOUT, sync_interval: float = SYNC_INTERVAL,
                  witness_interval: float | None = WITNESS_INTERVAL,
+                 cosign_refresh: float = COSIGN_REFRESH,
                  own_poll: float | None = OWN_POLL, request_timeout: float = REQUEST_TIMEOUT,
                  threaded: bool = True, clock_ns=time.time_ns, rate: float = RATE,
                  on_new=None, busy=None, max_defer: float = MAX_DEFER, author_ok=None,
@@ -134,6 +141,7 @@ class AuditGossip:
         self.scores = scores
         self.fanout, self.sync_interval = fanout, sync_interval
         self.witness_interval, self.own_poll = witness_interval, own_poll
+        self.cosign_refresh = cosign_refresh
         self.request_timeout, self.threaded, self.clock_ns = request_timeout, threaded, clock_ns
         self.rate = rate
         self.on_new = on_new
@@ -159,6 +167,7 @@ class AuditGossip:
         self._digests = None                       # cached (root, buckets); None: stale
         self._own_spread = -1                      # highest own seq pushed
         self._witnessed: dict | None = None        # foreign heads at the last witness
+        self._refreshed: int | None = None         # clock_ns of our last refresh entry
         self._nursery: trio.Nursery | None = None
         self._rid = rng.getrandbits(32)
 
@@ -704,17 +713,23 @@ class AuditGossip:
             await self.witness()
 
     async def witness(self) -> audit.Entry | None:
-        """Append a witness entry if the foreign heads changed since the last one."""
+        """Append a witness entry if a foreign log has news since the last one, or
+        if a refresh is due (see the module doc); None otherwise."""
         def go():
+            now, refresh = self._now_ns(), int(self.cosign_refresh * 1e9)
             heads = {a: h for a, h in self.log.heads().items() if a != self.own_author}
             old = self._witnessed or {}
-            # only news other than witness entries calls for a witness: witnesses
-            # of witnesses would never end
-            if not any(self.log.has_news(a, old.get(a, (-1,))[0])
-                       for a, h in heads.items() if old.get(a) != h):
+            # only news other than witness entries calls for a witness at once:
+            # witnesses of witnesses would never end; they wait for the refresh
+            if any(self.log.has_news(a, old.get(a, (-1,))[0])
+                   for a, h in heads.items() if old.get(a) != h):
+                self._witnessed = heads
+                return self.log.witness(now, refresh)
+            if (self._refreshed is not None and now - self._refreshed < refresh
+                    or not self.log.cosign_due(now, refresh)):
                 return None
-            self._witnessed = heads
-            return self.log.witness(self._now_ns())
+            self._witnessed, self._refreshed = heads, now
+            return self.log.witness(now, 0)          # every head: our cosigns in step
         e = await self._db(go)
         if e is not None:
             self.counters["witness entries"] += 1

@@ -64,8 +64,8 @@ from hypersdk.protocol.errors import AuditChainBroken, ForkDetected, RemoteProto
 
 DB_NAME = "audit.sqlite"
 KEY_FILE = "node.key"
-SCHEMA_VERSION = 4     # 2: witnessed heads and contradicted witnesses; 3: intents;
-                       # 4: member certificates (for audit certificates)
+SCHEMA_VERSION = 5     # 2: witnessed heads and contradicted witnesses; 3: intents;
+                       # 4: member certificates (for audit certificates); 5: witnessed_by
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS authors(
     author BLOB PRIMARY KEY, node_id BLOB NOT NULL, forked INTEGER NOT NULL DEFAULT 0
@@ -85,6 +85,7 @@ CREATE TABLE IF NOT EXISTS witnessed(
     author BLOB NOT NULL, seq INTEGER NOT NULL, id BLOB NOT NULL,
     witness BLOB NOT NULL, witness_seq INTEGER NOT NULL,
     PRIMARY KEY(author, seq, witness, witness_seq)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS witnessed_by ON witnessed(witness, author);   -- our cosigns
 CREATE TABLE IF NOT EXISTS contradictions(
     author BLOB NOT NULL, seq INTEGER NOT NULL, id BLOB NOT NULL,
     witness BLOB NOT NULL, witness_seq INTEGER NOT NULL, witnessed_id BLOB NOT NULL,
@@ -395,26 +396,47 @@ class AuditLog:
                 db.execute("ROLLBACK")
             raise
 
-    def witness(self, now_ns: int | None = None) -> audit.Entry | None:
+    def witness(self, now_ns: int | None = None, refresh_ns: int | None = None
+                ) -> audit.Entry | None:
         """Append a witness entry naming heads of other authors' logs that we hold
-        and have not witnessed at that seq yet (at most MAX_WITNESS_HEADS), or None
-        when there are none. Fair, not by claimed time: the authors we witnessed
-        longest ago (or never) come first, so authors flooding entries or dated
-        ahead cannot crowd anybody out of the witness entries for longer than one
-        round. Part 2's gossip calls this periodically."""
-        own = self.own_author
-        rows = self.db.execute(
-            "SELECT e.author, e.seq, e.id FROM entries e JOIN (SELECT author, MAX(seq) m "
-            "FROM entries WHERE author != ? GROUP BY author) h ON e.author=h.author AND "
-            "e.seq=h.m LEFT JOIN (SELECT author, MAX(witness_seq) last, MAX(seq) seen FROM witnessed "
-            "WHERE witness=? GROUP BY author) w ON w.author=e.author "
-            "WHERE w.seen IS NULL OR w.seen < e.seq "
-            "ORDER BY COALESCE(w.last, -1), e.author LIMIT ?",
-            (own, own, audit.MAX_WITNESS_HEADS)).fetchall()
+        and have not witnessed at that seq yet, and (refresh_ns given) heads whose
+        last cosign by us (the time of our newest witness entry naming the author)
+        is refresh_ns old or older; at most MAX_WITNESS_HEADS, or None when there
+        are none. refresh_ns=0: every head (protocol/audit.py's refresh). Fair,
+        not by claimed time: the authors we witnessed longest ago (or never) come
+        first, so authors flooding entries or dated ahead cannot crowd anybody out
+        of the witness entries for longer than one round. The gossip
+        (node/audit/gossip.py) calls this at its witness ticks."""
+        now_ns = time.time_ns() if now_ns is None else now_ns
+        cutoff = -1 if refresh_ns is None else now_ns - refresh_ns
+        rows = self._cosign_candidates(
+            "w.seen IS NULL OR w.seen < e.seq OR o.time <= ?", (cutoff,),
+            audit.MAX_WITNESS_HEADS)
         if not rows:
             return None
         heads = sorted([bytes(a), s, bytes(i)] for a, s, i in rows)
         return self.append("witness", {"heads": heads}, now_ns)
+
+    def cosign_due(self, now_ns: int, refresh_ns: int) -> bool:
+        """Is the head of some other author's log not cosigned by us in the last
+        refresh_ns (or never)?"""
+        return bool(self._cosign_candidates("o.time IS NULL OR o.time <= ?",
+                                            (now_ns - refresh_ns,), 1))
+
+    def _cosign_candidates(self, where: str, args: tuple, limit: int) -> list:
+        """(author, seq, id) of the other authors' heads matching `where`, least
+        recently witnessed by us first. In `where`: e = the head, w.seen / w.last =
+        the highest seq of it / our highest witness seq that our witness entries
+        named, o = our newest witness entry naming the author (o.time)."""
+        own = self.own_author
+        return self.db.execute(
+            "SELECT e.author, e.seq, e.id FROM entries e JOIN (SELECT author, MAX(seq) m "
+            "FROM entries WHERE author != ? GROUP BY author) h ON e.author=h.author AND "
+            "e.seq=h.m LEFT JOIN (SELECT author, MAX(witness_seq) last, MAX(seq) seen FROM "
+            "witnessed WHERE witness=? GROUP BY author) w ON w.author=e.author "
+            "LEFT JOIN entries o ON o.author=? AND o.seq=w.last "
+            f"WHERE {where} ORDER BY COALESCE(w.last, -1), e.author LIMIT ?",
+            (own, own, own, *args, limit)).fetchall()
 
     def add_foreign(self, entries, *, now_ns: int | None = None,
                     max_skew: int = audit.DEFAULT_MAX_SKEW_NS) -> AddResult:
@@ -668,6 +690,31 @@ class AuditLog:
             if e is not None:
                 out.append(audit.decode_entry(e.raw))
         return out
+
+    def newest_cosigns(self, author: bytes, ids: dict[int, bytes],
+                       limit: int = audit.MAX_CERT_WITNESSES) -> list[audit.Entry]:
+        """For a certificate of author's chain `ids` (seq -> id, from the backup
+        entry to the head): per other author, its newest witness entry that attests
+        the chain (it names a seq of the chain with the chain's id there, and no head
+        of author past the chain or contradicting it); newest = naming the highest
+        seq, then dated latest. Newest first, at most `limit` distinct witnesses."""
+        lo, hi = min(ids), max(ids)
+        best: dict[bytes, tuple] = {}
+        for w, ws, s, t in self.db.execute(
+                "SELECT w.witness, w.witness_seq, w.seq, o.time FROM witnessed w JOIN entries o "
+                "ON o.author=w.witness AND o.seq=w.witness_seq WHERE w.author=? AND w.seq>=? "
+                "AND w.seq<=? AND w.witness!=? ORDER BY w.witness, w.seq DESC, o.time DESC, "
+                "w.witness_seq DESC", (author, lo, hi, author)):
+            w = bytes(w)
+            if w in best:
+                continue
+            e = self.entry(w, ws)
+            if e is None:
+                continue
+            if all(s2 <= hi and ids.get(s2, h) == h
+                   for a, s2, h in audit.witness_heads(e) if a == author):
+                best[w] = (s, t, w, audit.decode_entry(e.raw))
+        return [x[3] for x in sorted(best.values(), key=lambda x: x[:3], reverse=True)[:limit]]
 
     def contradictions(self, author: bytes | None = None) -> list[dict]:
         """Witnesses contradicted by the log we hold (see _contradiction)."""

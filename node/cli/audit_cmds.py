@@ -16,8 +16,11 @@ appends), so they work with or without a running node.
                                --require-witness makes that exit 4), exit 3 with the
                                reason when F is truncated, altered or does not prove it;
                                it prints the time it is valid as of (--fresh-within
-                               DURATION: exit 4 when older) and counts distinct
-                               witnesses (--min-witnesses N: exit 4 below N)
+                               DURATION: exit 4 when older; a NOTE line, not an
+                               error, when older than the cosigning interval of
+                               protocol/audit.py) and counts distinct witnesses
+                               (--min-witnesses N: exit 4 below N)
+    audit certificate carries the newest cosign of each distinct witness, newest first
     audit certificate refuses an author with a proven fork (exit 1, one line)
 
 AUTHOR is a hex prefix of a node id (or of a public key); default: this node.
@@ -64,6 +67,12 @@ def _author(log, author: str | None) -> bytes:
 def _when(ns: int) -> str:
     t = datetime.datetime.fromtimestamp(ns / 1e9, datetime.timezone.utc)
     return f"{t:%Y-%m-%d %H:%M:%S}"
+
+
+def _span(seconds: int) -> str:
+    """3600 -> '1 h', 4800 -> '1 h 20 min', 600 -> '10 min'."""
+    h, m = divmod(seconds // 60, 60)
+    return " ".join(([f"{h} h"] if h else []) + ([f"{m} min"] if m or not h else []))
 
 
 def _summary(e: audit.Entry) -> str:
@@ -169,16 +178,10 @@ def audit_certificate_cmd(ctx, ref, output, as_json):
         chain = list(log.entries(entry.author, entry.seq))
         if not chain or chain[0].id != entry.id:
             raise UserError("the backup entry changed while being read")
-        witnesses = log.witnesses_of(entry.author, entry.seq)
-        # keep witnesses that attest this chain (a contradicting one belongs in a
-        # fork report, not in a certificate), the most recent first
-        ids = {e.seq: e.id for e in chain}
-        good = [w for w in witnesses
-                if all(ids.get(s, h) == h for a, s, h in audit.witness_heads(w)
-                       if a == entry.author and s >= entry.seq)
-                and all(s <= chain[-1].seq for a, s, _ in audit.witness_heads(w)
-                        if a == entry.author)]
-        good = good[-audit.MAX_CERT_WITNESSES:]
+        # the newest cosign of each distinct witness that attests this chain (a
+        # contradicting one belongs in a fork report, not in a certificate), newest
+        # first: the freshest certificate, vouched for by as many nodes as fit
+        good = log.newest_cosigns(entry.author, {e.seq: e.id for e in chain})
         # in a network: pin its key, with the member certificates of the author and
         # the witnesses (ours from DATA/network, the others' as gossip brought them)
         from hypersdk.node.net import membership
@@ -305,10 +308,19 @@ def audit_check_certificate_cmd(ctx, file, require_witness, min_witnesses, netwo
     else:
         lines.append("WARNING: no witness yet: no other node has attested this log, so only "
                      "its author vouches that it was not rewritten")
-    emit(as_json, dict(rep.to_json(), ok=True), "\n".join(lines))
+    now = time.time_ns()
+    stale = rep.stale(now)
+    if stale:
+        lines.append(f"NOTE: valid as of {_when(rep.as_of)} UTC, older than the cosigning "
+                     f"interval ({_span(audit.COSIGN_INTERVAL_S)}): entries the author signed "
+                     "since (a delete, a failed verify) may be missing; ask a member for a "
+                     "fresh certificate or use --fresh-within")
+    emit(as_json, dict(rep.to_json(), ok=True, age_s=rep.age_ns(now) // 10**9,
+                       cosign_interval_s=audit.COSIGN_INTERVAL_S,
+                       older_than_cosign_interval=stale), "\n".join(lines))
     if require_witness and not rep.witnessed:
         ctx.exit(4)
-    if fresh_ns is not None and rep.as_of < time.time_ns() - fresh_ns:
+    if fresh_ns is not None and rep.as_of < now - fresh_ns:
         if not as_json:
             click.echo(f"hypersdk: error: the certificate is valid as of {_when(rep.as_of)} "
                        f"UTC, older than {fresh_within}", err=True)

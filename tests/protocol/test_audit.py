@@ -389,3 +389,24 @@ def test_the_network_the_checker_expects_must_be_pinned():
     doc["members"] = [_member(A), codec.encode(outer)]
     with pytest.raises(audit.InvalidCertificate, match="member certificate 1"):
         audit.check_certificate(codec.encode(doc))
+
+
+# -- issue 18, finding 7: a certificate older than the cosigning interval says so ---------
+
+def test_a_certificate_knows_its_age_against_the_cosigning_interval():
+    iv = audit.COSIGN_INTERVAL_S * 10**9
+    assert audit.COSIGN_INTERVAL_S > audit.COSIGN_REFRESH_S > audit.WITNESS_INTERVAL_S
+    rep = audit.check_certificate(audit.build_certificate(M, LOG, []))
+    now = LOG[-1].time + iv
+    assert rep.age_ns(now) == iv and not rep.stale(now) and rep.stale(now + 1)
+    assert rep.age_ns(LOG[-1].time - 5) == 0 and rep.stale(now, interval_s=60)
+    # a later cosign (the refresh of an unchanged head) makes it fresh again
+    w = _witness(W, 0, None, [[A.public_key, 7, LOG[7].id]], t=now)
+    rep = audit.check_certificate(audit.build_certificate(M, LOG, [w]))
+    assert rep.as_of == now and not rep.stale(now + iv)
+    # in a network only members' cosigns count: a forged one dated now makes nothing fresh
+    fake = _witness(FORGER, 0, None, [[A.public_key, 7, LOG[7].id]], t=now)
+    rep = audit.check_certificate(_net_cert([w, fake], [_member(A)]))
+    assert rep.as_of == LOG[-1].time and rep.stale(now + 1)
+    rep = audit.check_certificate(_net_cert([w, fake], [_member(A), _member(W)]))
+    assert rep.as_of == now and rep.member_witness_keys == [W.public_key]

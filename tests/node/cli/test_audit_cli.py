@@ -5,6 +5,7 @@ import json
 import os
 import sqlite3
 import subprocess
+import time
 
 import pytest
 from conftest import HYPERSDK, Cli, cli_env
@@ -281,3 +282,75 @@ def test_a_certificate_made_in_a_network_pins_it_and_vouches_for_its_author(cli,
     assert p.returncode == 3 and "pinned to network" in p.stderr
     p = x("audit", "check-certificate", cert, "--network-key", "nonsense", ok=False)
     assert p.returncode == 2 and "--network-key nonsense" in p.stderr
+
+
+# -- issue 18, finding 7: regular cosigning; certificates say when they are old -------------
+
+S = 10**9
+M7 = bytes(range(32))
+
+
+def _backup_body():
+    return {"manifest": M7, "name": "vm", "size": 1, "chunks": 1, "source": {}}
+
+
+def test_certificate_carries_the_newest_cosign_of_each_distinct_witness(tmp_path):
+    """Three witnesses cosign our log over 100 minutes (w0 three times, w1 twice,
+    w2 once): the certificate carries one entry per witness, its newest, newest
+    first (it carried all six, ordered by witness key)."""
+    data, refresh = tmp_path / "data", audit.COSIGN_REFRESH_S * S
+    base = time.time_ns() - 2 * 3600 * S
+    with AuditLog(data) as log:
+        log.append("backup", _backup_body(), base)
+        own = list(log.entries(log.own_author))
+    ws = [AuditLog(None, identity=Identity.from_private_bytes(bytes([0x50 + i]) * 32))
+          for i in range(3)]
+    for w in ws:
+        w.add_foreign([e.raw for e in own], now_ns=base)
+        w.witness(base + 600 * S, refresh)                # each: seq 0, at 10 min
+    with AuditLog(data) as log:
+        v = log.append("verify", {"manifest": M7, "holder": bytes(32), "result": "ok",
+                                  "summary": {}}, base + 1200 * S)
+    ws[0].add_foreign([v.raw], now_ns=base + 1800 * S)
+    ws[0].witness(base + 1800 * S, refresh)               # w0: seq 1 (changed), 30 min
+    ws[1].witness(base + 5400 * S, refresh)               # w1: seq 0 again (refresh), 90 min
+    ws[0].witness(base + 6000 * S, refresh)               # w0: seq 1 again (refresh), 100 min
+    with AuditLog(data) as log:
+        for w in ws:
+            raws = w.raw_range(w.own_author, 0, 100)
+            assert log.add_foreign(raws).added == len(raws)
+    cert = tmp_path / "c.cert"
+    Cli(data)("audit", "certificate", M7.hex()[:16], "-o", cert)
+    doc = Cli(tmp_path / "x").json("audit", "check-certificate", cert)
+    assert [(w["author"], w["seq"]) for w in doc["witnesses"]] == [
+        (ws[0].own_author.hex(), 2), (ws[1].own_author.hex(), 1), (ws[2].own_author.hex(), 0)]
+    assert doc["witnessed_seq"] == 1 and doc["as_of_ns"] == base + 6000 * S
+    assert doc["older_than_cosign_interval"] is False          # cosigned 20 min ago
+
+
+def test_check_certificate_notes_a_certificate_older_than_the_cosigning_interval(tmp_path):
+    """A certificate of a backup made 3 h ago, last cosigned 2 h ago, is older than
+    the cosigning interval: a NOTE says entries signed since may be missing (exit 0:
+    --fresh-within is the error). Cosigned 5 min ago (the refresh), it is fresh."""
+    author = Identity.from_private_bytes(b"q" * 32)
+    wit = Identity.from_private_bytes(b"w" * 32)
+    now = time.time_ns()
+    b = audit.make_entry(author, 0, None, now - 3 * 3600 * S, "backup", _backup_body())
+    x = Cli(tmp_path / "x")
+    out = {}
+    for name, age in (("old", 2 * 3600), ("fresh", 300)):
+        w = audit.make_entry(wit, 0, None, now - age * S, "witness",
+                             {"heads": [[author.public_key, 0, b.id]]})
+        f = tmp_path / f"{name}.cert"
+        f.write_bytes(audit.build_certificate(M7, [b], [w]))
+        out[name] = (x("audit", "check-certificate", f).stdout,
+                     x.json("audit", "check-certificate", f))
+    text, doc = out["old"]
+    assert ("NOTE: valid as of " in text and "older than the cosigning interval (1 h 20 min)"
+            in text and "may be missing" in text and "--fresh-within" in text)
+    assert doc["older_than_cosign_interval"] is True and doc["ok"]
+    assert doc["cosign_interval_s"] == audit.COSIGN_INTERVAL_S == 4800
+    assert 2 * 3600 <= doc["age_s"] < 2 * 3600 + 600
+    text, doc = out["fresh"]
+    assert "NOTE" not in text and "VALID" in text
+    assert doc["older_than_cosign_interval"] is False and doc["age_s"] < 1200
