@@ -213,7 +213,7 @@ def _read_disks(store, s, vm, snap, lease, sdisks, res, config, u, chunk_size, l
             mode, reason, areas, previous = _plan(store, vm, snap, d, prev_set, chunk_size,
                                                   res.cbt_enabled)
             r = DiskResult(d.label, d.key, d.capacity, d.change_id, mode, reason)
-            reader = export.DiskReader(s, lease, lease.url_for(d, pos), d.capacity, d.label)
+            reader = export.DiskReader(s.http, lease, lease.url_for(d, pos), d.capacity, d.label)
             meta = {"kind": "vsphere", "host": u.host, "vm": u.inventory_path,
                     "disk": d.label, "disk_key": d.key, "change_id": d.change_id or "",
                     "set": f"{res.name}@{res.version}", "mode": mode}

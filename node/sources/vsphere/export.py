@@ -100,13 +100,15 @@ class DiskReader:
     """One disk of an export (module doc). read_into is called in image order,
     mostly; anything else still works (a new request)."""
 
-    def __init__(self, session, lease: Lease | None, url: str, capacity: int, label: str):
-        self.session, self.lease, self.url = session, lease, url
+    def __init__(self, http, lease: Lease | None, url: str, capacity: int, label: str):
+        """http: session.Http (a logged-in session's .http)."""
+        self.http, self.lease, self.url = http, lease, url
         self.capacity, self.label = capacity, label
         self.downloaded = 0
         self.requests = 0
         self._conn = self._resp = None
-        self._at = -1                            # raw: where the open response stands
+        self._at = -1                            # raw: where the open response stands ...
+        self._end = -1                           # ... and where it ends
         self.format = None                       # "raw" | "streamOptimized", after probe()
         self._grains = None
         self._grain = None                       # (offset, data) not yet wholly consumed
@@ -118,7 +120,7 @@ class DiskReader:
     def _open(self, start=None, end=None):
         self.close()
         self.requests += 1
-        self._conn, self._resp = self.session.get(self.url, start, end)
+        self._conn, self._resp = self.http.get(self.url, start, end)
 
     def probe(self) -> str:
         """Look at the first sector and choose how to read."""
@@ -180,10 +182,10 @@ class DiskReader:
             self._read_stream(buf, pos, n)
 
     def _read_raw(self, buf, pos, n, run_end) -> None:
-        if self._resp is None or self._at != pos:
+        if self._resp is None or self._at != pos or pos + n > self._end:
             end = max(pos + n, min(run_end or pos + n, self.capacity))
             self._open(pos, end)
-            self._at = pos
+            self._at, self._end = pos, end
         view = memoryview(buf)
         got = 0
         try:

@@ -21,13 +21,49 @@ from hypersdk.node.errors import UserError
 TIMEOUT = 60.0                  # seconds for a connect or a read to make progress
 
 
+class Http:
+    """HTTPS GETs of one server's disk exports, with a session cookie."""
+
+    def __init__(self, host: str, port: int, ctx: ssl.SSLContext, cookie: str | None,
+                 timeout: float = TIMEOUT):
+        self.host, self.port, self.ctx, self.cookie = host, port, ctx, cookie
+        self.timeout = timeout
+
+    def get(self, url: str, start: int | None = None, end: int | None = None):
+        """(connection, response) of a GET of `url` (bytes start..end-1 when given),
+        with the session cookie; the caller reads the body and closes the
+        connection. UserError for a refused request."""
+        u = urllib.parse.urlsplit(url)
+        if u.hostname != self.host:
+            raise UserError(f"vSphere {self.host}: export URL on another host {u.hostname!r}")
+        conn = http.client.HTTPSConnection(u.hostname, u.port or 443, context=self.ctx,
+                                           timeout=self.timeout)
+        headers = {"Cookie": self.cookie} if self.cookie else {}
+        if start is not None:
+            headers["Range"] = f"bytes={start}-{end - 1}"
+        try:
+            conn.request("GET", u.path + (f"?{u.query}" if u.query else ""), headers=headers)
+            resp = conn.getresponse()
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            raise UserError(f"vSphere {self.host}: reading a disk export failed: "
+                            f"{_why(exc)}") from None
+        want = 206 if start is not None else 200
+        if resp.status != want:
+            conn.close()
+            raise UserError(f"vSphere {self.host}: disk export answered HTTP "
+                            f"{resp.status} {resp.reason} (wanted {want})")
+        return conn, resp
+
+
 class Session:
-    """si: pyVmomi's ServiceInstance; content: its content."""
+    """si: pyVmomi's ServiceInstance; content: its content; http: GETs of exports."""
 
     def __init__(self, url, si, ctx: ssl.SSLContext, timeout: float):
         self.url, self.si, self.ctx, self.timeout = url, si, ctx, timeout
         self.content = si.RetrieveContent()
-        self.cookie = si._stub.cookie            # vCenter wants it on /folder and /nfc GETs
+        # vCenter wants the session cookie on /folder and /nfc GETs
+        self.http = Http(url.host, url.port, ctx, si._stub.cookie, timeout)
 
     def close(self) -> None:
         from pyVim.connect import Disconnect
@@ -45,32 +81,6 @@ class Session:
     def nfc_url(self, url: str) -> str:
         """An export lease's device URL with its `*` host replaced by ours."""
         return url.replace("*", f"{self.url.host}:{self.url.port}", 1)
-
-    def get(self, url: str, start: int | None = None, end: int | None = None):
-        """(connection, response) of a GET of `url` (bytes start..end-1 when given),
-        with the session cookie; the caller reads the body and closes the
-        connection. UserError for a refused request."""
-        u = urllib.parse.urlsplit(url)
-        if u.hostname != self.url.host:
-            raise UserError(f"vSphere {self.url.host}: export URL on another host {u.hostname!r}")
-        conn = http.client.HTTPSConnection(u.hostname, u.port or 443, context=self.ctx,
-                                           timeout=self.timeout)
-        headers = {"Cookie": self.cookie}
-        if start is not None:
-            headers["Range"] = f"bytes={start}-{end - 1}"
-        try:
-            conn.request("GET", u.path + (f"?{u.query}" if u.query else ""), headers=headers)
-            resp = conn.getresponse()
-        except (OSError, http.client.HTTPException) as exc:
-            conn.close()
-            raise UserError(f"vSphere {self.url.host}: reading a disk export failed: "
-                            f"{_why(exc)}") from None
-        want = 206 if start is not None else 200
-        if resp.status != want:
-            conn.close()
-            raise UserError(f"vSphere {self.url.host}: disk export answered HTTP "
-                            f"{resp.status} {resp.reason} (wanted {want})")
-        return conn, resp
 
 
 def _why(exc: BaseException) -> str:

@@ -38,7 +38,12 @@ class VsphereDiskSource:
         self.reader, self.size, self.chunk_size = reader, capacity, chunk_size
         self.previous, self.has, self.path, self._meta = previous, has, path, metadata
         self.read_previous = read_previous
-        self.areas = sorted((s, s + n) for s, n in areas if n > 0)
+        self.areas = []                          # [start, end), sorted, touching ones merged
+        for s, e in sorted((s, s + n) for s, n in areas if n > 0):
+            if self.areas and s <= self.areas[-1][1]:
+                self.areas[-1] = (self.areas[-1][0], max(e, self.areas[-1][1]))
+            else:
+                self.areas.append((s, e))
         self._starts = [s for s, _ in self.areas]
         n = -(-capacity // chunk_size)
         if previous is not None and len(previous) != n:

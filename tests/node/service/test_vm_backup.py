@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import HYPERSDK, Cli, cli_env
-from vcsim_helpers import PASSWORD, Vcsim, vcsim_binary
+from vcsim_helpers import PASSWORD, Vcsim, tls_files, vcsim_binary
 
 MiB, BS = 1 << 20, 64 << 10
 VM = "DC0/vm/DC0_H0_VM0"
@@ -176,40 +176,6 @@ def test_rejected_change_id_falls_back_to_full_and_multi_disk_sets_restore(tmp_p
     assert "is not empty" in p.stderr and len(p.stderr.strip().splitlines()) == 1
 
 
-def _tls(tmp: Path) -> tuple[Path, Path, Path]:
-    """A CA and a server certificate for 127.0.0.1 signed by it: (ca, cert, key)."""
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-    now = datetime.datetime.now(datetime.timezone.utc)
-    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-          .public_key(ca_key.public_key()).serial_number(1).not_valid_before(now)
-          .not_valid_after(now + datetime.timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .sign(ca_key, hashes.SHA256()))
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-            .issuer_name(ca_name).public_key(key.public_key()).serial_number(2)
-            .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    tmp.mkdir(parents=True, exist_ok=True)
-    paths = tmp / "ca.pem", tmp / "cert.pem", tmp / "key.pem"
-    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return paths
-
-
 def _one_line_error(p, *fragments) -> None:
     assert p.returncode != 0
     lines = p.stderr.strip().splitlines()
@@ -219,7 +185,7 @@ def _one_line_error(p, *fragments) -> None:
 
 
 def test_bad_input_one_clear_line_no_snapshot_nothing_recorded(tmp_path, binary):
-    ca, cert, key = _tls(tmp_path / "tls")
+    ca, cert, key = tls_files(tmp_path / "tls")
     cli = Cli(tmp_path / "data")
     with Vcsim(binary, tmp_path / "sim", tls=(cert, key)) as sim:
         sim.set_disk(VM, bytes(image(2 * MiB, 8, [(0, MiB)])))
