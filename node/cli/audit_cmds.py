@@ -315,15 +315,24 @@ def audit_check_certificate_cmd(ctx, file, require_witness, min_witnesses, netwo
                      f"interval ({_span(audit.COSIGN_INTERVAL_S)}): entries the author signed "
                      "since (a delete, a failed verify) may be missing; ask a member for a "
                      "fresh certificate or use --fresh-within")
+    # a cosign dated ahead of our clock (beyond the skew entries are allowed) would
+    # make any certificate look fresh: say so, and --fresh-within does not accept it
+    future = rep.as_of > now + audit.DEFAULT_MAX_SKEW_NS
+    if future:
+        lines.append(f"WARNING: valid as of {_when(rep.as_of)} UTC, which is in the future "
+                     "(a clock ahead, or a witness dating its cosign ahead): freshness "
+                     "cannot be judged")
     emit(as_json, dict(rep.to_json(), ok=True, age_s=rep.age_ns(now) // 10**9,
                        cosign_interval_s=audit.COSIGN_INTERVAL_S,
-                       older_than_cosign_interval=stale), "\n".join(lines))
+                       older_than_cosign_interval=stale, dated_in_the_future=future),
+         "\n".join(lines))
     if require_witness and not rep.witnessed:
         ctx.exit(4)
-    if fresh_ns is not None and rep.as_of < now - fresh_ns:
+    if fresh_ns is not None and (rep.as_of < now - fresh_ns or future):
         if not as_json:
             click.echo(f"hypersdk: error: the certificate is valid as of {_when(rep.as_of)} "
-                       f"UTC, older than {fresh_within}", err=True)
+                       f"UTC, " + ("in the future: not judged fresh" if future else
+                                   f"older than {fresh_within}"), err=True)
         ctx.exit(4)
     if min_witnesses is not None and len(rep.member_witness_keys) < min_witnesses:
         if not as_json:

@@ -354,3 +354,25 @@ def test_check_certificate_notes_a_certificate_older_than_the_cosigning_interval
     text, doc = out["fresh"]
     assert "NOTE" not in text and "VALID" in text
     assert doc["older_than_cosign_interval"] is False and doc["age_s"] < 1200
+    assert doc["dated_in_the_future"] is False
+    assert x("audit", "check-certificate", tmp_path / "fresh.cert", "--fresh-within", "1h"
+             ).returncode == 0
+
+
+def test_a_cosign_dated_in_the_future_does_not_make_a_certificate_fresh(tmp_path):
+    """A witness that dates its cosign an hour ahead would make any certificate look
+    fresh: check-certificate warns, and --fresh-within fails it (exit 4)."""
+    author = Identity.from_private_bytes(b"q" * 32)
+    wit = Identity.from_private_bytes(b"w" * 32)
+    now = time.time_ns()
+    b = audit.make_entry(author, 0, None, now - 3 * 3600 * S, "backup", _backup_body())
+    w = audit.make_entry(wit, 0, None, now + 3600 * S, "witness",
+                         {"heads": [[author.public_key, 0, b.id]]})
+    f = tmp_path / "ahead.cert"
+    f.write_bytes(audit.build_certificate(M7, [b], [w]))
+    x = Cli(tmp_path / "x")
+    text = x("audit", "check-certificate", f).stdout
+    assert "WARNING: valid as of" in text and "in the future" in text
+    assert x.json("audit", "check-certificate", f)["dated_in_the_future"] is True
+    p = x("audit", "check-certificate", f, "--fresh-within", "1d", ok=False)
+    assert p.returncode == 4 and "in the future" in p.stderr
