@@ -489,6 +489,10 @@ _CERT_KEYS = frozenset({"v", "type", "manifest", "chain", "witnesses", "keys"})
 # a certificate of a backup made in a network pins the network's public key and carries
 # the member certificates (protocol/membership.py) of its author and witnesses
 _NET_KEYS = _CERT_KEYS | {"network", "members"}
+# ... and may carry the network's revocations (protocol/membership.py) of its author and
+# witnesses: a revoked key's signatures may have been made with the key stolen, at any
+# date it chose, so a revoked witness never counts and a revoked author is reported
+_REV_KEYS = _NET_KEYS | {"revocations"}
 MAX_CERT_MEMBERS = MAX_CERT_WITNESSES + 1
 
 
@@ -506,6 +510,7 @@ class CertificateReport:
     witnessed_seq: int | None       # the highest seq of the chain a (member) witness attests
     network: bytes | None = None    # the network public key the file pins
     members: frozenset = frozenset()  # keys with a valid member certificate in the file
+    revoked: dict = field(default_factory=dict)   # key -> membership.Revocation in the file
 
     @property
     def member_witness_keys(self) -> list[bytes]:
@@ -553,12 +558,13 @@ class CertificateReport:
                 "head_time_ns": self.head.time, "as_of_ns": self.as_of,
                 "network": self.network.hex() if self.network else None,
                 "author_member": (self.author in self.members) if self.network else None,
+                "revoked": {k.hex(): r.to_json() for k, r in self.revoked.items()},
                 "member_witness_keys": [k.hex() for k in self.member_witness_keys],
                 "witnessed": self.witnessed, "witnessed_seq": self.witnessed_seq}
 
 
 def build_certificate(manifest: bytes, chain: list[Entry], witnesses: list[Entry], *,
-                      network: bytes | None = None, members=()) -> bytes:
+                      network: bytes | None = None, members=(), revocations=()) -> bytes:
     """Encode a certificate (LocalProtocolError if chain/witnesses do not form one:
     the result is checked with check_certificate before it is returned). network:
     the public key of the backup's network, pinned in the file, with `members`, the
@@ -569,6 +575,8 @@ def build_certificate(manifest: bytes, chain: list[Entry], witnesses: list[Entry
            "keys": keys}
     if network is not None:
         doc.update(network=network, members=list(members)[:MAX_CERT_MEMBERS])
+        if revocations:
+            doc["revocations"] = list(revocations)[:MAX_CERT_MEMBERS]
     data = codec.encode(doc)
     try:
         check_certificate(data)
@@ -587,7 +595,7 @@ def check_certificate(data: bytes, *, network_key: bytes | None = None) -> Certi
         doc = codec.decode(data)
     except RemoteProtocolError as exc:
         raise InvalidCertificate(f"not a certificate (truncated or altered?): {exc}") from None
-    if type(doc) is not dict or doc.keys() not in (_CERT_KEYS, _NET_KEYS):
+    if type(doc) is not dict or doc.keys() not in (_CERT_KEYS, _NET_KEYS, _REV_KEYS):
         raise InvalidCertificate("not a certificate: wrong fields")
     if doc["type"] != CERT_TYPE or doc["v"] != VERSION or type(doc["v"]) is not int:
         raise InvalidCertificate(f"unsupported certificate type/version {doc['type']!r} "
@@ -645,13 +653,13 @@ def check_certificate(data: bytes, *, network_key: bytes | None = None) -> Certi
     want = sorted({backup.author} | {w.author for w in witnesses})
     if keys != want:
         raise InvalidCertificate("the key list does not match the chain's and witnesses' authors")
-    network, members = _members(doc, network_key, backup, witnesses)
+    network, members, revoked = _members(doc, network_key, backup, witnesses)
     if network is not None:             # only member witnesses attest anything
         witnessed = max((s for w in witnesses if w.author in members
                          for a, s, _ in witness_heads(w) if a == backup.author
                          and view.id_at(s) is not None), default=None)
     return CertificateReport(manifest, backup.author, backup, view.head, witnesses, witnessed,
-                             network, frozenset(members))
+                             network, frozenset(members), revoked)
 
 
 def _members(doc: dict, network_key: bytes | None, backup: Entry, witnesses) -> tuple:
@@ -665,7 +673,7 @@ def _members(doc: dict, network_key: bytes | None, backup: Entry, witnesses) -> 
             f"the certificate is pinned to network {ms.network_id(pinned).hex()[:16]}, not "
             f"the one given ({ms.network_id(network_key).hex()[:16]})")
     if pinned is None:
-        return None, set()
+        return None, set(), {}
     raws = doc["members"]
     if type(pinned) is not bytes or len(pinned) != KEY_LEN:
         raise InvalidCertificate("the network key must be 32 bytes")
@@ -685,4 +693,16 @@ def _members(doc: dict, network_key: bytes | None, backup: Entry, witnesses) -> 
             continue
         except RemoteProtocolError as exc:  # malformed, or a forged network signature
             raise InvalidCertificate(f"member certificate {i}: {exc}") from None
-    return pinned, members
+    revoked = {}
+    revs = doc.get("revocations", [])
+    if type(revs) is not list or len(revs) > MAX_CERT_MEMBERS:
+        raise InvalidCertificate(f"at most {MAX_CERT_MEMBERS} revocations")
+    for i, raw in enumerate(revs):
+        try:
+            r = ms.check_revocation(pinned, raw)
+        except RemoteProtocolError as exc:   # malformed, forged, or another network's
+            raise InvalidCertificate(f"revocation {i}: {exc}") from None
+        if r.node in when:
+            revoked[r.node] = r
+            members.discard(r.node)           # a revoked key can sign at any date it likes
+    return pinned, members, revoked

@@ -186,13 +186,17 @@ def audit_certificate_cmd(ctx, ref, output, as_json):
         # the witnesses (ours from DATA/network, the others' as gossip brought them)
         from hypersdk.node.net import membership
         net = membership.load(_data_dir(ctx))
-        members = []
+        members, revs = [], []
         if net is not None:
             keys = sorted({entry.author} | {w.author for w in good})
             members = [net.cert.raw] if net.cert.node in keys else []
             members += log.member_certs([k for k in keys if k != net.cert.node])
+            # the revocations this node knows of the author and the witnesses travel
+            # with the certificate: an offline checker learns them nowhere else
+            revs = [r.raw for r in membership.revocations(_data_dir(ctx)) if r.node in keys]
         data = audit.build_certificate(entry.body["manifest"], chain, good,
-                                       network=net.public if net else None, members=members)
+                                       network=net.public if net else None, members=members,
+                                       revocations=revs)
     if output is None:
         out.write(data)
         out.flush()
@@ -294,11 +298,17 @@ def audit_check_certificate_cmd(ctx, file, require_witness, min_witnesses, netwo
                         "show` of a member, or pass --network-key)")
                      + ("; the author is a member" if rep.author in rep.members else
                         "; WARNING: no member certificate of the author in the file"))
+        if rep.author in rep.revoked:
+            r = rep.revoked[rep.author]
+            lines.append(f"WARNING: the author's membership was revoked at {_when(r.time)} UTC"
+                         + (f" ({r.reason})" if r.reason else "") + ": its signatures, this "
+                         "backup entry's included, may have been made with a stolen key")
         unvetted = [k for k in rep.witness_keys if k not in rep.members]
         if unvetted:
             lines.append(f"{len(unvetted)} witness(es) not counted: no valid member "
-                         "certificate of this network: " + ", ".join(
-                             node_id(k).hex()[:16] for k in unvetted))
+                         "certificate of this network, or revoked: " + ", ".join(
+                             node_id(k).hex()[:16] + (" (revoked)" if k in rep.revoked else "")
+                             for k in unvetted))
     if rep.witnessed:
         keys = rep.member_witness_keys
         lines.append(f"witnessed up to seq {rep.witnessed_seq} by {len(keys)} distinct "

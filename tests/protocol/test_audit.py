@@ -391,6 +391,41 @@ def test_the_network_the_checker_expects_must_be_pinned():
         audit.check_certificate(codec.encode(doc))
 
 
+def test_revocations_travel_in_the_certificate():
+    """A certificate carries the network's revocations of its author and witnesses: a
+    revoked witness no longer counts (a stolen key signs at any date it likes), a
+    revoked author is reported; a forged or foreign revocation makes the file invalid,
+    and dropping the revocations is the only way around them (a checker that needs
+    them gets them from a member: --network-key pins the network, not its state)."""
+    from hypersdk.protocol import membership as ms
+    real = _witness(W, 0, None, [[A.public_key, 7, LOG[7].id]])
+    members = [_member(A), _member(W)]
+    rw = ms.issue_revocation(NET, W.public_key, serial=1, time=T0, reason="laptop stolen")
+    ra = ms.issue_revocation(NET, A.public_key, serial=1, time=T0, reason="")
+
+    def cert(revs):
+        return audit.check_certificate(audit.build_certificate(
+            M, LOG, [real], network=NET.public_key, members=members,
+            revocations=[r.raw for r in revs]))
+    assert cert([]).witnessed and cert([]).revoked == {}
+    rep = cert([rw])
+    assert not rep.witnessed and rep.member_witness_keys == [] and W.public_key in rep.revoked
+    assert rep.to_json()["revoked"][W.public_key.hex()]["reason"] == "laptop stolen"
+    rep = cert([ra])
+    assert rep.witnessed and rep.author not in rep.members and A.public_key in rep.revoked
+    # revocations of nodes the certificate does not name are not kept
+    stranger = ms.issue_revocation(NET, FORGER.public_key, serial=1, time=T0)
+    assert cert([stranger]).revoked == {}
+    # forged (another network's key signed it) -> invalid
+    other = Identity.from_private_bytes(bytes(range(7, 39)))
+    forged = ms.issue_revocation(other, W.public_key, serial=1, time=T0)
+    doc = codec.decode(audit.build_certificate(M, LOG, [real], network=NET.public_key,
+                                               members=members))
+    doc["revocations"] = [forged.raw]
+    with pytest.raises(audit.InvalidCertificate, match="revocation 0"):
+        audit.check_certificate(codec.encode(doc))
+
+
 # -- issue 18, finding 7: a certificate older than the cosigning interval says so ---------
 
 def test_a_certificate_knows_its_age_against_the_cosigning_interval():

@@ -36,13 +36,16 @@ def test_members_share_backups_strangers_foreigners_and_the_revoked_get_nothing(
     a = nodes(Cli(tmp_path / "a"), env=FAST)
     a.cli("network", "create", "--name", "acme", "--site", "hq")
 
-    def member(name, site):
+    def member(name, site, env=FAST):
         tok = a.cli.json("invite", "--site", site)["token"]
-        n = nodes(Cli(tmp_path / name), env=FAST)
+        n = nodes(Cli(tmp_path / name), env=env)
         n.cli.json("join", tok)
         return n
 
-    b, c, r = member("b", "hq"), member("c", "plant"), member("r", "plant")
+    # R cosigns the logs it holds every second (its cosign of A's log is in A's
+    # certificate until A revokes R)
+    b, c = member("b", "hq"), member("c", "plant")
+    r = member("r", "plant", env=dict(FAST, HYPERSDK_AUDIT_WITNESS="1"))
     ids = {n: n.cli.json("status")["node_id"] for n in (a, b, c, r)}
     keys = {n: n.cli.json("network", "show")["certificate"]["node"] for n in (a, b, c, r)}
     st = b.cli.json("status")["membership"]
@@ -75,6 +78,10 @@ def test_members_share_backups_strangers_foreigners_and_the_revoked_get_nothing(
     assert refused["refused: not a member of this network"] >= 1
     assert refused["refused: a member of another network"] >= 1
 
+    cert = tmp_path / "vm1.cert"
+    poll(lambda: keys[r] in a.cli.json("audit", "certificate", "vm1", "-o", cert)
+         ["member_witness_keys"], 60, "R's cosign of A's log in A's certificate", interval=0.5)
+
     # A revokes R: B and C learn it by gossip and cut R off; R fetches nothing more
     a.cli("revoke", keys[r], "--reason", "laptop stolen")
     for n in (a, b, c):
@@ -84,6 +91,13 @@ def test_members_share_backups_strangers_foreigners_and_the_revoked_get_nothing(
          >= 1, 30, "A cutting R's open connection", interval=0.2)
     _one_line(r.cli("join", a.addr, ok=False), "revoked")
     _one_line(r.cli("join", c.addr, ok=False), "revoked")
+    # A's certificate now carries the revocation: R's cosign no longer counts offline
+    a.cli("audit", "certificate", "vm1", "-o", cert)
+    doc = Cli(tmp_path / "offline").json("audit", "check-certificate", cert)
+    assert doc["revoked"][keys[r]]["reason"] == "laptop stolen"
+    assert keys[r] in doc["witness_keys"] and keys[r] not in doc["member_witness_keys"]
+    text = Cli(tmp_path / "offline")("audit", "check-certificate", cert).stdout
+    assert "(revoked)" in text
     rows = {m["node"]: m for m in a.cli.json("members")}
     assert rows[keys[r]]["revoked"] and rows[keys[r]]["status"] == "revoked"
     assert rows[keys[b]]["status"] == rows[keys[c]]["status"] == "valid"
