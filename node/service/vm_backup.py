@@ -74,6 +74,7 @@ class VmBackupResult:
     cbt_enabled: bool = False
     snapshot_left: str | None = None
     seconds: float = 0.0
+    phases: dict = field(default_factory=dict)   # seconds: login, snapshot, disks, cleanup
 
     @property
     def ref(self) -> str:
@@ -85,7 +86,8 @@ class VmBackupResult:
                 "stale_snapshots_removed": self.stale_removed,
                 "snapshot_left_behind": self.snapshot_left,
                 "bytes_read": sum(d.downloaded for d in self.disks),
-                "disks": [d.to_json() for d in self.disks], "seconds": round(self.seconds, 3)}
+                "disks": [d.to_json() for d in self.disks], "seconds": round(self.seconds, 3),
+                "phases_s": {k: round(v, 3) for k, v in self.phases.items()}}
 
 
 def _previous_ids(store, mid: bytes) -> list[bytes] | None:
@@ -155,17 +157,25 @@ def backup_vm(store, url_text: str, *, password: str, name: str | None = None,
     check_name(name)
     if vm_sets.is_image_name(store.db, name) and vm_sets.latest(store.db, name) is None:
         raise UserError(f"{name!r} names image backups already: choose another --name")
+    clock = [time.perf_counter()]
+
+    def phase(name: str) -> None:
+        now = time.perf_counter()
+        res.phases[name] = res.phases.get(name, 0.0) + now - clock[0]
+        clock[0] = now
+    res = VmBackupResult(name, 0, u.inventory_path, str(u))
     with session.connect(u, password, insecure=insecure, ca_file=ca_file) as s:
         vm = vvm.find_vm(s, u)
         if not vvm.disks(vm.config):
             raise UserError(f"VM {u.inventory_path} has no virtual disks: nothing to back up")
-        res = VmBackupResult(name, 0, u.inventory_path, str(u))
+        phase("login")
         for label, old in vvm.stale_snapshots(vm):
             vvm.remove_snapshot(old, f"removing snapshot {label} an earlier run left on "
                                      f"{vm.name}")
             res.stale_removed.append(label)
         res.cbt_enabled = vvm.enable_cbt(vm)
         snap = vvm.create_snapshot(vm, quiesce=quiesce)
+        phase("snapshot")
         lease, ok = None, False
         try:
             _test_hook()
@@ -174,6 +184,7 @@ def backup_vm(store, url_text: str, *, password: str, name: str | None = None,
             lease = export.Lease(s, snap, f"export of {vm.name}")
             _read_disks(store, s, vm, snap, lease, sdisks, res, config, u, chunk_size, level,
                         progress, on_wait, now_ns, record_extra)
+            phase("disks")
             ok = True
         finally:
             if lease is not None:
@@ -184,6 +195,7 @@ def backup_vm(store, url_text: str, *, password: str, name: str | None = None,
                 if not ok:
                     raise                        # the first error is the one to tell
                 res.snapshot_left = str(exc)
+            phase("cleanup")
     res.seconds = time.perf_counter() - t0
     return res
 

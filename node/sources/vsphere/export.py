@@ -118,9 +118,13 @@ class DiskReader:
         self.downloaded += n
 
     def _open(self, start=None, end=None):
+        keep = None
+        if self._conn is not None and self._resp is not None and self._resp.length == 0:
+            keep = self._conn                     # the last body was read whole: reuse
+            self._conn = self._resp = None
         self.close()
         self.requests += 1
-        self._conn, self._resp = self.http.get(self.url, start, end)
+        self._conn, self._resp = self.http.get(self.url, start, end, conn=keep)
 
     def probe(self) -> str:
         """Look at the first sector and choose how to read."""

@@ -29,25 +29,37 @@ class Http:
         self.host, self.port, self.ctx, self.cookie = host, port, ctx, cookie
         self.timeout = timeout
 
-    def get(self, url: str, start: int | None = None, end: int | None = None):
+    def get(self, url: str, start: int | None = None, end: int | None = None, conn=None):
         """(connection, response) of a GET of `url` (bytes start..end-1 when given),
         with the session cookie; the caller reads the body and closes the
-        connection. UserError for a refused request."""
+        connection, or passes it back as `conn` once the body is read whole (keep-
+        alive: a run of small Range reads costs no TLS handshake each). UserError for
+        a refused request."""
         u = urllib.parse.urlsplit(url)
         if u.hostname != self.host:
             raise UserError(f"vSphere {self.host}: export URL on another host {u.hostname!r}")
-        conn = http.client.HTTPSConnection(u.hostname, u.port or 443, context=self.ctx,
-                                           timeout=self.timeout)
         headers = {"Cookie": self.cookie} if self.cookie else {}
         if start is not None:
             headers["Range"] = f"bytes={start}-{end - 1}"
-        try:
-            conn.request("GET", u.path + (f"?{u.query}" if u.query else ""), headers=headers)
-            resp = conn.getresponse()
-        except (OSError, http.client.HTTPException) as exc:
-            conn.close()
-            raise UserError(f"vSphere {self.host}: reading a disk export failed: "
-                            f"{_why(exc)}") from None
+        target = u.path + (f"?{u.query}" if u.query else "")
+        resp = None
+        if conn is not None:
+            try:
+                conn.request("GET", target, headers=headers)
+                resp = conn.getresponse()
+            except (OSError, http.client.HTTPException):
+                conn.close()                     # the server closed it: a new one below
+                resp = None
+        if resp is None:
+            conn = http.client.HTTPSConnection(u.hostname, u.port or 443, context=self.ctx,
+                                               timeout=self.timeout)
+            try:
+                conn.request("GET", target, headers=headers)
+                resp = conn.getresponse()
+            except (OSError, http.client.HTTPException) as exc:
+                conn.close()
+                raise UserError(f"vSphere {self.host}: reading a disk export failed: "
+                                f"{_why(exc)}") from None
         want = 206 if start is not None else 200
         if resp.status != want:
             conn.close()
