@@ -291,11 +291,38 @@ def backup(ctx, path, name, chunk_size, zstd_level, quiesce, insecure, ca_file, 
                    "device (required to confirm; --force does not)")
 @click.option("--follow-symlink", is_flag=True,
               help="if OUT is a symbolic link, write to what it points to (refused otherwise)")
+@click.option("--into", is_flag=True,
+              help="vSphere: write the disks into the existing (powered-off) VM OUT")
+@click.option("--datastore", default=None, help="vSphere: the datastore of a new VM's disks")
+@click.option("--insecure", is_flag=True,
+              help="vSphere: do not verify the server's TLS certificate")
+@click.option("--ca-file", type=click.Path(dir_okay=False), default=None,
+              help="vSphere: verify the server's certificate against this CA only")
+@click.option("--credentials", type=click.Path(dir_okay=False), default=None,
+              help="vSphere: a file (mode 0600) whose first line is the password")
 @json_option
 @click.pass_context
-def restore(ctx, ref, out, force, to_device, follow_symlink, as_json):
+def restore(ctx, ref, out, force, to_device, follow_symlink, into, datastore, insecure,
+            ca_file, credentials, as_json):
     """Restore backup REF (manifest id or prefix, NAME, NAME@N) to the sparse file OUT
-    (or, with --to-device, into the block device OUT)."""
+    (or, with --to-device, into the block device OUT). A VM backup NAME@N restores into
+    a directory OUT (one image per disk and vm.json), or into vSphere: OUT =
+    vsphere://USER@HOST[:PORT]/DATACENTER/vm/PATH creates the VM PATH (--into: writes
+    into the existing one), uploads the disks and reads them back to verify them."""
+    from hypersdk.node.sources.vsphere import url as vurl
+    if vurl.is_vsphere(out):
+        if insecure and ca_file:
+            raise UsageError("--insecure and --ca-file exclude each other")
+        if to_device or follow_symlink or force:
+            raise UsageError("--force, --to-device and --follow-symlink are for files")
+        vurl.parse(out)
+        run_op(ctx, "restore vm", as_json, ref=ref, url=out, password=vurl.password(credentials),
+               into=into, datastore=datastore, insecure=insecure,
+               ca_file=os.path.abspath(ca_file) if ca_file else None)
+        return
+    if into or datastore or insecure or ca_file or credentials:
+        raise UsageError("--into, --datastore, --insecure, --ca-file and --credentials are "
+                         "for vsphere:// targets")
     mask = os.umask(0o077)                 # this process's umask (a node runs the op in its
     os.umask(mask)                         # own process): 0666 & ~umask when no mode is known
     run_op(ctx, "restore", as_json, ref=ref, out=os.path.abspath(out), force=force,

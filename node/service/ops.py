@@ -149,6 +149,32 @@ def _restore_set(store, vmset, a, ui):
     return r.to_json(), "\n".join(lines), 0
 
 
+@store_op("restore vm", readonly=True)
+def _op_restore_vm(store, a, ui):
+    import contextlib
+
+    from hypersdk.node.service.vm_restore import restore_set_to_vsphere
+    from hypersdk.node.store import vm_sets
+    vmset = vm_sets.resolve(store.db, a["ref"])
+    if vmset is None:
+        raise UserError(f"{a['ref']!r} is not a VM backup: only VM backups (made from "
+                        "vsphere://) restore into vSphere")
+    with contextlib.ExitStack() as bars:
+        def progress(label, total):
+            return bars.enter_context(ui.progress(total, f"upload {label}"))
+        r = restore_set_to_vsphere(store, vmset, a["url"], password=a["password"],
+                                   into=a["into"], datastore=a["datastore"],
+                                   insecure=a["insecure"], ca_file=a["ca_file"],
+                                   progress=progress)
+    lines = [f"restored VM backup {r.ref} into {'a new VM' if r.created else 'the VM'} "
+             f"{r.target} in {r.seconds:.2f} s"]
+    for d in r.disks:
+        lines.append(f"  {d['label']} -> {d['file']}: {human(d['bytes'])}, "
+                     f"{d['chunks_verified']} chunks read back and verified")
+    lines += [f"  NOTE: {n}" for n in r.notes]
+    return r.to_json(), "\n".join(lines), 0
+
+
 NEEDS_NODE = ("verify --network needs the running node on this data dir (start it with "
               "`hypersdk node run`)")
 

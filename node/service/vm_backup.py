@@ -181,7 +181,7 @@ def backup_vm(store, url_text: str, *, password: str, name: str | None = None,
             _test_hook()
             config = vvm.config_doc(vm)
             sdisks = vvm.disks(snap.config)
-            lease = export.Lease(s, snap, f"export of {vm.name}")
+            lease = export.Lease(s, snap.ExportSnapshot(), f"export of {vm.name}")
             _read_disks(store, s, vm, snap, lease, sdisks, res, config, u, chunk_size, level,
                         progress, on_wait, now_ns, record_extra)
             phase("disks")

@@ -31,10 +31,12 @@ PROBE = 512
 
 
 class Lease:
-    def __init__(self, session, snap, what: str):
+    """An NFC export lease (snap.ExportSnapshot() or a powered-off vm.ExportVm()),
+    ready to read."""
+
+    def __init__(self, session, lease, what: str):
         from pyVmomi import vim
-        self.session, self.what = session, what
-        self.lease = snap.ExportSnapshot()
+        self.session, self.what, self.lease = session, what, lease
         deadline = time.monotonic() + READY_TIMEOUT
         delay = 0.02
         while self.lease.state == vim.HttpNfcLease.State.initializing:

@@ -68,6 +68,27 @@ class Http:
         return conn, resp
 
 
+def put(http_: Http, path: str, query: str, body, length: int) -> None:
+    """PUT `length` bytes (an iterable of bytes-likes) to https://HOST:PORT/path?query
+    (a datastore file: /folder/...). UserError when the upload fails."""
+    conn = http.client.HTTPSConnection(http_.host, http_.port, context=http_.ctx,
+                                       timeout=http_.timeout)
+    headers = {"Content-Length": str(length), "Content-Type": "application/octet-stream"}
+    if http_.cookie:
+        headers["Cookie"] = http_.cookie
+    try:
+        conn.request("PUT", f"{path}?{query}", body=body, headers=headers)
+        resp = conn.getresponse()
+        resp.read()
+    except (OSError, http.client.HTTPException) as exc:
+        raise UserError(f"vSphere {http_.host}: upload of {path} failed: {_why(exc)}") from None
+    finally:
+        conn.close()
+    if resp.status not in (200, 201, 204):
+        raise UserError(f"vSphere {http_.host}: upload of {path} answered HTTP {resp.status} "
+                        f"{resp.reason}")
+
+
 class Session:
     """si: pyVmomi's ServiceInstance; content: its content; http: GETs of exports."""
 

@@ -186,3 +186,92 @@ def changed_areas(vm, snap, disk: Disk, change_id: str) -> list[tuple[int, int]]
                 areas.append((s, e - s))
         start = end
     return areas
+
+
+# -- creating a VM from a saved configuration (restore) ---------------------------------
+
+_CONTROLLERS = ("ParaVirtualSCSIController", "VirtualLsiLogicController",
+                "VirtualLsiLogicSASController", "VirtualBusLogicController",
+                "VirtualAHCIController", "VirtualNVMEController")
+_NICS = ("VirtualE1000", "VirtualE1000e", "VirtualVmxnet3", "VirtualVmxnet2", "VirtualPCNet32")
+
+
+def datastore_of(file: str) -> str | None:
+    """"[DS] path/x.vmdk" -> "DS"."""
+    return file[1:file.index("]")] if file.startswith("[") and "]" in file else None
+
+
+def create_vm(session, url, config: dict, datastore: str | None):
+    """Create a powered-off VM at url (its last path part the name) shaped like the
+    saved `config` (vm.config_doc): CPUs, memory, guest, firmware, annotation,
+    disk controllers and thin disks of the saved capacities, NICs on networks of
+    the same names (skipped, and said, when no such network exists here). Returns
+    (vm, notes)."""
+    from pyVmomi import vim
+    dc_path, _, rest = url.inventory_path.partition("/vm/")
+    folder_path, _, name = rest.rpartition("/")
+    dc = session.content.searchIndex.FindByInventoryPath(dc_path)
+    if dc is None or not isinstance(dc, vim.Datacenter):
+        raise UserError(f"datacenter {dc_path} not found on {url.host}")
+    folder = dc.vmFolder if not folder_path else \
+        session.content.searchIndex.FindByInventoryPath(f"{dc_path}/vm/{folder_path}")
+    if folder is None:
+        raise UserError(f"folder {dc_path}/vm/{folder_path} not found on {url.host}")
+    if session.content.searchIndex.FindByInventoryPath(url.inventory_path) is not None:
+        raise UserError(f"a VM {url.inventory_path} exists already: restore under another "
+                        "name, or into it with --into")
+    stores = {d.name: d for d in dc.datastore}
+    want = datastore or next((datastore_of(d["file"]) for d in config["disks"]
+                              if datastore_of(d["file"]) in stores), None)
+    if want not in stores:
+        raise UserError(f"datastore {want!r} not found in {dc_path} (there: "
+                        f"{', '.join(sorted(stores)) or 'none'}): pass --datastore NAME")
+    pools = [c.resourcePool for c in dc.hostFolder.childEntity
+             if isinstance(c, vim.ComputeResource)]
+    if not pools:
+        raise UserError(f"no host or cluster in {dc_path} to run a VM on")
+    changes, keys, notes = [], {}, []
+    for d in config["disks"]:
+        c = d["controller"]
+        if c["key"] in keys:
+            continue
+        kind = c["type"] if c["type"] in _CONTROLLERS + ("VirtualIDEController",) else \
+            "ParaVirtualSCSIController"
+        keys[c["key"]] = -(100 + len(keys))
+        if kind == "VirtualIDEController":
+            continue                              # a new VM has its IDE controllers already
+        dev = getattr(vim.vm.device, kind)(key=keys[c["key"]], busNumber=c.get("bus") or 0)
+        if hasattr(dev, "sharedBus"):
+            dev.sharedBus = "noSharing"
+        changes.append(vim.vm.device.VirtualDeviceSpec(operation="add", device=dev))
+    for i, d in enumerate(config["disks"]):
+        ctrl = keys[d["controller"]["key"]]
+        if d["controller"]["type"] == "VirtualIDEController":
+            ctrl = 200                            # a new VM's first IDE controller
+        disk = vim.vm.device.VirtualDisk(
+            key=-(200 + i), controllerKey=ctrl, unitNumber=d["unit"] or 0,
+            capacityInKB=-(-d["capacity"] // 1024),
+            backing=vim.vm.device.VirtualDisk.FlatVer2BackingInfo(
+                diskMode="persistent", thinProvisioned=True, fileName=f"[{want}]"))
+        changes.append(vim.vm.device.VirtualDeviceSpec(operation="add", fileOperation="create",
+                                                       device=disk))
+    nets = {n.name for n in dc.network}
+    for i, n in enumerate(config.get("networks", [])):
+        if n.get("network") not in nets:
+            notes.append(f"network {n.get('network')!r} of {n['label']} does not exist here: "
+                         "NIC not added")
+            continue
+        kind = n["type"] if n["type"] in _NICS else "VirtualVmxnet3"
+        changes.append(vim.vm.device.VirtualDeviceSpec(operation="add", device=getattr(
+            vim.vm.device, kind)(key=-(300 + i), backing=vim.vm.device.VirtualEthernetCard
+            .NetworkBackingInfo(deviceName=n["network"]))))
+    spec = vim.vm.ConfigSpec(name=name, guestId=config.get("guest_id") or "otherGuest",
+                             numCPUs=config.get("num_cpu") or 1,
+                             memoryMB=config.get("memory_mb") or 256,
+                             annotation=config.get("annotation") or None,
+                             files=vim.vm.FileInfo(vmPathName=f"[{want}]"),
+                             deviceChange=changes)
+    if config.get("firmware"):
+        spec.firmware = config["firmware"]
+    vm = wait(folder.CreateVM_Task(config=spec, pool=pools[0]), f"creating VM {name}")
+    return vm, notes

@@ -25,6 +25,9 @@ VALID = {
     "backup vm": ({"url": "vsphere://u@127.0.0.1:1/DC0/vm/x", "password": "pw", "name": None,
                    "quiesce": False, "insecure": False, "ca_file": None, "chunk_size": 65536,
                    "zstd_level": 2}, ["url", "password"]),
+    "restore vm": ({"ref": "nope", "url": "vsphere://u@127.0.0.1:1/DC0/vm/x", "password": "pw",
+                    "into": False, "insecure": False, "datastore": None, "ca_file": None},
+                   ["ref", "url", "password"]),
     "restore": ({"ref": "nope", "out": "/nonexistent/out.img", "force": False,
                  "to_device": False, "follow_symlink": False, "umask": 0o022}, ["ref", "out"]),
     "verify": ({"ref": None, "network": False, "against": None, "min_holders": 1,
@@ -43,7 +46,9 @@ VALID = {
 }
 
 # the arguments nil is a value of (no name, no REF, no umask known)
-NULLABLE = {("backup", "name"), ("backup vm", "name"), ("backup vm", "ca_file"), ("restore", "umask"), ("verify", "ref"), ("verify", "against"),
+NULLABLE = {("backup", "name"), ("backup vm", "name"), ("backup vm", "ca_file"),
+            ("restore vm", "datastore"), ("restore vm", "ca_file"), ("restore", "umask"),
+            ("verify", "ref"), ("verify", "against"),
             ("verify", "min_holders"), ("verify", "loss_ppm"), ("verify", "confidence_ppm")}
 
 # a value of the wrong type for an argument of each type
@@ -59,6 +64,7 @@ OUT_OF_RANGE = [
     ("backup", "zstd_level", 20), ("backup", "name", ""),
     ("backup vm", "url", "/x.img"), ("backup vm", "url", ""), ("backup vm", "password", ""),
     ("backup vm", "ca_file", "ca.pem"), ("backup vm", "chunk_size", 1000),
+    ("restore vm", "url", "/x"), ("restore vm", "ca_file", "x.pem"), ("restore vm", "ref", ""),
     ("restore", "out", "out.img"), ("restore", "ref", ""), ("restore", "umask", -1),
     ("restore", "umask", 0o1000), ("verify", "against", "disk.img"),
     ("verify", "ref", ""), ("verify", "min_holders", 0), ("verify", "min_holders", 65),

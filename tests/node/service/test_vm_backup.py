@@ -236,3 +236,46 @@ def test_bad_input_one_clear_line_no_snapshot_nothing_recorded(tmp_path, binary)
         _one_line_error(cli("backup", sim.url(VM), "--insecure", ok=False, **PW),
                         "has no virtual disks")
         assert sim.snapshot_names() == []
+
+
+def test_restore_into_vsphere_creates_the_vm_uploads_and_verifies(tmp_path, binary):
+    """A two-disk VM backed up, restored into vSphere as a new VM (its shape from the
+    saved configuration: CPUs, memory, guest, disks of the saved capacities) and read
+    back identical; --into writes into an existing powered-off VM; a VM of that name
+    already there, or a running one for --into, is refused in one line."""
+    cli = Cli(tmp_path / "data")
+    with Vcsim(binary, tmp_path / "sim") as sim:
+        sim.add_disk(VM, 3 * MiB)
+        a = image(2 * MiB, 11, [(0, MiB // 2), (MiB + 3, 70000)])
+        b = image(3 * MiB, 12, [(2 * MiB, MiB)])
+        sim.set_disk(VM, bytes(a), "disk-202-0")
+        sim.set_disk(VM, bytes(b), "disk-202-1")
+        from pyVmomi import vim
+        sim.wait(sim.vm(VM).ReconfigVM_Task(spec=vim.vm.ConfigSpec(numCPUs=2, memoryMB=96,
+                                                                   annotation="web tier")))
+        cli.json("backup", sim.url(VM), "--insecure", "--name", "web", **PW)
+        new = "DC0/vm/web-restored"
+        doc = cli.json("restore", "web@1", sim.url(new), "--insecure", **PW)
+        assert doc["created"] is True and len(doc["disks"]) == 2
+        assert all(d["chunks_verified"] > 0 for d in doc["disks"])
+        vm = sim.vm(new)
+        assert vm is not None and vm.runtime.powerState == "poweredOff"
+        assert (vm.config.hardware.numCPU, vm.config.hardware.memoryMB,
+                vm.config.annotation) == (2, 96, "web tier")
+        caps = sorted(d.capacityInKB * 1024 for d in sim.disks(new))
+        assert caps == [2 * MiB, 3 * MiB]
+        # what vSphere holds now is the backup (read back by the test, too)
+        got = sorted(sim.live_path(d).read_bytes() for d in sim.disks(new))
+        assert got == sorted([bytes(a), bytes(b)])
+        _one_line_error(cli("restore", "web@1", sim.url(new), "--insecure", ok=False, **PW),
+                        "exists already")
+        # --into the original VM, powered off, after its disks changed
+        sim.set_disk(VM, bytes(2 * MiB), "disk-202-0")
+        _one_line_error(cli("restore", "web@1", sim.url(VM), "--into", "--insecure", ok=False,
+                            **PW), "power it off")
+        sim.wait(sim.vm(VM).PowerOffVM_Task())
+        doc = cli.json("restore", "web@1", sim.url(VM), "--into", "--insecure", **PW)
+        assert doc["created"] is False
+        assert sim.live_path(sim.disk(VM, "disk-202-0")).read_bytes() == bytes(a)
+        _one_line_error(cli("restore", "web/disk-202-0@1", sim.url("DC0/vm/x"), "--insecure",
+                            ok=False, **PW), "not a VM backup")
