@@ -97,6 +97,12 @@ def test_full_then_incremental_reads_only_changed_blocks(tmp_path, binary):
                                                                  "web/disk-202-0@2"}
     text = cli("backups").stdout
     assert "web@2" in text and "(VM DC0_H0_VM0)" in text
+    # each disk's signed backup entry names the VM, the disk, its changeId and the set
+    entries = [e for e in cli.json("audit", "log") if e["kind"] == "backup"]
+    src = {e["body"]["source"]["set"]: e["body"]["source"] for e in entries}
+    assert src["web@2"]["change_id"] == d2["change_id"] and src["web@2"]["vm"] == VM
+    assert src["web@1"]["mode"] == "full" and src["web@2"]["mode"] == "incremental"
+    assert src["web@2"]["disk"] == "disk-202-0" and src["web@2"]["kind"] == "vsphere"
 
 
 def test_live_changes_after_the_snapshot_do_not_leak_in_and_a_killed_run_is_cleaned_up(
