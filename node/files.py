@@ -105,3 +105,33 @@ def write_atomic(path, data: bytes) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+class NotPrivate(Exception):
+    """read_private refused a file; str() says why, starting with the path."""
+
+
+def read_private(path, limit: int, what: str, *, follow: bool = True) -> tuple[bytes, int]:
+    """(the first limit+1 bytes at most, the size) of the secret file at path, which must be a
+    regular file readable by its owner only (mode 0600 or stricter); NotPrivate
+    naming `what` (e.g. "credentials file") otherwise. follow=False: refuse a
+    symbolic link."""
+    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+    if not follow:
+        flags |= getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise NotPrivate(f"{what} {path} does not exist") from None
+    except OSError as exc:
+        raise NotPrivate(f"cannot open {what} {path}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotPrivate(f"{what} {path} is not a regular file")
+        if st.st_mode & 0o077:
+            raise NotPrivate(f"{what} {path} is accessible by others (mode "
+                             f"{stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {path}")
+        return os.read(fd, limit + 1), st.st_size
+    finally:
+        os.close(fd)

@@ -16,7 +16,6 @@ that is not a regular file, with an IdentityError naming the path.
 from __future__ import annotations
 
 import os
-import stat
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -24,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from hypersdk.dht.keys import node_id as _node_id
 from hypersdk.node.errors import UserError
-from hypersdk.node.files import write_atomic
+from hypersdk.node.files import NotPrivate, read_private, write_atomic
 
 KEY_BYTES = 32
 
@@ -59,28 +58,12 @@ class Identity:
     def load(cls, path: str | os.PathLike) -> "Identity":
         path = Path(path)
         try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-        except FileNotFoundError:
-            raise IdentityError(f"identity key file {path} does not exist") from None
-        except OSError as exc:
-            raise IdentityError(f"cannot open identity key file {path}: {exc.strerror}") from None
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise IdentityError(f"identity key file {path} is not a regular file")
-            if st.st_mode & 0o077:
-                raise IdentityError(
-                    f"identity key file {path} is accessible by others "
-                    f"(mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {path}")
-            if st.st_size != KEY_BYTES:
-                raise IdentityError(
-                    f"identity key file {path} is {st.st_size} bytes, expected a raw "
-                    f"{KEY_BYTES}-byte Ed25519 private key")
-            raw = os.read(fd, KEY_BYTES + 1)
-        finally:
-            os.close(fd)
-        if len(raw) != KEY_BYTES:
-            raise IdentityError(f"identity key file {path} changed while being read")
+            raw, size = read_private(path, KEY_BYTES, "identity key file", follow=False)
+        except NotPrivate as exc:
+            raise IdentityError(str(exc)) from None
+        if len(raw) != KEY_BYTES or size != KEY_BYTES:
+            raise IdentityError(f"identity key file {path} is {size} bytes, expected a raw "
+                                f"{KEY_BYTES}-byte Ed25519 private key")
         return cls.from_private_bytes(raw)
 
     @classmethod

@@ -11,11 +11,11 @@ from a credentials file named by --credentials, readable by its owner only
 from __future__ import annotations
 
 import os
-import stat
 import urllib.parse
 from dataclasses import dataclass
 
 from hypersdk.node.errors import UserError
+from hypersdk.node.files import NotPrivate, read_private
 
 SCHEME = "vsphere://"
 PASSWORD_ENV = "HYPERSDK_VSPHERE_PASSWORD"
@@ -71,19 +71,9 @@ def password(credentials: str | None, env=os.environ) -> str:
     """The password: from the credentials file when given, else the environment."""
     if credentials is not None:
         try:
-            fd = os.open(credentials, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except OSError as exc:
-            raise UserError(f"credentials file {credentials}: {exc.strerror}") from None
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise UserError(f"credentials file {credentials}: not a regular file")
-            if st.st_mode & 0o077:
-                raise UserError(f"credentials file {credentials} is readable by others (mode "
-                                f"{stat.S_IMODE(st.st_mode):04o}): chmod 600 {credentials}")
-            data = os.read(fd, MAX_CREDENTIALS + 1)
-        finally:
-            os.close(fd)
+            data, _ = read_private(credentials, MAX_CREDENTIALS, "credentials file")
+        except NotPrivate as exc:
+            raise UserError(str(exc)) from None
         if len(data) > MAX_CREDENTIALS:
             raise UserError(f"credentials file {credentials}: more than {MAX_CREDENTIALS} bytes")
         line = data.decode("utf-8", "replace").splitlines()[0] if data else ""

@@ -46,6 +46,15 @@ def mutate(path: Path, img: bytearray, regions, seed: int) -> None:
             f.write(new)
 
 
+def two_disks(sim, seed: int, second: int):
+    """Give the VM a second disk of `second` bytes; data in both: (a, b, b's live file)."""
+    sim.add_disk(VM, second)
+    a = image(2 * MiB, seed, [(0, MiB // 2), (MiB + 3, 70000)])
+    b = image(second, seed + 1, [(2 * MiB, MiB)])
+    sim.set_disk(VM, bytes(a), "disk-202-0")
+    return a, b, sim.set_disk(VM, bytes(b), "disk-202-1")
+
+
 def blocks(regions) -> set[int]:
     return {b for off, ln in regions for b in range(off // BS, (off + ln - 1) // BS + 1)}
 
@@ -154,11 +163,7 @@ def _wait_for(path: Path, proc, limit: float = 60.0) -> None:
 def test_rejected_change_id_falls_back_to_full_and_multi_disk_sets_restore(tmp_path, binary):
     cli = Cli(tmp_path / "data")
     with Vcsim(binary, tmp_path / "sim") as sim:
-        sim.add_disk(VM, 4 * MiB)
-        a = image(2 * MiB, 5, [(0, MiB // 2), (MiB + 3, 70000)])
-        b = image(4 * MiB, 6, [(2 * MiB, MiB)])
-        sim.set_disk(VM, bytes(a), "disk-202-0")
-        live_b = sim.set_disk(VM, bytes(b), "disk-202-1")
+        a, b, live_b = two_disks(sim, 5, 4 * MiB)
         first = cli.json("backup", sim.url(VM), "--insecure", **PW)
         assert [d["mode"] for d in first["disks"]] == ["full", "full"]
         # CBT off and on again: vSphere forgets every changeId of the VM
@@ -213,7 +218,7 @@ def test_bad_input_one_clear_line_no_snapshot_nothing_recorded(tmp_path, binary)
         creds.write_text(PASSWORD + "\n")
         creds.chmod(0o644)
         _one_line_error(cli("backup", url, "--ca-file", ca, "--credentials", creds, ok=False),
-                        "readable by others", "chmod 600")
+                        "accessible by others", "chmod 600")
         assert not cli.data_dir.exists()              # nothing created by a refusal
         creds.chmod(0o600)
         doc = cli.json("backup", url, "--ca-file", ca, "--credentials", creds)
@@ -251,11 +256,7 @@ def test_restore_into_vsphere_creates_the_vm_uploads_and_verifies(tmp_path, bina
     already there, or a running one for --into, is refused in one line."""
     cli = Cli(tmp_path / "data")
     with Vcsim(binary, tmp_path / "sim") as sim:
-        sim.add_disk(VM, 3 * MiB)
-        a = image(2 * MiB, 11, [(0, MiB // 2), (MiB + 3, 70000)])
-        b = image(3 * MiB, 12, [(2 * MiB, MiB)])
-        sim.set_disk(VM, bytes(a), "disk-202-0")
-        sim.set_disk(VM, bytes(b), "disk-202-1")
+        a, b, _ = two_disks(sim, 11, 3 * MiB)
         from pyVmomi import vim
         sim.wait(sim.vm(VM).ReconfigVM_Task(spec=vim.vm.ConfigSpec(numCPUs=2, memoryMB=96,
                                                                    annotation="web tier")))

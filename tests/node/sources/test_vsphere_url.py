@@ -50,13 +50,13 @@ def test_password_sources(tmp_path):
     f.chmod(0o600)
     assert vurl.password(str(f), env) == "s3cret"            # the file wins over env
     f.chmod(0o640)
-    with pytest.raises(UserError, match="readable by others"):
+    with pytest.raises(UserError, match="accessible by others"):
         vurl.password(str(f), env)
     f.chmod(0o600)
     f.write_text("\n")
     with pytest.raises(UserError, match="empty"):
         vurl.password(str(f), env)
-    with pytest.raises(UserError, match="No such file"):
+    with pytest.raises(UserError, match="does not exist"):
         vurl.password(str(tmp_path / "none"), env)
     with pytest.raises(UserError, match="not a regular file"):
         vurl.password(str(tmp_path), env)
