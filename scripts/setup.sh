@@ -9,8 +9,11 @@ SUDO=""
 [ "$(id -u)" = 0 ] || SUDO=sudo
 # gcc + libgmp-dev build fastecdsa (a py-libp2p dependency); e2fsprogs + zstd
 # are what ../shared/bench/make_image.py needs to build realistic disk images;
-# qemu-utils (qemu-img) writes the streamOptimized VMDKs the VMDK reader's tests read.
-PKGS="python3-venv python3-dev gcc libgmp-dev e2fsprogs zstd qemu-utils"
+# qemu-utils (qemu-img) writes the streamOptimized VMDKs the VMDK reader's tests read;
+# golang-go + golang-github-vmware-govmomi-dev + patch build the vSphere simulator
+# (../shared/vcsim/build-vcsim.sh, run by scripts/vcsim.py for the tests and the demo).
+PKGS="python3-venv python3-dev gcc libgmp-dev e2fsprogs zstd qemu-utils golang-go
+      golang-github-vmware-govmomi-dev patch"
 missing=""
 for p in $PKGS; do
     dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"
