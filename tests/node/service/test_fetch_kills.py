@@ -9,10 +9,12 @@ bench_fetch_kills.py prints its figures). About 30 s: the transfer alone takes
 >= 6.4 s at the 40 MiB/s cap, plus 11 node starts."""
 from __future__ import annotations
 
+import pytest
 from fetch_storm import kill_storm
 from test_node_cli import nodes  # noqa: F401  (fixture)
 
 
+@pytest.mark.slow                             # ~25 s: ten kills of a 64 MiB fetch (CI runs it)
 def test_ten_kills_cost_at_most_a_quarter_more(tmp_path, nodes):
     r = kill_storm(tmp_path, nodes, size=256 << 20, kills=10, rate="40M")
     print("\n" + r.summary())
