@@ -294,6 +294,8 @@ ARGS: dict[str, dict[str, Arg]] = {
                   "quiesce": _FLAG, "insecure": _FLAG,
                   "ca_file": Arg(str, required=False, nullable=True, valid=_abs_path,
                                  desc=_PATH.desc),
+                  "parallel": Arg(int, required=False, default=2, valid=lambda n: 1 <= n <= 16,
+                                  desc="an integer 1..16"),
                   "chunk_size": Arg(int, required=False, default=DEFAULT_CHUNK,
                                     valid=valid_chunk_size,
                                     desc=f"a power of two from {MIN_CHUNK} to {MAX_CHUNK}"),

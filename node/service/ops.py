@@ -81,7 +81,7 @@ def _op_backup_vm(store, a, ui):
         r = backup_vm(store, a["url"], password=a["password"], name=a["name"],
                       quiesce=a["quiesce"], insecure=a["insecure"], ca_file=a["ca_file"],
                       chunk_size=a["chunk_size"], level=a["zstd_level"], progress=progress,
-                      on_wait=ui.on_wait, record_extra=owe_entry)
+                      on_wait=ui.on_wait, record_extra=owe_entry, parallel=a["parallel"])
     from hypersdk.node.audit import intents as audit_intents
     audit_intents.crash_point("backup-committed")
     audit_intents.flush(store, ui.on_wait)

@@ -146,11 +146,12 @@ def _plan(store, vm, snap, d, prev_set, chunk_size: int, cbt_new: bool):
 def backup_vm(store, url_text: str, *, password: str, name: str | None = None,
               quiesce: bool = False, insecure: bool = False, ca_file: str | None = None,
               chunk_size: int, level: int = DEFAULT_ZSTD_LEVEL, progress=None,
-              on_wait=None, now_ns=time.time_ns, record_extra=None) -> VmBackupResult:
+              on_wait=None, now_ns=time.time_ns, record_extra=None,
+              parallel: int = 2) -> VmBackupResult:
     """Back up the VM at url_text as the next version of NAME (default: the VM's
     name); see the module doc. progress(label, total) -> advance(n) or None, per
     disk. record_extra(db, manifest, version, disk_result) runs in the commit for
-    each disk (the audit intent)."""
+    each disk (the audit intent). parallel: disks read (ahead of the ingest) at once."""
     t0 = time.perf_counter()
     u = vurl.parse(url_text)
     name = name or u.vm_path.rsplit("/", 1)[-1]
@@ -183,7 +184,7 @@ def backup_vm(store, url_text: str, *, password: str, name: str | None = None,
             sdisks = vvm.disks(snap.config)
             lease = export.Lease(s, snap.ExportSnapshot(), f"export of {vm.name}")
             _read_disks(store, s, vm, snap, lease, sdisks, res, config, u, chunk_size, level,
-                        progress, on_wait, now_ns, record_extra)
+                        progress, on_wait, now_ns, record_extra, parallel)
             phase("disks")
             ok = True
         finally:
@@ -213,37 +214,59 @@ def _test_hook() -> None:
         time.sleep(0.02)
 
 
+PREFETCH_BYTES = 64 << 20       # per disk being read ahead
+
+
 def _read_disks(store, s, vm, snap, lease, sdisks, res, config, u, chunk_size, level,
-                progress, on_wait, now_ns, record_extra) -> None:
+                progress, on_wait, now_ns, record_extra, parallel: int) -> None:
+    """Plan every disk (CBT), then read up to `parallel` disks at once ahead of the
+    ingest (export.Prefetch, PREFETCH_BYTES each), and ingest them in order into one
+    writer: the network of the next disks overlaps the current one's hashing."""
+    import threading
     with space_errors(store, str(u)), store.write_lock(on_wait), \
             store.writer(batch_bytes=commit_bytes(), direct=True) as w:
         prev_set = vm_sets.latest(store.db, res.name)
         res.version = vm_sets.next_version(store.db, res.name)
-        got = []
-        for pos, d in enumerate(sdisks):
-            t1 = time.perf_counter()
-            mode, reason, areas, previous = _plan(store, vm, snap, d, prev_set, chunk_size,
-                                                  res.cbt_enabled)
-            r = DiskResult(d.label, d.key, d.capacity, d.change_id, mode, reason)
-            reader = export.DiskReader(s.http, lease, lease.url_for(d, pos), d.capacity, d.label)
-            meta = {"kind": "vsphere", "host": u.host, "vm": u.inventory_path,
-                    "disk": d.label, "disk_key": d.key, "change_id": d.change_id or "",
-                    "set": f"{res.name}@{res.version}", "mode": mode}
-            src = VsphereDiskSource(reader, d.capacity, chunk_size, areas, previous=previous,
-                                    has=store.has, read_previous=lambda cid: _local(store, cid),
-                                    path=f"{u}/{d.label}", metadata=meta)
-            advance = progress(d.label, d.capacity) if progress else None
-            try:
-                one = ingest(store, w, src, name=f"{res.name}/{d.label}", chunk_size=chunk_size,
-                             level=level, progress=advance, now_ns=now_ns, deltas=False)
-            finally:
+        plans, done = [], []
+        try:
+            for pos, d in enumerate(sdisks):
+                mode, reason, areas, previous = _plan(store, vm, snap, d, prev_set, chunk_size,
+                                                      res.cbt_enabled)
+                r = DiskResult(d.label, d.key, d.capacity, d.change_id, mode, reason)
+                url = lease.url_for(d, pos)
+                reader = export.DiskReader(s.http, lease, url, d.capacity, d.label)
+                meta = {"kind": "vsphere", "host": u.host, "vm": u.inventory_path,
+                        "disk": d.label, "disk_key": d.key, "change_id": d.change_id or "",
+                        "set": f"{res.name}@{res.version}", "mode": mode}
+                src = VsphereDiskSource(reader, d.capacity, chunk_size, areas,
+                                        previous=previous, has=store.has,
+                                        read_previous=lambda cid: _local(store, cid),
+                                        path=f"{u}/{d.label}", metadata=meta)
+                done.append(threading.Event())
+                ahead = export.DiskReader(s.http, None, url, d.capacity, d.label)
+                src.prefetch = export.Prefetch(
+                    ahead, src.planned_spans(), limit=PREFETCH_BYTES, done=done[-1],
+                    after=done[pos - parallel] if pos >= parallel else None)
+                plans.append((d, r, reader, ahead, src))
+            got = []
+            for d, r, reader, ahead, src in plans:
+                t1 = time.perf_counter()
+                advance = progress(d.label, d.capacity) if progress else None
+                one = ingest(store, w, src, name=f"{res.name}/{d.label}",
+                             chunk_size=chunk_size, level=level, progress=advance,
+                             now_ns=now_ns, deltas=False)
                 src.close()
-            r.downloaded, r.requests, r.format = reader.downloaded, reader.requests, reader.format
-            r.read_bytes, r.reused_bytes = one.scanned.bytes_read, one.scanned.reused_bytes
-            r.new_chunks, r.manifest = one.tally.new, one.manifest.id
-            r.seconds = time.perf_counter() - t1
-            res.disks.append(r)
-            got.append((r, one))
+                r.downloaded = reader.downloaded + ahead.downloaded
+                r.requests = reader.requests + ahead.requests
+                r.format = ahead.format or reader.format
+                r.read_bytes, r.reused_bytes = one.scanned.bytes_read, one.scanned.reused_bytes
+                r.new_chunks, r.manifest = one.tally.new, one.manifest.id
+                r.seconds = time.perf_counter() - t1
+                res.disks.append(r)
+                got.append((r, one))
+        finally:
+            for *_, src in plans:
+                src.close()
         created = now_ns()
 
         def record(db):

@@ -247,3 +247,101 @@ class DiskReader:
             self._conn.close()
         self._conn = self._resp = None
         self._at = -1
+
+
+class Prefetch:
+    """Reads an export's planned spans ahead of the chunker, in a thread, into a
+    buffer of at most `limit` bytes: the network works while the chunker hashes and
+    stores, and the next disks' reads overlap the current one's ingest.
+
+    spans: [(start, end)] in the order the source will ask for them (the changed or
+    allocated areas, cut at chunk boundaries); touching spans are read with one
+    Range request. after: an Event to wait for before starting (the bound on disks
+    read at once: disk i starts when disk i - N has been read); done: set when
+    finished or failed. `take(pos, n)` returns the planned bytes at pos, or None when
+    the plan and the ask differ, the prefetch failed, or nothing came within the
+    timeout: the caller then reads directly (and meets any error itself).
+    """
+
+    def __init__(self, reader: DiskReader, spans, *, limit: int, after=None, done=None,
+                 timeout: float = 60.0):
+        import collections
+        import threading
+        self.reader, self.limit, self.timeout = reader, limit, timeout
+        self.spans = list(spans)
+        self.runs = [0] * len(self.spans)        # the end of the touching run of span i
+        end = None
+        for i in range(len(self.spans) - 1, -1, -1):
+            s, e = self.spans[i]
+            end = end if end is not None and i + 1 < len(self.spans) \
+                and self.spans[i + 1][0] == e else e
+            self.runs[i] = end
+        self.after, self.done = after, done or threading.Event()
+        self._items: collections.deque = collections.deque()
+        self._bytes = 0
+        self._cv = threading.Condition()
+        self._stop = False
+        self.failed: BaseException | None = None
+        self.served = self.missed = 0
+        self.peak = 0                            # most bytes held at once
+        self._thread = threading.Thread(target=self._run, name=f"prefetch {reader.label}",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while self.after is not None and not self.after.wait(0.1):
+                if self._stop:                   # closed before its turn came
+                    return
+            for (s, e), run in zip(self.spans, self.runs):
+                with self._cv:
+                    while self._items and self._bytes + (e - s) > self.limit and not self._stop:
+                        self._cv.wait()
+                    if self._stop:
+                        return
+                buf = bytearray(e - s)
+                self.reader.read_into(buf, s, e - s, run)
+                with self._cv:
+                    self._items.append((s, buf))
+                    self._bytes += len(buf)
+                    self.peak = max(self.peak, self._bytes)
+                    self._cv.notify_all()
+        except BaseException as exc:            # the consumer reads directly instead
+            self.failed = exc
+        finally:
+            self.reader.close()
+            self.done.set()
+            with self._cv:
+                self._cv.notify_all()
+
+    def take(self, pos: int, n: int):
+        deadline = time.monotonic() + self.timeout
+        with self._cv:
+            while True:
+                while self._items and self._items[0][0] + len(self._items[0][1]) <= pos:
+                    _, b = self._items.popleft()  # planned but not asked: dropped
+                    self._bytes -= len(b)
+                    self._cv.notify_all()
+                if self._items:
+                    s, b = self._items[0]
+                    if s != pos or len(b) != n:
+                        self.missed += 1
+                        return None
+                    self._items.popleft()
+                    self._bytes -= n
+                    self._cv.notify_all()
+                    self.served += 1
+                    return b
+                left = deadline - time.monotonic()
+                if self.done.is_set() or left <= 0:
+                    self.missed += 1
+                    return None
+                self._cv.wait(left)
+
+    def close(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._items.clear()
+            self._bytes = 0
+            self._cv.notify_all()
+        self._thread.join(timeout=self.timeout)

@@ -55,6 +55,7 @@ class VsphereDiskSource:
             first, last = start // chunk_size, min(n - 1, (start + length - 1) // chunk_size)
             self.touched[first:last + 1] = b"\1" * (last - first + 1)
         self.reused = 0                          # chunks recorded by the previous id
+        self.prefetch = None                     # an export.Prefetch of planned_spans()
 
     def _prev(self, index: int) -> bytes | None:
         return None if self.previous is None else self.previous[index]
@@ -85,6 +86,27 @@ class VsphereDiskSource:
         memoryview(buf)[:length] = old
         return True
 
+    def planned_spans(self) -> list[tuple[int, int]]:
+        """The (start, end) pieces read_into will ask the reader for, in order: the
+        areas cut at chunk boundaries (a chunk whose previous version cannot be read
+        from the store is read whole instead: the plan then differs there)."""
+        out = []
+        cs = self.chunk_size
+        for s, e in self.areas:
+            e = min(e, self.size)
+            while s < e:
+                cut = min(e, (s // cs + 1) * cs)
+                out.append((s, cut))
+                s = cut
+        return out
+
+    def _piece(self, view, s: int, n: int, run: int) -> None:
+        got = self.prefetch.take(s, n) if self.prefetch is not None else None
+        if got is not None:
+            view[:n] = got
+        else:
+            self.reader.read_into(view, s, n, run)
+
     def read_into(self, buf, pos: int, length: int) -> int:
         length = max(0, min(length, self.size - pos))
         end = pos + length
@@ -100,7 +122,7 @@ class VsphereDiskSource:
                     # the request runs to the end of the area (at most MAX_RUN ahead):
                     # the next chunk's part of it continues the same response
                     run = min(self.areas[i][1], self.size, s + MAX_RUN)
-                    self.reader.read_into(view[s - pos:e - pos], s, e - s, run)
+                    self._piece(view[s - pos:e - pos], s, e - s, run)
                 i += 1
         finally:
             view.release()
@@ -113,4 +135,6 @@ class VsphereDiskSource:
         return dict(self._meta)
 
     def close(self) -> None:
+        if self.prefetch is not None:
+            self.prefetch.close()
         self.reader.close()

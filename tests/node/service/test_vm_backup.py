@@ -164,7 +164,7 @@ def test_rejected_change_id_falls_back_to_full_and_multi_disk_sets_restore(tmp_p
     cli = Cli(tmp_path / "data")
     with Vcsim(binary, tmp_path / "sim") as sim:
         a, b, live_b = two_disks(sim, 5, 4 * MiB)
-        first = cli.json("backup", sim.url(VM), "--insecure", **PW)
+        first = cli.json("backup", sim.url(VM), "--insecure", "--parallel", "1", **PW)
         assert [d["mode"] for d in first["disks"]] == ["full", "full"]
         # CBT off and on again: vSphere forgets every changeId of the VM
         from pyVmomi import vim

@@ -132,3 +132,51 @@ def test_a_sparse_vmdk_that_is_not_stream_optimized_is_refused(tmp_path, server)
     reader = DiskReader(http_, None, f"https://127.0.0.1:{http_.port}/disk.vmdk", MiB, "d")
     with pytest.raises(UserError, match="not streamOptimized"):
         reader.read_into(bytearray(CS), 0, CS)
+
+
+def test_prefetch_serves_the_plan_in_order_within_its_bound(tmp_path, server):
+    """export.Prefetch reads the planned spans ahead (touching spans in one Range
+    request), holds at most `limit` bytes, hands each span over once, answers None
+    for an ask off the plan (the caller reads directly), and starts only after the
+    event it waits for."""
+    import threading
+
+    from hypersdk.node.sources.vsphere.export import Prefetch
+    root, http_, gets = server
+    img = sparse_image(4 * MiB, 5)
+    (root / "disk.raw").write_bytes(img)
+    url = f"https://127.0.0.1:{http_.port}/disk.raw"
+    spans = [(0, CS), (CS, 2 * CS), (3 * CS, 3 * CS + 1000), (6 * CS, 8 * CS)]
+    gate = threading.Event()
+    p = Prefetch(DiskReader(http_, None, url, len(img), "d"), spans, limit=CS + 1000,
+                 after=gate, timeout=5)
+    assert not p.done.wait(0.2) and p.peak == 0          # waits for its turn
+    gate.set()
+    assert p.take(0, CS) == img[:CS] and p.take(CS, CS) == img[CS:2 * CS]
+    assert p.take(3 * CS, 1000) == img[3 * CS:3 * CS + 1000]
+    assert p.take(6 * CS + 5, 10) is None                # off the plan: read it directly
+    assert p.take(6 * CS, 2 * CS) == img[6 * CS:8 * CS]
+    assert p.done.wait(5) and p.failed is None and p.served == 4
+    assert p.peak <= 2 * CS                              # one span over the limit at most
+    assert p.reader.requests == 1 + 3                    # the probe, then one GET per run
+    p.close()
+
+
+def test_backup_with_prefetch_reads_each_byte_once(tmp_path, server):
+    from hypersdk.node.sources.vsphere.export import Prefetch
+    root, http_, gets = server
+    img = sparse_image(5 * MiB + 4096, 7)
+    (root / "disk.raw").write_bytes(img)
+    url = f"https://127.0.0.1:{http_.port}/disk.raw"
+    areas = nonzero_areas(img)
+    direct = DiskReader(http_, None, url, len(img), "d")
+    src = VsphereDiskSource(direct, len(img), CS, areas, path="test/p", metadata={})
+    ahead = DiskReader(http_, None, url, len(img), "d")
+    src.prefetch = Prefetch(ahead, src.planned_spans(), limit=4 * CS)
+    with ChunkStore(tmp_path / "data") as store:
+        backup_source(store, src, name="p", chunk_size=CS)
+        src.close()
+        restore(store, "p@1", str(tmp_path / "p.out"))
+    assert (tmp_path / "p.out").read_bytes() == img
+    assert direct.downloaded == 0 and src.prefetch.missed == 0
+    assert ahead.downloaded == sum(n for _, n in areas) + 512
