@@ -339,9 +339,13 @@ class Prefetch:
                 self._cv.wait(left)
 
     def close(self) -> None:
+        """Stop (a read in flight is cut by closing its connection: an error or Ctrl-C
+        must not wait for the network) and wait briefly for the thread."""
         with self._cv:
             self._stop = True
             self._items.clear()
             self._bytes = 0
             self._cv.notify_all()
-        self._thread.join(timeout=self.timeout)
+        if self._thread.is_alive():
+            self.reader.close()
+        self._thread.join(timeout=5.0)
