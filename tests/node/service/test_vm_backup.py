@@ -152,6 +152,25 @@ def test_live_changes_after_the_snapshot_do_not_leak_in_and_a_killed_run_is_clea
         assert list(restored(cli, "DC0_H0_VM0@2", tmp_path / "r2").values()) == [bytes(img)]
 
 
+def test_ctrl_c_removes_the_snapshot_and_records_nothing(tmp_path, binary):
+    import signal
+    cli = Cli(tmp_path / "data")
+    hook = tmp_path / "hook"
+    with Vcsim(binary, tmp_path / "sim") as sim:
+        sim.set_disk(VM, bytes(image(4 * MiB, 9, [(0, 4 * MiB)])))
+        p = subprocess.Popen([str(HYPERSDK), "backup", sim.url(VM), "--insecure"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=cli_env(cli.data_dir, HYPERSDK_TEST_VSPHERE_HOOK=str(hook),
+                                         **PW))
+        _wait_for(Path(str(hook) + ".snap"), p)
+        assert len(sim.snapshot_names()) == 1
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 130 and err.strip() == "hypersdk: interrupted"
+        assert sim.snapshot_names() == []                  # removed on the way out
+        assert not cli.data_dir.exists()                   # nothing recorded, nothing left
+
+
 def _wait_for(path: Path, proc, limit: float = 60.0) -> None:
     deadline = time.monotonic() + limit
     while not path.exists():
