@@ -234,7 +234,7 @@ def _remove_if_empty(root) -> None:
 
 
 @cli.command()
-@click.argument("path")
+@click.argument("path", nargs=-1, required=True)
 @click.option("--name", help="backup name (default: the file name, or the VM's name)")
 @click.option("--chunk-size", default=str(DEFAULT_CHUNK), show_default=True,
               help="power of two from 64K to 8M")
@@ -251,14 +251,24 @@ def _remove_if_empty(root) -> None:
                    "(default: $HYPERSDK_VSPHERE_PASSWORD)")
 @click.option("--parallel", type=click.IntRange(1, 16), default=None, metavar="N",
               help="vSphere: disks read at once (default 2; each reads up to 64 MiB ahead)")
+@click.option("--parallel-vms", type=click.IntRange(1, 16), default=None, metavar="N",
+              help="vSphere, several URLs: VMs backed up at once (default 2)")
 @json_option
 @click.pass_context
 def backup(ctx, path, name, chunk_size, zstd_level, quiesce, insecure, ca_file, credentials,
-           parallel, as_json):
-    """Back up the disk image PATH, or the VM at vsphere://USER@HOST[:PORT]/DATACENTER/vm/PATH
-    (every disk, from a snapshot, reading only what changed since its last backup);
-    print the manifest id(s) and what was stored."""
+           parallel, parallel_vms, as_json):
+    """Back up the disk image PATH, or the VM(s) at vsphere://USER@HOST[:PORT]/DATACENTER/vm/PATH
+    (every disk, from a snapshot, reading only what changed since its last backup; several
+    URLs: several VMs, each under its name); print the manifest id(s) and what was stored."""
     from hypersdk.node.service.backup import check_name
+    paths = path
+    if len(paths) > 1 or parallel_vms:
+        from hypersdk.node.sources.vsphere import url as vurl
+        if not all(vurl.is_vsphere(p) for p in paths):
+            raise UsageError("several sources (or --parallel-vms) are for vsphere:// URLs only")
+        if name is not None and len(paths) > 1:
+            raise UsageError("--name names one VM's backups: give one URL with it")
+    path = paths[0]
     cs = parse_size(chunk_size)
     if not valid_chunk_size(cs):
         raise UsageError(f"--chunk-size {chunk_size}: must be a power of two from 64K to 8M")
@@ -268,12 +278,13 @@ def backup(ctx, path, name, chunk_size, zstd_level, quiesce, insecure, ca_file, 
     if vurl.is_vsphere(path):
         if insecure and ca_file:
             raise UsageError("--insecure and --ca-file exclude each other")
-        vurl.parse(path)                  # a bad URL fails here, before any data dir exists
+        for p in paths:
+            vurl.parse(p)                 # a bad URL fails here, before any data dir exists
         password = vurl.password(credentials)
-        run_op(ctx, "backup vm", as_json, url=path, password=password, name=name,
+        run_op(ctx, "backup vm", as_json, url=" ".join(paths), password=password, name=name,
                quiesce=quiesce, insecure=insecure,
                ca_file=os.path.abspath(ca_file) if ca_file else None, chunk_size=cs,
-               zstd_level=zstd_level, parallel=parallel or 2)
+               zstd_level=zstd_level, parallel=parallel or 2, parallel_vms=parallel_vms or 2)
         return
     if quiesce or insecure or ca_file or credentials or parallel:
         raise UsageError("--quiesce, --insecure, --ca-file, --credentials and --parallel are "

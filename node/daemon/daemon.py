@@ -287,8 +287,11 @@ ARGS: dict[str, dict[str, Arg]] = {
                                  desc=f"a power of two from {MIN_CHUNK} to {MAX_CHUNK}"),
                "zstd_level": Arg(int, required=False, default=DEFAULT_ZSTD_LEVEL,
                                  valid=lambda n: 1 <= n <= 19, desc="an integer 1..19")},
-    "backup vm": {"url": Arg(str, valid=lambda t: t.startswith("vsphere://") and _text(t),
-                             desc="a vsphere:// URL"),
+    "backup vm": {"url": Arg(str, valid=lambda t: t.startswith("vsphere://") and _text(t)
+                             and all(x.startswith("vsphere://") for x in t.split()),
+                             desc="vsphere:// URLs, separated by spaces"),
+                  "parallel_vms": Arg(int, required=False, default=2,
+                                      valid=lambda n: 1 <= n <= 16, desc="an integer 1..16"),
                   "password": Arg(str, valid=_text, desc="the vSphere password"),
                   "name": Arg(str, required=False, nullable=True, valid=_text),
                   "quiesce": _FLAG, "insecure": _FLAG,

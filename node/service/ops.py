@@ -69,22 +69,47 @@ def _op_backup(store, a, ui):
 def _op_backup_vm(store, a, ui):
     import contextlib
 
-    from hypersdk.node.service.vm_backup import backup_vm
+    from hypersdk.node.service.vm_backup import backup_vm, backup_vms
     from hypersdk.node.store import intents as store_intents
 
     def owe_entry(db, m, version, disk):             # in the set's commit, per disk
         store_intents.add(db, "backup", {"manifest": m.id, "name": m.name, "size": m.size,
                                          "chunks": m.n_chunks, "source": m.source})
-    with contextlib.ExitStack() as bars:
-        def progress(label, total):
-            return bars.enter_context(ui.progress(total, f"backup {label}"))
-        r = backup_vm(store, a["url"], password=a["password"], name=a["name"],
-                      quiesce=a["quiesce"], insecure=a["insecure"], ca_file=a["ca_file"],
-                      chunk_size=a["chunk_size"], level=a["zstd_level"], progress=progress,
-                      on_wait=ui.on_wait, record_extra=owe_entry, parallel=a["parallel"])
+    kw = dict(password=a["password"], quiesce=a["quiesce"], insecure=a["insecure"],
+              ca_file=a["ca_file"], chunk_size=a["chunk_size"], level=a["zstd_level"],
+              on_wait=ui.on_wait, record_extra=owe_entry, parallel=a["parallel"])
+    urls = a["url"].split()                          # several VMs: URLs hold no spaces
+    if len(urls) > 1:
+        if a["name"]:
+            raise UserError("--name names one VM's backups: give one URL with it")
+        got = backup_vms(store, urls, parallel_vms=a["parallel_vms"], **kw)
+    else:
+        with contextlib.ExitStack() as bars:
+            def progress(label, total):
+                return bars.enter_context(ui.progress(total, f"backup {label}"))
+            got = [(urls[0], backup_vm(store, urls[0], name=a["name"], progress=progress,
+                                       **kw))]
     from hypersdk.node.audit import intents as audit_intents
     audit_intents.crash_point("backup-committed")
     audit_intents.flush(store, ui.on_wait)
+    lines, docs, failed = [], [], 0
+    for url, r in got:
+        if isinstance(r, UserError):
+            failed += 1
+            docs.append({"source": url, "error": str(r)})
+            lines.append(f"FAILED {url}: {r}")
+            continue
+        docs.append(r.to_json())
+        lines += _vm_lines(r)
+    if len(got) == 1 and not failed:
+        return docs[0], "\n".join(lines), 0
+    if len(got) == 1:
+        raise UserError(docs[0]["error"])
+    lines.append(f"{len(got) - failed} of {len(got)} VMs backed up")
+    return {"vms": docs, "failed": failed}, "\n".join(lines), 3 if failed else 0
+
+
+def _vm_lines(r) -> list[str]:
     lines = [f"backup {r.ref} of VM {r.vm} ({len(r.disks)} disk(s)) in {r.seconds:.2f} s"]
     if r.stale_removed:
         lines.append(f"removed {len(r.stale_removed)} snapshot(s) an earlier run left: "
@@ -98,7 +123,7 @@ def _op_backup_vm(store, a, ui):
     if r.snapshot_left:
         lines.append(f"WARNING: the backup snapshot could not be removed ({r.snapshot_left}); "
                      "the next backup of this VM removes it")
-    return r.to_json(), "\n".join(lines), 0
+    return lines
 
 
 @store_op("restore", readonly=True)

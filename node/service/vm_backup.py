@@ -183,8 +183,9 @@ def backup_vm(store, url_text: str, *, password: str, name: str | None = None,
             config = vvm.config_doc(vm)
             sdisks = vvm.disks(snap.config)
             lease = export.Lease(s, snap.ExportSnapshot(), f"export of {vm.name}")
-            _read_disks(store, s, vm, snap, lease, sdisks, res, config, u, chunk_size, level,
-                        progress, on_wait, now_ns, record_extra, parallel)
+            disks = _prepare(store, s, vm, snap, lease, sdisks, res, u, chunk_size, parallel)
+            _read_disks(store, disks, res, config, u, chunk_size, level, progress, on_wait,
+                        now_ns, record_extra)
             phase("disks")
             ok = True
         finally:
@@ -217,67 +218,110 @@ def _test_hook() -> None:
 PREFETCH_BYTES = 64 << 20       # per disk being read ahead
 
 
-def _read_disks(store, s, vm, snap, lease, sdisks, res, config, u, chunk_size, level,
-                progress, on_wait, now_ns, record_extra, parallel: int) -> None:
-    """Plan every disk (CBT), then read up to `parallel` disks at once ahead of the
-    ingest (export.Prefetch, PREFETCH_BYTES each), and ingest them in order into one
-    writer: the network of the next disks overlaps the current one's hashing."""
+@dataclass
+class _Disk:
+    d: object                   # vm.Disk of the snapshot
+    r: DiskResult
+    reader: object              # export.DiskReader for reads off the plan
+    ahead: object               # export.DiskReader of the prefetch
+    src: VsphereDiskSource
+
+
+def _prepare(store, s, vm, snap, lease, sdisks, res, u, chunk_size, parallel) -> list:
+    """Plan every disk (CBT against the latest set of NAME) and start reading ahead:
+    up to `parallel` disks at once (export.Prefetch, PREFETCH_BYTES each), disk i
+    when disk i - parallel has been read. Needs no store lock: another VM's ingest
+    may run meanwhile."""
     import threading
-    with space_errors(store, str(u)), store.write_lock(on_wait), \
-            store.writer(batch_bytes=commit_bytes(), direct=True) as w:
-        prev_set = vm_sets.latest(store.db, res.name)
-        res.version = vm_sets.next_version(store.db, res.name)
-        plans, done = [], []
-        try:
-            for pos, d in enumerate(sdisks):
-                mode, reason, areas, previous = _plan(store, vm, snap, d, prev_set, chunk_size,
-                                                      res.cbt_enabled)
-                r = DiskResult(d.label, d.key, d.capacity, d.change_id, mode, reason)
-                url = lease.url_for(d, pos)
-                reader = export.DiskReader(s.http, lease, url, d.capacity, d.label)
-                meta = {"kind": "vsphere", "host": u.host, "vm": u.inventory_path,
-                        "disk": d.label, "disk_key": d.key, "change_id": d.change_id or "",
-                        "set": f"{res.name}@{res.version}", "mode": mode}
-                src = VsphereDiskSource(reader, d.capacity, chunk_size, areas,
-                                        previous=previous, has=store.has,
-                                        read_previous=lambda cid: _local(store, cid),
-                                        path=f"{u}/{d.label}", metadata=meta)
-                done.append(threading.Event())
-                ahead = export.DiskReader(s.http, None, url, d.capacity, d.label)
-                src.prefetch = export.Prefetch(
-                    ahead, src.planned_spans(), limit=PREFETCH_BYTES, done=done[-1],
-                    after=done[pos - parallel] if pos >= parallel else None)
-                plans.append((d, r, reader, ahead, src))
+    prev_set = vm_sets.latest(store.db, res.name)
+    out, done = [], []
+    try:
+        for pos, d in enumerate(sdisks):
+            mode, reason, areas, previous = _plan(store, vm, snap, d, prev_set, chunk_size,
+                                                  res.cbt_enabled)
+            r = DiskResult(d.label, d.key, d.capacity, d.change_id, mode, reason)
+            url = lease.url_for(d, pos)
+            reader = export.DiskReader(s.http, lease, url, d.capacity, d.label)
+            meta = {"kind": "vsphere", "host": u.host, "vm": u.inventory_path,
+                    "disk": d.label, "disk_key": d.key, "change_id": d.change_id or "",
+                    "mode": mode}                # + "set" once the version is known
+            src = VsphereDiskSource(reader, d.capacity, chunk_size, areas, previous=previous,
+                                    has=store.has, read_previous=lambda cid: _local(store, cid),
+                                    path=f"{u}/{d.label}", metadata=meta)
+            done.append(threading.Event())
+            ahead = export.DiskReader(s.http, None, url, d.capacity, d.label)
+            src.prefetch = export.Prefetch(
+                ahead, src.planned_spans(), limit=PREFETCH_BYTES, done=done[-1],
+                after=done[pos - parallel] if pos >= parallel else None)
+            out.append(_Disk(d, r, reader, ahead, src))
+    except BaseException:
+        for x in out:
+            x.src.close()
+        raise
+    return out
+
+
+def _read_disks(store, disks, res, config, u, chunk_size, level, progress, on_wait, now_ns,
+                record_extra) -> None:
+    """Ingest the prepared disks in order into one writer, under the store's write
+    lock, and record them and the set in one transaction."""
+    try:
+        with space_errors(store, str(u)), store.write_lock(on_wait), \
+                store.writer(batch_bytes=commit_bytes(), direct=True) as w:
+            res.version = vm_sets.next_version(store.db, res.name)
             got = []
-            for d, r, reader, ahead, src in plans:
+            for x in disks:
                 t1 = time.perf_counter()
-                advance = progress(d.label, d.capacity) if progress else None
-                one = ingest(store, w, src, name=f"{res.name}/{d.label}",
+                x.src._meta["set"] = f"{res.name}@{res.version}"
+                advance = progress(x.d.label, x.d.capacity) if progress else None
+                one = ingest(store, w, x.src, name=f"{res.name}/{x.d.label}",
                              chunk_size=chunk_size, level=level, progress=advance,
                              now_ns=now_ns, deltas=False)
-                src.close()
-                r.downloaded = reader.downloaded + ahead.downloaded
-                r.requests = reader.requests + ahead.requests
-                r.format = ahead.format or reader.format
+                x.src.close()
+                r = x.r
+                r.downloaded = x.reader.downloaded + x.ahead.downloaded
+                r.requests = x.reader.requests + x.ahead.requests
+                r.format = x.ahead.format or x.reader.format
                 r.read_bytes, r.reused_bytes = one.scanned.bytes_read, one.scanned.reused_bytes
                 r.new_chunks, r.manifest = one.tally.new, one.manifest.id
                 r.seconds = time.perf_counter() - t1
                 res.disks.append(r)
                 got.append((r, one))
-        finally:
-            for *_, src in plans:
-                src.close()
-        created = now_ns()
+            created = now_ns()
 
-        def record(db):
-            docs = []
-            for r, one in got:
-                v = catalog.add_backup(db, one.manifest, dict(one.stats, vm_set=True),
-                                       store.key)
-                r.ref = f"{one.manifest.name}@{v}"
-                if record_extra is not None:
-                    record_extra(db, one.manifest, v, r)
-                docs.append(dict(r.to_json(), chunk_size=chunk_size))
-            vm_sets.add(db, res.name, res.version, created,
-                        {"vm": config, "source": str(u), "disks": docs})
-        w.commit(record)
+            def record(db):
+                docs = []
+                for r, one in got:
+                    v = catalog.add_backup(db, one.manifest, dict(one.stats, vm_set=True),
+                                           store.key)
+                    r.ref = f"{one.manifest.name}@{v}"
+                    if record_extra is not None:
+                        record_extra(db, one.manifest, v, r)
+                    docs.append(dict(r.to_json(), chunk_size=chunk_size))
+                vm_sets.add(db, res.name, res.version, created,
+                            {"vm": config, "source": str(u), "disks": docs})
+            w.commit(record)
+    finally:
+        for x in disks:
+            x.src.close()
+
+
+def backup_vms(store, urls: list[str], *, parallel_vms: int = 2, **kw) -> list:
+    """Back up several VMs (each under its VM name), `parallel_vms` at once: their
+    logins, snapshots, CBT queries and read-ahead overlap, their ingests take turns
+    at the store's write lock. [(url, VmBackupResult or the UserError)], in order;
+    one VM failing does not stop the others."""
+    from concurrent.futures import ThreadPoolExecutor
+    names = [vurl.parse(x).vm_path.rsplit("/", 1)[-1] for x in urls]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise UserError(f"several VMs are named {dup[0]!r}: back them up one at a time, each "
+                        "with --name")
+
+    def one(url):
+        try:
+            return backup_vm(store, url, **kw)
+        except UserError as exc:
+            return exc
+    with ThreadPoolExecutor(max(1, parallel_vms), thread_name_prefix="vm") as pool:
+        return list(zip(urls, pool.map(one, urls)))

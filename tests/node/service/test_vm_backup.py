@@ -305,3 +305,34 @@ def test_restore_into_vsphere_creates_the_vm_uploads_and_verifies(tmp_path, bina
         assert sim.live_path(sim.disk(VM, "disk-202-0")).read_bytes() == bytes(a)
         _one_line_error(cli("restore", "web/disk-202-0@1", sim.url("DC0/vm/x"), "--insecure",
                             ok=False, **PW), "not a VM backup")
+
+
+def test_several_vms_in_one_command_with_a_bound(tmp_path, binary):
+    """Two VMs backed up by one command (--parallel-vms 2: their snapshots and reads
+    overlap, their ingests take turns), each restoring identical; a VM that is not
+    there fails alone (exit 3, one FAILED line), the others are recorded."""
+    cli = Cli(tmp_path / "data")
+    vms = ["DC0/vm/DC0_H0_VM0", "DC0/vm/DC0_H0_VM1"]
+    with Vcsim(binary, tmp_path / "sim") as sim:
+        imgs = {}
+        for i, v in enumerate(vms):
+            label = sim.disks(v)[0].deviceInfo.label
+            imgs[v] = image(3 * MiB, 20 + i, [(i * MiB, MiB + 77)])
+            sim.set_disk(v, bytes(imgs[v]), label)
+        doc = cli.json("backup", *(sim.url(v) for v in vms), "--insecure", "--parallel-vms",
+                       "2", **PW)
+        assert doc["failed"] == 0 and [x["ref"] for x in doc["vms"]] == ["DC0_H0_VM0@1",
+                                                                         "DC0_H0_VM1@1"]
+        p = cli("backup", sim.url(vms[1]), sim.url("DC0/vm/gone"), "--insecure", ok=False,
+                **PW)
+        assert p.returncode == 3 and "FAILED" in p.stdout and "DC0/vm/gone not found" in p.stdout
+        assert "1 of 2 VMs backed up" in p.stdout
+        assert sim.snapshot_names(vms[0]) == sim.snapshot_names(vms[1]) == []
+    for i, v in enumerate(vms):
+        name = v.rsplit("/", 1)[1]
+        got = restored(cli, f"{name}@1", tmp_path / f"r{i}")
+        assert list(got.values()) == [bytes(imgs[v])]
+    assert [x["ref"] for x in cli.json("backups") if x.get("kind") == "vm"] == [
+        "DC0_H0_VM0@1", "DC0_H0_VM1@1", "DC0_H0_VM1@2"]
+    p = cli("backup", "/etc/hostname", "vsphere://u@h/D/vm/x", ok=False)
+    assert p.returncode == 2 and "vsphere:// URLs only" in p.stderr
