@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 READ_TIMEOUT = 10.0               # seconds a joiner may take to send its request
 ANSWER_TIMEOUT = 20.0             # seconds a joiner waits for the inviter's answer
+JOIN_ATTEMPTS = 2                 # a request cut by the inviter's switch to members only
+RETRY_DELAY = 0.5                 # is sent once more, after this many seconds
 
 
 class Enrollment:
@@ -90,16 +92,7 @@ class Enrollment:
                 continue
             d.gate.joins[inviter] = (token.secret, token.network)
             try:
-                contact = await d.dial(addr)
-                stream = await d.net.open_stream(contact.id, addr, ms.JOIN_PROTOCOL)
-                try:
-                    with trio.fail_after(ANSWER_TIMEOUT):
-                        await stream.send_all(ms.join_request(token.secret,
-                                                              d.identity.public_key))
-                        answer = ms.decode_join_answer(await read_frame(stream))
-                finally:
-                    with trio.move_on_after(1):
-                        await stream.aclose()
+                answer = await self._ask(addr, token)
             except ms.JoinRefused as exc:
                 raise UserError(f"the inviter refused: {exc}") from None
             except MembershipRefused as exc:
@@ -132,6 +125,30 @@ class Enrollment:
             return dict(net.to_json(), inviter=addr, data_key_shared=shared,
                         data_key_fingerprint=dk.fingerprint.hex())
         raise UserError("could not reach the inviter: " + "; ".join(errors))
+
+    async def _ask(self, addr: str, token):
+        """The inviter's answer to our join request. A connection made before the
+        inviter created its network is cut by it (it admits members only from then
+        on); a request that met that cut is sent once more on a fresh connection."""
+        d = self.d
+        for attempt in range(JOIN_ATTEMPTS):
+            try:
+                contact = await d.dial(addr)
+                stream = await d.net.open_stream(contact.id, addr, ms.JOIN_PROTOCOL)
+                try:
+                    with trio.fail_after(ANSWER_TIMEOUT):
+                        await stream.send_all(ms.join_request(token.secret,
+                                                              d.identity.public_key))
+                        return ms.decode_join_answer(await read_frame(stream))
+                finally:
+                    with trio.move_on_after(1):
+                        await stream.aclose()
+            except (ms.JoinRefused, MembershipRefused):
+                raise                           # an answer: no second try
+            except (RemoteProtocolError, TransportError, OSError):
+                if attempt + 1 == JOIN_ATTEMPTS:
+                    raise
+                await trio.sleep(RETRY_DELAY)   # let the cut connection go first
 
 
 def register(commands: dict, command_reply) -> None:
