@@ -404,16 +404,20 @@ def check(ch: Challenge, proof: Proof, expected: Mapping) -> ProofResult:
             proven += 1
         else:
             wrong.append(cid)
-    if wrong:
-        result, reason = "damaged", f"{len(wrong)} wrong answer(s)"
-    elif missing:
-        result, reason = "missing", f"{len(missing)} chunk(s) not held"
-    elif proven:
-        result, reason = "ok", ""
-    else:
-        result, reason = "failed", "no answer could be verified (no reference chunks)"
+    result, reason = _verdict(len(wrong), len(missing), proven)
     return ProofResult(result, len(ch.ids), proven, len(wrong), len(missing), unverifiable,
                        tuple(wrong), tuple(missing), reason)
+
+
+def _verdict(wrong: int, missing: int, proven: int) -> tuple[str, str]:
+    """(result, reason): damaged over missing over ok over failed."""
+    if wrong:
+        return "damaged", f"{wrong} wrong answer(s)"
+    if missing:
+        return "missing", f"{missing} chunk(s) not held"
+    if proven:
+        return "ok", ""
+    return "failed", "no answer could be verified (no reference chunks)"
 
 
 def check_all(pairs, expected: Mapping) -> ProofResult:
@@ -430,14 +434,7 @@ def check_all(pairs, expected: Mapping) -> ProofResult:
            for f in ("asked", "proven", "wrong", "not_held", "unverifiable")}
     wrong = tuple(c for p in parts for c in p.wrong_ids)
     missing = tuple(c for p in parts for c in p.missing_ids)
-    if wrong:
-        result, reason = "damaged", f"{len(wrong)} wrong answer(s)"
-    elif missing:
-        result, reason = "missing", f"{len(missing)} chunk(s) not held"
-    elif tot["proven"]:
-        result, reason = "ok", ""
-    else:
-        result, reason = "failed", "no answer could be verified (no reference chunks)"
+    result, reason = _verdict(len(wrong), len(missing), tot["proven"])
     return ProofResult(result, wrong_ids=wrong, missing_ids=missing, reason=reason, **tot)
 
 

@@ -101,10 +101,8 @@ def _op_backup_vm(store, a, ui):
             continue
         docs.append(r.to_json())
         lines += _vm_lines(r)
-    if len(got) == 1 and not failed:
+    if len(urls) == 1:                               # (its failure raised above)
         return docs[0], "\n".join(lines), 0
-    if len(got) == 1:
-        raise UserError(docs[0]["error"])
     lines.append(f"{len(got) - failed} of {len(got)} VMs backed up")
     return {"vms": docs, "failed": failed}, "\n".join(lines), 3 if failed else 0
 

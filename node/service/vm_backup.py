@@ -95,8 +95,7 @@ def _previous_ids(store, mid: bytes) -> list[bytes] | None:
         m = catalog.load_manifest(store, mid)
     except UserError:
         return None
-    if (m.key is not None) != (store.key is not None) or (
-            store.key is not None and m.key != store.key.fingerprint):
+    if m.key != (store.key.fingerprint if store.key is not None else None):
         return None                              # ids under another key: not reusable
     return [cid for _, cid in catalog.iter_chunk_ids(store, m)]
 
@@ -156,7 +155,7 @@ def backup_vm(store, url_text: str, *, password: str, name: str | None = None,
     u = vurl.parse(url_text)
     name = name or u.vm_path.rsplit("/", 1)[-1]
     check_name(name)
-    if vm_sets.is_image_name(store.db, name) and vm_sets.latest(store.db, name) is None:
+    if vm_sets.is_image_name(store.db, name):
         raise UserError(f"{name!r} names image backups already: choose another --name")
     clock = [time.perf_counter()]
 
@@ -225,6 +224,7 @@ class _Disk:
     reader: object              # export.DiskReader for reads off the plan
     ahead: object               # export.DiskReader of the prefetch
     src: VsphereDiskSource
+    meta: dict                  # the source's metadata (the manifest's source map)
 
 
 def _prepare(store, s, vm, snap, lease, sdisks, res, u, chunk_size, parallel) -> list:
@@ -253,7 +253,7 @@ def _prepare(store, s, vm, snap, lease, sdisks, res, u, chunk_size, parallel) ->
             src.prefetch = export.Prefetch(
                 ahead, src.planned_spans(), limit=PREFETCH_BYTES, done=done[-1],
                 after=done[pos - parallel] if pos >= parallel else None)
-            out.append(_Disk(d, r, reader, ahead, src))
+            out.append(_Disk(d, r, reader, ahead, src, meta))
     except BaseException:
         for x in out:
             x.src.close()
@@ -272,7 +272,7 @@ def _read_disks(store, disks, res, config, u, chunk_size, level, progress, on_wa
             got = []
             for x in disks:
                 t1 = time.perf_counter()
-                x.src._meta["set"] = f"{res.name}@{res.version}"
+                x.meta["set"] = f"{res.name}@{res.version}"
                 advance = progress(x.d.label, x.d.capacity) if progress else None
                 one = ingest(store, w, x.src, name=f"{res.name}/{x.d.label}",
                              chunk_size=chunk_size, level=level, progress=advance,

@@ -177,9 +177,13 @@ class DiskReader:
         return UserError(f"disk {self.label}: the connection to vSphere was lost while "
                          f"reading{why}")
 
-    def read_into(self, buf, pos: int, n: int, run_end: int | None = None) -> None:
+    def keepalive(self) -> None:
+        """Tell the lease we are still reading (at most every KEEPALIVE seconds)."""
         if self.lease is not None:
             self.lease.keepalive()
+
+    def read_into(self, buf, pos: int, n: int, run_end: int | None = None) -> None:
+        self.keepalive()
         if self.format is None:
             self.probe()
         if self.format == "raw":

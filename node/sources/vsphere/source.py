@@ -54,7 +54,6 @@ class VsphereDiskSource:
                 continue
             first, last = start // chunk_size, min(n - 1, (start + length - 1) // chunk_size)
             self.touched[first:last + 1] = b"\1" * (last - first + 1)
-        self.reused = 0                          # chunks recorded by the previous id
         self.prefetch = None                     # an export.Prefetch of planned_spans()
 
     def _prev(self, index: int) -> bytes | None:
@@ -70,7 +69,6 @@ class VsphereDiskSource:
         cid = self._prev(index)
         if cid is None or cid == ZERO_ID or self.touched[index] or not self.has(cid):
             return None
-        self.reused += 1
         return cid
 
     def _base(self, buf, pos: int, length: int) -> bool:
@@ -104,6 +102,7 @@ class VsphereDiskSource:
         got = self.prefetch.take(s, n) if self.prefetch is not None else None
         if got is not None:
             view[:n] = got
+            self.reader.keepalive()              # the lease hears from us (this thread)
         else:
             self.reader.read_into(view, s, n, run)
 
