@@ -74,6 +74,7 @@ def test_fetch_then_restore_from_three_peers(tmp_path, nodes):
     assert sum(got.get(i, 0) for i in ids) >= sum(by_peer.values())
 
 
+@pytest.mark.slow                             # ~17 s: real nodes, one killed mid-transfer (CI runs it)
 def test_restore_survives_a_provider_killed_mid_transfer(tmp_path, nodes):
     img = random_image(tmp_path / "img", 96 << 20, seed=5)
     # every provider serves at most 24 MiB/s (a test-only cap): the restore

@@ -131,6 +131,7 @@ SLACKS = (-256 * KiB, -4 * KiB, 0, 8 * KiB, 16 * KiB, 32 * KiB, 48 * KiB, 64 * K
           96 * KiB, 160 * KiB, 1 * MiB)
 
 
+@pytest.mark.slow                             # ~16 s: a backup cut by ENOSPC at every point (CI runs it)
 def test_running_out_of_space_at_any_point_of_a_backup_is_clean(tmp_path, tmpfs):
     img = tmp_path / "img.bin"
     img_bytes = _random_file(img, 8 * MiB, seed=3)
