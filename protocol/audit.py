@@ -77,7 +77,7 @@ import blake3
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from . import codec
+from . import codec, labels
 from . import membership as ms
 from .errors import (
     AuditChainBroken,
@@ -86,6 +86,7 @@ from .errors import (
     LocalProtocolError,
     RemoteProtocolError,
 )
+from .sealing import SealError
 
 VERSION = 1
 SIG_DOMAIN = b"hypersdk/audit-entry/v1\x00"
@@ -191,12 +192,61 @@ SCHEMAS = {
 KINDS = tuple(SCHEMAS)
 
 
+def _labels(v) -> bool:
+    return type(v) is bytes and 0 < len(v) <= labels.MAX_RECORD
+
+
+# a node with a data key seals the labels (name, and a backup's source) of its
+# backup and delete entries under it (protocol/labels.py): `key` is the key's
+# fingerprint, `labels` the sealed record, under the manifest id
+SEALED_SCHEMAS = {
+    "backup": {"manifest": _id, "key": _id, "labels": _labels, "size": _uint, "chunks": _uint},
+    "delete": {"manifest": _id, "key": _id, "labels": _labels, "version": _uint},
+}
+_LABEL_FIELDS = {"backup": frozenset({"name", "source"}), "delete": frozenset({"name"})}
+
+
+def seal_body(key, kind: str, body: dict) -> dict:
+    """A plaintext backup or delete body in its sealed form under `key` (a DataKey):
+    name (and source) sealed under the manifest id; other kinds unchanged."""
+    fields = _LABEL_FIELDS.get(kind)
+    if fields is None:
+        return body
+    doc = {f: body[f] for f in fields}
+    out = {k: v for k, v in body.items() if k not in fields}
+    return dict(out, key=key.fingerprint,
+                labels=labels.seal_labels(key, body["manifest"], doc))
+
+
+def open_body(body: dict, key=None) -> dict | None:
+    """A backup or delete body with its labels readable: the body itself when they
+    are not sealed, else opened under `key` (a DataKey); None when they are sealed
+    and key is None, another key, or they do not open (nothing to show)."""
+    if "labels" not in body:
+        return body
+    if key is None or key.fingerprint != body.get("key"):
+        return None
+    kind = "backup" if "chunks" in body else "delete"
+    try:
+        doc = labels.open_labels(key, body["manifest"], body["labels"], _LABEL_FIELDS[kind])
+    except SealError:
+        return None
+    if kind == "backup" and not (_name(doc["name"]) and _small_map(doc["source"])):
+        return None
+    if kind == "delete" and not _name(doc["name"]):
+        return None
+    out = {k: v for k, v in body.items() if k not in ("key", "labels")}
+    return dict(out, **doc)
+
+
 def body_problem(kind, body) -> str | None:
     schema = SCHEMAS.get(kind) if type(kind) is str else None
     if schema is None:
         return f"unknown entry kind {kind!r}"
     if type(body) is not dict:
         return f"{kind} body is not a map"
+    if "labels" in body and kind in SEALED_SCHEMAS:
+        schema = SEALED_SCHEMAS[kind]
     if body.keys() != schema.keys():
         return f"{kind} body has fields {sorted(body)}, expected {sorted(schema)}"
     for k, check in schema.items():

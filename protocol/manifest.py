@@ -18,6 +18,14 @@ of a node without a data key) have no "key" field; version 2 documents have it,
 never None, so each manifest still has exactly one encoding and an old manifest
 decodes, re-encodes and hashes exactly as before.
 
+Version 3 (labels sealed, protocol/labels.py): a node with a data key seals the
+manifest's labels -- name, source and created -- into one "labels" record under
+its key; the document keeps v, size, chunk_size, lists and key readable, so a
+holder without the key still knows the backup's structure (which ids make it up,
+how large it is) and nothing of what it is called or where it came from.
+decode_manifest leaves such labels sealed (name None, source {}, created 0);
+open_labels(m, key) fills them in. Both forms encode to the same bytes and id.
+
 The manifest id itself stays plain BLAKE3 of the encoding, keyed or not. It is
 what audit entries, certificates and DHT records name, and any member must be
 able to check it against the manifest bytes without the tenant's key (`audit
@@ -28,20 +36,24 @@ content (and at rest the manifest's bytes are sealed under its id).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from . import codec
+from . import codec, labels
 from .chunks import ID_LEN, ZERO_ID, chunk_id, valid_chunk_size
 from .errors import LocalProtocolError, RemoteProtocolError
+from .sealing import DataKey, SealError
 
 VERSION = 1                               # plain BLAKE3 chunk ids (no "key" field)
 VERSION_KEYED = 2                         # keyed chunk ids: "key" names the data key
+VERSION_LABELS = 3                        # keyed, and name/source/created sealed in "labels"
 FINGERPRINT_LEN = 32
 LIST_ENTRIES = 32768                      # ids per hash-list chunk (1 MiB)
 MAX_IMAGE = 1 << 56                       # 64 PiB: a sanity bound, not a limit in practice
 MAX_NAME = 255
 _KEYS = {"v", "name", "size", "chunk_size", "lists", "source", "created"}
 _KEYS_V2 = _KEYS | {"key"}
+_KEYS_V3 = {"v", "size", "chunk_size", "lists", "key", "labels"}
+_LABEL_FIELDS = frozenset({"name", "source", "created"})
 
 
 def chunk_count(size: int, chunk_size: int) -> int:
@@ -54,13 +66,14 @@ def list_count(n_chunks: int) -> int:
 
 @dataclass(frozen=True)
 class Manifest:
-    name: str
+    name: str | None                      # None: sealed in `labels`, not opened here
     size: int
     chunk_size: int
     lists: tuple[bytes, ...]
     source: dict = field(default_factory=dict)
     created: int = 0                      # unix time in nanoseconds
     key: bytes | None = None              # fingerprint of the id key; None: plain BLAKE3
+    labels: bytes | None = None           # version 3: name, source, created sealed (module doc)
 
     def __post_init__(self):
         problem = _problem(self)
@@ -79,7 +92,15 @@ class Manifest:
         """Number of ids held by hash-list piece `list_index`."""
         return min(LIST_ENTRIES, self.n_chunks - list_index * LIST_ENTRIES)
 
+    @property
+    def opened(self) -> bool:
+        """Are name, source and created known (never sealed, or opened here)?"""
+        return self.name is not None
+
     def to_doc(self) -> dict:
+        if self.labels is not None:
+            return {"v": VERSION_LABELS, "size": self.size, "chunk_size": self.chunk_size,
+                    "lists": list(self.lists), "key": self.key, "labels": self.labels}
         doc = {"v": VERSION, "name": self.name, "size": self.size,
                "chunk_size": self.chunk_size, "lists": list(self.lists),
                "source": dict(self.source), "created": self.created}
@@ -95,8 +116,45 @@ class Manifest:
         return chunk_id(self.encode())
 
 
+def _labels_oid(m: Manifest) -> bytes:
+    return labels.labels_oid([m.size, m.chunk_size, list(m.lists), m.key])
+
+
+def seal_labels(m: Manifest, key: DataKey) -> Manifest:
+    """m as a version 3 manifest: its name, source and created sealed under key (the
+    data key its ids are keyed with). The result still carries them, opened."""
+    if m.key is None or key.fingerprint != m.key:
+        raise LocalProtocolError("labels are sealed with the data key the manifest's ids use")
+    doc = {"name": m.name, "source": dict(m.source), "created": m.created}
+    return replace(m, labels=labels.seal_labels(key, _labels_oid(m), doc))
+
+
+def open_labels(m: Manifest, key: DataKey) -> Manifest:
+    """m with its sealed labels opened (m itself when there is nothing to open).
+    RemoteProtocolError when key is another key than m's, or the labels do not open
+    or are invalid: a manifest whose labels do not open is damaged."""
+    if m.labels is None or m.opened:
+        return m
+    if key.fingerprint != m.key:
+        raise RemoteProtocolError(f"the labels are sealed with data key {m.key.hex()[:16]}")
+    try:
+        doc = labels.open_labels(key, _labels_oid(m), m.labels, _LABEL_FIELDS)
+        return replace(m, name=doc["name"], source=doc["source"], created=doc["created"])
+    except (SealError, LocalProtocolError) as exc:
+        raise RemoteProtocolError(f"manifest labels: {exc}") from None
+
+
 def _problem(m: Manifest) -> str | None:
-    if not isinstance(m.name, str) or not 0 < len(m.name) <= MAX_NAME:
+    if m.labels is not None:
+        if m.key is None:
+            return "a manifest with sealed labels must name its key"
+        if type(m.labels) is not bytes or len(m.labels) > labels.MAX_RECORD:
+            return "manifest labels must be a sealed record of at most 12 KiB"
+        if m.name is None and (m.source or m.created):
+            return "a manifest with unopened labels has no source or creation time"
+    if m.name is None and m.labels is None:
+        return "a manifest without sealed labels must have a name"
+    if m.name is not None and (not isinstance(m.name, str) or not 0 < len(m.name) <= MAX_NAME):
         return "manifest name must be 1..255 characters"
     if not isinstance(m.size, int) or isinstance(m.size, bool) or not 0 <= m.size <= MAX_IMAGE:
         return f"manifest size {m.size!r} out of range"
@@ -124,17 +182,21 @@ def decode_manifest(data: bytes) -> Manifest:
     if not isinstance(doc, dict):
         raise RemoteProtocolError("manifest is not a map")
     v = doc.get("v")
-    want = {VERSION: _KEYS, VERSION_KEYED: _KEYS_V2}.get(v) if type(v) is int else None
+    want = ({VERSION: _KEYS, VERSION_KEYED: _KEYS_V2, VERSION_LABELS: _KEYS_V3}.get(v)
+            if type(v) is int else None)
     if want is None:
         raise RemoteProtocolError(f"unsupported manifest version {v!r:.40}")
     if set(doc) != want:
         raise RemoteProtocolError(f"manifest keys {sorted(doc)} are not {sorted(want)}")
-    if v == VERSION_KEYED and doc["key"] is None:
-        raise RemoteProtocolError("a version 2 manifest must name its key")
+    if v != VERSION and doc["key"] is None:
+        raise RemoteProtocolError(f"a version {v} manifest must name its key")
+    if v == VERSION_LABELS and type(doc["labels"]) is not bytes:
+        raise RemoteProtocolError("manifest labels must be bytes")
     try:
-        return Manifest(name=doc["name"], size=doc["size"], chunk_size=doc["chunk_size"],
+        return Manifest(name=doc.get("name"), size=doc["size"], chunk_size=doc["chunk_size"],
                         lists=tuple(doc["lists"]) if isinstance(doc["lists"], list) else None,
-                        source=doc["source"], created=doc["created"], key=doc.get("key"))
+                        source=doc.get("source", {}), created=doc.get("created", 0),
+                        key=doc.get("key"), labels=doc.get("labels"))
     except (LocalProtocolError, TypeError) as exc:
         raise RemoteProtocolError(f"invalid manifest: {exc}") from None
 

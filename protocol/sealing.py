@@ -33,7 +33,7 @@ manifest or a hash-list piece) under its id:
     iv     = BLAKE3 keyed(iv subkey, header | object id (32) | payload)[:12]
     record = header | iv | AES-256-GCM(record subkey, iv, payload, aad = header | object id)
 
-`kind` is KIND_CHUNK, KIND_MANIFEST or KIND_HASHLIST; `codec` is the store's
+`kind` is KIND_CHUNK, KIND_MANIFEST, KIND_HASHLIST or KIND_LABELS; `codec` is the store's
 codec byte (raw, zstd, zstd delta...), opaque here; `raw_len` is the plaintext
 length after decoding; `payload` is the codec's output. The record is a
 hand-built SIV: the IV is a keyed hash of everything sealed, so sealing is
@@ -65,7 +65,8 @@ the base id a zstd-delta record carries (node/store/delta.py); a raw record of
 MAX_CHUNK fits too. raw_len <= MAX_RAW[kind]: MAX_CHUNK (8 MiB) for chunks and
 hash-list pieces (a piece is an ordinary chunk, 1 MiB today), MAX_MANIFEST_RAW
 (1 MiB) for manifests, 16x protocol.exchange.MAX_MANIFEST; a 1 MiB manifest
-names ~32k hash lists, i.e. ~1 PiB of image at 1 MiB chunks. Every size is
+names ~32k hash lists, i.e. ~1 PiB of image at 1 MiB chunks; MAX_LABELS_RAW
+(12 KiB) for a backup's labels (protocol/labels.py), which ride in audit entries. Every size is
 checked before any crypto runs.
 
 Errors. A record that is malformed, oversized or does not open raises SealError
@@ -94,9 +95,13 @@ MAGIC = 0xE1                              # "encrypted, format 1"; not a zstd or
 KIND_CHUNK = 1
 KIND_MANIFEST = 2
 KIND_HASHLIST = 3
-KIND_NAMES = {KIND_CHUNK: "chunk", KIND_MANIFEST: "manifest", KIND_HASHLIST: "hash list"}
+KIND_LABELS = 4                           # a backup's name, source, time (protocol/labels.py)
+KIND_NAMES = {KIND_CHUNK: "chunk", KIND_MANIFEST: "manifest", KIND_HASHLIST: "hash list",
+              KIND_LABELS: "labels"}
 MAX_MANIFEST_RAW = 1 << 20                # 16x exchange.MAX_MANIFEST (60 KiB); ~1 PiB of image
-MAX_RAW = {KIND_CHUNK: MAX_CHUNK, KIND_MANIFEST: MAX_MANIFEST_RAW, KIND_HASHLIST: MAX_CHUNK}
+MAX_LABELS_RAW = 12 << 10                 # fits in an audit entry (16 KiB) with room to spare
+MAX_RAW = {KIND_CHUNK: MAX_CHUNK, KIND_MANIFEST: MAX_MANIFEST_RAW, KIND_HASHLIST: MAX_CHUNK,
+           KIND_LABELS: MAX_LABELS_RAW}
 MAX_PAYLOAD = MAX_CHUNK + (MAX_CHUNK >> 8) + ID_LEN   # zstd_bound(MAX_CHUNK) + a delta's base id
 MAX_CODEC = 255
 

@@ -62,7 +62,7 @@ def flush(store, warn=None) -> list:
     try:
         with flock(store.root / LOCK, exclusive=True), AuditLog(store.root) as log:
             for iid, kind, body in pending(store):
-                e = log.append_intent(iid, kind, body)
+                e = log.append_intent(iid, kind, body, store.key)
                 if e is not None:
                     out.append(e)
                 crash_point("intent-appended")
@@ -129,9 +129,8 @@ def reconcile(data_dir, store) -> list:
     catalog backup our own log lacks: an op killed between its commit and its
     audit append. Returns the entries appended."""
     from hypersdk.dht.keys import node_id
-    from hypersdk.node.audit.log import AuditLog, bounded_source
+    from hypersdk.node.audit.log import AuditLog, entry_body
     from hypersdk.node.store import catalog
-    from hypersdk.protocol import audit
     out = flush(store)
     with AuditLog(data_dir) as log:
         own = log.own_author
@@ -145,8 +144,8 @@ def reconcile(data_dir, store) -> list:
                                                       "holder": node_id(own)}))
             elif (b.manifest_id, "backup") not in have:
                 m = catalog.load_manifest(store, b.manifest_id)
-                out.append(log.append("backup", {
-                    "manifest": b.manifest_id, "name": b.name[:audit.MAX_NAME], "size": m.size,
-                    "chunks": m.n_chunks, "source": bounded_source(m.source)}))
+                out.append(log.append("backup", entry_body("backup", {
+                    "manifest": b.manifest_id, "name": b.name, "size": m.size,
+                    "chunks": m.n_chunks, "source": m.source}, log.identity, store.key)))
             have.add((b.manifest_id, "replica" if b.stats.get("replica") else "backup"))
     return out

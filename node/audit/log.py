@@ -322,15 +322,15 @@ class AuditLog:
         return e
 
     # -- intents (node/audit/intents.py): an operation's entry exactly once ---------
-    def append_intent(self, iid: bytes, kind: str, body: dict) -> audit.Entry | None:
+    def append_intent(self, iid: bytes, kind: str, body: dict, key=None) -> audit.Entry | None:
         """Append the entry an index intent owes and mark it applied, in one
         transaction; None when it was applied already (a flush killed before it
-        deleted the intent)."""
+        deleted the intent). key: the store's data key, which seals the labels."""
         ident = self.identity                 # before the transaction: may create the key
         with self._immediate() as db:
             if db.execute("SELECT 1 FROM intents_applied WHERE id=?", (iid,)).fetchone():
                 return None
-            e = self._append_locked(db, kind, _intent_body(kind, body, ident), None)
+            e = self._append_locked(db, kind, entry_body(kind, body, ident, key), None)
             db.execute("INSERT INTO intents_applied(id) VALUES (?)", (iid,))
         return e
 
@@ -738,19 +738,26 @@ class AuditLog:
             total += len(raw)
         return out
 
-    def find_backup_by_name(self, name: str) -> bytes | None:
+    def find_backup_by_name(self, name: str, key=None) -> bytes | None:
         """The manifest of the latest (highest seq) backup entry named `name` in the
         one log that uses the name. NameConflict when several authors use it: a name
-        is never resolved by the time an author claims."""
+        is never resolved by the time an author claims. Sealed names count only
+        when `key` (a DataKey) opens them."""
         latest: dict[bytes, audit.Entry] = {}
         for (raw,) in self.db.execute("SELECT raw FROM entries WHERE kind='backup' ORDER BY "
                                       "author, seq"):
             e = audit.decode_entry(bytes(raw), verify=False)
-            if e.body["name"] == name:
+            body = audit.open_body(e.body, key)
+            if body is not None and body["name"] == name:
                 latest[e.author] = e
         if len(latest) > 1:
             raise NameConflict(name, sorted(latest.values(), key=lambda x: x.author))
         return next(iter(latest.values())).body["manifest"] if latest else None
+
+    def sealed_names(self, key=None) -> int:
+        """How many backup entries held here have names `key` does not open."""
+        return sum(audit.open_body(audit.decode_entry(bytes(raw), verify=False).body, key) is None
+                   for (raw,) in self.db.execute("SELECT raw FROM entries WHERE kind='backup'"))
 
     def replica_holders(self, manifest_id: bytes) -> list[bytes]:
         """Node ids that replica entries (in any log held) name as holders."""
@@ -849,14 +856,18 @@ def _is_file(path: str, dev: int, ino: int, mtime_ns: int) -> bool:
     return (st.st_dev, st.st_ino, st.st_mtime_ns) == (dev, ino, mtime_ns)
 
 
-def _intent_body(kind: str, body: dict, ident: Identity) -> dict:
-    """An intent's body as its entry needs it (bounded source; our node id as the
-    holder of a replica we fetched)."""
+def entry_body(kind: str, body: dict, ident: Identity, key=None) -> dict:
+    """An operation's body as its entry needs it: bounded source; our node id as the
+    holder of a replica we fetched; with a data key (`key`), the labels of a backup
+    or delete sealed (protocol/labels.py: a member without the key learns no name
+    or source from our log)."""
     if kind == "backup":
-        return dict(body, source=bounded_source(body.get("source", {})),
+        body = dict(body, source=bounded_source(body.get("source", {})),
                     name=body["name"][:audit.MAX_NAME])
     if kind == "replica" and body.get("holder") is None:
         return dict(body, holder=ident.node_id)
+    if key is not None:
+        body = audit.seal_body(key, kind, body)
     return body
 
 

@@ -75,16 +75,19 @@ def _span(seconds: int) -> str:
     return " ".join(([f"{h} h"] if h else []) + ([f"{m} min"] if m or not h else []))
 
 
-def _summary(e: audit.Entry) -> str:
+def _summary(e: audit.Entry, key=None) -> str:
+    """One line for an entry; key (this node's data key) opens sealed names."""
     from hypersdk.protocol import audit
     b = e.body
     m = b.get("manifest", b"").hex()[:16]
-    if e.kind == "backup":
-        return f"{b['name']} manifest {m} size {b['size']} chunks {b['chunks']}"
+    if e.kind in ("backup", "delete"):
+        opened = audit.open_body(b, key)
+        name = opened["name"] if opened else "(name sealed)"
+        if e.kind == "backup":
+            return f"{name} manifest {m} size {b['size']} chunks {b['chunks']}"
+        return f"{name}@{b['version']} manifest {m}"
     if e.kind == "restore":
         return f"manifest {m} size {b['size']} chunks {b['chunks']}"
-    if e.kind == "delete":
-        return f"{b['name']}@{b['version']} manifest {m}"
     if e.kind == "replica":
         return f"manifest {m} held by {b['holder'].hex()[:16]}"
     if e.kind == "verify":
@@ -113,9 +116,23 @@ def audit_log_cmd(ctx, author, limit, as_json):
         from hypersdk.dht.keys import node_id
         lines = [f"log of node {node_id(a).hex()[:16]} (key {a.hex()[:16]}): "
                  f"{head.seq + 1 if head else 0} entries"]
-        lines += [f"{e.seq:>6} {_when(e.time)} {e.kind:<8} {e.id.hex()[:16]} {_summary(e)}"
-                  for e in entries]
-        emit(as_json, [e.to_json() for e in entries], "\n".join(lines))
+        from hypersdk.node.net import datakey
+        key = datakey.load(_data_dir(ctx))
+        lines += [f"{e.seq:>6} {_when(e.time)} {e.kind:<8} {e.id.hex()[:16]} "
+                  f"{_summary(e, key)}" for e in entries]
+        emit(as_json, [_entry_json(e, key) for e in entries], "\n".join(lines))
+
+
+def _entry_json(e: audit.Entry, key) -> dict:
+    """An entry's JSON; a sealed backup or delete body opened by `key` also shows
+    its labels in "opened" (the signed body keeps them sealed)."""
+    from hypersdk.protocol import audit
+    doc = e.to_json()
+    if "labels" in e.body:
+        opened = audit.open_body(e.body, key)
+        doc["opened"] = None if opened is None else {
+            k: v for k, v in opened.items() if k in ("name", "source")}
+    return doc
 
 
 @audit_group.command("verify")
@@ -282,9 +299,14 @@ def audit_check_certificate_cmd(ctx, file, require_witness, min_witnesses, netwo
         click.echo(f"hypersdk: error: INVALID certificate {file}: {exc}", err=True)
         ctx.exit(3)
     from hypersdk.dht.keys import node_id
-    b = rep.backup.body
+    from hypersdk.node.net import datakey
+    try:                 # the name is sealed (protocol/labels.py): readable with the key
+        opened = audit.open_body(rep.backup.body, datakey.load(_data_dir(ctx)))
+    except UserError:
+        opened = None
+    name = opened["name"] if opened else "(name sealed)"
     lines = [f"VALID certificate: node {node_id(rep.author).hex()[:16]} "
-             f"(key {rep.author.hex()[:16]}) backed up {b['name']} manifest "
+             f"(key {rep.author.hex()[:16]}) backed up {name} manifest "
              f"{rep.manifest.hex()}",
              f"backup entry seq {rep.backup.seq} at {_when(rep.backup.time)} UTC; "
              f"{rep.head.seq - rep.backup.seq + 1} entries, every signature and link valid, "

@@ -587,7 +587,7 @@ class MemorySource:
         shorter; all-zero chunks become ZERO_ID and are not stored): its hash-list
         pieces, chunks and manifest. Returns the manifest id (tests, simnet)."""
         from hypersdk.protocol.chunks import is_zero
-        from hypersdk.protocol.manifest import LIST_ENTRIES, Manifest
+        from hypersdk.protocol.manifest import LIST_ENTRIES, Manifest, seal_labels
         ids = [ZERO_ID if is_zero(c) else self.add(c) for c in chunks]
         lists = []
         for i in range(0, len(ids), LIST_ENTRIES):
@@ -595,6 +595,8 @@ class MemorySource:
             lists.append(ZERO_ID if piece == bytes(len(piece)) else self.add(piece))
         m = Manifest(name=name, size=sum(map(len, chunks)), chunk_size=chunk_size,
                      lists=tuple(lists), key=self.key.fingerprint if self.key else None)
+        if self.key is not None:
+            m = seal_labels(m, self.key)
         self.manifests[m.id] = m.encode()
         return m.id
 

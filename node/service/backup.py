@@ -27,7 +27,7 @@ from hypersdk.node.store.store import compress
 from hypersdk.protocol.chunks import ID_LEN, ZERO_ID, is_zero
 from hypersdk.protocol.errors import ProtocolError
 from hypersdk.protocol.ids import id_of
-from hypersdk.protocol.manifest import LIST_ENTRIES, Manifest, check_list_lengths
+from hypersdk.protocol.manifest import LIST_ENTRIES, Manifest, check_list_lengths, seal_labels
 from hypersdk.protocol.sealing import KIND_HASHLIST
 
 
@@ -213,6 +213,8 @@ def ingest(store, w, src, *, name: str, chunk_size: int, level: int = DEFAULT_ZS
                         source=src.metadata(), created=now_ns(),
                         key=key.fingerprint if key is not None else None)
     check_list_lengths(manifest, t.lists)   # its lists must match its size
+    if key is not None:                     # name, source, time: for the key's holders only
+        manifest = seal_labels(manifest, key)
     stats = {"chunks": t.chunks, "zero_chunks": t.zeros, "new_chunks": t.new,
              "new_bytes_stored": t.added, "chunk_size": chunk_size}
     return Ingested(manifest, stats, t, scanned, time.perf_counter() - t0)

@@ -170,8 +170,9 @@ class AuditNet:
         mid = await trio.to_thread.run_sync(self._resolve, ref)
 
         def read_log():
+            from hypersdk.node.net import datakey
             with AuditLog(d.data_dir, identity=d.identity) as lg:
-                return _backup_check(lg, mid)
+                return _backup_check(lg, mid, datakey.load(d.data_dir))
         entry = await trio.to_thread.run_sync(read_log)
         if entry.get("local_damage"):
             # our copy of the author's log is damaged, not the author's log: mend it
@@ -240,12 +241,17 @@ class AuditNet:
                 return bytes.fromhex(ref)
             except ValueError:
                 pass
+        from hypersdk.node.net import datakey
+        key = datakey.load(self.d.data_dir)
         with AuditLog(self.d.data_dir, identity=self.d.identity) as lg:
-            mid = lg.find_backup_by_name(ref)
+            mid = lg.find_backup_by_name(ref, key)
+            sealed = lg.sealed_names(key) if mid is None else 0
         if mid is None:
             raise UserError(f"unknown backup {ref!r}: not in the local catalog, not a full "
                             "manifest id, and no backup entry of that name in the audit logs "
-                            "held here")
+                            "held here" + (f" ({sealed} backup entries have names sealed with "
+                                           "a data key this node does not have: give the "
+                                           "manifest id)" if sealed else ""))
         return mid
 
     async def _manifest(self, mid, providers, entry, cache) -> tuple[dict, list | None, object]:
@@ -440,9 +446,11 @@ def register(commands: dict, command_reply) -> None:
     commands["verify"] = verify
 
 
-def _backup_check(lg, mid: bytes) -> dict:
-    """The backup entry for mid in the logs held, and the check of its author's log."""
+def _backup_check(lg, mid: bytes, key=None) -> dict:
+    """The backup entry for mid in the logs held, and the check of its author's log.
+    key: this node's data key, which opens sealed names (protocol/labels.py)."""
     from hypersdk.dht.keys import node_id
+    from hypersdk.protocol import audit
     entries = lg.find_backup_entries(mid)
     if not entries:
         return {"found": False, "chain_ok": False,
@@ -460,13 +468,15 @@ def _backup_check(lg, mid: bytes) -> dict:
     # rewrites proven by witnesses are the author's
     from hypersdk.node.audit.log import damage_in
     local = damage_in(rep) is not None      # the report above: no second verify
-    return {"found": True, "author": e.author.hex(), "local_damage": local,
+    opened = audit.open_body(e.body, key)
+    return {"found": True, "name": opened["name"] if opened else None,
+            "author": e.author.hex(), "local_damage": local,
             "author_node_id": node_id(e.author).hex(), "seq": e.seq,
             "id": e.id.hex(), "time_ns": e.time, "body": e.to_json()["body"],
             "chain_ok": rep.ok, "log_entries": rep.entries,
             "problems": [p.reason for p in rep.problems][:10], "witnessed_by": witnesses,
             "other_backup_entries": len(entries) - 1,
-            **_later_entries(lg, mid, e),
+            **_later_entries(lg, mid, e, key),
             # several authors claim this manifest: reported, never settled by claimed time
             "claimed_by": sorted({node_id(x.author).hex() for x in entries}),
             "conflict": len({x.author for x in entries}) > 1}
@@ -475,7 +485,7 @@ def _backup_check(lg, mid: bytes) -> dict:
 MAX_LATER = 20
 
 
-def _later_entries(lg, mid: bytes, backup) -> dict:
+def _later_entries(lg, mid: bytes, backup, key=None) -> dict:
     """What the logs held say about the backup after its entry (issue 18, finding 5):
     deletes (by its author: the backup no longer stands; by another node: that node
     dropped its copy) and verifications whose latest verdict per (verifier, holder)
@@ -489,9 +499,10 @@ def _later_entries(lg, mid: bytes, backup) -> dict:
         x = audit.decode_entry(bytes(raw), verify=False)
         who = node_id(x.author).hex()
         if x.kind == "delete":
+            opened = audit.open_body(x.body, key)
+            name = opened["name"] if opened else "(name sealed)"
             deletes.append({"by": who, "by_author": x.author == backup.author, "seq": x.seq,
-                            "time_ns": x.time,
-                            "ref": f"{x.body['name']}@{x.body['version']}"})
+                            "time_ns": x.time, "ref": f"{name}@{x.body['version']}"})
         else:
             latest[(who, x.body["holder"])] = {"by": who, "holder": x.body["holder"].hex(),
                                                "result": x.body["result"], "seq": x.seq,
@@ -545,7 +556,7 @@ def _text(doc: dict) -> str:
         if e.get("repaired_entries"):
             state += f" (our copy was damaged: {e['repaired_entries']} entries repaired)"
         lines.append(f"backup entry  by {e['author_node_id'][:16]} (entry {e['seq']}, "
-                     f"'{e['body']['name']}'): log {state}, witnessed by {len(w)} node(s)")
+                     f"'{e['name'] or 'name sealed'}'): log {state}, witnessed by {len(w)} node(s)")
         if e.get("conflict"):
             lines.append(f"CONFLICT      this manifest is claimed by {len(e['claimed_by'])} "
                          f"authors ({', '.join(c[:16] for c in e['claimed_by'])}): not "

@@ -12,8 +12,11 @@ REF forms accepted everywhere:
 Manifests at rest: a node with a data key keeps each manifest body sealed
 (protocol/sealing.py KIND_MANIFEST, under the manifest id; manifests.key names the
 key's fingerprint), since a manifest holds the source path and the image's hash
-lists; manifest_body / load_manifest open it. Backup names, sizes and times stay
-readable in the backups table (`backups` lists them without the key).
+lists; manifest_body / load_manifest open it, and open the manifest's sealed labels
+(version 3: name, source, created) with the same key. Backup names, sizes and
+times stay readable in this node's backups table (`backups` lists them without
+the key); a replica whose labels this node cannot open (a storage-only holder's)
+is listed as sealed-<manifest id prefix>, the name it never learns.
 """
 from __future__ import annotations
 
@@ -22,10 +25,11 @@ import re
 from dataclasses import dataclass
 
 from hypersdk.node.errors import UsageError, UserError
+from hypersdk.node.store.sealed import DataKeyNotHeld
 from hypersdk.protocol import sealing
 from hypersdk.protocol.chunks import ZERO_ID
-from hypersdk.protocol.errors import ChunkCorrupt, LocalProtocolError
-from hypersdk.protocol.manifest import Manifest, decode_manifest, split_list, zero_list
+from hypersdk.protocol.errors import ChunkCorrupt, LocalProtocolError, RemoteProtocolError
+from hypersdk.protocol.manifest import Manifest, decode_manifest, open_labels, split_list, zero_list
 
 _HEX = re.compile(r"^[0-9a-f]{4,64}$")
 
@@ -77,12 +81,19 @@ def add_backup(conn, manifest: Manifest, stats: dict, key=None) -> int:
     if manifest.key is not None and key is None:
         raise LocalProtocolError("a manifest with keyed ids is kept sealed: pass the key")
     put_manifest(conn, manifest.id, manifest.encode(), key)
+    name = manifest.name if manifest.opened else sealed_name(manifest.id)
     (last,) = conn.execute("SELECT COALESCE(MAX(version), 0) FROM backups WHERE name=?",
-                           (manifest.name,)).fetchone()
+                           (name,)).fetchone()
     conn.execute(f"INSERT INTO backups({_COLS}) VALUES (NULL,?,?,?,?,?,?)",
-                 (manifest.name, last + 1, manifest.id, manifest.created, manifest.size,
+                 (name, last + 1, manifest.id, manifest.created, manifest.size,
                   json.dumps(stats, sort_keys=True)))
     return last + 1
+
+
+def sealed_name(manifest_id: bytes) -> str:
+    """The name a backup whose labels this node cannot open is listed under (a
+    storage-only holder's replica): its real name is sealed (protocol/labels.py)."""
+    return f"sealed-{manifest_id.hex()[:16]}"
 
 
 def list_backups(store) -> list[Backup]:
@@ -161,8 +172,17 @@ def load_manifest(store, manifest_id: bytes, *, opaque_ok: bool = False) -> Mani
     if body is None:
         raise UserError(f"manifest {manifest_id.hex()} is not in the store")
     m = decode_manifest(body)
-    if not opaque_ok:
-        store.key_for(m.key)          # ids keyed with a key not held here: say so now
+    try:
+        key = store.key_for(m.key)    # ids keyed with a key not held here: say so now
+    except DataKeyNotHeld:
+        if not opaque_ok:
+            raise
+        return m                      # its labels stay sealed (name None)
+    if key is not None and not m.opened:
+        try:
+            m = open_labels(m, key)
+        except RemoteProtocolError as exc:
+            raise ChunkCorrupt(manifest_id, str(exc), "index.sqlite") from None
     return m
 
 

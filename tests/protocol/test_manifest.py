@@ -80,7 +80,7 @@ def test_non_canonical_key_order_is_rejected():
 
 
 @pytest.mark.parametrize("change, match", [
-    ({"v": 3}, "version"),         # 2 is keyed ids (test_keyed_ids.py)
+    ({"v": 4}, "version"),         # 2: keyed ids (test_keyed_ids.py), 3: labels (test_labels.py)
     ({"chunk_size": 1000}, "chunk size"),
     ({"size": -1}, "size"),
     ({"lists": [b"x" * 31]}, "lists|hash list"),

@@ -262,7 +262,8 @@ def test_random_payloads_round_trip_and_peek(payload, kind, codec):
 # -- what we must not seal ----------------------------------------------------------
 @pytest.mark.parametrize("args, why", [
     ((K1, sl.KIND_CHUNK, ZERO_ID, 0, 1, b"\0"), "zero"),
-    ((K1, 4, SMALL_OID, 0, 1, b"x"), "kind"),
+    ((K1, 5, SMALL_OID, 0, 1, b"x"), "kind"),
+    ((K1, sl.KIND_LABELS, SMALL_OID, 0, sl.MAX_LABELS_RAW + 1, b"x"), "raw_len"),
     ((K1, True, SMALL_OID, 0, 1, b"x"), "kind"),
     ((K1, sl.KIND_CHUNK, SMALL_OID[:31], 0, 1, b"x"), "object id"),
     ((K1, sl.KIND_CHUNK, bytearray(SMALL_OID), 0, 1, b"x"), "object id"),

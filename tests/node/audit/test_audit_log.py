@@ -203,3 +203,38 @@ def test_reconcile_appends_the_entries_an_interrupted_op_missed(store, tmp_path)
         assert e.body["manifest"] == r.manifest_id and e.body["name"] == "vm"
         assert e.body["size"] == 256 * 4096 and e.body["chunks"] == r.chunks
     assert audit_intents.reconcile(store.root, store) == []            # idempotent
+
+
+def test_with_a_data_key_backup_and_delete_entries_seal_their_names(tmp_path):
+    """A node with a data key signs backup and delete entries whose name and source
+    are sealed (protocol/labels.py): the log's bytes hold neither; the key opens
+    them; name resolution works with the key and finds nothing without it."""
+    from hypersdk.node.net import datakey
+    from hypersdk.node.service.backup import backup
+    from hypersdk.node.service.ops import STORE_OPS
+    from hypersdk.node.store.store import ChunkStore
+    data = tmp_path / "data"
+    key = datakey.create(data)
+    img = tmp_path / "payroll-db.img"
+    img.write_bytes(bytes(range(256)) * 4096)
+    with ChunkStore(data) as store:
+        r = backup(store, str(img), name="payroll-db", chunk_size=64 << 10)
+        assert len(audit_intents.reconcile(store.root, store)) == 1       # the backup entry
+
+        class Ui:                          # the delete op's user interface: silent
+            on_wait = None
+        STORE_OPS["delete"].fn(store, {"ref": "payroll-db@1"}, Ui())
+    with AuditLog(data) as log:
+        files = list(data.glob("audit.sqlite*"))           # with its WAL
+        assert files and not any(b"payroll-db" in f.read_bytes() for f in files)
+        got = {e.kind: e for e in log.entries(log.own_author) if e.kind in ("backup", "delete")}
+        assert got.keys() == {"backup", "delete"}
+        for e in got.values():
+            assert "name" not in e.body and e.body["key"] == key.fingerprint
+            assert audit.open_body(e.body, None) is None
+        assert audit.open_body(got["backup"].body, key)["source"]["path"] == str(img)
+        assert audit.open_body(got["delete"].body, key) == {
+            "manifest": r.manifest_id, "name": "payroll-db", "version": 1}
+        assert log.find_backup_by_name("payroll-db", key) == r.manifest_id
+        assert log.find_backup_by_name("payroll-db") is None
+        assert log.sealed_names(key) == 0 and log.sealed_names() == 1

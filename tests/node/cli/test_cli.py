@@ -196,7 +196,7 @@ def test_every_command_has_its_help_text():
     import click
 
     from hypersdk.node.cli.app import cli
-    for mod in ("node.cli.audit_cmds", "node.cli.node_cmds"):      # they add their commands
+    for mod in ("hypersdk.node.cli.audit_cmds", "hypersdk.node.cli.node_cmds"):  # add commands
         importlib.import_module(mod)
 
     def walk(cmd, path):

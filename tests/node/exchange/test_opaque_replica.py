@@ -63,8 +63,10 @@ async def test_a_storage_only_holder_keeps_sealed_records_and_a_key_holder_resto
                 assert held_completely(h, mid)
                 assert record_replica(h, mid, res)
         rows = catalog.list_backups(h)
-        assert [(b.name, b.version, b.stats.get("opaque")) for b in rows] == [
-            ("vm", 1, True), ("vm", 2, True)]
+        # their names are sealed (manifest version 3): each is listed under its id
+        assert [(b.name, b.version, b.stats.get("opaque")) for b in rows] == sorted(
+            (catalog.sealed_name(mid), 1, True) for mid in (mid1, mid2))
+        assert not catalog.load_manifest(h, mid1, opaque_ok=True).opened
 
         # what it stores: the tenant's sealed chunk records as A serves them (A's own
         # records where A stores them whole; deltas re-encoded and sealed again by A),
@@ -91,9 +93,9 @@ async def test_a_storage_only_holder_keeps_sealed_records_and_a_key_holder_resto
                 h.read(cid)
         rep = verify_store(h)
         assert rep.ok and rep.chunks_checked == len(rh)
-        assert verify_backup(h, "vm@2").ok
+        assert verify_backup(h, catalog.sealed_name(mid2)).ok
         with pytest.raises(DataKeyNotHeld, match="this node does not have it"):
-            restore(h, "vm@2", str(tmp_path / "h.img"))
+            restore(h, mid2.hex(), str(tmp_path / "h.img"))
         assert not (tmp_path / "h.img").exists()
         assert gc(h)["chunks_deleted"] == 0
 
@@ -104,6 +106,7 @@ async def test_a_storage_only_holder_keeps_sealed_records_and_a_key_holder_resto
             res = await _fetch(net, c, [ph], mid2)
         assert not res.opaque and res.bad_chunks == 0 and res.bytes_by_peer.keys() == {ph.id}
         m = catalog.load_manifest(c, mid2)
+        assert (m.name, m.source["path"]) == ("vm", str(img))     # the key opens the labels
         catalog.add_backup(c.db, m, {}, c.key)
         c.db.commit()
         restore(c, "vm", str(tmp_path / "c.img"))

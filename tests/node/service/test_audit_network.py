@@ -70,7 +70,7 @@ def test_backup_on_a_is_verified_from_d_with_challenges_to_b_and_c(tmp_path, nod
     assert doc["ok"] is True, doc
     e = doc["backup_entry"]
     assert e["found"] and e["chain_ok"] and e["author_node_id"] == ids[a]
-    assert e["body"]["name"] == "vm1"
+    assert e["name"] == "vm1"                  # sealed in the entry; D holds the data key
     assert doc["manifest_check"]["ok"] and doc["manifest_check"]["chunks"] == 128
     got = {h["node_id"]: h for h in doc["holders"]}
     assert set(got) == {ids[a], ids[b], ids[c]}

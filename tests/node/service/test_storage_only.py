@@ -5,7 +5,8 @@ realistic disk image; H joins at site "vault" with `invite --no-data-key` (a key
 its own, not the tenant's); K joins at site "dr" with the tenant's key. H fetches
 A's backup: it keeps the sealed records, reads none (restore: one clear line),
 checks what it can (`verify`), and a scan of every file of its data dir finds none
-of 256 random 64-byte samples of the image. A stops; K restores the image from H
+of 256 random 64-byte samples of the image, nor the backup's name or source path
+(sealed in the manifest and in A's audit entries: protocol/labels.py). A stops; K restores the image from H
 alone, byte for byte, and `verify --network` at K proves H's possession with the
 sealed form of the challenge. Every wait is a bounded poll.
 """
@@ -18,6 +19,7 @@ from test_at_rest_scan import found_in, samples_of
 from test_node_cli import nodes, poll  # noqa: F401  (fixture)
 
 FAST = {"HYPERSDK_AUDIT_SYNC": "1"}
+NAME = "payroll-db-primary"
 
 
 def test_a_storage_only_member_holds_what_it_cannot_read(tmp_path, nodes):
@@ -37,16 +39,17 @@ def test_a_storage_only_member_holds_what_it_cannot_read(tmp_path, nodes):
     fps = {n: n.cli.json("key", "show")["data_key_fingerprint"] for n in (a, h, k)}
     assert fps[a] == fps[k] != fps[h]
 
-    mid = a.cli.json("backup", img, "--name", "vm1")["manifest"]
+    mid = a.cli.json("backup", img, "--name", NAME)["manifest"]
     poll(lambda: h.cli.json("dht", "find", mid)["providers"], 60, "A's provider record at H",
          interval=0.2)
     text = h.cli("fetch", mid).stdout
     assert f"held sealed    for the holders of data key {fps[a][:16]}; this node cannot read " \
            "it" in text
     rows = h.cli.json("backups")
-    assert [(r["name"], r.get("opaque"), r.get("replica")) for r in rows] == [("vm1", True, True)]
+    assert [(r["name"], r.get("opaque"), r.get("replica")) for r in rows] == [
+        (f"sealed-{mid[:16]}", True, True)]
     assert "(held sealed for others)" in h.cli("backups").stdout
-    p = h.cli("restore", "vm1", tmp_path / "h.img", ok=False)
+    p = h.cli("restore", mid, tmp_path / "h.img", ok=False)
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and f"data key {fps[a][:16]}" in lines[0], p.stderr
     assert not (tmp_path / "h.img").exists()
@@ -56,23 +59,37 @@ def test_a_storage_only_member_holds_what_it_cannot_read(tmp_path, nodes):
     assert any(f.startswith("packs/pack-") for f in files)
     assert found == set(), f"{len(found)} of {len(samples)} samples found at the holder"
 
-    # H announced what it holds; A stops; K restores from H alone
+    # nor what the backup is called or where it came from, once A's log reached H
     ids = {n: n.cli.json("status")["node_id"] for n in (a, h, k)}
+    labels = [NAME.encode(), str(img).encode()]
+
+    def knows_a(n):
+        p = n.cli("audit", "log", ids[a][:16], "--json", ok=None)
+        return p.returncode == 0 and "backup" in {e["kind"] for e in json.loads(p.stdout)}
+    poll(lambda: knows_a(h), 60, "A's backup entry at H", interval=0.5)
+    entry = next(e for e in h.cli.json("audit", "log", ids[a][:16]) if e["kind"] == "backup")
+    assert "name" not in entry["body"] and entry["opened"] is None
+    assert found_in(h.cli.data_dir, labels)[0] == set()
+    assert found_in(a.cli.data_dir, labels)[0] == set(labels)   # the scan does find them
+    p = h.cli("verify", NAME, "--network", ok=False)
+    assert "unknown backup" in p.stderr and "sealed" in p.stderr
+
+    # H announced what it holds; A stops; K restores from H alone
     poll(lambda: ids[h] in {p["node_id"] for p in k.cli.json("dht", "find", mid)["providers"]},
          60, "H's provider record at K", interval=0.2)
-
-    def k_knows_a():
-        p = k.cli("audit", "log", ids[a][:16], "--json", ok=None)
-        return p.returncode == 0 and "backup" in {e["kind"] for e in json.loads(p.stdout)}
-    poll(k_knows_a, 60, "A's backup entry at K", interval=0.5)
+    poll(lambda: knows_a(k), 60, "A's backup entry at K", interval=0.5)
+    entry = next(e for e in k.cli.json("audit", "log", ids[a][:16]) if e["kind"] == "backup")
+    assert entry["opened"] == {"name": NAME, "source": entry["opened"]["source"]}
+    assert entry["opened"]["source"]["path"] == str(img)     # K holds the key: it reads them
     a.stop()
     out = tmp_path / "k.img"
     r = k.cli.json("restore", mid, out)
     assert same_bytes(img, out)
     assert set(r["fetched"]["bytes_by_peer"]) == {ids[h]} and r["fetched"]["bad_chunks"] == 0
 
-    v = k.cli("verify", mid, "--network", "--json", ok=None)
+    v = k.cli("verify", NAME, "--network", "--json", ok=None)    # by its sealed name
     doc = json.loads(v.stdout)
+    assert doc["manifest"] == mid and doc["backup_entry"]["name"] == NAME
     rows = {x["node_id"]: x for x in doc["holders"]}
     assert rows[ids[h]]["result"] == "ok" and rows[ids[h]]["proven"] > 0, doc
     assert rows[ids[a]]["result"] == "unreachable"          # stopped: the only failure
