@@ -34,6 +34,9 @@ from hypersdk.node.sources.vsphere import url as vurl
 from hypersdk.node.sources.vsphere import vm as vvm
 from hypersdk.node.sources.vsphere.source import VsphereDiskSource
 from hypersdk.node.store import catalog, vm_sets
+from hypersdk.protocol.chunks import ZERO_ID
+from hypersdk.protocol.errors import IntegrityError, ProtocolError
+from hypersdk.protocol.manifest import LIST_ENTRIES, split_list
 
 
 @dataclass
@@ -90,23 +93,58 @@ class VmBackupResult:
                 "phases_s": {k: round(v, 3) for k, v in self.phases.items()}}
 
 
-def _previous_ids(store, mid: bytes) -> list[bytes] | None:
+class PreviousIds:
+    """The chunk ids of a disk's previous backup, read from its hash lists one piece
+    (32,768 ids, 1 MiB) at a time as the chunker walks the disk: memory stays at one
+    piece for any disk size (a list of every id took ~100 bytes per chunk: 400 MB
+    for a 4 TiB disk). A piece the store can no longer read (the previous backup
+    deleted and collected meanwhile) gives UNREADABLE for its chunks, which the
+    store does not hold: such chunks are read whole from vSphere, as any chunk
+    whose previous version is missing (node/sources/vsphere/source.py)."""
+
+    UNREADABLE = b"\xff" * 32
+
+    def __init__(self, store, m):
+        self.store, self.m = store, m
+        self._at, self._ids = -1, []
+
+    def __len__(self) -> int:
+        return self.m.n_chunks
+
+    def __getitem__(self, index: int) -> bytes:
+        if not 0 <= index < self.m.n_chunks:
+            raise IndexError(index)
+        li, off = divmod(index, LIST_ENTRIES)
+        if li != self._at:
+            self._at, self._ids = li, self._piece(li)
+        return self._ids[off] if self._ids else self.UNREADABLE
+
+    def _piece(self, li: int) -> list[bytes]:
+        n, lid = self.m.list_len(li), self.m.lists[li]
+        if lid == ZERO_ID:
+            return [ZERO_ID] * n
+        try:
+            return split_list(self.store.read(lid), n)
+        except (ProtocolError, IntegrityError, OSError, UserError):
+            return []
+
+
+def _previous_ids(store, mid: bytes) -> PreviousIds | None:
     try:
         m = catalog.load_manifest(store, mid)
     except UserError:
         return None
     if m.key != (store.key.fingerprint if store.key is not None else None):
         return None                              # ids under another key: not reusable
-    return [cid for _, cid in catalog.iter_chunk_ids(store, m)]
+    return PreviousIds(store, m)
 
 
 def _local(store, cid: bytes) -> bytes | None:
     """A chunk of the previous backup from the store, or None (missing, damaged:
     then the whole chunk is read from vSphere)."""
-    from hypersdk.protocol.errors import ProtocolError
     try:
         return store.read(cid)
-    except (ProtocolError, OSError, UserError):
+    except (ProtocolError, IntegrityError, OSError, UserError):
         return None
 
 
