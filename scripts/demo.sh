@@ -2,9 +2,10 @@
 # Demo of what the node does today:
 #  1. one store: back up a realistic VM disk image, change it, back it up again
 #     (only the changed chunks are stored), restore, verify, delete, gc;
-#  2. a local network of three real nodes on 127.0.0.1 (libp2p): B fetches the
-#     backup from A, C restores it from A and B at once (swarm), peers/status,
-#     and C verifies the backup on the network from the gossiped audit logs;
+#  2. a local network of real nodes on 127.0.0.1 (libp2p): membership, A's backup
+#     replicated by itself to two other sites (B storage-only, C), E restores it
+#     from every holder at once (swarm), peers/status, and C verifies the backup
+#     on the network from the gossiped audit logs;
 #  3. vSphere: a VM backed up from vcsim (snapshot + Changed Block Tracking),
 #     changed, backed up incrementally (only changed blocks read), restored;
 #  4. simnet: a simulated network of 150 nodes on virtual time, a fifth of them
@@ -82,10 +83,10 @@ start_node() {     # start_node DIR [--bootstrap ADDR]: run a node, wait for its
     done
     head -n1 "$dir/node.addrs"
 }
-A=$(start_node "$HYPERSDK_DATA_DIR")
+A=$(start_node "$HYPERSDK_DATA_DIR" --replicate-interval 1)
 echo "node A (holds the backups) at $A"
-B=$(start_node "$WORK/b" --bootstrap "$A"); echo "node B at $B"
-C=$(start_node "$WORK/c" --bootstrap "$A"); echo "node C at $C"
+B=$(start_node "$WORK/b" --bootstrap "$A" --replicate-interval 1); echo "node B at $B"
+C=$(start_node "$WORK/c" --bootstrap "$A" --replicate-interval 1); echo "node C at $C"
 echo
 echo "== membership: A creates a network and invites B and C with one-time tokens;"
 echo "   from then on every connection proves membership before anything runs on it."
@@ -116,23 +117,49 @@ wait_providers() {  # wait_providers DIR N: until DIR's node finds N holders of 
         sleep 0.1
     done
 }
-wait_providers "$WORK/b" 1
-step "$H" --data-dir "$WORK/b" fetch "$MID"
+echo
+echo "== replication: nobody types fetch. A keeps 2 copies of each backup on other sites"
+echo "   (never its own), B at site vault and C at site branch-2 pull them from the swarm,"
+echo "   and A signs a replica entry for each holder once it holds the whole copy"
+i=0
+until "$H" status --json | python3 -c '
+import json, sys
+r = json.load(sys.stdin)["replication"]
+sys.exit(0 if not any(q["manifest"] == sys.argv[1] for q in r["queue"]) and r["confirmed"] else 1)' "$MID"; do
+    i=$((i + 1)); [ $i -le 600 ] || { echo "A's backup did not reach two other sites"; exit 1; }
+    sleep 0.1
+done
+"$H" status --json | python3 -c '
+import json, sys
+r = json.load(sys.stdin)["replication"]
+state, n, q = r["state"], r["confirmed"], len(r["queue"])
+print(f"A: {state}; copies confirmed {n}, backups waiting {q}")'
+"$H" audit log --json | python3 -c '
+import json, sys
+for e in json.load(sys.stdin):
+    b = e["body"]
+    if e["kind"] == "replica" and b["manifest"] == sys.argv[1]:
+        print("  A signed: replica of", b["manifest"][:16], "held by", b["holder"][:16])' "$MID"
+step "$H" policy show
 step "$H" --data-dir "$WORK/b" backups
-echo "(B cannot read what it holds:)"
+echo "(B cannot read what it holds, nor even its name:)"
 "$H" --data-dir "$WORK/b" restore "$MID" "$WORK/restored-on-b.img" || true
-wait_providers "$WORK/c" 2
-"$H" --data-dir "$WORK/c" restore "$MID" "$WORK/restored-on-c.img" --json > "$WORK/c-restore.json"
+echo "(E, a new member at a fourth site, restores from every holder at once)"
+TOKEN_E=$("$H" invite --site branch-3 --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
+E=$(start_node "$WORK/e" --bootstrap "$A"); echo "node E at $E"
+step "$H" --data-dir "$WORK/e" join "$TOKEN_E"
+wait_providers "$WORK/e" 3
+"$H" --data-dir "$WORK/e" restore "$MID" "$WORK/restored-on-c.img" --json > "$WORK/c-restore.json"
 python3 - "$WORK/c-restore.json" <<'PY'
 import json, sys
 d = json.load(open(sys.argv[1]))
 f = d["fetched"]
-print(f"C restored {d['out']}: fetched {f['chunks_fetched']} chunks "
+print(f"E restored {d['out']}: fetched {f['chunks_fetched']} chunks "
       f"({f['bytes_fetched']} bytes) in {f['seconds']:.2f} s from {len(f['bytes_by_peer'])} peers:")
 for peer, n in sorted(f["bytes_by_peer"].items()):
     print(f"  {peer[:16]}  {n} bytes")
 PY
-cmp "$WORK/disk-day2.img" "$WORK/restored-on-c.img" && echo "C's restore is byte-identical to the day-2 disk (B's sealed records checked under the key)"
+cmp "$WORK/disk-day2.img" "$WORK/restored-on-c.img" && echo "E's restore is byte-identical to the day-2 disk (B's sealed records checked under the key)"
 step "$H" --data-dir "$WORK/c" peers
 step "$H" --data-dir "$WORK/c" status
 

@@ -392,8 +392,44 @@ def list_backups(ctx, as_json):
 @json_option
 @click.pass_context
 def delete(ctx, ref, as_json):
-    """Delete backup REF (its chunks are reclaimed by `hypersdk gc`)."""
+    """Delete backup REF; a VM backup NAME@N (or NAME, its latest) with all its disk
+    backups. A disk backup alone is refused while its VM backup exists. The chunks
+    are reclaimed by `hypersdk gc`."""
     run_op(ctx, "delete", as_json, ref=ref)
+
+
+def _period(what: str) -> str:
+    return f"keep the newest version of each of the last N {what} that have one"
+
+
+@cli.command()
+@click.argument("name", required=False)
+@click.option("--all", "all_names", is_flag=True,
+              help="apply the policy to every backup name, each on its own")
+@click.option("--keep-last", type=int, default=None, metavar="N", help="keep the N newest versions")
+@click.option("--keep-hourly", type=int, default=None, metavar="N", help=_period("hours"))
+@click.option("--keep-daily", type=int, default=None, metavar="N", help=_period("days"))
+@click.option("--keep-weekly", type=int, default=None, metavar="N",
+              help=_period("ISO weeks (Monday to Sunday)"))
+@click.option("--keep-monthly", type=int, default=None, metavar="N", help=_period("months"))
+@click.option("--keep-yearly", type=int, default=None, metavar="N", help=_period("years"))
+@click.option("--dry-run", is_flag=True, help="only list what would be kept and removed")
+@json_option
+@click.pass_context
+def forget(ctx, name, all_names, keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly,
+           keep_yearly, dry_run, as_json):
+    """Remove the versions of backup NAME (an image's or a VM's) that a retention policy
+    does not keep, restic-style: a version kept by any --keep-* rule stays, so does the
+    newest (and the oldest while a rule has room left); days, weeks, months and years are
+    calendar ones in the local time zone. The chunks are reclaimed by `hypersdk gc`."""
+    from hypersdk.node.service.retention import Policy
+    if bool(name) == all_names:
+        raise UsageError("forget needs one backup NAME, or --all for every name")
+    keep = dict(keep_last=keep_last, keep_hourly=keep_hourly, keep_daily=keep_daily,
+                keep_weekly=keep_weekly, keep_monthly=keep_monthly, keep_yearly=keep_yearly)
+    Policy.from_args(keep)             # a bad policy fails here, before any data dir exists
+    run_op(ctx, "forget", as_json, name=name, all=all_names, dry_run=dry_run,
+           **{k: v or 0 for k, v in keep.items()})
 
 
 @cli.command()

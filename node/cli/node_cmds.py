@@ -91,9 +91,19 @@ def init(ctx, as_json):
               show_default=True, metavar="N",
               help="most DHT provider records kept for other peers (about 250 bytes "
                    "each); a full store is shared fairly among the peers announcing")
+@click.option("--replicas", type=click.IntRange(0, 16), default=None, metavar="N",
+              help="copies of this node's backups to keep on other sites (distinct ones, "
+                   "not this node's), unless `hypersdk policy` says otherwise for a name "
+                   "[default: the policy file's default, else 2]")
+@click.option("--quota", default=None, metavar="SIZE",
+              help="the most bytes this node's store may hold: copies other members ask "
+                   "it to keep are refused beyond it, with the reason [default: the disk]")
+@click.option("--replicate-interval", type=click.FloatRange(0.05, 86400), default=None,
+              hidden=True, help="seconds between replication passes (default 30; tests)")
 @json_option
 @click.pass_context
-def run(ctx, listen, bootstrap, announce, dht_k, serve_memory, provider_records, as_json):
+def run(ctx, listen, bootstrap, announce, dht_k, serve_memory, provider_records, replicas,
+        quota, replicate_interval, as_json):
     """Run the node in the foreground until SIGINT/SIGTERM."""
     import signal
 
@@ -111,6 +121,9 @@ def run(ctx, listen, bootstrap, announce, dht_k, serve_memory, provider_records,
     serve_bytes = parse_size(serve_memory)
     if serve_bytes < 16 << 20:
         raise UsageError(f"--serve-memory {serve_memory}: at least 16M (a few chunks in flight)")
+    quota_bytes = parse_size(quota) if quota is not None else None
+    from hypersdk.node.replicas.policy import Policy
+    Policy.load(data, replicas)             # a malformed policy file: say so now
 
     async def main():
         # the receiver first: a SIGTERM during startup still stops us cleanly
@@ -118,7 +131,8 @@ def run(ctx, listen, bootstrap, announce, dht_k, serve_memory, provider_records,
             async with trio.open_nursery() as nursery:
                 d = Daemon(data, ident, listen=listen or DEFAULT_LISTEN, bootstrap=bootstrap,
                            announce=announce, k=dht_k, serve_memory=serve_bytes,
-                           provider_records=provider_records)
+                           provider_records=provider_records, replicas=replicas,
+                           quota=quota_bytes, replicate_interval=replicate_interval)
                 await nursery.start(d.run)
                 from hypersdk.node.daemon.control import socket_path
                 doc = {"peer_id": str(ident.libp2p_peer_id), "node_id": ident.node_id.hex(),
@@ -296,3 +310,43 @@ def fetch(ctx, ref, as_json):
     emit(as_json, doc, text)
     if code:
         ctx.exit(code)
+
+
+@cli.group("policy")
+def policy_group():
+    """Replication policy: how many copies of this node's backups live on other sites."""
+
+
+@policy_group.command("set")
+@click.argument("name", required=False)
+@click.option("--default", "is_default", is_flag=True,
+              help="set the default for every name without a rule of its own")
+@click.option("--replicas", type=click.IntRange(0, 16), required=True, metavar="N",
+              help="copies wanted on distinct sites other than this node's (0: none)")
+@click.option("--min", "minimum", type=click.IntRange(0, 16), default=None, metavar="M",
+              help="below M copies the backup is reported under-replicated (default: N)")
+@json_option
+@click.pass_context
+def policy_set(ctx, name, is_default, replicas, minimum, as_json):
+    """Set NAME's replication rule (or, with --default, everyone's), in DATA/policy.json;
+    a running node applies it at its next pass. A VM set's NAME covers its disks."""
+    from hypersdk.node.replicas.policy import set_rule
+    if bool(name) == is_default:
+        raise UsageError("give a backup NAME or --default (not both)")
+    pol = set_rule(_data_dir(ctx), name, replicas, minimum)
+    r = pol.default if is_default else pol.rule(name)
+    emit(as_json, pol.to_json(), f"{'default' if is_default else name}: {r.replicas} "
+                                 f"replica(s) on other sites, under-replicated below {r.min}")
+
+
+@policy_group.command("show")
+@json_option
+@click.pass_context
+def policy_show(ctx, as_json):
+    """Show the replication policy (DATA/policy.json; the default applies to any other
+    name; `node run --replicas N` overrides the default)."""
+    from hypersdk.node.replicas.policy import Policy
+    pol = Policy.load(_data_dir(ctx))
+    lines = [f"default  {pol.default.replicas} replica(s), min {pol.default.min}"]
+    lines += [f"{n}  {r.replicas} replica(s), min {r.min}" for n, r in sorted(pol.names.items())]
+    emit(as_json, pol.to_json(), "\n".join(lines))

@@ -331,6 +331,12 @@ ARGS: dict[str, dict[str, Arg]] = {
                                      desc="an integer 10000..999999 (1%..99.9999%)")},
     "backups": {},
     "delete": {"ref": _REF},
+    "forget": {"name": Arg(str, required=False, nullable=True, valid=_text,
+                           desc="a backup name"),
+               "all": _FLAG, "dry_run": _FLAG,
+               **{f"keep_{rule}": Arg(int, required=False, default=0, valid=lambda n: n >= 0,
+                                      desc="an integer >= 0")
+                  for rule in ("last", "hourly", "daily", "weekly", "monthly", "yearly")}},
     "gc": {},
     "store stats": {},
     "fetch": {"ref": _REF},                 # node/service/replication.py
@@ -456,6 +462,7 @@ async def _status(d: "Daemon", args, events):
             "reputation": reputation_file.status(d.dht.scores),
             "audit": d.audit.status() if d.audit is not None else {},
             "transfers": list(d.replication.transfers.values()),
+            "replication": d.replicas.status(),
             "requests": [{"cmd": c, "seconds": round(trio.current_time() - t, 3)}
                          for c, t in d.in_flight.values()],
             "served": dict(d.served), "failed": dict(d.failed),
@@ -535,7 +542,11 @@ class Daemon:
     def __init__(self, data_dir, identity: Identity, *, listen: str = DEFAULT_LISTEN,
                  bootstrap=(), announce=(), rng: random.Random | None = None,
                  k: int | None = None, serve_memory: int = DEFAULT_SERVE_MEMORY,
-                 provider_records: int = MAX_RECORDS):
+                 provider_records: int = MAX_RECORDS, replicas: int | None = None,
+                 quota: int | None = None, replicate_interval: float | None = None):
+        """replicas: the default copies of our backups on other sites (None: the
+        policy file's, else 2; node/replicas/policy.py); quota: the most bytes our
+        store may hold when accepting copies for others (None: the disk's free space)."""
         self.data_dir = Path(data_dir).absolute()
         self.identity = identity
         self.listen = listen
@@ -573,6 +584,9 @@ class Daemon:
         if "join network" not in COMMANDS:
             enroll.register(COMMANDS, CommandReply)
         self.enrollment = enroll.Enrollment(self)
+        from hypersdk.node.replicas.service import INTERVAL, Replicas
+        self.replicas = Replicas(self, default_replicas=replicas, quota=quota,
+                                 interval=replicate_interval or INTERVAL)
         self.audit = None                   # node.service.net_verify.AuditNet once running
         self.renewal = None                 # node.service.renew.Renewal once running
         self.nursery: trio.Nursery | None = None
@@ -619,6 +633,7 @@ class Daemon:
                     self.nursery = nursery
                     self.replication.start_serving()
                     self.enrollment.start_serving()
+                    self.replicas.start_serving()
                     from hypersdk.node.service.renew import Renewal
                     self.renewal = Renewal(self)
                     self.renewal.start_serving()
@@ -630,6 +645,7 @@ class Daemon:
                     self.started = trio.current_time()
                     write_atomic(addrs_file, "".join(a + "\n" for a in self.addrs).encode())
                     nursery.start_soon(self._join_then_announce)
+                    nursery.start_soon(self.replicas.run)
                     nursery.start_soon(self._trim_when_idle)
                     nursery.start_soon(reputation_file.keep_saved, self.data_dir, scores)
                     task_status.started(self)
@@ -637,6 +653,7 @@ class Daemon:
                 if self.transport is not None:
                     self.transport.close_listener()     # if run() never took it
                 self.replication.close()
+                self.replicas.close()
                 if self.audit is not None:
                     self.audit.close()
                 _unlink(addrs_file)

@@ -1,5 +1,5 @@
 """The store operations: what `backup`, `restore`, `verify`, `backups`, `delete`,
-`gc` and `store stats` do, for the CLI and for the daemon alike.
+`forget`, `gc` and `store stats` do, for the CLI and for the daemon alike.
 
 Each op is `fn(store, args, ui) -> (JSON document, text, exit code)`: it does the
 work on an open ChunkStore and returns its result; it prints nothing. `ui` gives
@@ -15,7 +15,7 @@ import datetime
 import os
 
 from hypersdk.node.config import human
-from hypersdk.node.errors import UserError
+from hypersdk.node.errors import UsageError, UserError
 
 
 class StoreOp:
@@ -272,17 +272,139 @@ def _op_backups(store, a, ui):
 @store_op("delete")
 def _op_delete(store, a, ui):
     from hypersdk.node.audit import intents as audit_intents
-    from hypersdk.node.store import catalog
-    from hypersdk.node.store import intents as store_intents
+    from hypersdk.node.store import catalog, vm_sets
     with store.write_lock(ui.on_wait):
-        b = catalog.resolve(store, a["ref"])
-        catalog.delete_backup(store, b, extra=lambda db: store_intents.add(db, "delete", {
-            "manifest": b.manifest_id, "name": b.name, "version": b.version}))
+        vmset = vm_sets.resolve(store.db, a["ref"])
+        if vmset is None:
+            b = catalog.resolve(store, a["ref"])
+            held = vm_sets.owner(store.db, b.name, b.version, b.manifest_id)
+            if held is not None:
+                raise UserError(f"{b.ref} is a disk of VM backup {held.ref}: delete the whole VM "
+                                f"backup (`hypersdk delete {held.ref}`); one missing a disk "
+                                "does not restore")
+            _remove_backup(store, b)
+        else:
+            gone = _remove_set(store, vmset)
     audit_intents.crash_point("delete-committed")
     audit_intents.flush(store, ui.on_wait)
+    if vmset is not None:
+        refs = [f"{n}@{v}" for n, v, _ in gone]
+        return ({"deleted": vmset.to_json(), "backups_deleted": [
+                    {"ref": f"{n}@{v}", "name": n, "version": v, "manifest": m.hex()}
+                    for n, v, m in gone]},
+                f"deleted VM backup {vmset.ref} and its {len(gone)} disk backup(s) "
+                f"({', '.join(refs)}); run `hypersdk gc` to reclaim space", 0)
     return ({"deleted": b.to_json()},
             f"deleted {b.ref} (manifest {b.manifest_id.hex()[:16]}); run `hypersdk gc` to reclaim space",
             0)
+
+
+def _remove_backup(store, b) -> None:
+    """Delete image backup b: its catalog row and its audit intent in one transaction."""
+    from hypersdk.node.store import catalog
+    from hypersdk.node.store import intents as store_intents
+    catalog.delete_backup(store, b, extra=lambda db: store_intents.add(db, "delete", {
+        "manifest": b.manifest_id, "name": b.name, "version": b.version}))
+
+
+def _remove_set(store, vmset) -> list:
+    """Delete a VM backup set and its disk backups in one transaction, with one delete
+    intent per disk backup; the (name, version, manifest) of the backups removed."""
+    from hypersdk.node.store import intents as store_intents
+    from hypersdk.node.store import vm_sets
+    return vm_sets.delete_set(store.db, vmset, extra=lambda db, n, v, m: store_intents.add(
+        db, "delete", {"manifest": m, "name": n, "version": v}))
+
+
+@store_op("forget")
+def _op_forget(store, a, ui):
+    """Apply a retention policy (node/service/retention.py) to NAME's versions, or to
+    every name's (`all`): remove the versions it does not keep, as `delete` does
+    (one transaction and one delete entry per image backup; a VM set with all its
+    disk backups in one transaction). dry_run: only say what it would do."""
+    import contextlib
+
+    from hypersdk.node.audit import intents as audit_intents
+    from hypersdk.node.service import retention
+    policy = retention.Policy.from_args(a)
+    name, dry = a.get("name"), bool(a.get("dry_run"))
+    if bool(name) == bool(a.get("all")):
+        raise UsageError("forget needs one backup NAME, or --all for every name")
+    if name and "@" in name:
+        raise UsageError(f"forget takes a backup NAME, not a version ({name!r}): it applies "
+                         "the policy to every version of NAME")
+    docs, lines, n_versions = {"keep": [], "remove": []}, [], 0
+    try:
+        with contextlib.nullcontext() if dry else store.write_lock(ui.on_wait):
+            for group, kind, versions in _forget_groups(store, name):
+                sel = retention.apply(versions, policy)
+                why = {id(v): r for v, r in zip(sel.keep, sel.reasons)}
+                n_versions += len(versions)
+                lines.append(f"{group} ({'VM backup' if kind == 'vm' else 'image backup'}): "
+                             f"keep {len(sel.keep)}, remove {len(sel.remove)}")
+                for v in sorted(versions, key=lambda v: (v.created, v.version), reverse=True):
+                    doc = _version_doc(v, kind, why.get(id(v)))
+                    if id(v) not in why and not dry:
+                        if kind == "vm":
+                            _remove_set(store, v)
+                        else:
+                            _remove_backup(store, v)
+                    docs["keep" if id(v) in why else "remove"].append(doc)
+                    when = retention.local_time(v.created).astimezone()
+                    lines.append((f"  {'keep' if id(v) in why else 'remove':<6} {v.ref:<28} "
+                                  f"{when:%Y-%m-%d %H:%M:%S %z}  "
+                                  + (", ".join(why[id(v)]) if id(v) in why else
+                                     f"(VM: {len(v.doc['disks'])} disk backups)" if kind == "vm"
+                                     else "")).rstrip())
+        audit_intents.crash_point("delete-committed")
+    finally:
+        audit_intents.flush(store, ui.on_wait)      # the entries of what was removed
+    k, r = len(docs["keep"]), len(docs["remove"])
+    lines.append(f"dry run, policy {policy.describe()}: would remove {r} of {n_versions} "
+                 f"version(s), keep {k}; nothing changed" if dry else
+                 f"policy {policy.describe()}: removed {r} of {n_versions} version(s), kept {k}"
+                 + ("; run `hypersdk gc` to reclaim space" if r else ""))
+    return dict(docs, dry_run=dry, policy=policy.to_json()), "\n".join(lines), 0
+
+
+def _forget_groups(store, name: str | None) -> list:
+    """[(name, "vm" | "image", versions)] for `forget NAME` (None: every name). A VM's
+    disk backups go with their set, never on their own. Copies held for other members
+    (replicas) are theirs to forget: they go when their author deletes them."""
+    from hypersdk.node.store import catalog, vm_sets
+    held = vm_sets.owners(store.db)
+    images: dict = {}
+    for b in catalog.list_backups(store):
+        if (b.name, b.version, b.manifest_id) not in held and not b.stats.get("replica"):
+            images.setdefault(b.name, []).append(b)
+    sets: dict = {}
+    for s in vm_sets.list_sets(store.db):
+        sets.setdefault(s.name, []).append(s)
+    if name is None:
+        return ([(n, "vm", v) for n, v in sorted(sets.items())]
+                + [(n, "image", v) for n, v in sorted(images.items())])
+    out = ([(name, "vm", sets[name])] if name in sets else []) + \
+        ([(name, "image", images[name])] if name in images else [])
+    if out:
+        return out
+    owner = next((ref for (n, _, _), ref in held.items() if n == name), None)
+    if owner is not None:
+        vm = owner.rpartition("@")[0]
+        raise UserError(f"{name!r} holds disk backups of the VM backup {vm!r}: forget {vm!r} "
+                        "instead (a VM backup is kept or removed whole)")
+    raise UserError(f"no backup named {name!r} (try `hypersdk backups`)")
+
+
+def _version_doc(v, kind: str, reasons) -> dict:
+    doc = {"ref": v.ref, "name": v.name, "version": v.version, "kind": kind,
+           "created_ns": v.created}
+    if kind == "vm":
+        doc["disks"] = [d["ref"] for d in v.doc["disks"]]
+    else:
+        doc["manifest"] = v.manifest_id.hex()
+    if reasons is not None:
+        doc["reasons"] = reasons
+    return doc
 
 
 @store_op("gc")

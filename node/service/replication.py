@@ -358,11 +358,20 @@ def restore_text(text: str, doc: dict) -> str:
 def register(commands: dict, command_reply) -> None:
     """Add the network commands to the daemon's COMMANDS (wrapping the store ops)."""
     local_backup, local_restore = commands["backup"], commands["restore"]
+    local_backup_vm = commands["backup vm"]
 
     async def backup(d, args, events):
         reply = await local_backup(d, args, events)
         if reply.code == 0 and isinstance(reply.doc, dict) and reply.doc.get("manifest"):
             d.nursery.start_soon(d.replication.announce, bytes.fromhex(reply.doc["manifest"]))
+            d.replicas.wake()                 # place its copies on other sites now
+        return reply
+
+    async def backup_vm(d, args, events):
+        reply = await local_backup_vm(d, args, events)
+        for mid in set(manifests_in(reply.doc)):
+            d.nursery.start_soon(d.replication.announce, bytes.fromhex(mid))
+        d.replicas.wake()
         return reply
 
     async def fetch(d, args, events):
@@ -393,3 +402,14 @@ def register(commands: dict, command_reply) -> None:
         return reply
 
     commands.update(backup=backup, fetch=fetch, restore=restore)
+    commands["backup vm"] = backup_vm
+
+
+def manifests_in(doc) -> list[str]:
+    """The manifest ids (hex) anywhere in a reply document (a VM backup's disks)."""
+    if isinstance(doc, dict):
+        out = [doc["manifest"]] if isinstance(doc.get("manifest"), str) else []
+        return out + [m for k, v in doc.items() if k != "manifest" for m in manifests_in(v)]
+    if isinstance(doc, list):
+        return [m for v in doc for m in manifests_in(v)]
+    return []

@@ -8,6 +8,9 @@ row and its disks' backup rows are written in one transaction: a VM backup is
 recorded whole or not at all.
 
 Set names share the backup namespace: a name is either a VM's or an image's.
+A set is deleted whole (delete_set: its row and its disks' backups in one
+transaction); while a set holds a disk backup, that backup alone is not deleted
+(node/service/ops.py says so to the user): the set would no longer restore.
 """
 from __future__ import annotations
 
@@ -98,3 +101,54 @@ def resolve(db, ref: str) -> VmSet | None:
                                          "version", (name,))]
         raise UserError(f"no VM backup {ref!r} (versions: {', '.join(map(str, have))})")
     return _row(r)
+
+
+def versions(db, name: str) -> list[VmSet]:
+    """Every version of the VM backup NAME, oldest first ([] if NAME is no VM's)."""
+    return [_row(r) for r in db.execute(
+        "SELECT name, version, created, doc FROM vm_sets WHERE name=? ORDER BY version", (name,))]
+
+
+def _disk_key(d: dict) -> tuple[str, int, bytes]:
+    name, _, ver = d["ref"].rpartition("@")
+    return name, int(ver), bytes.fromhex(d["manifest"])
+
+
+def owners(db) -> dict[tuple[str, int, bytes], str]:
+    """(name, version, manifest id) of every disk backup a set holds -> the set's REF.
+    The manifest is part of the key: a deleted latest version's number is reused."""
+    return {_disk_key(d): s.ref for s in list_sets(db) for d in s.doc["disks"]}
+
+
+def owner(db, name: str, version: int, manifest: bytes) -> VmSet | None:
+    """The set that holds backup NAME@VERSION (of that manifest) as a disk, or None.
+    A disk backup is named SET/LABEL, so only names before a '/' can hold it."""
+    for i in (i for i, c in enumerate(name) if c == "/"):
+        for s in versions(db, name[:i]):
+            if any(_disk_key(d) == (name, version, manifest) for d in s.doc["disks"]):
+                return s
+    return None
+
+
+def delete_set(db, vmset: VmSet, extra=None) -> list[tuple[str, int, bytes]]:
+    """Remove set NAME@N and every disk backup it holds (each backup row, and its
+    manifest once no other row uses it), all in one transaction; extra(conn, name,
+    version, manifest) runs in it for each disk backup removed (its audit intent).
+    Returns the (name, version, manifest) removed; a disk backup already gone is
+    skipped. The rows are catalog.delete_backup's, in the set's transaction.
+    Chunks stay until `gc`."""
+    gone = []
+    with db:
+        db.execute("DELETE FROM vm_sets WHERE name=? AND version=?", (vmset.name, vmset.version))
+        for d in vmset.doc["disks"]:
+            name, version, mid = _disk_key(d)
+            cur = db.execute("DELETE FROM backups WHERE name=? AND version=? AND manifest=?",
+                             (name, version, mid))
+            if cur.rowcount == 0:
+                continue
+            db.execute("DELETE FROM manifests WHERE id=? AND NOT EXISTS "
+                       "(SELECT 1 FROM backups WHERE manifest=?)", (mid, mid))
+            if extra is not None:
+                extra(db, name, version, mid)
+            gone.append((name, version, mid))
+    return gone

@@ -76,6 +76,8 @@ class Node:
                  listen: str = "/ip4/127.0.0.1/tcp/0"):
         self.cli = cli
         self.addrs_file = cli.data_dir / "node.addrs"
+        if "--replicas" not in extra:       # placement only where a test asks for it
+            extra = (*extra, "--replicas", "0")
         self.proc = subprocess.Popen(
             [str(HYPERSDK), "node", "run", "--listen", listen, *extra],
             env=cli_env(cli.data_dir, **(env or {})), stdout=subprocess.PIPE,

@@ -36,6 +36,8 @@ VALID = {
                 "loss_ppm": 10000, "confidence_ppm": 990000}, []),
     "backups": ({}, []),
     "delete": ({"ref": "nope"}, ["ref"]),
+    "forget": ({"name": "nope", "all": False, "dry_run": False, "keep_last": 1, "keep_hourly": 0,
+                "keep_daily": 0, "keep_weekly": 0, "keep_monthly": 0, "keep_yearly": 0}, []),
     "gc": ({}, []),
     "store stats": ({}, []),
     "fetch": ({"ref": "nope"}, ["ref"]),
@@ -51,7 +53,8 @@ VALID = {
 NULLABLE = {("backup", "name"), ("backup vm", "name"), ("backup vm", "ca_file"),
             ("restore vm", "datastore"), ("restore vm", "ca_file"), ("restore", "umask"),
             ("verify", "ref"), ("verify", "against"),
-            ("verify", "min_holders"), ("verify", "loss_ppm"), ("verify", "confidence_ppm")}
+            ("verify", "min_holders"), ("verify", "loss_ppm"), ("verify", "confidence_ppm"),
+            ("forget", "name")}
 
 # a value of the wrong type for an argument of each type
 # (the valid nil ones are the nullable text arguments; msgpack here has no floats)
@@ -75,6 +78,8 @@ OUT_OF_RANGE = [
     ("verify", "loss_ppm", 4999), ("verify", "loss_ppm", 990001),
     ("verify", "confidence_ppm", 1000000), ("verify", "confidence_ppm", 0),
     ("delete", "ref", ""), ("fetch", "ref", ""),
+    ("forget", "name", ""), ("forget", "name", "a\0b"), ("forget", "keep_last", -1),
+    ("forget", "keep_daily", -7), ("forget", "keep_yearly", -1),
     ("join", "addr", ""),
     ("dht provide", "key", "zz"), ("dht provide", "key", "ab" * 31),
     ("dht find", "key", "ab" * 33), ("dht find", "count", 0), ("dht find", "count", 65),

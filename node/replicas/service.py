@@ -1,0 +1,374 @@
+"""Replication that keeps itself: the daemon places copies of its backups on other
+sites and holds the copies other members place on it (issue 20).
+
+Author side (every `interval` seconds, and at once after a backup):
+  for each backup of ours whose live holders (asked or held, node/replicas/state.py)
+  are fewer than its policy wants (node/replicas/policy.py), the node
+    1. asks the holders it asked before how far they are (status): "held" makes
+       them a confirmed holder and appends a signed `replica` entry naming them to
+       our audit log; "failed", "refused" or "unknown" (it lost the request)
+       drops them for this backup;
+    2. finds candidates: the members it knows (DHT routing table and the nodes
+       nearest the manifest id) whose valid member certificate names a site, asks
+       their offer (free space), and chooses holders on distinct sites other than
+       ours (node/replicas/placement.py);
+    3. asks each to replicate: the holder checks its quota, queues the copy durably
+       and pulls it from the swarm (every peer that has it, chunks verified), then
+       says "held" at our next status request.
+  With no reachable candidate the backup simply stays in the queue (a backup made
+  offline, or before a restart, is found again from the catalog): `status` shows
+  it, and it is placed once peers return.
+Holder side: REPLICATE_PROTOCOL requests from members (protocol/replicate.py); a
+copy is accepted within `node run --quota SIZE` (the store's bytes plus the copies
+already promised) and refused beyond it with the reason; the fetch loop works
+through the durable queue (retries with backoff, MAX_ATTEMPTS).
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+
+import trio
+
+from hypersdk.dht.keys import node_id
+from hypersdk.node.config import human
+from hypersdk.node.errors import UserError
+from hypersdk.node.replicas.placement import Candidate, choose
+from hypersdk.node.replicas.policy import Policy
+from hypersdk.node.replicas.state import MAX_ATTEMPTS, ReplicaState
+from hypersdk.node.service.frames import answer_once, read_frame
+from hypersdk.protocol import replicate as rp
+from hypersdk.protocol.errors import ProtocolError
+
+log = logging.getLogger(__name__)
+
+INTERVAL = 30.0                 # seconds between placement passes (and queue looks)
+TIMEOUT = 10.0                  # one request to a peer
+MAX_CANDIDATES = 256
+OFFER_PARALLEL = 16
+
+
+class _Quiet:
+    """The Events a background fetch reports to: nobody."""
+
+    def progress(self, total, label):
+        import contextlib
+        return contextlib.nullcontext(lambda n: None)
+
+    def emit(self, ev) -> None:
+        pass
+
+    def on_wait(self, msg) -> None:
+        pass
+
+
+class Replicas:
+    def __init__(self, daemon, *, default_replicas: int | None = None,
+                 quota: int | None = None, interval: float = INTERVAL):
+        self.d = daemon
+        self.default_replicas = default_replicas
+        self.quota = quota
+        self.interval = interval
+        self._lock = threading.Lock()
+        self._state: ReplicaState | None = None
+        self._wake_author = trio.Event()
+        self._wake_holder = trio.Event()
+        self.report: dict = {"state": "starting", "queue": []}
+        self._notes: dict[bytes, list[str]] = {}       # why a backup waits (last pass)
+        self.counters = {"asked": 0, "confirmed": 0, "refused": 0, "accepted": 0,
+                         "refused_quota": 0, "fetched": 0, "fetch_failures": 0}
+
+    # -- plumbing -------------------------------------------------------------------
+    async def _db(self, fn, *args):
+        def run():
+            with self._lock:
+                if self._state is None:
+                    self._state = ReplicaState(self.d.data_dir)
+                return fn(self._state, *args)
+        return await trio.to_thread.run_sync(run)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._state is not None:
+                self._state.close()
+                self._state = None
+
+    def wake(self) -> None:
+        self._wake_author.set()
+
+    def start_serving(self) -> None:
+        self.d.net.set_handler(rp.REPLICATE_PROTOCOL, self.handle)
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as n:
+            n.start_soon(self._loop, self.place_all, "_wake_author")
+            n.start_soon(self._loop, self.fetch_due, "_wake_holder")
+
+    async def _loop(self, work, event: str) -> None:
+        while True:
+            try:
+                await work()
+            except (UserError, OSError, ProtocolError) as exc:
+                log.warning("replication: %s", exc)
+            except Exception:                     # a bug here must not stop the node
+                log.exception("replication pass failed")
+                self.counters["pass_errors"] = self.counters.get("pass_errors", 0) + 1
+            with trio.move_on_after(self.interval):
+                await getattr(self, event).wait()
+            setattr(self, event, trio.Event())
+
+    def _site(self) -> str | None:
+        net = self.d.gate.network if self.d.gate is not None else None
+        return net.cert.site if net is not None else None
+
+    # -- holder side ----------------------------------------------------------------
+    async def handle(self, stream, peer_id: bytes) -> None:
+        async def answer(payload: bytes) -> bytes:
+            req = rp.decode_request(payload)
+            if self._site() is None:
+                raise UserError("this node is in no network: it holds no copies for others")
+            if req.op == "offer":
+                return rp.offer_answer(await self.offer())
+            if req.op == "replicate":
+                return rp.state_answer(*await self._accept(req.manifest, req.size, peer_id))
+            if req.op == "status":
+                return rp.state_answer(*await self._status(req.manifest))
+            raise UserError(f"{req.op} is not served by this node yet")
+        await answer_once(stream, peer_id, "replicate", answer, timeout=TIMEOUT)
+
+    async def offer(self) -> rp.Offer:
+        """What this node can still take: the quota (the most bytes its store may
+        hold) less what the store holds and what it already promised, and never
+        more than its disk's free space less those promises."""
+        def measure():
+            with self.d.open_store(readonly=True) as store:
+                used = store.stats()["stored_bytes"]
+            return used, shutil.disk_usage(self.d.data_dir).free
+        used, disk = await trio.to_thread.run_sync(measure)
+        pending = await self._db(ReplicaState.pending_bytes)
+        free = max(0, disk - pending)
+        if self.quota is not None:
+            free = min(free, max(0, self.quota - used - pending))
+        return rp.Offer(self._site() or "", free, self.quota, used)
+
+    async def _accept(self, mid: bytes, size: int, author: bytes) -> tuple[str, str]:
+        from hypersdk.node.service.replication import held_completely
+        held = await trio.to_thread.run_sync(self._held, mid, held_completely)
+        if held:
+            return "held", ""
+        have = await self._db(ReplicaState.incoming, mid)
+        if have and have[0].state in ("queued", "fetching"):
+            return have[0].state, ""
+        o = await self.offer()
+        if size > o.free:
+            self.counters["refused_quota"] += 1
+            if self.quota is not None:
+                return "refused", (f"over quota: the copy needs {human(size)}, this node "
+                                   f"can take {human(o.free)} more (quota {human(self.quota)}, "
+                                   f"{human(o.used)} stored)")
+            return "refused", (f"not enough disk space: the copy needs {human(size)}, "
+                               f"{human(o.free)} free")
+        await self._db(ReplicaState.enqueue, mid, author, size)
+        self.counters["accepted"] += 1
+        self._wake_holder.set()
+        return "queued", ""
+
+    def _held(self, mid: bytes, held_completely) -> bool:
+        with self.d.open_store(readonly=True) as store:
+            return held_completely(store, mid)
+
+    async def _status(self, mid: bytes) -> tuple[str, str]:
+        from hypersdk.node.service.replication import held_completely
+        if await trio.to_thread.run_sync(self._held, mid, held_completely):
+            return "held", ""
+        have = await self._db(ReplicaState.incoming, mid)
+        if not have:
+            return "unknown", ""
+        return have[0].state, have[0].reason
+
+    async def fetch_due(self) -> None:
+        """Fetch every queued copy that is due, one at a time (each is a swarm fetch
+        that uses every provider at once)."""
+        for item in await self._db(ReplicaState.due):
+            await self._db(ReplicaState.set_incoming, item.manifest, "fetching")
+            try:
+                await self.d.replication.fetch(item.manifest.hex(), _Quiet())
+            except (UserError, ProtocolError, OSError) as exc:
+                self.counters["fetch_failures"] += 1
+                if item.attempts + 1 >= MAX_ATTEMPTS:
+                    await self._db(ReplicaState.set_incoming, item.manifest, "failed",
+                                   f"gave up after {MAX_ATTEMPTS} attempts: {exc}", 0)
+                else:
+                    wait = min(600.0, self.interval * 2 ** item.attempts)
+                    await self._db(ReplicaState.set_incoming, item.manifest, "queued",
+                                   str(exc), wait)
+                continue
+            self.counters["fetched"] += 1
+            await self._db(ReplicaState.set_incoming, item.manifest, "held")
+
+    # -- author side ----------------------------------------------------------------
+    async def place_all(self) -> None:
+        site = self._site()
+        if site is None:
+            self.report = {"state": "no network: backups stay on this node only", "queue": []}
+            return
+        pol = await trio.to_thread.run_sync(Policy.load, self.d.data_dir,
+                                            self.default_replicas)
+        backups = await trio.to_thread.run_sync(self._own_backups)
+        offers: dict[bytes, rp.Offer | None] = {}
+        queue = []
+        for mid, (name, size) in backups.items():
+            rule = pol.rule(name)
+            if rule.replicas == 0:
+                continue
+            held, asked = await self._progress(mid)
+            need = rule.replicas - len(held) - len(asked)
+            if need > 0:
+                await self._place(mid, size, need, site, offers)
+                held, asked = await self._progress(mid, poll=False)
+            if len(held) < rule.replicas:
+                failed = [r for r in await self._db(ReplicaState.holders, mid)
+                          if r.state == "failed"]
+                queue.append({"manifest": mid.hex(), "name": name, "want": rule.replicas,
+                              "min": rule.min, "held": len(held), "asked": len(asked),
+                              "under_replicated": len(held) < rule.min,
+                              "refusals": [f"{r.holder.hex()[:16]} (site {r.site}): {r.reason}"
+                                           for r in failed][-8:],
+                              "waiting": self._notes.get(mid, [])})
+        self.report = {"state": "placing" if queue else "every backup has its copies",
+                       "queue": queue, "candidates_offered": len(offers)}
+
+    def _own_backups(self) -> dict[bytes, tuple[str, int]]:
+        """manifest -> (name, bytes a copy may take) of the backups we made."""
+        from hypersdk.node.store import catalog
+        out = {}
+        with self.d.open_store(readonly=True) as store:
+            for b in catalog.list_backups(store):
+                if b.stats.get("replica"):
+                    continue
+                zeros = b.stats.get("zero_chunks", 0) * b.stats.get("chunk_size", 0)
+                out[b.manifest_id] = (b.name, max(0, b.size - zeros))
+        return out
+
+    async def _progress(self, mid: bytes, poll: bool = True):
+        """(held, asked) holder rows of mid; poll: ask the asked ones first."""
+        rows = await self._db(ReplicaState.holders, mid)
+        if poll:
+            for h in [r for r in rows if r.state == "asked"]:
+                st = await self._ask(h.holder, h.addr, rp.request("status", mid))
+                if st is None:
+                    continue                               # unreachable: ask again later
+                if st.state == "held":
+                    await self._confirmed(mid, h.holder, h.site, h.addr)
+                elif st.state in ("failed", "refused", "unknown"):
+                    await self._db(ReplicaState.set_holder, mid, h.holder, h.site, h.addr,
+                                   "failed", st.reason or st.state)
+            rows = await self._db(ReplicaState.holders, mid)
+        return ([r for r in rows if r.state == "held"], [r for r in rows if r.state == "asked"])
+
+    async def _confirmed(self, mid: bytes, holder: bytes, site: str, addr: str) -> None:
+        from hypersdk.node.audit.log import record
+        await self._db(ReplicaState.set_holder, mid, holder, site, addr, "held")
+        await trio.to_thread.run_sync(record, self.d.data_dir, "replica",
+                                      {"manifest": mid, "holder": holder})
+        self.counters["confirmed"] += 1
+        log.info("replication: %s holds %s (site %s)", holder.hex()[:16], mid.hex()[:16], site)
+        if self.d.audit is not None and self.d.audit.gossip is not None:
+            self.d.nursery.start_soon(self.d.audit.gossip.spread_own)
+
+    async def _candidates(self, mid: bytes) -> list:
+        """Contacts of members we know, with their sites, nearest mid first."""
+        gate, dht = self.d.gate, self.d.dht
+        sites = {}
+        for key, cert in list(gate.certs.items()):
+            if gate.author_ok(key):
+                sites[node_id(key)] = cert.site
+        contacts = {c.id: c for c in dht.table.closest(mid, MAX_CANDIDATES)}
+        with trio.move_on_after(TIMEOUT):
+            for c in await dht.find_node(mid):
+                contacts.setdefault(c.id, c)
+        own = self.d.identity.node_id
+        return [(c, sites[n]) for n, c in contacts.items() if n in sites and n != own]
+
+    async def _place(self, mid: bytes, size: int, need: int, site: str, offers: dict) -> None:
+        rows = await self._db(ReplicaState.holders, mid)
+        taken = {r.site for r in rows if r.state in ("asked", "held")}
+        excluded = {r.holder for r in rows}
+        found = await self._candidates(mid)
+        ask = [(c, s) for c, s in found if c.id not in offers and c.id not in excluded
+               and s not in taken and s != site]
+        limiter = trio.CapacityLimiter(OFFER_PARALLEL)
+
+        async def offer_of(contact):
+            async with limiter:
+                raw = await self._exchange(contact, rp.request("offer"))
+            try:
+                offers[contact.id] = rp.decode_offer(raw) if raw else None
+            except ProtocolError:
+                offers[contact.id] = None
+        async with trio.open_nursery() as n:
+            for c, _ in ask:
+                n.start_soon(offer_of, c)
+        by_id = {c.id: (c, s) for c, s in found}
+        cands = [Candidate(nid, by_id[nid][1], o.free) for nid, o in offers.items()
+                 if o is not None and nid in by_id]
+        notes = [f"{x.node_id.hex()[:16]} (site {x.site}) can take {human(x.free)}, the copy "
+                 f"needs {human(size)}" for x in cands
+                 if x.free < size and x.site not in taken and x.site != site]
+        if not any(s != site and s not in taken for _, s in found):
+            notes.append("no member on another site is known" + (
+                " besides the sites that hold it" if taken else ""))
+        self._notes[mid] = notes[-8:]
+        for cand in choose(mid, size, need, cands, author_site=site, taken_sites=taken,
+                           excluded=excluded):
+            addr = by_id[cand.node_id][0].addr
+            st = await self._ask(cand.node_id, addr, rp.request("replicate", mid, size))
+            self.counters["asked"] += 1
+            if st is None:
+                continue                                   # unreachable now: next pass
+            if st.state == "held":
+                await self._confirmed(mid, cand.node_id, cand.site, addr)
+            elif st.state in ("queued", "fetching"):
+                await self._db(ReplicaState.set_holder, mid, cand.node_id, cand.site, addr,
+                               "asked")
+            else:
+                self.counters["refused"] += 1
+                log.info("replication: %s refused %s: %s", cand.node_id.hex()[:16],
+                         mid.hex()[:16], st.reason)
+                await self._db(ReplicaState.set_holder, mid, cand.node_id, cand.site, addr,
+                               "failed", st.reason or st.state)
+                offers[cand.node_id] = None                # not asked again this pass
+
+    async def _ask(self, nid: bytes, addr: str, frame: bytes) -> rp.State | None:
+        """One request to node nid (at the address the routing table knows now, else
+        at `addr`); its answer, or None when unreachable."""
+        from hypersdk.dht.contact import Contact
+        contact = self.d.dht.table.get(nid) or Contact(nid, addr)
+        raw = await self._exchange(contact, frame)
+        if raw is None:
+            return None
+        try:
+            return rp.decode_state(raw)
+        except ProtocolError as exc:
+            log.info("replication: bad answer from %s: %s", nid.hex()[:16], exc)
+            return None
+
+    async def _exchange(self, contact, frame: bytes) -> bytes | None:
+        """Send one request frame, read one answer frame; None if unreachable."""
+        try:
+            with trio.fail_after(TIMEOUT):
+                stream = await self.d.net.open_stream(contact.id, contact.addr,
+                                                      rp.REPLICATE_PROTOCOL)
+                try:
+                    await stream.send_all(frame)
+                    return await read_frame(stream)
+                finally:
+                    with trio.move_on_after(1):
+                        await stream.aclose()
+        except Exception as exc:                  # unreachable, reset, refused, slow
+            log.debug("replication: %s: %r", contact.id.hex()[:16], exc)
+            return None
+
+    def status(self) -> dict:
+        return {**self.report, "quota": self.quota, **self.counters}
