@@ -738,18 +738,23 @@ class AuditLog:
             total += len(raw)
         return out
 
-    def find_backup_by_name(self, name: str, key=None) -> bytes | None:
+    def find_backup_by_name(self, name: str, key=None, *, version: int | None = None
+                            ) -> bytes | None:
         """The manifest of the latest (highest seq) backup entry named `name` in the
-        one log that uses the name. NameConflict when several authors use it: a name
-        is never resolved by the time an author claims. Sealed names count only
-        when `key` (a DataKey) opens them."""
+        one log that uses the name, or of its `version`-th (NAME@N: an author's
+        catalog numbers versions in creation order). NameConflict when several
+        authors use it: a name is never resolved by the time an author claims.
+        Sealed names count only when `key` (a DataKey) opens them."""
         latest: dict[bytes, audit.Entry] = {}
+        nth: dict[bytes, int] = {}
         for (raw,) in self.db.execute("SELECT raw FROM entries WHERE kind='backup' ORDER BY "
                                       "author, seq"):
             e = audit.decode_entry(bytes(raw), verify=False)
             body = audit.open_body(e.body, key)
             if body is not None and body["name"] == name:
-                latest[e.author] = e
+                nth[e.author] = nth.get(e.author, 0) + 1
+                if version is None or nth[e.author] == version:
+                    latest[e.author] = e
         if len(latest) > 1:
             raise NameConflict(name, sorted(latest.values(), key=lambda x: x.author))
         return next(iter(latest.values())).body["manifest"] if latest else None

@@ -380,11 +380,31 @@ def verify(ctx, ref, network, against, min_holders, detect_loss, confidence, as_
 
 
 @cli.command("backups")
+@click.option("--network", is_flag=True,
+              help="the network's backups, from the audit logs gossiped here: author, "
+                   "copies on other nodes and their health")
+@click.option("--all", "show_all", is_flag=True, help="with --network: deleted ones too")
 @json_option
 @click.pass_context
-def list_backups(ctx, as_json):
+def list_backups(ctx, network, show_all, as_json):
     """List backups: NAME@VERSION, manifest id, size, creation time."""
-    run_op(ctx, "backups", as_json)
+    if show_all and not network:
+        raise UsageError("--all goes with --network")
+    if not network:
+        run_op(ctx, "backups", as_json)
+        return
+    from pathlib import Path
+
+    from hypersdk.node.audit.log import AuditLog
+    from hypersdk.node.net import datakey
+    from hypersdk.node.replicas import network_view
+    root = Path(ctx.obj["data_dir"] or default_data_dir())
+    if not (root / "audit.sqlite").exists():
+        raise UserError(f"no audit log in {root}: this node has seen no backup yet")
+    with AuditLog(root) as log:
+        rows = network_view.network_backups(log, datakey.load(root),
+                                            include_deleted=show_all)
+    emit(as_json, rows, network_view.text(rows))
 
 
 @cli.command()

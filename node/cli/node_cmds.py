@@ -100,10 +100,24 @@ def init(ctx, as_json):
                    "it to keep are refused beyond it, with the reason [default: the disk]")
 @click.option("--replicate-interval", type=click.FloatRange(0.05, 86400), default=None,
               hidden=True, help="seconds between replication passes (default 30; tests)")
+@click.option("--holder-check", type=click.FloatRange(0.05, 86400 * 7), default=None,
+              metavar="SECONDS", help="how often each holder of a copy of this node's "
+              "backups proves it still holds it [default: 3600]")
+@click.option("--holder-grace", type=click.FloatRange(0.05, 86400 * 30), default=None,
+              metavar="SECONDS", help="a holder unreachable this long after its last good "
+              "check is replaced by one on another site [default: 14400]")
+@click.option("--orphans-after", default=None, metavar="DURATION",
+              help="release copies held for a member whose log has been silent this long "
+                   "(e.g. 90d) [default: 180d]")
+@click.option("--keep-orphans", is_flag=True,
+              help="never release copies of a silent member (its site may be gone: they "
+                   "may be the last copies); copies are still released when their author "
+                   "deletes them")
 @json_option
 @click.pass_context
 def run(ctx, listen, bootstrap, announce, dht_k, serve_memory, provider_records, replicas,
-        quota, replicate_interval, as_json):
+        quota, replicate_interval, holder_check, holder_grace, orphans_after, keep_orphans,
+        as_json):
     """Run the node in the foreground until SIGINT/SIGTERM."""
     import signal
 
@@ -122,6 +136,8 @@ def run(ctx, listen, bootstrap, announce, dht_k, serve_memory, provider_records,
     if serve_bytes < 16 << 20:
         raise UsageError(f"--serve-memory {serve_memory}: at least 16M (a few chunks in flight)")
     quota_bytes = parse_size(quota) if quota is not None else None
+    from hypersdk.node.config import parse_duration
+    orphan_s = parse_duration(orphans_after) / 1e9 if orphans_after is not None else None
     from hypersdk.node.replicas.policy import Policy
     Policy.load(data, replicas)             # a malformed policy file: say so now
 
@@ -132,7 +148,9 @@ def run(ctx, listen, bootstrap, announce, dht_k, serve_memory, provider_records,
                 d = Daemon(data, ident, listen=listen or DEFAULT_LISTEN, bootstrap=bootstrap,
                            announce=announce, k=dht_k, serve_memory=serve_bytes,
                            provider_records=provider_records, replicas=replicas,
-                           quota=quota_bytes, replicate_interval=replicate_interval)
+                           quota=quota_bytes, replicate_interval=replicate_interval,
+                           health_interval=holder_check, holder_grace=holder_grace,
+                           orphans_after=orphan_s, keep_orphans=keep_orphans)
                 await nursery.start(d.run)
                 from hypersdk.node.daemon.control import socket_path
                 doc = {"peer_id": str(ident.libp2p_peer_id), "node_id": ident.node_id.hex(),

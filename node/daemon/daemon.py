@@ -543,7 +543,9 @@ class Daemon:
                  bootstrap=(), announce=(), rng: random.Random | None = None,
                  k: int | None = None, serve_memory: int = DEFAULT_SERVE_MEMORY,
                  provider_records: int = MAX_RECORDS, replicas: int | None = None,
-                 quota: int | None = None, replicate_interval: float | None = None):
+                 quota: int | None = None, replicate_interval: float | None = None,
+                 health_interval: float | None = None, holder_grace: float | None = None,
+                 orphans_after: float | None = None, keep_orphans: bool = False):
         """replicas: the default copies of our backups on other sites (None: the
         policy file's, else 2; node/replicas/policy.py); quota: the most bytes our
         store may hold when accepting copies for others (None: the disk's free space)."""
@@ -584,9 +586,15 @@ class Daemon:
         if "join network" not in COMMANDS:
             enroll.register(COMMANDS, CommandReply)
         self.enrollment = enroll.Enrollment(self)
+        from hypersdk.node.replicas import health
+        from hypersdk.node.replicas.release import ORPHAN_AFTER_S
         from hypersdk.node.replicas.service import INTERVAL, Replicas
         self.replicas = Replicas(self, default_replicas=replicas, quota=quota,
-                                 interval=replicate_interval or INTERVAL)
+                                 interval=replicate_interval or INTERVAL,
+                                 health_interval=health_interval or health.HEALTH_INTERVAL,
+                                 grace=holder_grace or health.GRACE,
+                                 orphan_after=orphans_after or ORPHAN_AFTER_S,
+                                 keep_orphans=keep_orphans)
         self.audit = None                   # node.service.net_verify.AuditNet once running
         self.renewal = None                 # node.service.renew.Renewal once running
         self.nursery: trio.Nursery | None = None

@@ -28,14 +28,17 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
+import time
 
 import trio
 
 from hypersdk.dht.keys import node_id
 from hypersdk.node.config import human
 from hypersdk.node.errors import UserError
+from hypersdk.node.replicas import health
 from hypersdk.node.replicas.placement import Candidate, choose
 from hypersdk.node.replicas.policy import Policy
+from hypersdk.node.replicas.release import ORPHAN_AFTER_S
 from hypersdk.node.replicas.state import MAX_ATTEMPTS, ReplicaState
 from hypersdk.node.service.frames import answer_once, read_frame
 from hypersdk.protocol import replicate as rp
@@ -47,6 +50,7 @@ INTERVAL = 30.0                 # seconds between placement passes (and queue lo
 TIMEOUT = 10.0                  # one request to a peer
 MAX_CANDIDATES = 256
 OFFER_PARALLEL = 16
+MAX_SHOWN = 256                 # backups listed in `status` (queue, holders)
 
 
 class _Quiet:
@@ -65,11 +69,16 @@ class _Quiet:
 
 class Replicas:
     def __init__(self, daemon, *, default_replicas: int | None = None,
-                 quota: int | None = None, interval: float = INTERVAL):
+                 quota: int | None = None, interval: float = INTERVAL,
+                 health_interval: float = health.HEALTH_INTERVAL, grace: float = health.GRACE,
+                 orphan_after: float = ORPHAN_AFTER_S, keep_orphans: bool = False):
         self.d = daemon
         self.default_replicas = default_replicas
         self.quota = quota
         self.interval = interval
+        self.health_interval, self.grace = health_interval, grace
+        self.orphan_after, self.keep_orphans = orphan_after, keep_orphans
+        self.quiet = _Quiet()
         self._lock = threading.Lock()
         self._state: ReplicaState | None = None
         self._wake_author = trio.Event()
@@ -102,8 +111,42 @@ class Replicas:
 
     async def run(self) -> None:
         async with trio.open_nursery() as n:
-            n.start_soon(self._loop, self.place_all, "_wake_author")
-            n.start_soon(self._loop, self.fetch_due, "_wake_holder")
+            n.start_soon(self._loop, self._author_pass, "_wake_author")
+            n.start_soon(self._loop, self._holder_pass, "_wake_holder")
+
+    async def _holder_pass(self) -> None:
+        await self.fetch_due()
+        await self.release_pass()
+
+    async def release_pass(self) -> list:
+        """Let go of the copies whose author deleted them or is long gone
+        (node/replicas/release.py); stop announcing what is no longer held."""
+        from hypersdk.node.replicas.release import release
+        if self._site() is None:
+            return []
+        asked_by = {i.manifest: i.author for i in await self._db(ReplicaState.incoming)}
+
+        def run():
+            with self.d.open_store() as store:
+                return release(store, self.d.data_dir, asked_by, now_ns=time.time_ns(),
+                               orphan_after_s=self.orphan_after, keep_orphans=self.keep_orphans)
+        done, gone = await trio.to_thread.run_sync(run)
+        for r in done:
+            log.info("replication: released %s (%s): %s", r.ref, r.manifest.hex()[:16], r.reason)
+            await self._db(ReplicaState.drop_incoming, r.manifest)
+        for k in gone:
+            self.d.dht.stop_providing(k)
+        self.counters["released"] = self.counters.get("released", 0) + len(done)
+        if done and self.d.audit is not None and self.d.audit.gossip is not None:
+            await self.d.audit.gossip.spread_own()
+        return done
+
+    async def _author_pass(self) -> None:
+        """Check the holders that are due (losing the ones that fail), then place
+        what is missing, lost copies included."""
+        lost = await health.check(self, interval_s=self.health_interval, grace_s=self.grace)
+        self.counters["lost"] = self.counters.get("lost", 0) + lost
+        await self.place_all()
 
     async def _loop(self, work, event: str) -> None:
         while True:
@@ -217,7 +260,7 @@ class Replicas:
                                             self.default_replicas)
         backups = await trio.to_thread.run_sync(self._own_backups)
         offers: dict[bytes, rp.Offer | None] = {}
-        queue = []
+        queue, holders = [], {}
         for mid, (name, size) in backups.items():
             rule = pol.rule(name)
             if rule.replicas == 0:
@@ -227,6 +270,9 @@ class Replicas:
             if need > 0:
                 await self._place(mid, size, need, site, offers)
                 held, asked = await self._progress(mid, poll=False)
+            if len(holders) < MAX_SHOWN:
+                holders[mid.hex()] = {r.holder.hex(): r.state
+                                      for r in await self._db(ReplicaState.holders, mid)}
             if len(held) < rule.replicas:
                 failed = [r for r in await self._db(ReplicaState.holders, mid)
                           if r.state == "failed"]
@@ -235,9 +281,13 @@ class Replicas:
                               "under_replicated": len(held) < rule.min,
                               "refusals": [f"{r.holder.hex()[:16]} (site {r.site}): {r.reason}"
                                            for r in failed][-8:],
-                              "waiting": self._notes.get(mid, [])})
+                              "waiting": self._notes.get(mid, []),
+                              "lost": [f"{r.holder.hex()[:16]} (site {r.site}): {r.reason}"
+                                       for r in await self._db(ReplicaState.holders, mid)
+                                       if r.state == "lost"][-8:]})
         self.report = {"state": "placing" if queue else "every backup has its copies",
-                       "queue": queue, "candidates_offered": len(offers)}
+                       "queue": queue[:MAX_SHOWN], "waiting_backups": len(queue),
+                       "candidates_offered": len(offers), "holders": holders}
 
     def _own_backups(self) -> dict[bytes, tuple[str, int]]:
         """manifest -> (name, bytes a copy may take) of the backups we made."""

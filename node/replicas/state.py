@@ -3,8 +3,10 @@
 Two tables, one per role:
 
     holders   (author) for each of our backups, the nodes asked to hold a copy:
-              asked -> held (confirmed, `replica` entry recorded) or failed (refused,
-              lost, replaced: never asked again for that backup)
+              asked -> held (confirmed, `replica` entry recorded) -> lost (revoked,
+              failed a check, unreachable too long: node/replicas/health.py), or
+              asked -> failed (refused, lost the request); a failed or lost holder
+              is never asked again for that backup
     incoming  (holder) copies other members asked us to hold: queued -> fetching
               -> held, or failed after MAX_ATTEMPTS; queued ones survive a restart
               and are fetched when the node runs again
@@ -29,6 +31,7 @@ CREATE TABLE IF NOT EXISTS holders (
     manifest BLOB NOT NULL, holder BLOB NOT NULL, site TEXT NOT NULL,
     addr TEXT NOT NULL, state TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '',
     asked_ns INTEGER NOT NULL, changed_ns INTEGER NOT NULL,
+    checked_ns INTEGER NOT NULL DEFAULT 0,       -- its last good check (health.py)
     PRIMARY KEY (manifest, holder));
 CREATE TABLE IF NOT EXISTS incoming (
     manifest BLOB PRIMARY KEY, author BLOB NOT NULL, size INTEGER NOT NULL,
@@ -48,6 +51,7 @@ class Holder:
     reason: str
     asked_ns: int
     changed_ns: int
+    checked_ns: int
 
 
 @dataclass(frozen=True)
@@ -93,11 +97,18 @@ class ReplicaState:
     def set_holder(self, manifest: bytes, holder: bytes, site: str, addr: str, state: str,
                    reason: str = "") -> None:
         now = self.clock()
+        checked = now if state == "held" else 0          # confirmed: proven just now
         self.db.execute(
-            "INSERT INTO holders VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(manifest, holder) DO "
+            "INSERT INTO holders VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(manifest, holder) DO "
             "UPDATE SET state=excluded.state, reason=excluded.reason, site=excluded.site, "
-            "addr=excluded.addr, changed_ns=excluded.changed_ns",
-            (manifest, holder, site, addr, state, reason, now, now))
+            "addr=excluded.addr, changed_ns=excluded.changed_ns, checked_ns=CASE WHEN "
+            "excluded.state='held' AND holders.state!='held' THEN excluded.checked_ns ELSE "
+            "holders.checked_ns END",
+            (manifest, holder, site, addr, state, reason, now, now, checked))
+
+    def checked(self, manifest: bytes, holder: bytes, when_ns: int) -> None:
+        self.db.execute("UPDATE holders SET checked_ns=? WHERE manifest=? AND holder=?",
+                        (when_ns, manifest, holder))
 
     def forget_manifest(self, manifest: bytes) -> None:
         self.db.execute("DELETE FROM holders WHERE manifest=?", (manifest,))

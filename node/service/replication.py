@@ -42,6 +42,7 @@ import contextlib
 import logging
 import os
 import re
+from pathlib import Path
 
 import trio
 
@@ -86,14 +87,35 @@ def fetch_commit_bytes() -> int:
     return min(commit_bytes(), FETCH_COMMIT_BYTES)
 
 
-def resolve_ref(store, ref: str) -> bytes:
-    """The manifest id REF names, locally or as a full id."""
+def resolve_ref(store, ref: str, data_dir=None) -> bytes:
+    """The manifest id REF names: locally, as a full id, or (data_dir given) as a
+    NAME or NAME@N of a backup in the audit logs gossiped here (any member's)."""
     try:
         return catalog.resolve(store, ref).manifest_id
-    except UserError:
+    except UserError as exc:
         if _FULL_ID.match(ref.lower()):
             return bytes.fromhex(ref)
-        raise
+        if data_dir is not None:
+            mid = _network_ref(data_dir, ref)
+            if mid is not None:
+                return mid
+        raise exc from None
+
+
+def _network_ref(data_dir, ref: str) -> bytes | None:
+    """NAME (latest) or NAME@N in the gossiped logs; N counts that author's backup
+    entries of NAME in order, as its catalog numbers versions. NameConflict (a
+    UserError) when several authors use NAME."""
+    from hypersdk.node.audit.log import DB_NAME, AuditLog
+    from hypersdk.node.net import datakey
+    if not (Path(data_dir) / DB_NAME).exists():
+        return None
+    name, at, ver = ref.rpartition("@")
+    if not at or not ver.isdigit():
+        name, ver = ref, None
+    key = datakey.load(data_dir)
+    with AuditLog(data_dir) as log:
+        return log.find_backup_by_name(name, key, version=int(ver) if ver else None)
 
 
 def held_completely(store, mid: bytes) -> bool:
@@ -231,7 +253,7 @@ class Replication:
 
         def resolve():
             with self.d.open_store(readonly=True) as store:
-                mid = resolve_ref(store, ref)
+                mid = resolve_ref(store, ref, self.d.data_dir)
                 return mid, held_completely(store, mid)
         mid, complete = await trio.to_thread.run_sync(resolve)
         doc = {"manifest": mid.hex(), "already_held": complete, "chunks_fetched": 0,

@@ -59,9 +59,19 @@ def test_a_backup_reaches_two_other_sites_by_itself(tmp_path, nodes):
         assert [(r["manifest"], r.get("replica")) for r in rows] == [(mid, True)]
     assert d.cli.json("backups") == []                     # the author's site: no copy
 
+    # D sees the network's backups from the gossiped logs: the name (D holds the
+    # data key), the author, two copies; A's own holders check shows them healthy
+    def seen_at_d():
+        rows = d.cli.json("backups", "--network")
+        return len(rows) == 1 and rows[0]["copies"] == 2 and rows[0]
+    row = poll(seen_at_d, 60, "the backup and its copies at D", interval=0.3)
+    assert (row["ref"], row["manifest"], row["author"]) == ("vm1@1", mid, ids[a])
+    assert set(row["holders"]) == held and row["health"] == "ok", row
+    assert "vm1@1" in d.cli("backups", "--network").stdout
+
     a.stop()
     out = tmp_path / "d.img"
-    r = d.cli.json("restore", mid, out)
+    r = d.cli.json("restore", "vm1@1", out)                # by name, from any member
     assert same_bytes(img, out)
     assert set(r["fetched"]["bytes_by_peer"]) <= held and r["fetched"]["bad_chunks"] == 0
 
@@ -107,3 +117,95 @@ def test_quota_refusals_and_an_offline_queue_that_survives_a_restart(tmp_path, n
     assert why and all("over quota" in r or "can take" in r for r in why), q
     assert [r["manifest"] for r in tight.cli.json("backups")] == [
         m for m in mids if m != short]
+
+
+def _flip_packs(data_dir) -> int:
+    """Damage every stored chunk record of a node: a byte flipped every 4 KiB of each
+    pack file past its header (the records are sealed: none opens any more)."""
+    n = 0
+    for p in sorted((data_dir / "packs").glob("pack-*.dat")):
+        with open(p, "r+b") as f:
+            data = bytearray(f.read())
+            for at in range(64, len(data), 4096):
+                data[at] ^= 0x5A
+                n += 1
+            f.seek(0)
+            f.write(data)
+    return n
+
+
+def test_a_lost_site_and_a_corrupt_holder_are_replaced(tmp_path, nodes):
+    """Sites b, c, d, e hold copies; A keeps 2. The site of one holder goes away: once
+    its grace is over A places the copy on another site, which pulls it from the swarm.
+    Then a holder whose chunks rot fails its possession challenge and is replaced too.
+    With A stopped, R (A's own site, never a holder) restores from the copies."""
+    img = realistic_image(tmp_path / "disk.img", "64M", seed=9)
+    health = ("--holder-check", "0.5", "--holder-grace", "3")
+    a, member = _network(tmp_path, nodes, *health)
+    ms = {s: member(s, s, *health) for s in "bcde"}
+    r = member("r", "hq")
+    ids = {n: n.cli.json("status")["node_id"] for n in (*ms.values(), r)}
+    by_id = {ids[n]: n for n in ms.values()}
+    mid = a.cli.json("backup", img, "--name", "vm3")["manifest"]
+    poll(lambda: len(_holders(a, mid)) == 2, 120, "two confirmed holders", interval=0.3)
+    first = sorted(_holders(a, mid))
+
+    gone = by_id[first[0]]
+    gone.kill()                                            # its site is lost
+
+    def replaced(n_lost):
+        rep = _replication(a)
+        live = _live_holders(a, mid)
+        return rep.get("lost", 0) >= n_lost and len(live) == 2 and rep["queue"] == [] and live
+    live = poll(lambda: replaced(1), 180, "a replacement for the lost site", interval=0.5)
+    assert first[0] not in live and first[1] in live
+    third = (set(live) - {first[1]}).pop()
+    assert by_id[third].cli.json("backups")[0]["manifest"] == mid
+
+    assert _flip_packs(by_id[first[1]].cli.data_dir) > 0    # the survivor's chunks rot
+    live = poll(lambda: replaced(2), 180, "a replacement for the corrupt holder",
+                interval=0.5)
+    assert first[1] not in live and third in live
+    assert _replication(a)["lost"] >= 2
+
+    a.stop()
+    out = tmp_path / "r.img"
+    got = r.cli.json("restore", mid, out)
+    assert same_bytes(img, out)
+    assert set(got["fetched"]["bytes_by_peer"]) <= set(live) | {first[1]}
+
+
+def _live_holders(a, mid: str) -> list[str]:
+    """The holders A counts now: its replica entries less the ones it lost."""
+    rep = _replication(a)
+    return sorted(h for h, state in rep.get("holders", {}).get(mid, {}).items()
+                  if state == "held")
+
+
+def test_forget_at_the_author_releases_the_copies_everywhere(tmp_path, nodes):
+    """A keeps two versions of vm4 on sites b and c; `forget --keep-last 1` at A
+    signs a delete entry for the older one, gossip carries it to the holders, and
+    each releases its copy (its own signed delete entry, chunks collected) while
+    keeping the newer one. A delete entry signed by another member does not count."""
+    imgs = [realistic_image(tmp_path / f"v{i}.img", "64M", seed=20 + i) for i in (1, 2)]
+    a, member = _network(tmp_path, nodes)
+    b, c = member("b", "b"), member("c", "c")
+    mids = [a.cli.json("backup", img, "--name", "vm4")["manifest"] for img in imgs]
+    poll(lambda: all(len(_holders(a, m)) == 2 for m in mids), 120, "both versions placed",
+         interval=0.3)
+
+    def held(n):
+        return sorted(r["manifest"] for r in n.cli.json("backups"))
+    assert held(b) == held(c) == sorted(mids)
+    before = b.cli.json("store", "stats")["stored_bytes"]
+
+    doc = a.cli.json("forget", "vm4", "--keep-last", "1")
+    assert [x["manifest"] for x in doc["remove"]] == [mids[0]]
+    for n in (b, c):
+        poll(lambda n=n: held(n) == [mids[1]], 60, "the older copy released", interval=0.3)
+    assert b.cli.json("store", "stats")["stored_bytes"] < before     # collected
+    dels = [e for e in b.cli.json("audit", "log") if e["kind"] == "delete"]
+    assert [e["body"]["manifest"] for e in dels] == [mids[0]]        # its own entry
+    assert _replication(b)["released"] == 1
+    # the newer copy stays, and A still counts both holders for it
+    assert _replication(a)["queue"] == [] and len(_holders(a, mids[1])) == 2

@@ -1,0 +1,98 @@
+"""Health of the copies of our backups, and what makes a holder lost (issue 20).
+
+Every `health_interval` seconds per confirmed holder, the author checks each backup
+of its own that has confirmed holders, with the same machinery as `verify
+--network` (node/service/net_verify.py): it finds the holders, challenges each
+on a sample of the backup's chunks (possession proofs, protocol/possession.py),
+and signs a `verify` entry per holder. A confirmed holder is then
+
+    kept       it proved possession (its last good check is now), or it is
+               unreachable for less than the grace period;
+    lost       its membership is revoked or expired (the network says it is no
+               longer one of us), it failed the challenge (damaged, missing or
+               wrong chunks, or too slow to be holding them), or it has been
+               unreachable for longer than `grace` since its last good check.
+
+A lost holder no longer counts: the next placement pass (node/replicas/service.py)
+asks a member on another site, which pulls the copy from whichever holders remain
+(the swarm skips and scores down the ones that fail). The lost holder is never
+asked again for that backup.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import trio
+
+from hypersdk.dht.keys import node_id
+from hypersdk.node.errors import UserError
+from hypersdk.node.replicas.state import ReplicaState
+from hypersdk.protocol.errors import ProtocolError
+
+log = logging.getLogger(__name__)
+
+HEALTH_INTERVAL = 3600.0        # seconds between checks of one holder
+GRACE = 4 * 3600.0              # unreachable this long after its last good check: lost
+FAILED = ("failed", "damaged", "missing")
+
+
+def membership_problem(gate, holder: bytes) -> str | None:
+    """Why `holder` is no longer a member we trust, or None (in no network, or
+    a holder whose certificate we never learnt: nothing to judge by)."""
+    if gate is None or gate.network is None:
+        return None
+    for r in gate.revocations:
+        if node_id(r.node) == holder:
+            return "its membership was revoked"
+    for key, _cert in list(gate.certs.items()):
+        if node_id(key) == holder:
+            return None if gate.author_ok(key) else "its membership expired"
+    return None
+
+
+def judge(row: dict | None, checked_ns: int, now_ns: int, grace_s: float) -> str | None:
+    """Why a holder is lost after a check whose row (net_verify's, None: not in the
+    result) says what it answered; None: it is kept."""
+    result = row["result"] if row else "unreachable"
+    if result == "ok":
+        return None
+    if result in FAILED:
+        return f"failed a possession challenge ({result}: {row.get('reason', '')})".strip()
+    if now_ns - checked_ns > grace_s * 1e9:
+        return f"unreachable for more than {grace_s:.0f} s since its last good check"
+    return None
+
+
+async def check(replicas, *, interval_s: float, grace_s: float, clock=time.time_ns) -> int:
+    """Check the confirmed holders that are due; how many were lost."""
+    d = replicas.d
+    if d.audit is None or replicas._site() is None:
+        return 0
+    lost = 0
+    backups = await trio.to_thread.run_sync(replicas._own_backups)
+    for mid in backups:
+        held = [h for h in await replicas._db(ReplicaState.holders, mid) if h.state == "held"]
+        now = clock()
+        if not any(now - h.checked_ns >= interval_s * 1e9 for h in held):
+            continue
+        try:
+            doc, _, _ = await d.audit.verify(mid.hex(), replicas.quiet)
+        except (UserError, ProtocolError, OSError) as exc:
+            log.info("replication health: %s: %s", mid.hex()[:16], exc)
+            continue
+        rows = {bytes.fromhex(r["node_id"]): r for r in doc.get("holders", [])}
+        now = clock()
+        for h in held:
+            why = membership_problem(d.gate, h.holder) or judge(rows.get(h.holder),
+                                                               h.checked_ns, now, grace_s)
+            if why is None:
+                if rows.get(h.holder, {}).get("result") == "ok":
+                    await replicas._db(ReplicaState.checked, mid, h.holder, now)
+                continue
+            lost += 1
+            log.warning("replication: %s lost its copy of %s: %s", h.holder.hex()[:16],
+                        mid.hex()[:16], why)
+            await replicas._db(ReplicaState.set_holder, mid, h.holder, h.site, h.addr,
+                               "lost", why)
+    return lost
