@@ -109,6 +109,20 @@ def init(ctx, as_json):
 @click.option("--orphans-after", default=None, metavar="DURATION",
               help="release copies held for a member whose log has been silent this long "
                    "(e.g. 90d) [default: 180d]")
+@click.option("--upload-limit", default=None, metavar="RATE",
+              help="the most bytes per second this node sends to peers (restores and "
+                   "replication alike), e.g. 50M [default: no limit]")
+@click.option("--replicate-rate", default=None, metavar="RATE",
+              help="the most bytes per second this node pulls for replication and repair, "
+                   "e.g. 20M [default: no limit]")
+@click.option("--replicate-window", multiple=True, metavar="HH:MM-HH:MM",
+              help="replicate only inside this window of local time (repeatable; "
+                   "22:00-06:00 runs over midnight) [default: any time]")
+@click.option("--carbon-signal", default=None, metavar="FILE|URL",
+              help="a file or http(s) URL giving the grid's carbon intensity (a number, or "
+                   "JSON); with --carbon-max, replicate only while it is at most that")
+@click.option("--carbon-max", type=click.FloatRange(0), default=None, metavar="N",
+              help="the highest carbon intensity (gCO2e/kWh) replication runs at")
 @click.option("--keep-orphans", is_flag=True,
               help="never release copies of a silent member (its site may be gone: they "
                    "may be the last copies); copies are still released when their author "
@@ -116,8 +130,8 @@ def init(ctx, as_json):
 @json_option
 @click.pass_context
 def run(ctx, listen, bootstrap, announce, dht_k, serve_memory, provider_records, replicas,
-        quota, replicate_interval, holder_check, holder_grace, orphans_after, keep_orphans,
-        as_json):
+        quota, replicate_interval, holder_check, holder_grace, orphans_after, upload_limit,
+        replicate_rate, replicate_window, carbon_signal, carbon_max, keep_orphans, as_json):
     """Run the node in the foreground until SIGINT/SIGTERM."""
     import signal
 
@@ -138,6 +152,20 @@ def run(ctx, listen, bootstrap, announce, dht_k, serve_memory, provider_records,
     quota_bytes = parse_size(quota) if quota is not None else None
     from hypersdk.node.config import parse_duration
     orphan_s = parse_duration(orphans_after) / 1e9 if orphans_after is not None else None
+
+    def rate_of(text, flag):
+        if text is None:
+            return None
+        n = parse_size(text)
+        if n < 64 << 10:
+            raise UsageError(f"{flag} {text}: at least 64K (bytes per second)")
+        return float(n)
+    rate_of(upload_limit, "--upload-limit")
+    rate_of(replicate_rate, "--replicate-rate")
+    from hypersdk.node.replicas.windows import Windows, parse_span
+    if (carbon_signal is None) != (carbon_max is None):
+        raise UsageError("--carbon-signal and --carbon-max go together")
+    windows = Windows([parse_span(w) for w in replicate_window], carbon_signal, carbon_max)
     from hypersdk.node.replicas.policy import Policy
     Policy.load(data, replicas)             # a malformed policy file: say so now
 
@@ -150,7 +178,10 @@ def run(ctx, listen, bootstrap, announce, dht_k, serve_memory, provider_records,
                            provider_records=provider_records, replicas=replicas,
                            quota=quota_bytes, replicate_interval=replicate_interval,
                            health_interval=holder_check, holder_grace=holder_grace,
-                           orphans_after=orphan_s, keep_orphans=keep_orphans)
+                           orphans_after=orphan_s, keep_orphans=keep_orphans,
+                           upload_limit=rate_of(upload_limit, "--upload-limit"),
+                           replicate_rate=rate_of(replicate_rate, "--replicate-rate"),
+                           windows=windows)
                 await nursery.start(d.run)
                 from hypersdk.node.daemon.control import socket_path
                 doc = {"peer_id": str(ident.libp2p_peer_id), "node_id": ident.node_id.hex(),

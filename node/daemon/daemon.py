@@ -468,6 +468,7 @@ async def _status(d: "Daemon", args, events):
             "served": dict(d.served), "failed": dict(d.failed),
             "bad_requests": d.control_errors, "idle_control_closed": d.control_idle_closed,
             "serving": dict(d.serve_budget.status(), memory_trims=d.trims,
+                            upload_limit=d.upload_limit,
                             refused_banned=d.replication.server.counters[
                                 "streams of banned peers refused"]),
             "handshakes": d.transport.handshake_counters if d.transport is not None else {}}
@@ -545,7 +546,9 @@ class Daemon:
                  provider_records: int = MAX_RECORDS, replicas: int | None = None,
                  quota: int | None = None, replicate_interval: float | None = None,
                  health_interval: float | None = None, holder_grace: float | None = None,
-                 orphans_after: float | None = None, keep_orphans: bool = False):
+                 orphans_after: float | None = None, keep_orphans: bool = False,
+                 upload_limit: float | None = None, replicate_rate: float | None = None,
+                 windows=None):
         """replicas: the default copies of our backups on other sites (None: the
         policy file's, else 2; node/replicas/policy.py); quota: the most bytes our
         store may hold when accepting copies for others (None: the disk's free space)."""
@@ -594,7 +597,9 @@ class Daemon:
                                  health_interval=health_interval or health.HEALTH_INTERVAL,
                                  grace=holder_grace or health.GRACE,
                                  orphan_after=orphans_after or ORPHAN_AFTER_S,
-                                 keep_orphans=keep_orphans)
+                                 keep_orphans=keep_orphans, rate=replicate_rate,
+                                 windows=windows)
+        self.upload_limit = upload_limit        # bytes/s the exchange server sends at most
         self.audit = None                   # node.service.net_verify.AuditNet once running
         self.renewal = None                 # node.service.renew.Renewal once running
         self.nursery: trio.Nursery | None = None

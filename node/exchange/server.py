@@ -42,9 +42,11 @@ real-process tests and bench/bench_staller.py can run a staller.
 Banned peers (the node's reputation, node/net/reputation.py): their streams are
 closed unanswered (counters["streams of banned peers refused"]).
 
-TEST-ONLY rate hook: HYPERSDK_TEST_SERVE_RATE (a size per second, e.g. "40M")
-caps the payload bytes this server sends, so that a real-process test can
-interrupt a transfer at a known point however fast the machine is.
+Upload limit: `rate` (node run --upload-limit, bytes/s) caps the payload bytes this
+server sends, over every stream and peer (restores and replication alike). The
+TEST-ONLY hook HYPERSDK_TEST_SERVE_RATE (a size per second, e.g. "40M") sets the
+same cap when no limit is given, so that a real-process test can interrupt a
+transfer at a known point however fast the machine is.
 """
 from __future__ import annotations
 
@@ -189,8 +191,8 @@ class ExchangeServer:
         if self.corrupt:
             log.warning("%s is set: this server CORRUPTS %.0f%% of the chunks it sends "
                         "(a test-only switch)", CORRUPT_ENV, 100 * self.corrupt)
-        self.rate = serve_rate_from_env() if rate is None else rate
-        if self.rate:
+        self.rate = rate or serve_rate_from_env()       # node run --upload-limit, or the env
+        if self.rate and not rate:
             log.warning("%s is set: this server sends at most %.0f bytes/s "
                         "(a test-only switch)", RATE_ENV, self.rate)
         self._send_at = 0.0                         # the rate cap's next free slot
@@ -410,7 +412,7 @@ class ExchangeServer:
         return encode_data_header(rid, cid, codec, raw_len, len(payload)), payload
 
     async def _send_chunk(self, stream, rid: int, cid: bytes, got, asked: _Asked) -> None:
-        if got is not None and self.rate and cid not in asked.cancelled:   # TEST-ONLY
+        if got is not None and self.rate and cid not in asked.cancelled:   # the upload cap
             start = max(trio.current_time(), self._send_at)
             self._send_at = start + len(got[2]) / self.rate
             await trio.sleep_until(start)

@@ -36,10 +36,12 @@ from hypersdk.dht.keys import node_id
 from hypersdk.node.config import human
 from hypersdk.node.errors import UserError
 from hypersdk.node.replicas import health
+from hypersdk.node.replicas.pace import Pace
 from hypersdk.node.replicas.placement import Candidate, choose
 from hypersdk.node.replicas.policy import Policy
 from hypersdk.node.replicas.release import ORPHAN_AFTER_S
 from hypersdk.node.replicas.state import MAX_ATTEMPTS, ReplicaState
+from hypersdk.node.replicas.windows import Windows
 from hypersdk.node.service.frames import answer_once, read_frame
 from hypersdk.protocol import replicate as rp
 from hypersdk.protocol.errors import ProtocolError
@@ -71,13 +73,17 @@ class Replicas:
     def __init__(self, daemon, *, default_replicas: int | None = None,
                  quota: int | None = None, interval: float = INTERVAL,
                  health_interval: float = health.HEALTH_INTERVAL, grace: float = health.GRACE,
-                 orphan_after: float = ORPHAN_AFTER_S, keep_orphans: bool = False):
+                 orphan_after: float = ORPHAN_AFTER_S, keep_orphans: bool = False,
+                 rate: float | None = None, windows: Windows | None = None):
         self.d = daemon
         self.default_replicas = default_replicas
         self.quota = quota
         self.interval = interval
         self.health_interval, self.grace = health_interval, grace
         self.orphan_after, self.keep_orphans = orphan_after, keep_orphans
+        self.pace = Pace(rate) if rate else None       # the repair bandwidth bound
+        self.windows = windows or Windows()
+        self.window = (True, "")
         self.quiet = _Quiet()
         self._lock = threading.Lock()
         self._state: ReplicaState | None = None
@@ -115,7 +121,9 @@ class Replicas:
             n.start_soon(self._loop, self._holder_pass, "_wake_holder")
 
     async def _holder_pass(self) -> None:
-        await self.fetch_due()
+        self.window = await trio.to_thread.run_sync(self.windows.state)
+        if self.window[0]:
+            await self.fetch_due()
         await self.release_pass()
 
     async def release_pass(self) -> list:
@@ -143,10 +151,14 @@ class Replicas:
 
     async def _author_pass(self) -> None:
         """Check the holders that are due (losing the ones that fail), then place
-        what is missing, lost copies included."""
+        what is missing, lost copies included (inside the replication windows)."""
         lost = await health.check(self, interval_s=self.health_interval, grace_s=self.grace)
         self.counters["lost"] = self.counters.get("lost", 0) + lost
-        await self.place_all()
+        self.window = await trio.to_thread.run_sync(self.windows.state)
+        if self.window[0]:
+            await self.place_all()
+        else:
+            self.report = dict(self.report, state=f"waiting: {self.window[1]}")
 
     async def _loop(self, work, event: str) -> None:
         while True:
@@ -236,7 +248,12 @@ class Replicas:
         for item in await self._db(ReplicaState.due):
             await self._db(ReplicaState.set_incoming, item.manifest, "fetching")
             try:
-                await self.d.replication.fetch(item.manifest.hex(), _Quiet())
+                doc = await self.d.replication.fetch(item.manifest.hex(), self.quiet,
+                                                     pace=self.pace)
+                self.counters["fetched_bytes"] = (self.counters.get("fetched_bytes", 0)
+                                                  + doc.get("bytes_fetched", 0))
+                self.counters["fetch_seconds"] = round(self.counters.get("fetch_seconds", 0)
+                                                       + doc.get("seconds", 0), 3)
             except (UserError, ProtocolError, OSError) as exc:
                 self.counters["fetch_failures"] += 1
                 if item.attempts + 1 >= MAX_ATTEMPTS:
@@ -421,4 +438,6 @@ class Replicas:
             return None
 
     def status(self) -> dict:
-        return {**self.report, "quota": self.quota, **self.counters}
+        return {**self.report, "quota": self.quota, **self.counters,
+                "window_open": self.window[0], "window": self.window[1],
+                "replicate_rate": self.pace.rate if self.pace else None}

@@ -173,6 +173,7 @@ class Replication:
         scores = self.d.dht.scores
         self.server = ExchangeServer(StoreSource(self._serve_store, threaded=True),
                                      rng=self.d.rng, budget=self.d.serve_budget,
+                                     rate=getattr(self.d, "upload_limit", None),
                                      banned=lambda pid: scores.banned(pid, trio.current_time()))
         self.d.net.set_handler(EXCHANGE, self.server.handle)
         # the bulk path: the same exchange over node/net/fast_channel.py (libp2p offers it)
@@ -246,10 +247,11 @@ class Replication:
 
     # -- fetch ------------------------------------------------------------------------
     async def fetch(self, ref: str, events, *, out: str | None = None,
-                    force: bool = False) -> dict:
+                    force: bool = False, pace=None) -> dict:
         """Fetch REF's missing chunks from the network; a JSON document.
         out: the image a restore will write next: it is written while the chunks
-        arrive (node.service.restore_staged.stage), and the restore only completes it."""
+        arrive (node.service.restore_staged.stage), and the restore only completes it.
+        pace: a node.replicas.pace.Pace the chunks are stored at (replication's bound)."""
 
         def resolve():
             with self.d.open_store(readonly=True) as store:
@@ -303,6 +305,9 @@ class Replication:
                                   admit=gate.is_member if gate else None)
                 async with StoreSink(store, threaded=True, batch_bytes=fetch_commit_bytes(),
                                      commit_seconds=FETCH_COMMIT_SECONDS) as sink:
+                    if pace is not None:
+                        from hypersdk.node.replicas.pace import PacedSink
+                        sink = PacedSink(sink, pace)
                     # a fetch (not a restore) of a backup keyed with a data key this
                     # node lacks keeps its sealed records for the key's holders
                     dl = Downloader(self.d.net, sink, peers=providers, rng=self.d.rng,

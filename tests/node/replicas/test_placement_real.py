@@ -209,3 +209,31 @@ def test_forget_at_the_author_releases_the_copies_everywhere(tmp_path, nodes):
     assert _replication(b)["released"] == 1
     # the newer copy stays, and A still counts both holders for it
     assert _replication(a)["queue"] == [] and len(_holders(a, mids[1])) == 2
+
+
+def test_a_carbon_limit_holds_replication_and_the_repair_rate_is_bounded(tmp_path, nodes):
+    """B pulls copies only while the carbon signal it reads is at most its limit, and
+    then at most --replicate-rate bytes per second (with one second of burst)."""
+    img = realistic_image(tmp_path / "disk.img", "64M", seed=30)
+    signal = tmp_path / "carbon.json"
+    signal.write_text('{"intensity": 300}')
+    rate = 4 << 20
+    a, member = _network(tmp_path, nodes, "--upload-limit", "64M")
+    b = member("b", "b", "--carbon-signal", str(signal), "--carbon-max", "100",
+               "--replicate-rate", str(rate))
+    assert a.cli.json("status")["serving"]["upload_limit"] == 64 << 20
+    mid = a.cli.json("backup", img, "--name", "vm5")["manifest"]
+
+    def held_back():
+        r = _replication(b)
+        return r["accepted"] == 1 and not r["window_open"] and r
+    r = poll(held_back, 60, "B accepting the copy but holding it back", interval=0.3)
+    assert "carbon intensity 300 is above the limit 100" in r["window"]
+    assert b.cli.json("backups") == [] and r.get("fetched", 0) == 0
+
+    signal.write_text('{"intensity": 60}')                # the grid got greener
+    poll(lambda: _holders(a, mid), 120, "the copy at B", interval=0.3)
+    r = _replication(b)
+    assert r["window_open"] and r["fetched"] == 1 and r["replicate_rate"] == rate
+    assert r["fetched_bytes"] > 4 * rate                   # enough to measure the bound
+    assert r["fetched_bytes"] <= rate * (r["fetch_seconds"] + 1) * 1.02, r
