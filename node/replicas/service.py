@@ -364,7 +364,7 @@ class Replicas:
         excluded = {r.holder for r in rows}
         found = await self._candidates(mid)
         ask = [(c, s) for c, s in found if c.id not in offers and c.id not in excluded
-               and s not in taken and s != site]
+               and s != site]
         limiter = trio.CapacityLimiter(OFFER_PARALLEL)
 
         async def offer_of(contact):

@@ -24,9 +24,14 @@ def test_distinct_sites_never_the_authors_nearest_first():
     cands = [_c(1, "hq"), _c(2, "b"), _c(3, "b"), _c(9, "c"), _c(5, "d")]
     got = choose(MID, 100, 2, cands, author_site="hq")
     assert [(c.site, c.node_id[-1]) for c in got] == [("b", 2), ("d", 5)]
-    assert choose(MID, 100, 5, cands, author_site="hq") == [cands[1], cands[4], cands[3]]
+    # more copies than sites: the rest go to more nodes of the other sites, nearest
+    # first, never the author's site
+    assert choose(MID, 100, 5, cands, author_site="hq") == [cands[1], cands[4], cands[3],
+                                                           cands[2]]
     # sites taken already, nodes excluded, offers too small
     assert choose(MID, 100, 2, cands, author_site="hq", taken_sites={"b"}) == [cands[4], cands[3]]
+    assert choose(MID, 100, 3, cands, author_site="hq", taken_sites={"b", "c", "d"},
+                  excluded={cands[3].node_id, cands[4].node_id}) == [cands[1], cands[2]]
     assert choose(MID, 100, 1, cands, author_site="hq", excluded={cands[1].node_id}) == [cands[2]]
     small = [_c(2, "b", 99), _c(3, "b", 100)]
     assert choose(MID, 100, 1, small, author_site="hq") == [small[1]]
@@ -38,14 +43,18 @@ def test_distinct_sites_never_the_authors_nearest_first():
                           st.integers(0, 200)), max_size=30),
        st.integers(0, 8), st.binary(min_size=32, max_size=32))
 def test_choices_obey_every_rule(raw, need, mid):
-    cands = [Candidate(i.to_bytes(32, "big"), s, f) for i, s, f in raw]
+    cands = list({i: Candidate(i.to_bytes(32, "big"), s, f) for i, s, f in raw}.values())
     got = choose(mid, 100, need, cands, author_site="a", taken_sites={"f"})
-    sites = [c.site for c in got]
-    assert len(got) <= need and len(set(sites)) == len(sites)
-    assert all(c.site not in ("a", "f") and c.free >= 100 for c in got)
-    eligible = {c.site for c in cands if c.site not in ("a", "f") and c.free >= 100}
-    assert len(got) == min(need, len(eligible))            # as many as there are
-    for c in got:                                          # each site's nearest node
+    ids = [c.node_id for c in got]
+    assert len(got) <= need and len(set(ids)) == len(ids)
+    assert all(c.site != "a" and c.free >= 100 for c in got)
+    fresh = {c.site for c in cands if c.site not in ("a", "f") and c.free >= 100}
+    nodes = {c.node_id for c in cands if c.site != "a" and c.free >= 100}
+    assert len(got) == min(need, len(nodes))               # as many as there are
+    first = got[:len(fresh)]                               # new sites first, one node each,
+    assert len({c.site for c in first}) == len(first) == min(need, len(fresh))
+    assert all(c.site in fresh for c in first)
+    for c in first:                                        # each its site's nearest node
         assert all(distance(c.node_id, mid) <= distance(o.node_id, mid) for o in cands
                    if o.site == c.site and o.free >= 100)
 

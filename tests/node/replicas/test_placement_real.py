@@ -11,6 +11,7 @@ Every wait is a bounded poll.
 """
 from __future__ import annotations
 
+import pytest
 from conftest import Cli, realistic_image, same_bytes
 from test_node_cli import nodes, poll  # noqa: F401  (fixture)
 
@@ -76,6 +77,7 @@ def test_a_backup_reaches_two_other_sites_by_itself(tmp_path, nodes):
     assert set(r["fetched"]["bytes_by_peer"]) <= held and r["fetched"]["bad_chunks"] == 0
 
 
+@pytest.mark.slow
 def test_quota_refusals_and_an_offline_queue_that_survives_a_restart(tmp_path, nodes):
     """Two backups made while A is alone wait in its queue, across a restart. Then
     site b's only member, whose quota fits one copy and not two, takes the first and
@@ -134,6 +136,7 @@ def _flip_packs(data_dir) -> int:
     return n
 
 
+@pytest.mark.slow
 def test_a_lost_site_and_a_corrupt_holder_are_replaced(tmp_path, nodes):
     """Sites b, c, d, e hold copies; A keeps 2. The site of one holder goes away: once
     its grace is over A places the copy on another site, which pulls it from the swarm.
@@ -182,6 +185,7 @@ def _live_holders(a, mid: str) -> list[str]:
                   if state == "held")
 
 
+@pytest.mark.slow
 def test_forget_at_the_author_releases_the_copies_everywhere(tmp_path, nodes):
     """A keeps two versions of vm4 on sites b and c; `forget --keep-last 1` at A
     signs a delete entry for the older one, gossip carries it to the holders, and
@@ -237,3 +241,49 @@ def test_a_carbon_limit_holds_replication_and_the_repair_rate_is_bounded(tmp_pat
     assert r["window_open"] and r["fetched"] == 1 and r["replicate_rate"] == rate
     assert r["fetched_bytes"] > 4 * rate                   # enough to measure the bound
     assert r["fetched_bytes"] <= rate * (r["fetch_seconds"] + 1) * 1.02, r
+
+
+@pytest.mark.slow
+def test_six_nodes_on_three_sites_lose_a_site_and_keep_two_copies(tmp_path, nodes):
+    """The issue's scenario: two nodes at each of hq, b and c; a1 (hq) and b1 (b) each
+    back up with replicas 2, and each backup reaches the two other sites by itself.
+    Site c's nodes die: once their grace is over, every backup is back at 2 copies
+    away from its author's site, on the live sites (both nodes of the one other site
+    left), and restores byte-identical from them with its author stopped."""
+    imgs = [realistic_image(tmp_path / f"d{i}.img", "64M", seed=40 + i) for i in (0, 1)]
+    health = ("--holder-check", "0.5", "--holder-grace", "3")
+    a1, member = _network(tmp_path, nodes, *health)
+    a2 = member("a2", "hq", *health)
+    b1, b2 = member("b1", "b", *health), member("b2", "b", *health)
+    c1, c2 = member("c1", "c", *health), member("c2", "c", *health)
+    ns = (a1, a2, b1, b2, c1, c2)
+    ids = {n: n.cli.json("status")["node_id"] for n in ns}
+    site = {ids[n]: s for n, s in zip(ns, ("hq", "hq", "b", "b", "c", "c"))}
+    m_a = a1.cli.json("backup", imgs[0], "--name", "hq-db")["manifest"]
+    m_b = b1.cli.json("backup", imgs[1], "--name", "b-web")["manifest"]
+    poll(lambda: len(_holders(a1, m_a)) == 2 and len(_holders(b1, m_b)) == 2, 120,
+         "both backups at two other sites", interval=0.3)
+    assert sorted(site[h] for h in _holders(a1, m_a)) == ["b", "c"]
+    assert sorted(site[h] for h in _holders(b1, m_b)) == ["c", "hq"]
+
+    for n in (c1, c2):
+        n.kill()                                        # site c is lost
+    live = {ids[n] for n in (a1, a2, b1, b2)}
+
+    def back_to_two(author, mid):
+        h = _live_holders(author, mid)
+        return len(h) == 2 and set(h) <= live and h
+    got_a = poll(lambda: back_to_two(a1, m_a), 180, "hq-db back at 2 copies", interval=0.5)
+    got_b = poll(lambda: back_to_two(b1, m_b), 180, "b-web back at 2 copies", interval=0.5)
+    assert sorted(got_a) == sorted([ids[b1], ids[b2]])  # the one other live site, both nodes
+    assert sorted(got_b) == sorted([ids[a1], ids[a2]])
+    for author in (a1, b1):
+        rep = _replication(author)
+        assert rep["queue"] == [] and rep["lost"] >= 1, rep
+
+    a1.stop()                                           # each restores without its author
+    b1.stop()
+    for who, mid, img in ((a2, m_a, imgs[0]), (b2, m_b, imgs[1])):
+        out = tmp_path / f"{mid[:8]}.img"
+        r = who.cli.json("restore", mid, out)
+        assert same_bytes(img, out) and r["fetched"]["bad_chunks"] == 0

@@ -8,6 +8,7 @@ Anti-entropy runs every second here (HYPERSDK_AUDIT_SYNC) so that a late
 joiner catches up quickly; every wait is a bounded poll."""
 from __future__ import annotations
 
+import pytest
 from conftest import Cli, mixed_image
 from test_node_cli import nodes, poll  # noqa: F401  (fixture)
 
@@ -39,6 +40,7 @@ def _pieces(img) -> list[bytes]:
     return [data[i:i + CS] for i in range(0, len(data), CS)]
 
 
+@pytest.mark.slow
 def test_backup_on_a_is_verified_from_d_with_challenges_to_b_and_c(tmp_path, nodes):
     img = mixed_image(tmp_path / "img", 8 << 20, seed=4, chunk=CS)
     a = nodes(Cli(tmp_path / "a"), env=FAST)

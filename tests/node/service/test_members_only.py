@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import stat
 
+import pytest
 from conftest import Cli, mixed_image
 from test_node_cli import nodes, poll  # noqa: F401  (fixture)
 
@@ -30,6 +31,7 @@ def _logs(n) -> list:
     return n.cli.json("audit", "verify", "--all")
 
 
+@pytest.mark.slow
 def test_members_share_backups_strangers_foreigners_and_the_revoked_get_nothing(
         tmp_path, nodes):
     img = mixed_image(tmp_path / "img", 4 << 20, seed=7, chunk=CS)
