@@ -520,6 +520,35 @@ def simnet_gossip(nodes, latency, seed, entries, fanout, sync_interval, as_json)
         raise SystemExit(3)
 
 
+@simnet.command("replication")
+@click.option("--nodes", type=click.IntRange(4, 20_000), default=1000, show_default=True)
+@click.option("--sites", type=click.IntRange(2, 1000), default=10, show_default=True)
+@click.option("--days", type=click.IntRange(2, 365), default=30, show_default=True)
+@click.option("--replicas", type=click.IntRange(1, 16), default=3, show_default=True)
+@click.option("--churn", type=click.FloatRange(0, 1), default=0.05, show_default=True,
+              help="share of the nodes that go offline for a while each day")
+@click.option("--site-loss-day", type=click.FloatRange(0), default=None,
+              help="the day every node of site 0 is lost for good [default: half-way]")
+@click.option("--seed", type=int, default=1, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), default="simnet-replication",
+              show_default=True, help="report directory (JSON and PNG plots)")
+@json_option
+def simnet_replication(nodes, sites, days, replicas, churn, site_loss_day, seed, out, as_json):
+    """Replication over simulated days: churn, a whole site lost, repair (the node's
+    placement and health decisions on virtual time)."""
+    from pathlib import Path
+
+    from hypersdk.simnet.replication_run import Config, run_replication, summary, write
+    r = run_replication(Config(nodes=nodes, sites=sites, days=days, replicas=replicas,
+                               churn=churn, seed=seed,
+                               site_loss_day=days / 2 if site_loss_day is None else site_loss_day),
+                        progress=None if as_json else lambda m: on_wait(f"simnet: {m}"))
+    files = write(r, Path(out))
+    emit(as_json, r, summary(r) + f"\nreport            {files[0]} (+ {len(files) - 1} plots)")
+    if r["backups_lost"]:
+        raise SystemExit(3)
+
+
 def main():
     """The console script: click's parsing without its standalone error printing,
     so every error is one line (or a JSON document) with the README's exit code."""
