@@ -53,6 +53,12 @@ TIMEOUT = 10.0                  # one request to a peer
 MAX_CANDIDATES = 256
 OFFER_PARALLEL = 16
 MAX_SHOWN = 256                 # backups listed in `status` (queue, holders)
+MAX_QUEUED_PER_AUTHOR = 64      # copies one member may have waiting here at once
+MAX_QUEUED = 1024               # copies waiting here in all
+
+
+class TooLarge(UserError):
+    """A copy larger than its author said: refused after the fact."""
 
 
 class _Quiet:
@@ -215,6 +221,13 @@ class Replicas:
         have = await self._db(ReplicaState.incoming, mid)
         if have and have[0].state in ("queued", "fetching"):
             return have[0].state, ""
+        queued = [i for i in await self._db(ReplicaState.incoming)
+                  if i.state in ("queued", "fetching")]
+        mine = sum(1 for i in queued if i.author == author)
+        if mine >= MAX_QUEUED_PER_AUTHOR or len(queued) >= MAX_QUEUED:
+            self.counters["refused_queue"] = self.counters.get("refused_queue", 0) + 1
+            return "refused", (f"queue full: {mine} copies of yours and {len(queued)} in all "
+                               "are waiting here; ask again later")
         o = await self.offer()
         if size > o.free:
             self.counters["refused_quota"] += 1
@@ -228,6 +241,11 @@ class Replicas:
         self.counters["accepted"] += 1
         self._wake_holder.set()
         return "queued", ""
+
+    def _collect(self) -> None:
+        from hypersdk.node.store.gc import gc
+        with self.d.open_store() as store:
+            gc(store)
 
     def _held(self, mid: bytes, held_completely) -> bool:
         with self.d.open_store(readonly=True) as store:
@@ -248,13 +266,17 @@ class Replicas:
         for item in await self._db(ReplicaState.due):
             await self._db(ReplicaState.set_incoming, item.manifest, "fetching")
             try:
-                doc = await self.d.replication.fetch(item.manifest.hex(), self.quiet,
-                                                     pace=self.pace)
+                doc = await self._fetch_within(item)
                 self.counters["fetched_bytes"] = (self.counters.get("fetched_bytes", 0)
                                                   + doc.get("bytes_fetched", 0))
                 self.counters["fetch_seconds"] = round(self.counters.get("fetch_seconds", 0)
                                                        + doc.get("seconds", 0), 3)
-            except (UserError, ProtocolError, OSError) as exc:
+            except TooLarge as exc:               # the author lied about the size: no retry
+                self.counters["fetch_failures"] += 1
+                await self._db(ReplicaState.set_incoming, item.manifest, "failed", str(exc))
+                await trio.to_thread.run_sync(self._collect)     # what it had pulled
+                continue
+            except Exception as exc:              # one copy's failure never stops the others
                 self.counters["fetch_failures"] += 1
                 if item.attempts + 1 >= MAX_ATTEMPTS:
                     await self._db(ReplicaState.set_incoming, item.manifest, "failed",
@@ -266,6 +288,22 @@ class Replicas:
                 continue
             self.counters["fetched"] += 1
             await self._db(ReplicaState.set_incoming, item.manifest, "held")
+
+    async def _fetch_within(self, item) -> dict:
+        """Fetch one queued copy; TooLarge (and the fetch cancelled) as soon as the
+        download knows it needs more bytes than its author said the copy takes, the
+        size our quota admitted it on."""
+        over = []
+
+        def watch(p):
+            if p.phase == "chunks" and p.needed_bytes > item.size and not over:
+                over.append(p.needed_bytes)
+                scope.cancel()
+        with trio.CancelScope() as scope:
+            return await self.d.replication.fetch(item.manifest.hex(), self.quiet,
+                                                  pace=self.pace, on_progress=watch)
+        raise TooLarge(f"the copy needs {human(over[0])}, more than the {human(item.size)} "
+                       "its author asked room for")
 
     # -- author side ----------------------------------------------------------------
     async def place_all(self) -> None:

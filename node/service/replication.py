@@ -247,11 +247,12 @@ class Replication:
 
     # -- fetch ------------------------------------------------------------------------
     async def fetch(self, ref: str, events, *, out: str | None = None,
-                    force: bool = False, pace=None) -> dict:
+                    force: bool = False, pace=None, on_progress=None) -> dict:
         """Fetch REF's missing chunks from the network; a JSON document.
         out: the image a restore will write next: it is written while the chunks
         arrive (node.service.restore_staged.stage), and the restore only completes it.
-        pace: a node.replicas.pace.Pace the chunks are stored at (replication's bound)."""
+        pace: a node.replicas.pace.Pace the chunks are stored at (replication's bound);
+        on_progress(DownloadProgress): told as the download goes (it may cancel it)."""
 
         def resolve():
             with self.d.open_store(readonly=True) as store:
@@ -272,6 +273,8 @@ class Replication:
                 bar = {}
 
                 def progress(p):
+                    if on_progress is not None:
+                        on_progress(p)
                     transfer.update(phase=p.phase, done_chunks=p.done_chunks,
                                     needed_chunks=p.needed_chunks,
                                     done_bytes=p.done_bytes, needed_bytes=p.needed_bytes,
