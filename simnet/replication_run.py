@@ -26,9 +26,9 @@ every backup was back at its count. Deterministic from the seed.
 
 What the node does not do yet, and this shows: repair is the author's, so a
 backup whose author is offline waits for it (its copies stay where they are), and
-one whose author is gone for good is not repaired (the report counts them); a
-holder declared lost that comes back keeps its copy uncounted (not re-adopted, not
-released), so churn longer than the grace costs a full copy each time.
+one whose author is gone for good is not repaired (the report counts them); churn
+longer than the grace costs a full copy each time (the holder that comes back is
+counted again only while the backup is short, else asked to release its copy).
 """
 from __future__ import annotations
 
@@ -104,6 +104,8 @@ class World:
         self.longest_under = 0.0
         self.lost_holders = 0
         self.placements = 0
+        self.readopted = 0
+        self.released = 0
 
     def _at(self, t: float, kind: str, node: int) -> None:
         self._seq += 1
@@ -172,6 +174,16 @@ class World:
             elif s == "asked" and self.dead[h]:
                 b.holders[h] = "lost"
         live = [h for h, s in b.holders.items() if s in ("asked", "held")]
+        for h, s in list(b.holders.items()):        # lost for being away, back now
+            if s == "lost" and self.online[h] and b.progress.get(h, 0) >= b.size:
+                if len(live) < cfg.replicas:
+                    b.holders[h], b.checked[h] = "held", self.now       # counted again
+                    live.append(h)
+                    self.readopted += 1
+                else:
+                    b.holders[h] = "released"                         # asked to drop it
+                    self.used[h] -= b.size
+                    self.released += 1
         need = cfg.replicas - len(live)
         if need <= 0:
             return
@@ -243,7 +255,8 @@ class World:
                          if s in ("held", "lost") and self.dead[h] and not self.dead[b.author])
         return {"config": asdict(self.cfg), "backups": len(self.backups),
                 "backups_lost": len(lost), "placements": self.placements,
-                "holders_lost": self.lost_holders,
+                "holders_lost": self.lost_holders, "holders_readopted": self.readopted,
+                "surplus_copies_released": self.released,
                 "initial_placement_bytes": self.initial_bytes,
                 "repair_bytes_by_day": self.repair_bytes_by_day,
                 "repair_bytes": sum(self.repair_bytes_by_day),
@@ -302,7 +315,9 @@ def summary(r: dict) -> str:
         f"replicas {c['replicas']}, churn {c['churn']:.0%}/day, site-0 lost on day "
         f"{c['site_loss_day']:g}",
         f"backups           {r['backups']}; lost {r['backups_lost']}",
-        f"placements        {r['placements']} ({r['holders_lost']} holders lost and replaced)",
+        f"placements        {r['placements']} ({r['holders_lost']} holders lost and replaced; "
+        f"{r['holders_readopted']} came back and counted again, "
+        f"{r['surplus_copies_released']} released as surplus)",
         f"repair traffic    {r['repair_bytes'] / GiB:,.0f} GiB in all, max "
         f"{max(r['repair_bytes_by_day']) / GiB:,.0f} GiB/day; copies lost with the site "
         f"{r['copies_lost_with_the_site_bytes'] / GiB:,.0f} GiB",

@@ -16,7 +16,9 @@ and signs a `verify` entry per holder. A confirmed holder is then
 A lost holder no longer counts: the next placement pass (node/replicas/service.py)
 asks a member on another site, which pulls the copy from whichever holders remain
 (the swarm skips and scores down the ones that fail). The lost holder is never
-asked again for that backup.
+asked to pull it again; if it was lost for being unreachable and comes back
+proving its copy, it counts again while the backup is short of copies, and is
+asked to release it otherwise (no copy is kept uncounted).
 """
 from __future__ import annotations
 
@@ -83,6 +85,7 @@ async def check(replicas, *, interval_s: float, grace_s: float, clock=time.time_
             continue
         rows = {bytes.fromhex(r["node_id"]): r for r in doc.get("holders", [])}
         now = clock()
+        await _returned(replicas, mid, backups[mid][0], rows, now)
         for h in held:
             why = membership_problem(d.gate, h.holder) or judge(rows.get(h.holder),
                                                                h.checked_ns, now, grace_s)
@@ -96,3 +99,30 @@ async def check(replicas, *, interval_s: float, grace_s: float, clock=time.time_
             await replicas._db(ReplicaState.set_holder, mid, h.holder, h.site, h.addr,
                                "lost", why)
     return lost
+
+
+async def _returned(replicas, mid: bytes, name: str, rows: dict, now_ns: int) -> None:
+    """Holders given up for lost because they were unreachable, that are back and just
+    proved their copy: counted again while the backup has fewer copies than it wants
+    (no pull needed), asked to release it when it has enough (no copy kept uncounted)."""
+    from hypersdk.node.replicas.policy import Policy
+    rows_now = await replicas._db(ReplicaState.holders, mid)
+    back = [h for h in rows_now if h.state == "lost" and h.reason.startswith("unreachable")
+            and (rows.get(h.holder) or {}).get("result") == "ok"
+            and membership_problem(replicas.d.gate, h.holder) is None]
+    if not back:
+        return
+    want = Policy.load(replicas.d.data_dir, replicas.default_replicas).rule(name).replicas
+    live = sum(1 for h in rows_now if h.state in ("held", "asked"))
+    for h in back:
+        if live < want:
+            live += 1
+            await replicas._db(ReplicaState.set_holder, mid, h.holder, h.site, h.addr, "held",
+                               "came back and proved its copy")
+            await replicas._db(ReplicaState.checked, mid, h.holder, now_ns)
+            replicas.counters["readopted"] = replicas.counters.get("readopted", 0) + 1
+        elif await replicas.ask_release(mid, h.holder, h.addr):
+            await replicas._db(ReplicaState.set_holder, mid, h.holder, h.site, h.addr,
+                               "released", "came back after its copy was replaced")
+            replicas.counters["surplus_released"] = replicas.counters.get(
+                "surplus_released", 0) + 1

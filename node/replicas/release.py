@@ -15,6 +15,9 @@ transaction: node/audit/intents.py), when
               orphans (`node run --keep-orphans`): a site that burned down is exactly
               when its copies matter, so keep them where nobody else holds the data.
 
+    asked     its author asks for it back (release_asked: it has more copies than it
+              wants, e.g. a holder it had given up for lost came back).
+
 Released chunks are reclaimed by the gc that follows a release.
 """
 from __future__ import annotations
@@ -63,22 +66,36 @@ def releasable(store, log, asked_by: dict, *, now_ns: int, orphan_after_s: float
     return out
 
 
-def release(store, data_dir, asked_by: dict, *, now_ns: int, orphan_after_s: float,
-            keep_orphans: bool) -> tuple[list[Released], list[bytes]]:
-    """Release what `releasable` names (one transaction and one delete entry each),
-    then collect the freed chunks. Returns what was released and the keys no longer
-    held (to stop announcing). Runs in a worker thread."""
-    from hypersdk.node.audit import intents as audit_intents
+def release_asked(store, data_dir, mid: bytes, asker: bytes, asked_by: dict) -> str:
+    """The author asks us to drop its copy `mid` (it has more copies than it wants):
+    released when `asker` is the member that placed it here, or, for a copy we
+    fetched otherwise, the one author of its backup entry. Returns the state."""
+    from hypersdk.dht.keys import node_id
     from hypersdk.node.audit.log import AuditLog
+    from hypersdk.node.store import catalog
+    rows = [b for b in catalog.list_backups(store)
+            if b.manifest_id == mid and b.stats.get("replica")]
+    if not rows:
+        return "unknown"
+    placer = asked_by.get(mid)
+    if placer is None:
+        with AuditLog(data_dir) as log:
+            authors = {bytes(a) for (a,) in log.db.execute(
+                "SELECT DISTINCT author FROM entries WHERE manifest=? AND kind='backup'",
+                (mid,))}
+        placer = node_id(authors.pop()) if len(authors) == 1 else None
+    if placer != asker:
+        return "refused"
+    _drop(store, [(b, "its author asked for it back") for b in rows])
+    return "released"
+
+
+def _drop(store, todo) -> list:
+    from hypersdk.node.audit import intents as audit_intents
+    from hypersdk.node.service.replication import announce_keys
     from hypersdk.node.store import catalog
     from hypersdk.node.store import intents as store_intents
     from hypersdk.node.store.gc import gc
-    with AuditLog(data_dir) as log:
-        todo = releasable(store, log, asked_by, now_ns=now_ns, orphan_after_s=orphan_after_s,
-                          keep_orphans=keep_orphans)
-    if not todo:
-        return [], []
-    from hypersdk.node.service.replication import announce_keys
     out, keys = [], set()
     with store.write_lock():
         for b, why in todo:
@@ -95,3 +112,17 @@ def release(store, data_dir, asked_by: dict, *, now_ns: int, orphan_after_s: flo
     gone = [k for k in keys if not store.has(k) and
             store.db.execute("SELECT 1 FROM manifests WHERE id=?", (k,)).fetchone() is None]
     return out, gone
+
+
+def release(store, data_dir, asked_by: dict, *, now_ns: int, orphan_after_s: float,
+            keep_orphans: bool) -> tuple[list[Released], list[bytes]]:
+    """Release what `releasable` names (one transaction and one delete entry each),
+    then collect the freed chunks. Returns what was released and the keys no longer
+    held (to stop announcing). Runs in a worker thread."""
+    from hypersdk.node.audit.log import AuditLog
+    with AuditLog(data_dir) as log:
+        todo = releasable(store, log, asked_by, now_ns=now_ns, orphan_after_s=orphan_after_s,
+                          keep_orphans=keep_orphans)
+    if not todo:
+        return [], []
+    return _drop(store, todo)

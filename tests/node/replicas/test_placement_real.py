@@ -287,3 +287,31 @@ def test_six_nodes_on_three_sites_lose_a_site_and_keep_two_copies(tmp_path, node
         out = tmp_path / f"{mid[:8]}.img"
         r = who.cli.json("restore", mid, out)
         assert same_bytes(img, out) and r["fetched"]["bad_chunks"] == 0
+
+
+@pytest.mark.slow
+def test_a_holder_that_comes_back_after_being_replaced_releases_its_copy(tmp_path, nodes):
+    """B is unreachable past the grace: A replaces its copy on D. B comes back and
+    proves its copy: A has its two copies already, so it asks B to release, and B
+    drops it (its own signed delete entry): no copy is kept uncounted."""
+    img = realistic_image(tmp_path / "disk.img", "64M", seed=50)
+    health = ("--holder-check", "0.5", "--holder-grace", "3")
+    a, member = _network(tmp_path, nodes, *health)
+    ms = {s: member(s, s, *health) for s in "bcd"}
+    ids = {s: n.cli.json("status")["node_id"] for s, n in ms.items()}
+    mid = a.cli.json("backup", img, "--name", "vm6")["manifest"]
+    poll(lambda: len(_holders(a, mid)) == 2, 120, "two confirmed holders", interval=0.3)
+    first = set(_live_holders(a, mid))
+    away = next(s for s in "bcd" if ids[s] in first)
+    ms[away].stop()
+    poll(lambda: len(_live_holders(a, mid)) == 2 and ids[away] not in _live_holders(a, mid),
+         180, "the copy replaced", interval=0.5)
+    back = nodes(ms[away].cli, *RUN, *health, env=FAST)
+    poll(lambda: _replication(a).get("surplus_released", 0) >= 1, 180,
+         "the returned holder asked to release", interval=0.5)
+    poll(lambda: back.cli.json("backups") == [], 60, "its copy dropped", interval=0.3)
+    assert [e["body"]["manifest"] for e in back.cli.json("audit", "log")
+            if e["kind"] == "delete"] == [mid]
+    states = _replication(a)["holders"][mid]
+    assert states[ids[away]] == "released" and sorted(
+        h for h, s in states.items() if s == "held") == sorted(_live_holders(a, mid))
