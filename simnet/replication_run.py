@@ -24,11 +24,11 @@ nodes not lost for good than wanted) and backup-hours spent under-replicated, th
 longest time a backup stayed under-replicated, and how long after the site loss
 every backup was back at its count. Deterministic from the seed.
 
-What the node does not do yet, and this shows: repair is the author's, so a
-backup whose author is offline waits for it (its copies stay where they are), and
-one whose author is gone for good is not repaired (the report counts them); churn
-longer than the grace costs a full copy each time (the holder that comes back is
-counted again only while the backup is short, else asked to release its copy).
+Repair is the author's; while an author is away longer than the grace, the live
+holder nearest the manifest id does it (node/replicas/takeover.py), so the
+backups of a lost site are repaired too. Churn longer than the grace costs a full
+copy each time (the holder that comes back is counted again only while the backup
+is short, else asked to release its copy).
 """
 from __future__ import annotations
 
@@ -106,6 +106,7 @@ class World:
         self.placements = 0
         self.readopted = 0
         self.released = 0
+        self.coordinated = 0
 
     def _at(self, t: float, kind: str, node: int) -> None:
         self._seq += 1
@@ -154,8 +155,9 @@ class World:
             else:
                 self.repair_bytes_by_day[day] += got
 
-    def _author_pass(self, b: Backup) -> None:
-        """What the author's daemon does for one backup (node/replicas/service.py)."""
+    def _author_pass(self, b: Backup, actor: int) -> None:
+        """What the author's daemon does for one backup (node/replicas/service.py), or
+        the coordinator's while the author is away (`actor`, a holder itself)."""
         cfg = self.cfg
         for h, s in list(b.holders.items()):
             if s == "asked" and self.online[h] and b.progress.get(h, 0) >= b.size:
@@ -188,7 +190,7 @@ class World:
         if need <= 0:
             return
         taken = {self.site[h] for h in live}
-        cands = self._candidates(b)
+        cands = self._candidates(b, actor)
         for c in choose(b.mid, b.size, need, cands, author_site=self.site[b.author],
                         taken_sites=taken, excluded=set(self.ids[h] for h in b.holders)):
             h = self._index[c.node_id]
@@ -196,11 +198,12 @@ class World:
             self.used[h] += b.size
             self.placements += 1
 
-    def _candidates(self, b: Backup) -> list:
-        """What the author learns: online members with their sites and offers."""
+    def _candidates(self, b: Backup, actor: int) -> list:
+        """What the actor learns: online members with their sites and offers."""
         cap = self.cfg.capacity_gib * GiB
         return [Candidate(self.ids[n], self.site[n], cap - self.used[n])
-                for n in range(self.cfg.nodes) if self.online[n] and n != b.author]
+                for n in range(self.cfg.nodes)
+                if self.online[n] and n not in (b.author, actor)]
 
     def run(self, progress=None) -> dict:
         cfg = self.cfg
@@ -218,7 +221,15 @@ class World:
             under = 0
             for b in self.backups:
                 if self.online[b.author]:
-                    self._author_pass(b)
+                    self._author_pass(b, b.author)
+                elif self.now - self.offline_since[b.author] > cfg.grace:
+                    # the author is away: the live holder nearest the manifest takes over
+                    # (node/replicas/takeover.py)
+                    live = [h for h, s in b.holders.items() if s == "held" and self.online[h]]
+                    if live:
+                        self.coordinated += 1
+                        self._author_pass(b, min(live, key=lambda h: int.from_bytes(
+                            self.ids[h], "big") ^ int.from_bytes(b.mid, "big")))
                 self._pull(b)
                 # copies that exist: confirmed, on a node not lost for good (a holder
                 # offline for a while still has its copy; the author's view may lag)
@@ -257,6 +268,7 @@ class World:
                 "backups_lost": len(lost), "placements": self.placements,
                 "holders_lost": self.lost_holders, "holders_readopted": self.readopted,
                 "surplus_copies_released": self.released,
+                "coordinated_backup_steps": self.coordinated,
                 "initial_placement_bytes": self.initial_bytes,
                 "repair_bytes_by_day": self.repair_bytes_by_day,
                 "repair_bytes": sum(self.repair_bytes_by_day),
@@ -324,5 +336,5 @@ def summary(r: dict) -> str:
         f"under-replicated  {r['under_replicated_backup_hours']:,} backup-hours; longest "
         f"{r['longest_under_replicated_h']} h; back at count "
         f"{r['back_at_count_after_site_loss_h']} h after the site loss "
-        f"({r['orphaned_under_replicated']} of the lost site's own backups: nobody repairs them)",
+        f"({r['orphaned_under_replicated']} of the lost site's own backups still short)",
         f"wall              {r['wall_seconds']} s"])

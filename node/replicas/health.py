@@ -25,8 +25,6 @@ from __future__ import annotations
 import logging
 import time
 
-import trio
-
 from hypersdk.dht.keys import node_id
 from hypersdk.node.errors import UserError
 from hypersdk.node.replicas.state import ReplicaState
@@ -67,17 +65,25 @@ def judge(row: dict | None, checked_ns: int, now_ns: int, grace_s: float) -> str
 
 
 async def check(replicas, *, interval_s: float, grace_s: float, clock=time.time_ns) -> int:
-    """Check the confirmed holders that are due; how many were lost."""
+    """Check the holders of each backup we keep copies of, every interval_s (holders
+    that count, and ones lost for being unreachable, which may be back); how many
+    were lost."""
     d = replicas.d
     if d.audit is None or replicas._site() is None:
         return 0
     lost = 0
-    backups = await trio.to_thread.run_sync(replicas._own_backups)
-    for mid in backups:
-        held = [h for h in await replicas._db(ReplicaState.holders, mid) if h.state == "held"]
+    backups = await replicas.managed()
+    for mid, (name, _size, _site, ours) in backups.items():
+        rows_now = await replicas._db(ReplicaState.holders, mid)
+        held = [h for h in rows_now if h.state == "held"]
+        away = [h for h in rows_now if h.state == "lost" and h.reason.startswith("unreachable")]
         now = clock()
-        if not any(now - h.checked_ns >= interval_s * 1e9 for h in held):
+        # a backup we coordinate for an away author: look at once to learn its holders
+        first = not ours and not rows_now and mid not in replicas.looked
+        if not first and not ((held or away) and
+                              now - replicas.looked.get(mid, 0) >= interval_s * 1e9):
             continue
+        replicas.looked[mid] = now
         try:
             doc, _, _ = await d.audit.verify(mid.hex(), replicas.quiet)
         except (UserError, ProtocolError, OSError) as exc:
@@ -85,10 +91,12 @@ async def check(replicas, *, interval_s: float, grace_s: float, clock=time.time_
             continue
         rows = {bytes.fromhex(r["node_id"]): r for r in doc.get("holders", [])}
         now = clock()
-        await _returned(replicas, mid, backups[mid][0], rows, now)
+        await _adopt(replicas, mid, name, 0 if ours else 1, rows, now)
         for h in held:
-            why = membership_problem(d.gate, h.holder) or judge(rows.get(h.holder),
-                                                               h.checked_ns, now, grace_s)
+            # we cannot blame a holder for the time we were down ourselves
+            since = max(h.checked_ns, replicas.started_ns)
+            why = membership_problem(d.gate, h.holder) or judge(rows.get(h.holder), since, now,
+                                                               grace_s)
             if why is None:
                 if rows.get(h.holder, {}).get("result") == "ok":
                     await replicas._db(ReplicaState.checked, mid, h.holder, now)
@@ -101,28 +109,44 @@ async def check(replicas, *, interval_s: float, grace_s: float, clock=time.time_
     return lost
 
 
-async def _returned(replicas, mid: bytes, name: str, rows: dict, now_ns: int) -> None:
-    """Holders given up for lost because they were unreachable, that are back and just
-    proved their copy: counted again while the backup has fewer copies than it wants
-    (no pull needed), asked to release it when it has enough (no copy kept uncounted)."""
+async def _adopt(replicas, mid: bytes, name: str, mine: int, rows: dict, now_ns: int) -> None:
+    """Holders that just proved a copy we do not count: one we gave up for lost
+    (unreachable) that came back, or one another node placed (a coordinator while
+    we were away, or the author while we coordinated). Counted while the backup has
+    fewer copies than it wants (no pull needed); asked to release it otherwise (no
+    copy is kept uncounted; a holder honours that from its placer or the author).
+    mine: 1 when we hold a copy ourselves (we coordinate), else 0."""
     from hypersdk.node.replicas.policy import Policy
-    rows_now = await replicas._db(ReplicaState.holders, mid)
-    back = [h for h in rows_now if h.state == "lost" and h.reason.startswith("unreachable")
-            and (rows.get(h.holder) or {}).get("result") == "ok"
-            and membership_problem(replicas.d.gate, h.holder) is None]
+    gate = replicas.d.gate
+    own = replicas.d.identity.node_id
+    table = {h.holder: h for h in await replicas._db(ReplicaState.holders, mid)}
+    back = []
+    for hid, row in rows.items():
+        h = table.get(hid)
+        if (row.get("result") != "ok" or row.get("claim") == "author" or hid == own
+                or membership_problem(gate, hid) is not None):
+            continue
+        if h is None or (h.state == "lost" and h.reason.startswith("unreachable")):
+            back.append((hid, h, row))
     if not back:
         return
     want = Policy.load(replicas.d.data_dir, replicas.default_replicas).rule(name).replicas
-    live = sum(1 for h in rows_now if h.state in ("held", "asked"))
-    for h in back:
+    # what surely counts now: copies being pulled, and held ones that just proved
+    # theirs (a held holder that did not answer may be the one that is gone)
+    live = mine + sum(1 for h in table.values() if h.state == "asked" or (
+        h.state == "held" and (rows.get(h.holder) or {}).get("result") == "ok"))
+    sites = {node_id(k): c.site for k, c in list(gate.certs.items())} if gate else {}
+    for hid, h, row in back:
+        site = h.site if h is not None else sites.get(hid, "")
+        addr = h.addr if h is not None else (row.get("addr") or "")
         if live < want:
             live += 1
-            await replicas._db(ReplicaState.set_holder, mid, h.holder, h.site, h.addr, "held",
-                               "came back and proved its copy")
-            await replicas._db(ReplicaState.checked, mid, h.holder, now_ns)
+            await replicas._db(ReplicaState.set_holder, mid, hid, site, addr, "held",
+                               "proved its copy")
+            await replicas._db(ReplicaState.checked, mid, hid, now_ns)
             replicas.counters["readopted"] = replicas.counters.get("readopted", 0) + 1
-        elif await replicas.ask_release(mid, h.holder, h.addr):
-            await replicas._db(ReplicaState.set_holder, mid, h.holder, h.site, h.addr,
-                               "released", "came back after its copy was replaced")
+        elif await replicas.ask_release(mid, hid, addr):
+            await replicas._db(ReplicaState.set_holder, mid, hid, site, addr, "released",
+                               "a surplus copy, asked to release it")
             replicas.counters["surplus_released"] = replicas.counters.get(
                 "surplus_released", 0) + 1

@@ -67,9 +67,9 @@ def releasable(store, log, asked_by: dict, *, now_ns: int, orphan_after_s: float
 
 
 def release_asked(store, data_dir, mid: bytes, asker: bytes, asked_by: dict) -> str:
-    """The author asks us to drop its copy `mid` (it has more copies than it wants):
-    released when `asker` is the member that placed it here, or, for a copy we
-    fetched otherwise, the one author of its backup entry. Returns the state."""
+    """A member asks us to drop copy `mid` (its backup has more copies than it wants):
+    released when `asker` is the member that placed it here or the one author of its
+    backup entry; refused otherwise. Returns the state."""
     from hypersdk.dht.keys import node_id
     from hypersdk.node.audit.log import AuditLog
     from hypersdk.node.store import catalog
@@ -77,14 +77,11 @@ def release_asked(store, data_dir, mid: bytes, asker: bytes, asked_by: dict) -> 
             if b.manifest_id == mid and b.stats.get("replica")]
     if not rows:
         return "unknown"
-    placer = asked_by.get(mid)
-    if placer is None:
-        with AuditLog(data_dir) as log:
-            authors = {bytes(a) for (a,) in log.db.execute(
-                "SELECT DISTINCT author FROM entries WHERE manifest=? AND kind='backup'",
-                (mid,))}
-        placer = node_id(authors.pop()) if len(authors) == 1 else None
-    if placer != asker:
+    with AuditLog(data_dir) as log:
+        authors = {bytes(a) for (a,) in log.db.execute(
+            "SELECT DISTINCT author FROM entries WHERE manifest=? AND kind='backup'", (mid,))}
+    author = node_id(authors.pop()) if len(authors) == 1 else None
+    if asker not in (asked_by.get(mid), author) or asker is None:
         return "refused"
     _drop(store, [(b, "its author asked for it back") for b in rows])
     return "released"

@@ -41,6 +41,7 @@ from hypersdk.node.replicas.placement import Candidate, choose
 from hypersdk.node.replicas.policy import Policy
 from hypersdk.node.replicas.release import ORPHAN_AFTER_S
 from hypersdk.node.replicas.state import MAX_ATTEMPTS, ReplicaState
+from hypersdk.node.replicas.takeover import Takeover
 from hypersdk.node.replicas.windows import Windows
 from hypersdk.node.service.frames import answer_once, read_frame
 from hypersdk.protocol import replicate as rp
@@ -88,6 +89,9 @@ class Replicas:
         self.health_interval, self.grace = health_interval, grace
         self.orphan_after, self.keep_orphans = orphan_after, keep_orphans
         self.pace = Pace(rate) if rate else None       # the repair bandwidth bound
+        self.takeover = Takeover(self)                 # repair while an author is away
+        self.looked: dict[bytes, int] = {}             # manifest -> its last health check
+        self.started_ns = time.time_ns()               # holders are judged from here on
         self.windows = windows or Windows()
         self.window = (True, "")
         self.quiet = _Quiet()
@@ -158,6 +162,15 @@ class Replicas:
     async def _author_pass(self) -> None:
         """Check the holders that are due (losing the ones that fail), then place
         what is missing, lost copies included (inside the replication windows)."""
+        if self._site() is None:
+            await self.place_all()
+            return
+        if len(self.d.dht.table) == 0:
+            await self._rejoin()
+            if len(self.d.dht.table) == 0:     # we are the one cut off: judge nobody
+                self.report = dict(self.report, state="waiting: no peer reachable")
+                return
+        await self.takeover.refresh(interval_s=self.health_interval, grace_s=self.grace)
         lost = await health.check(self, interval_s=self.health_interval, grace_s=self.grace)
         self.counters["lost"] = self.counters.get("lost", 0) + lost
         self.window = await trio.to_thread.run_sync(self.windows.state)
@@ -330,18 +343,20 @@ class Replicas:
             return
         pol = await trio.to_thread.run_sync(Policy.load, self.d.data_dir,
                                             self.default_replicas)
-        backups = await trio.to_thread.run_sync(self._own_backups)
         offers: dict[bytes, rp.Offer | None] = {}
         queue, holders = [], {}
-        for mid, (name, size) in backups.items():
+        for mid, (name, size, author_site, ours) in (await self.managed()).items():
             rule = pol.rule(name)
             if rule.replicas == 0:
                 continue
             held, asked = await self._progress(mid)
-            need = rule.replicas - len(held) - len(asked)
+            mine = 0 if ours else 1                  # a coordinator holds a copy itself
+            need = rule.replicas - len(held) - len(asked) - mine
             if need > 0:
-                await self._place(mid, size, need, site, offers)
+                await self._place(mid, size, need, author_site, offers,
+                                  also_taken=set() if ours else {site})
                 held, asked = await self._progress(mid, poll=False)
+            held = held + [None] * mine
             if len(holders) < MAX_SHOWN:
                 holders[mid.hex()] = {r.holder.hex(): r.state
                                       for r in await self._db(ReplicaState.holders, mid)}
@@ -360,6 +375,37 @@ class Replicas:
         self.report = {"state": "placing" if queue else "every backup has its copies",
                        "queue": queue[:MAX_SHOWN], "waiting_backups": len(queue),
                        "candidates_offered": len(offers), "holders": holders}
+
+    async def _rejoin(self) -> None:
+        """A node that knows nobody (restarted on a new address, its peers not saved)
+        dials the holders it placed copies on, at the addresses they had, and joins
+        the DHT through the ones that answer."""
+        addrs = sorted({h.addr for h in await self._db(ReplicaState.holders) if h.addr})
+        contacts = []
+
+        async def one(addr):
+            try:
+                contacts.append(await self.d.dial(addr))
+            except UserError:
+                pass
+        async with trio.open_nursery() as n:
+            for addr in addrs[:16]:
+                n.start_soon(one, addr)
+        if contacts:
+            with trio.move_on_after(TIMEOUT):
+                await self.d.dht.bootstrap(contacts)
+            log.info("replication: rejoined through %d holder(s)", len(contacts))
+
+    async def managed(self) -> dict:
+        """manifest -> (name, bytes a copy takes, the author's site, ours?) of the
+        backups whose copies this node keeps: its own, and those it coordinates
+        while their author is away (node/replicas/takeover.py)."""
+        site = self._site() or ""
+        out = {m: (n, z, site, True)
+               for m, (n, z) in (await trio.to_thread.run_sync(self._own_backups)).items()}
+        for m, c in self.takeover.coordinating.items():
+            out.setdefault(m, (c["name"], c["size"], c["site"], False))
+        return out
 
     def _own_backups(self) -> dict[bytes, tuple[str, int]]:
         """manifest -> (name, bytes a copy may take) of the backups we made."""
@@ -413,9 +459,13 @@ class Replicas:
         own = self.d.identity.node_id
         return [(c, sites[n]) for n, c in contacts.items() if n in sites and n != own]
 
-    async def _place(self, mid: bytes, size: int, need: int, site: str, offers: dict) -> None:
+    async def _place(self, mid: bytes, size: int, need: int, site: str, offers: dict,
+                     also_taken=frozenset()) -> None:
+        """Ask `need` more members to hold mid; `site` is its author's (never asked),
+        also_taken: sites that hold a copy besides the holders we asked (our own, when
+        we coordinate)."""
         rows = await self._db(ReplicaState.holders, mid)
-        taken = {r.site for r in rows if r.state in ("asked", "held")}
+        taken = {r.site for r in rows if r.state in ("asked", "held")} | set(also_taken)
         excluded = {r.holder for r in rows}
         found = await self._candidates(mid)
         ask = [(c, s) for c, s in found if c.id not in offers and c.id not in excluded
@@ -493,6 +543,6 @@ class Replicas:
             return None
 
     def status(self) -> dict:
-        return {**self.report, "quota": self.quota, **self.counters,
+        return {**self.report, "quota": self.quota, **self.counters, **self.takeover.status(),
                 "window_open": self.window[0], "window": self.window[1],
                 "replicate_rate": self.pace.rate if self.pace else None}

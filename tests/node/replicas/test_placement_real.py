@@ -315,3 +315,37 @@ def test_a_holder_that_comes_back_after_being_replaced_releases_its_copy(tmp_pat
     states = _replication(a)["holders"][mid]
     assert states[ids[away]] == "released" and sorted(
         h for h, s in states.items() if s == "held") == sorted(_live_holders(a, mid))
+
+
+@pytest.mark.slow
+def test_holders_repair_a_backup_while_its_author_is_away(tmp_path, nodes):
+    """A's copies are on two of sites b, c, d. A goes offline, then one of its holders
+    dies too. Past the grace the surviving holder (the live holder nearest the
+    manifest) takes over: it places a copy on the third site and signs the replica
+    entry. When A comes back it counts the new holder, whose copy it never asked for."""
+    img = realistic_image(tmp_path / "disk.img", "64M", seed=60)
+    health = ("--holder-check", "0.5", "--holder-grace", "3")
+    a, member = _network(tmp_path, nodes, *health)
+    ms = {s: member(s, s, *health) for s in "bcd"}
+    ids = {s: n.cli.json("status")["node_id"] for s, n in ms.items()}
+    mid = a.cli.json("backup", img, "--name", "vm7")["manifest"]
+    poll(lambda: len(_holders(a, mid)) == 2, 120, "two confirmed holders", interval=0.3)
+    first = sorted(s for s in "bcd" if ids[s] in _holders(a, mid))
+    spare = next(s for s in "bcd" if s not in first)
+    a.stop()                                              # the author is away
+    ms[first[1]].kill()                                   # and one of its holders dies
+    keeper = ms[first[0]]
+
+    def repaired():
+        return ms[spare].cli.json("backups") and _replication(keeper)["coordinating"]
+    poll(repaired, 180, "the surviving holder placing a new copy", interval=0.5)
+    assert [c["manifest"] for c in _replication(keeper)["coordinating"]] == [mid]
+    signed = [e["body"] for e in keeper.cli.json("audit", "log") if e["kind"] == "replica"]
+    assert {"manifest": mid, "holder": ids[spare]} in signed
+
+    a = nodes(a.cli, *RUN, *health, env=FAST)             # A is back: it counts the new copy
+    poll(lambda: sorted(_live_holders(a, mid)) == sorted([ids[first[0]], ids[spare]]), 120,
+         "A counting the holder placed in its absence", interval=0.5)
+    assert _replication(a)["queue"] == []
+    poll(lambda: _replication(keeper)["coordinating"] == [], 60, "the keeper standing down",
+         interval=0.5)

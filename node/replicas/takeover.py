@@ -1,0 +1,117 @@
+"""Repair while the author is away: a holder takes over (issue 20).
+
+Repair is the author's (node/replicas/service.py), so a backup whose author is
+offline for days, or gone with its site, would wait, or never be repaired. So a
+holder of a copy also watches the copy's author: when the author has not answered
+for longer than the grace, the copy's holders elect one coordinator, the live
+holder nearest the manifest id in the DHT key space (each holder asks the nearer
+ones, named by replica entries, whether they hold it; the first that answers
+"held" coordinates, so exactly the nearest live holder does), and the coordinator
+runs the author's health checks and placement for that backup: it counts itself
+and the holders that prove their copies, loses the ones that fail, and asks new
+members on other sites (never the author's) until the backup has its copies
+again, signing a `replica` entry for each one it confirms.
+
+When the author answers again, the coordinator stops; the author's own health
+check finds the holders the coordinator placed proving their copies and counts
+them (or asks the surplus to release: a holder honours that from the author too).
+Authorship is settled by the audit log: the one member whose `backup` entry names
+the manifest (a manifest claimed by several is left alone).
+"""
+from __future__ import annotations
+
+import time
+
+import trio
+
+from hypersdk.dht.keys import node_id
+from hypersdk.node.replicas.placement import distance
+from hypersdk.protocol import replicate as rp
+
+
+class Takeover:
+    def __init__(self, replicas):
+        self.r = replicas
+        self.away: dict[bytes, float] = {}         # author -> first time it did not answer
+        self.coordinating: dict[bytes, dict] = {}   # manifest -> {author, name, size, site}
+        self._looked: dict[bytes, float] = {}       # manifest -> when last decided
+
+    def _copies(self) -> list:
+        """(manifest, name, size, author key, holders named by replica entries) of the
+        copies we hold for others (run in a worker thread)."""
+        from hypersdk.node.audit.log import AuditLog
+        from hypersdk.node.store import catalog
+        out = []
+        d = self.r.d
+        with d.open_store(readonly=True) as store, AuditLog(d.data_dir) as log:
+            for b in catalog.list_backups(store):
+                if not b.stats.get("replica"):
+                    continue
+                authors = {bytes(a) for (a,) in log.db.execute(
+                    "SELECT DISTINCT author FROM entries WHERE manifest=? AND kind='backup'",
+                    (b.manifest_id,))}
+                if len(authors) != 1:
+                    continue
+                zeros = b.stats.get("zero_chunks", 0) * b.stats.get("chunk_size", 0)
+                out.append((b.manifest_id, b.name, max(0, b.size - zeros), authors.pop(),
+                            log.replica_holders(b.manifest_id)))
+        return out
+
+    async def _answers(self, nid: bytes, op: str, mid: bytes | None = None):
+        """nid's answer to one request (an Offer or a State), None if it gives none."""
+        contact = self.r.d.dht.table.get(nid)
+        if contact is None:
+            with trio.move_on_after(10):
+                found = await self.r.d.dht.find_node(nid)
+                contact = next((c for c in found if c.id == nid), None)
+        if contact is None:
+            return None
+        raw = await self.r._exchange(contact, rp.request(op, mid))
+        if raw is None:
+            return None
+        try:
+            return rp.decode_offer(raw) if op == "offer" else rp.decode_state(raw)
+        except Exception:                      # a malformed answer: no answer
+            return None
+
+    async def refresh(self, *, interval_s: float, grace_s: float, clock=time.monotonic) -> None:
+        """Decide, for each copy we hold whose decision is due, whether we coordinate it."""
+        own = self.r.d.identity.node_id
+        copies = await trio.to_thread.run_sync(self._copies)
+        held = {c[0] for c in copies}
+        for mid in list(self.coordinating):
+            if mid not in held:
+                del self.coordinating[mid]
+        now = clock()
+        for mid, name, size, author_key, holders in copies:
+            if now - self._looked.get(mid, -1e18) < min(interval_s, grace_s):
+                continue
+            self._looked[mid] = now
+            author = node_id(author_key)
+            if await self._answers(author, "offer") is not None:
+                self.away.pop(author, None)
+                self.coordinating.pop(mid, None)
+                continue
+            since = self.away.setdefault(author, now)
+            if now - since < grace_s:
+                continue
+            nearer = sorted((h for h in holders if h not in (own, author)
+                             and distance(h, mid) < distance(own, mid)),
+                            key=lambda h: distance(h, mid))
+            leader = None
+            for h in nearer:
+                st = await self._answers(h, "status", mid)
+                if st is not None and getattr(st, "state", "") == "held":
+                    leader = h
+                    break
+            if leader is not None:
+                self.coordinating.pop(mid, None)
+                continue
+            cert = next((c for k, c in self.r.d.gate.certs.items() if k == author_key), None)
+            self.coordinating[mid] = {"author": author, "name": name, "size": size,
+                                      "site": cert.site if cert is not None else ""}
+
+    def status(self) -> dict:
+        return {"coordinating": [{"manifest": m.hex(), "author": v["author"].hex()}
+                                 for m, v in sorted(self.coordinating.items())][:64],
+                "authors_away": len(self.away)}
