@@ -167,8 +167,8 @@ class Replicas:
             return
         if len(self.d.dht.table) == 0:
             await self._rejoin()
-            if len(self.d.dht.table) == 0:     # we are the one cut off: judge nobody
-                self.report = dict(self.report, state="waiting: no peer reachable")
+            if len(self.d.dht.table) == 0:     # we are the one cut off: judge nobody,
+                await self.place_all()         # only list what waits (and why)
                 return
         await self.takeover.refresh(interval_s=self.health_interval, grace_s=self.grace)
         lost = await health.check(self, interval_s=self.health_interval, grace_s=self.grace)
