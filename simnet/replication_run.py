@@ -293,31 +293,31 @@ def write(report: dict, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     files = [out / "replication.json"]
     files[0].write_text(json.dumps(report, indent=1) + "\n")
+    series = report["under_replicated_series"]
+    xs, ys = zip(*series) if series else ((), ())
+    files.append(_plot(out / "repair_traffic_per_day.png", "bar",
+                       range(len(report["repair_bytes_by_day"])),
+                       [b / GiB for b in report["repair_bytes_by_day"]],
+                       "repair traffic (GiB)", "bytes pulled to repair copies, per day"))
+    files.append(_plot(out / "under_replicated.png", "plot", xs, ys,
+                       "backups under-replicated",
+                       "backups with fewer confirmed copies than wanted"))
+    return files
+
+
+def _plot(path: Path, kind: str, xs, ys, ylabel: str, title: str) -> Path:
     import matplotlib
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")                   # files only, no display
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.bar(range(len(report["repair_bytes_by_day"])),
-           [b / GiB for b in report["repair_bytes_by_day"]])
+    getattr(ax, kind)(xs, ys)
     ax.set_xlabel("day")
-    ax.set_ylabel("repair traffic (GiB)")
-    ax.set_title("bytes pulled to repair copies, per day")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     fig.tight_layout()
-    files.append(out / "repair_traffic_per_day.png")
-    fig.savefig(files[-1])
+    fig.savefig(path)
     plt.close(fig)
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    xs, ys = zip(*report["under_replicated_series"]) if report["under_replicated_series"] \
-        else ((), ())
-    ax.plot(xs, ys)
-    ax.set_xlabel("day")
-    ax.set_ylabel("backups under-replicated")
-    ax.set_title("backups with fewer confirmed copies than wanted")
-    fig.tight_layout()
-    files.append(out / "under_replicated.png")
-    fig.savefig(files[-1])
-    plt.close(fig)
-    return files
+    return path
 
 
 def summary(r: dict) -> str:

@@ -121,6 +121,22 @@ def test_quota_refusals_and_an_offline_queue_that_survives_a_restart(tmp_path, n
         m for m in mids if m != short]
 
 
+HEALTH = ("--holder-check", "0.5", "--holder-grace", "3")
+
+
+def _three_sites_placed(tmp_path, nodes, seed: int, name: str):
+    """A (hq) and one member on each of sites b, c, d, checking holders every 0.5 s
+    with a 3 s grace; A's backup NAME of a 64 MB image placed on two of them:
+    (a, members by site, node ids by site, manifest)."""
+    img = realistic_image(tmp_path / "disk.img", "64M", seed=seed)
+    a, member = _network(tmp_path, nodes, *HEALTH)
+    ms = {s: member(s, s, *HEALTH) for s in "bcd"}
+    ids = {s: n.cli.json("status")["node_id"] for s, n in ms.items()}
+    mid = a.cli.json("backup", img, "--name", name)["manifest"]
+    poll(lambda: len(_holders(a, mid)) == 2, 120, "two confirmed holders", interval=0.3)
+    return a, ms, ids, mid
+
+
 def _flip_packs(data_dir) -> int:
     """Damage every stored chunk record of a node: a byte flipped every 4 KiB of each
     pack file past its header (the records are sealed: none opens any more)."""
@@ -294,19 +310,13 @@ def test_a_holder_that_comes_back_after_being_replaced_releases_its_copy(tmp_pat
     """B is unreachable past the grace: A replaces its copy on D. B comes back and
     proves its copy: A has its two copies already, so it asks B to release, and B
     drops it (its own signed delete entry): no copy is kept uncounted."""
-    img = realistic_image(tmp_path / "disk.img", "64M", seed=50)
-    health = ("--holder-check", "0.5", "--holder-grace", "3")
-    a, member = _network(tmp_path, nodes, *health)
-    ms = {s: member(s, s, *health) for s in "bcd"}
-    ids = {s: n.cli.json("status")["node_id"] for s, n in ms.items()}
-    mid = a.cli.json("backup", img, "--name", "vm6")["manifest"]
-    poll(lambda: len(_holders(a, mid)) == 2, 120, "two confirmed holders", interval=0.3)
+    a, ms, ids, mid = _three_sites_placed(tmp_path, nodes, 50, "vm6")
     first = set(_live_holders(a, mid))
     away = next(s for s in "bcd" if ids[s] in first)
     ms[away].stop()
     poll(lambda: len(_live_holders(a, mid)) == 2 and ids[away] not in _live_holders(a, mid),
          180, "the copy replaced", interval=0.5)
-    back = nodes(ms[away].cli, *RUN, *health, env=FAST)
+    back = nodes(ms[away].cli, *RUN, *HEALTH, env=FAST)
     poll(lambda: _replication(a).get("surplus_released", 0) >= 1, 180,
          "the returned holder asked to release", interval=0.5)
     poll(lambda: back.cli.json("backups") == [], 60, "its copy dropped", interval=0.3)
@@ -323,13 +333,7 @@ def test_holders_repair_a_backup_while_its_author_is_away(tmp_path, nodes):
     dies too. Past the grace the surviving holder (the live holder nearest the
     manifest) takes over: it places a copy on the third site and signs the replica
     entry. When A comes back it counts the new holder, whose copy it never asked for."""
-    img = realistic_image(tmp_path / "disk.img", "64M", seed=60)
-    health = ("--holder-check", "0.5", "--holder-grace", "3")
-    a, member = _network(tmp_path, nodes, *health)
-    ms = {s: member(s, s, *health) for s in "bcd"}
-    ids = {s: n.cli.json("status")["node_id"] for s, n in ms.items()}
-    mid = a.cli.json("backup", img, "--name", "vm7")["manifest"]
-    poll(lambda: len(_holders(a, mid)) == 2, 120, "two confirmed holders", interval=0.3)
+    a, ms, ids, mid = _three_sites_placed(tmp_path, nodes, 60, "vm7")
     first = sorted(s for s in "bcd" if ids[s] in _holders(a, mid))
     spare = next(s for s in "bcd" if s not in first)
     a.stop()                                              # the author is away
@@ -343,7 +347,7 @@ def test_holders_repair_a_backup_while_its_author_is_away(tmp_path, nodes):
     signed = [e["body"] for e in keeper.cli.json("audit", "log") if e["kind"] == "replica"]
     assert {"manifest": mid, "holder": ids[spare]} in signed
 
-    a = nodes(a.cli, *RUN, *health, env=FAST)             # A is back: it counts the new copy
+    a = nodes(a.cli, *RUN, *HEALTH, env=FAST)             # A is back: it counts the new copy
     poll(lambda: sorted(_live_holders(a, mid)) == sorted([ids[first[0]], ids[spare]]), 120,
          "A counting the holder placed in its absence", interval=0.5)
     assert _replication(a)["queue"] == []
