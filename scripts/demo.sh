@@ -9,7 +9,8 @@
 #  3. vSphere: a VM backed up from vcsim (snapshot + Changed Block Tracking),
 #     changed, backed up incrementally (only changed blocks read), restored;
 #  4. simnet: a simulated network of 150 nodes on virtual time, a fifth of them
-#     hostile (eclipse + provider-record flood), then audit-log gossip.
+#     hostile (eclipse + provider-record flood), replication through churn and a
+#     site's loss, then audit-log gossip.
 # Runs in a throw-away dir; set DEMO_SIZE (default 256M) for a bigger disk.
 set -eu
 cd "$(dirname "$0")/.."
@@ -141,6 +142,15 @@ for e in json.load(sys.stdin):
     if e["kind"] == "replica" and b["manifest"] == sys.argv[1]:
         print("  A signed: replica of", b["manifest"][:16], "held by", b["holder"][:16])' "$MID"
 step "$H" policy show
+echo "(any member lists the network's backups from the gossiped logs, with their copies)"
+i=0
+until [ "$("$H" --data-dir "$WORK/c" backups --network --json | python3 -c '
+import json, sys
+print(max([r["copies"] for r in json.load(sys.stdin) if r["manifest"] == sys.argv[1]] or [0]))' "$MID")" -ge 2 ]; do
+    i=$((i + 1)); [ $i -le 300 ] || { echo "C did not learn of the copies"; exit 1; }
+    sleep 0.1
+done
+step "$H" --data-dir "$WORK/c" backups --network
 step "$H" --data-dir "$WORK/b" backups
 echo "(B cannot read what it holds, nor even its name:)"
 "$H" --data-dir "$WORK/b" restore "$MID" "$WORK/restored-on-b.img" || true
@@ -183,5 +193,7 @@ echo
 echo "== simnet: the same DHT code on a simulated network (virtual time), a fifth of it hostile"
 echo "(they collude to eclipse lookups and flood provider stores; lookups still find their providers)"
 step "$H" simnet run scenarios/hostile-20pct.toml --nodes 150 --out "$WORK/simnet"
+echo "(replication over 10 simulated days: churn, a whole site lost on day 5, repair)"
+step "$H" simnet replication --nodes 300 --days 10 --out "$WORK/simnet-replication"
 echo "(and the audit-log gossip: how fast an entry reaches every node, and a partition healing)"
 step "$H" simnet gossip --nodes 100 --entries 5
