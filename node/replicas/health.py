@@ -4,7 +4,9 @@ Every `health_interval` seconds per confirmed holder, the author checks each bac
 of its own that has confirmed holders, with the same machinery as `verify
 --network` (node/service/net_verify.py): it finds the holders, challenges each
 on a sample of the backup's chunks (possession proofs, protocol/possession.py),
-and signs a `verify` entry per holder. A confirmed holder is then
+and signs a `verify` entry per holder (an "ok" that repeats the last one is signed
+at most once a day: hourly checks would grow every log by an entry per holder per
+hour). A confirmed holder is then
 
     kept       it proved possession (its last good check is now), or it is
                unreachable for less than the grace period;
@@ -35,6 +37,7 @@ log = logging.getLogger(__name__)
 HEALTH_INTERVAL = 3600.0        # seconds between checks of one holder
 GRACE = 4 * 3600.0              # unreachable this long after its last good check: lost
 FAILED = ("failed", "damaged", "missing")
+QUIET_OK_S = 86400.0            # an unchanged "ok" verdict is signed again once a day
 
 
 def membership_problem(gate, holder: bytes) -> str | None:
@@ -85,7 +88,7 @@ async def check(replicas, *, interval_s: float, grace_s: float, clock=time.time_
             continue
         replicas.looked[mid] = now
         try:
-            doc, _, _ = await d.audit.verify(mid.hex(), replicas.quiet)
+            doc, _, _ = await d.audit.verify(mid.hex(), replicas.quiet, quiet_ok_s=QUIET_OK_S)
         except (UserError, ProtocolError, OSError) as exc:
             log.info("replication health: %s: %s", mid.hex()[:16], exc)
             continue

@@ -161,7 +161,12 @@ class AuditNet:
 
     # -- verify --network ------------------------------------------------------------
     async def verify(self, ref: str, events, min_holders: int = 1, loss: float | None = None,
-                     confidence: float | None = None) -> tuple[dict, str, int]:
+                     confidence: float | None = None, quiet_ok_s: float | None = None
+                     ) -> tuple[dict, str, int]:
+        """quiet_ok_s (replication's health checks, every hour): an "ok" verdict on a
+        holder whose last verdict of ours was "ok" less than quiet_ok_s ago is not
+        signed again (the log would grow by an entry per holder per hour); failures
+        and changes always are."""
         from hypersdk.node.audit.log import AuditLog
         from hypersdk.protocol import possession as pp
         loss = pp.DEFAULT_LOSS if loss is None else loss
@@ -222,7 +227,7 @@ class AuditNet:
                              "slowest_s": round(r.slowest, 3),
                              "deadline_s": round(r.allowed, 3), "late": r.late} if r else
                             {"reason": "no address known for this holder"})})
-        await trio.to_thread.run_sync(self._record, mid, results)
+        await trio.to_thread.run_sync(self._record, mid, results, quiet_ok_s)
         await self.gossip.spread_own()
         doc = {"manifest": mid.hex(), "backup_entry": entry, "manifest_check": manifest_doc,
                "sampling": sampling, "holders": rows, **judge(entry, manifest_doc, rows, min_holders)}
@@ -419,12 +424,30 @@ class AuditNet:
         ranked = sorted(out.items(), key=lambda kv: kv[0] not in claims)
         return dict(ranked[:MAX_HOLDERS]), claims
 
-    def _record(self, mid, results) -> None:
+    def _record(self, mid, results, quiet_ok_s: float | None = None) -> None:
+        import time as _time
+
         from hypersdk.node.audit.log import AuditLog
         with AuditLog(self.d.data_dir, identity=self.d.identity) as lg:
+            last = _last_verdicts(lg, lg.own_author, mid) if quiet_ok_s is not None else {}
+            now = _time.time_ns()
             for r in results:
+                result, when = last.get(r.holder, (None, 0))
+                if r.result == "ok" and result == "ok" and now - when < quiet_ok_s * 1e9:
+                    continue                  # nothing new to sign (see verify's quiet_ok_s)
                 lg.append("verify", {"manifest": mid, "holder": r.holder, "result": r.result,
                                      "summary": r.summary})
+
+
+def _last_verdicts(lg, own: bytes, mid: bytes) -> dict:
+    """holder -> (result, time) of our latest verify entry on it for mid."""
+    from hypersdk.protocol import audit
+    out: dict = {}
+    for raw, t in lg.db.execute("SELECT raw, time FROM entries WHERE author=? AND manifest=? "
+                                "AND kind='verify' ORDER BY seq DESC LIMIT 256", (own, mid)):
+        b = audit.decode_entry(bytes(raw), verify=False).body
+        out.setdefault(b["holder"], (b["result"], t))
+    return out
 
 
 def register(commands: dict, command_reply) -> None:

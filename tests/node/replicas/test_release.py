@@ -57,3 +57,30 @@ def test_only_the_authors_delete_releases_and_orphans_follow_the_policy(tmp_path
         # a second author claiming the same manifest: ambiguous, kept
         log.add_foreign(_entries(other, [made]), now_ns=T0)
         assert releasable(store, log, {}, **late) == []
+
+
+def test_health_checks_sign_an_unchanged_ok_once_a_day(tmp_path):
+    """net_verify's _record with quiet_ok_s: a repeated "ok" is not signed again within
+    the quiet time; a failure, a change, or an old "ok" is."""
+    from types import SimpleNamespace
+
+    from hypersdk.node.audit.possession import HolderResult
+    from hypersdk.node.service.net_verify import AuditNet
+    ident = Identity.generate()
+    net = AuditNet(SimpleNamespace(data_dir=tmp_path, identity=ident))
+    mid, h1, h2 = b"\1" * 32, b"\2" * 32, b"\3" * 32
+
+    def res(holder, result):
+        return HolderResult(holder, mid, result, asked=1, proven=1 if result == "ok" else 0)
+
+    def verdicts():
+        with AuditLog(tmp_path, identity=ident) as lg:
+            return [(e.body["holder"], e.body["result"]) for e in lg.entries(lg.own_author)
+                    if e.kind == "verify"]
+    net._record(mid, [res(h1, "ok"), res(h2, "ok")], 86400)
+    net._record(mid, [res(h1, "ok"), res(h2, "failed")], 86400)    # h1 unchanged: quiet
+    net._record(mid, [res(h1, "ok"), res(h2, "ok")], 86400)        # h2 changed back
+    net._record(mid, [res(h1, "ok")], 0)                           # quiet time over
+    net._record(mid, [res(h1, "ok")], None)                        # verify --network: always
+    assert verdicts() == [(h1, "ok"), (h2, "ok"), (h2, "failed"), (h2, "ok"), (h1, "ok"),
+                          (h1, "ok")]
