@@ -353,3 +353,24 @@ def test_holders_repair_a_backup_while_its_author_is_away(tmp_path, nodes):
     assert _replication(a)["queue"] == []
     poll(lambda: _replication(keeper)["coordinating"] == [], 60, "the keeper standing down",
          interval=0.5)
+
+
+@pytest.mark.slow
+def test_a_revoked_holder_is_replaced(tmp_path, nodes):
+    """A revokes one of its holders (`hypersdk revoke`): at its next check A counts
+    that copy lost, because of the revocation, and places it on the third site."""
+    a, ms, ids, mid = _three_sites_placed(tmp_path, nodes, 70, "vm8")
+    first = sorted(s for s in "bcd" if ids[s] in _holders(a, mid))
+    spare = next(s for s in "bcd" if s not in first)
+    (key,) = [r["node"] for r in a.cli.json("members") if r["site"] == first[0]]
+    a.cli("revoke", key)
+    poll(lambda: sorted(_live_holders(a, mid)) == sorted([ids[first[1]], ids[spare]]), 120,
+         "the revoked holder replaced", interval=0.5)
+    states = _replication(a)
+    assert states["holders"][mid][ids[first[0]]] == "lost"
+    assert _replication(a)["queue"] == []
+    # the reason is kept: status shows it while a backup waits, the state table always
+    from hypersdk.node.replicas.state import ReplicaState
+    with ReplicaState(a.cli.data_dir) as st:
+        (h,) = [h for h in st.holders(bytes.fromhex(mid)) if h.holder.hex() == ids[first[0]]]
+    assert "revoked" in h.reason, h
