@@ -260,10 +260,10 @@ def _op_backups(store, a, ui):
                      f"{'':>10}  {when:%Y-%m-%d %H:%M:%S}  disks: "
                      + ", ".join(d["ref"] for d in doc["disks"]))
     for b in rows:
-        when = datetime.datetime.fromtimestamp(b.created / 1e9, datetime.timezone.utc)
+        t = datetime.datetime.fromtimestamp(b.created / 1e9, datetime.timezone.utc)
+        when = f"{t:%Y-%m-%d %H:%M:%S}" if b.created else "-"    # 0: its labels are sealed
         lines.append(f"{b.ref:<28} {b.manifest_id.hex()[:16]:<16} {human(b.size):>10} "
-                     f"{human(b.stats.get('new_bytes_stored', 0)):>10}  "
-                     f"{when:%Y-%m-%d %H:%M:%S}"
+                     f"{human(b.stats.get('new_bytes_stored', 0)):>10}  {when:<19}"
                      + ("  (held sealed for others)" if b.stats.get("opaque") else ""))
     docs = [v.to_json() for v in sets] + [b.to_json() for b in rows]
     return docs, "\n".join(lines) if docs else "no backups yet", 0
