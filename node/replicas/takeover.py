@@ -4,9 +4,11 @@ Repair is the author's (node/replicas/service.py), so a backup whose author is
 offline for days, or gone with its site, would wait, or never be repaired. So a
 holder of a copy also watches the copy's author: when the author has not answered
 for longer than the grace, the copy's holders elect one coordinator, the live
-holder nearest the manifest id in the DHT key space (each holder asks the nearer
-ones, named by replica entries, whether they hold it; the first that answers
-"held" coordinates, so exactly the nearest live holder does), and the coordinator
+holder nearest the manifest id in the DHT key space (each holder challenges the
+nearer ones, named by replica entries, with the possession proof of `verify
+--network`: the nearest that proves its copy coordinates, so exactly the nearest
+live, honest holder does; a member that only claims a copy cannot hold repair
+back), and the coordinator
 runs the author's health checks and placement for that backup: it counts itself
 and the holders that prove their copies, loses the ones that fail, and asks new
 members on other sites (never the author's) until the backup has its copies
@@ -98,18 +100,32 @@ class Takeover:
             nearer = sorted((h for h in holders if h not in (own, author)
                              and distance(h, mid) < distance(own, mid)),
                             key=lambda h: distance(h, mid))
-            leader = None
-            for h in nearer:
-                st = await self._answers(h, "status", mid)
-                if st is not None and getattr(st, "state", "") == "held":
-                    leader = h
-                    break
+            leader = await self._nearer_proven(mid, nearer) if nearer else None
+            if leader is False:
+                continue                       # could not check: decide at the next look
             if leader is not None:
                 self.coordinating.pop(mid, None)
                 continue
             cert = next((c for k, c in self.r.d.gate.certs.items() if k == author_key), None)
             self.coordinating[mid] = {"author": author, "name": name, "size": size,
                                       "site": cert.site if cert is not None else ""}
+
+    async def _nearer_proven(self, mid: bytes, nearer: list):
+        """The nearest of `nearer` that proves it holds the copy right now (the
+        possession challenge of `verify --network`, not its word: a member that
+        only claimed a copy cannot hold repair back), None if none does, False if
+        the check could not run."""
+        from hypersdk.node.errors import UserError
+        from hypersdk.node.replicas.health import QUIET_OK_S
+        from hypersdk.protocol.errors import ProtocolError
+        try:
+            doc, _, _ = await self.r.d.audit.verify(mid.hex(), self.r.quiet,
+                                                    quiet_ok_s=QUIET_OK_S)
+        except (UserError, ProtocolError, OSError):
+            return False
+        ok = {bytes.fromhex(r["node_id"]) for r in doc.get("holders", [])
+              if r.get("result") == "ok"}
+        return next((h for h in nearer if h in ok), None)
 
     def status(self) -> dict:
         return {"coordinating": [{"manifest": m.hex(), "author": v["author"].hex()}
