@@ -26,7 +26,6 @@ through the durable queue (retries with backoff, MAX_ATTEMPTS).
 from __future__ import annotations
 
 import logging
-import shutil
 import threading
 import time
 
@@ -36,14 +35,15 @@ from hypersdk.dht.keys import node_id
 from hypersdk.node.config import human
 from hypersdk.node.errors import UserError
 from hypersdk.node.replicas import health
+from hypersdk.node.replicas.holder import HolderSide
 from hypersdk.node.replicas.pace import Pace
 from hypersdk.node.replicas.placement import Candidate, choose
 from hypersdk.node.replicas.policy import Policy
 from hypersdk.node.replicas.release import ORPHAN_AFTER_S
-from hypersdk.node.replicas.state import MAX_ATTEMPTS, ReplicaState
+from hypersdk.node.replicas.state import ReplicaState
 from hypersdk.node.replicas.takeover import Takeover
 from hypersdk.node.replicas.windows import Windows
-from hypersdk.node.service.frames import answer_once, read_frame
+from hypersdk.node.service.frames import read_frame
 from hypersdk.protocol import replicate as rp
 from hypersdk.protocol.errors import ProtocolError
 
@@ -54,12 +54,6 @@ TIMEOUT = 10.0                  # one request to a peer
 MAX_CANDIDATES = 256
 OFFER_PARALLEL = 16
 MAX_SHOWN = 256                 # backups listed in `status` (queue, holders)
-MAX_QUEUED_PER_AUTHOR = 64      # copies one member may have waiting here at once
-MAX_QUEUED = 1024               # copies waiting here in all
-
-
-class TooLarge(UserError):
-    """A copy larger than its author said: refused after the fact."""
 
 
 class _Quiet:
@@ -76,7 +70,7 @@ class _Quiet:
         pass
 
 
-class Replicas:
+class Replicas(HolderSide):
     def __init__(self, daemon, *, default_replicas: int | None = None,
                  quota: int | None = None, interval: float = INTERVAL,
                  health_interval: float = health.HEALTH_INTERVAL, grace: float = health.GRACE,
@@ -130,35 +124,6 @@ class Replicas:
             n.start_soon(self._loop, self._author_pass, "_wake_author")
             n.start_soon(self._loop, self._holder_pass, "_wake_holder")
 
-    async def _holder_pass(self) -> None:
-        self.window = await trio.to_thread.run_sync(self.windows.state)
-        if self.window[0]:
-            await self.fetch_due()
-        await self.release_pass()
-
-    async def release_pass(self) -> list:
-        """Let go of the copies whose author deleted them or is long gone
-        (node/replicas/release.py); stop announcing what is no longer held."""
-        from hypersdk.node.replicas.release import release
-        if self._site() is None:
-            return []
-        asked_by = {i.manifest: i.author for i in await self._db(ReplicaState.incoming)}
-
-        def run():
-            with self.d.open_store() as store:
-                return release(store, self.d.data_dir, asked_by, now_ns=time.time_ns(),
-                               orphan_after_s=self.orphan_after, keep_orphans=self.keep_orphans)
-        done, gone = await trio.to_thread.run_sync(run)
-        for r in done:
-            log.info("replication: released %s (%s): %s", r.ref, r.manifest.hex()[:16], r.reason)
-            await self._db(ReplicaState.drop_incoming, r.manifest)
-        for k in gone:
-            self.d.dht.stop_providing(k)
-        self.counters["released"] = self.counters.get("released", 0) + len(done)
-        if done and self.d.audit is not None and self.d.audit.gossip is not None:
-            await self.d.audit.gossip.spread_own()
-        return done
-
     async def _author_pass(self) -> None:
         """Check the holders that are due (losing the ones that fail), then place
         what is missing, lost copies included (inside the replication windows)."""
@@ -195,145 +160,6 @@ class Replicas:
     def _site(self) -> str | None:
         net = self.d.gate.network if self.d.gate is not None else None
         return net.cert.site if net is not None else None
-
-    # -- holder side ----------------------------------------------------------------
-    async def handle(self, stream, peer_id: bytes) -> None:
-        async def answer(payload: bytes) -> bytes:
-            req = rp.decode_request(payload)
-            if self._site() is None:
-                raise UserError("this node is in no network: it holds no copies for others")
-            if req.op == "offer":
-                return rp.offer_answer(await self.offer())
-            if req.op == "replicate":
-                return rp.state_answer(*await self._accept(req.manifest, req.size, peer_id))
-            if req.op == "status":
-                return rp.state_answer(*await self._status(req.manifest))
-            return rp.state_answer(await self._release_asked(req.manifest, peer_id))
-        await answer_once(stream, peer_id, "replicate", answer, timeout=TIMEOUT)
-
-    async def offer(self) -> rp.Offer:
-        """What this node can still take: the quota (the most bytes its store may
-        hold) less what the store holds and what it already promised, and never
-        more than its disk's free space less those promises."""
-        def measure():
-            with self.d.open_store(readonly=True) as store:
-                used = store.stats()["stored_bytes"]
-            return used, shutil.disk_usage(self.d.data_dir).free
-        used, disk = await trio.to_thread.run_sync(measure)
-        pending = await self._db(ReplicaState.pending_bytes)
-        free = max(0, disk - pending)
-        if self.quota is not None:
-            free = min(free, max(0, self.quota - used - pending))
-        return rp.Offer(self._site() or "", free, self.quota, used)
-
-    async def _accept(self, mid: bytes, size: int, author: bytes) -> tuple[str, str]:
-        from hypersdk.node.service.replication import held_completely
-        held = await trio.to_thread.run_sync(self._held, mid, held_completely)
-        if held:
-            return "held", ""
-        have = await self._db(ReplicaState.incoming, mid)
-        if have and have[0].state in ("queued", "fetching"):
-            return have[0].state, ""
-        queued = [i for i in await self._db(ReplicaState.incoming)
-                  if i.state in ("queued", "fetching")]
-        mine = sum(1 for i in queued if i.author == author)
-        if mine >= MAX_QUEUED_PER_AUTHOR or len(queued) >= MAX_QUEUED:
-            self.counters["refused_queue"] = self.counters.get("refused_queue", 0) + 1
-            return "refused", (f"queue full: {mine} copies of yours and {len(queued)} in all "
-                               "are waiting here; ask again later")
-        o = await self.offer()
-        if size > o.free:
-            self.counters["refused_quota"] += 1
-            if self.quota is not None:
-                return "refused", (f"over quota: the copy needs {human(size)}, this node "
-                                   f"can take {human(o.free)} more (quota {human(self.quota)}, "
-                                   f"{human(o.used)} stored)")
-            return "refused", (f"not enough disk space: the copy needs {human(size)}, "
-                               f"{human(o.free)} free")
-        await self._db(ReplicaState.enqueue, mid, author, size)
-        self.counters["accepted"] += 1
-        self._wake_holder.set()
-        return "queued", ""
-
-    async def _release_asked(self, mid: bytes, peer_id: bytes) -> str:
-        from hypersdk.node.replicas.release import release_asked
-        asked_by = {i.manifest: i.author for i in await self._db(ReplicaState.incoming)}
-
-        def run():
-            with self.d.open_store() as store:
-                return release_asked(store, self.d.data_dir, mid, peer_id, asked_by)
-        state = await trio.to_thread.run_sync(run)
-        if state == "released":
-            await self._db(ReplicaState.drop_incoming, mid)
-            self.counters["released"] = self.counters.get("released", 0) + 1
-        return state
-
-    async def ask_release(self, mid: bytes, holder: bytes, addr: str) -> bool:
-        st = await self._ask(holder, addr, rp.request("release", mid))
-        return st is not None and st.state in ("released", "unknown")
-
-    def _collect(self) -> None:
-        from hypersdk.node.store.gc import gc
-        with self.d.open_store() as store:
-            gc(store)
-
-    def _held(self, mid: bytes, held_completely) -> bool:
-        with self.d.open_store(readonly=True) as store:
-            return held_completely(store, mid)
-
-    async def _status(self, mid: bytes) -> tuple[str, str]:
-        from hypersdk.node.service.replication import held_completely
-        if await trio.to_thread.run_sync(self._held, mid, held_completely):
-            return "held", ""
-        have = await self._db(ReplicaState.incoming, mid)
-        if not have:
-            return "unknown", ""
-        return have[0].state, have[0].reason
-
-    async def fetch_due(self) -> None:
-        """Fetch every queued copy that is due, one at a time (each is a swarm fetch
-        that uses every provider at once)."""
-        for item in await self._db(ReplicaState.due):
-            await self._db(ReplicaState.set_incoming, item.manifest, "fetching")
-            try:
-                doc = await self._fetch_within(item)
-                self.counters["fetched_bytes"] = (self.counters.get("fetched_bytes", 0)
-                                                  + doc.get("bytes_fetched", 0))
-                self.counters["fetch_seconds"] = round(self.counters.get("fetch_seconds", 0)
-                                                       + doc.get("seconds", 0), 3)
-            except TooLarge as exc:               # the author lied about the size: no retry
-                self.counters["fetch_failures"] += 1
-                await self._db(ReplicaState.set_incoming, item.manifest, "failed", str(exc))
-                await trio.to_thread.run_sync(self._collect)     # what it had pulled
-                continue
-            except Exception as exc:              # one copy's failure never stops the others
-                self.counters["fetch_failures"] += 1
-                if item.attempts + 1 >= MAX_ATTEMPTS:
-                    await self._db(ReplicaState.set_incoming, item.manifest, "failed",
-                                   f"gave up after {MAX_ATTEMPTS} attempts: {exc}", 0)
-                else:
-                    wait = min(600.0, self.interval * 2 ** item.attempts)
-                    await self._db(ReplicaState.set_incoming, item.manifest, "queued",
-                                   str(exc), wait)
-                continue
-            self.counters["fetched"] += 1
-            await self._db(ReplicaState.set_incoming, item.manifest, "held")
-
-    async def _fetch_within(self, item) -> dict:
-        """Fetch one queued copy; TooLarge (and the fetch cancelled) as soon as the
-        download knows it needs more bytes than its author said the copy takes, the
-        size our quota admitted it on."""
-        over = []
-
-        def watch(p):
-            if p.phase == "chunks" and p.needed_bytes > item.size and not over:
-                over.append(p.needed_bytes)
-                scope.cancel()
-        with trio.CancelScope() as scope:
-            return await self.d.replication.fetch(item.manifest.hex(), self.quiet,
-                                                  pace=self.pace, on_progress=watch)
-        raise TooLarge(f"the copy needs {human(over[0])}, more than the {human(item.size)} "
-                       "its author asked room for")
 
     # -- author side ----------------------------------------------------------------
     async def place_all(self) -> None:

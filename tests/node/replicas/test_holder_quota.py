@@ -46,7 +46,7 @@ async def test_quota_counts_promises_and_refusals_say_why(tmp_path):
 async def test_one_member_cannot_fill_the_queue(tmp_path, monkeypatch):
     """A member asking for many copies (real or bogus manifests) gets at most
     MAX_QUEUED_PER_AUTHOR of them queued at once; others still get theirs."""
-    from hypersdk.node.replicas import service
+    from hypersdk.node.replicas import holder as service
     monkeypatch.setattr(service, "MAX_QUEUED_PER_AUTHOR", 3)
     monkeypatch.setattr(service, "MAX_QUEUED", 5)
     d = Daemon(tmp_path / "h", Identity.generate(), quota=1 << 40)
