@@ -124,7 +124,7 @@ class ReplicaState:
         now = self.clock()
         self.db.execute("INSERT INTO incoming VALUES (?,?,?,'queued','',0,?,?) ON CONFLICT"
                         "(manifest) DO UPDATE SET state='queued', reason='', attempts=0, "
-                        "next_ns=excluded.next_ns WHERE state='failed'",
+                        "next_ns=excluded.next_ns WHERE state IN ('failed', 'held')",
                         (manifest, author, size, now, now))
 
     def pending_bytes(self) -> int:

@@ -91,3 +91,18 @@ async def test_a_copy_larger_than_its_author_said_is_cut_off_and_not_retried(tmp
         await r.fetch_due()                     # failed: not due again
     assert calls == [mid.hex()] and r.counters["fetch_failures"] == 1
     r.close()
+
+
+async def test_a_copy_fetched_then_deleted_here_is_queued_again_when_asked(tmp_path):
+    """Our queue says "held" but the catalog row is gone (the operator deleted it):
+    status says "unknown", and a new request queues it again (it used to answer
+    "queued" and leave the row "held", never fetched)."""
+    d = Daemon(tmp_path / "h", Identity.generate(), quota=1 << 30)
+    r = d.replicas
+    mid, author = os.urandom(32), os.urandom(32)
+    assert await r._accept(mid, MiB, author) == ("queued", "")
+    await r._db(ReplicaState.set_incoming, mid, "held")
+    assert await r._status(mid) == ("unknown", "")
+    assert await r._accept(mid, MiB, author) == ("queued", "")
+    assert [i.state for i in await r._db(ReplicaState.incoming, mid)] == ["queued"]
+    r.close()
