@@ -764,6 +764,14 @@ class AuditLog:
         return sum(audit.open_body(audit.decode_entry(bytes(raw), verify=False).body, key) is None
                    for (raw,) in self.db.execute("SELECT raw FROM entries WHERE kind='backup'"))
 
+    def sole_author(self, manifest_id: bytes) -> bytes | None:
+        """The key of the one author whose backup entry names the manifest; None when
+        no log held here has one, or several authors claim it."""
+        authors = {bytes(a) for (a,) in self.db.execute(
+            "SELECT DISTINCT author FROM entries WHERE manifest=? AND kind='backup' LIMIT 2",
+            (manifest_id,))}
+        return authors.pop() if len(authors) == 1 else None
+
     def replica_holders(self, manifest_id: bytes) -> list[bytes]:
         """Node ids that replica entries (in any log held) name as holders."""
         out = set()

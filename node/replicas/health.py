@@ -147,9 +147,8 @@ async def _adopt(replicas, mid: bytes, name: str, mine: int, rows: dict, now_ns:
             await replicas._db(ReplicaState.set_holder, mid, hid, site, addr, "held",
                                "proved its copy")
             await replicas._db(ReplicaState.checked, mid, hid, now_ns)
-            replicas.counters["readopted"] = replicas.counters.get("readopted", 0) + 1
+            replicas.counters["readopted"] += 1
         elif await replicas.ask_release(mid, hid, addr):
             await replicas._db(ReplicaState.set_holder, mid, hid, site, addr, "released",
                                "a surplus copy, asked to release it")
-            replicas.counters["surplus_released"] = replicas.counters.get(
-                "surplus_released", 0) + 1
+            replicas.counters["surplus_released"] += 1

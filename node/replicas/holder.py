@@ -62,7 +62,7 @@ class HolderSide:
             await self._db(ReplicaState.drop_incoming, r.manifest)
         for k in gone:
             self.d.dht.stop_providing(k)
-        self.counters["released"] = self.counters.get("released", 0) + len(done)
+        self.counters["released"] += len(done)
         if done and self.d.audit is not None and self.d.audit.gossip is not None:
             await self.d.audit.gossip.spread_own()
         return done
@@ -98,18 +98,14 @@ class HolderSide:
         return rp.Offer(self._site() or "", free, self.quota, used)
 
     async def _accept(self, mid: bytes, size: int, author: bytes) -> tuple[str, str]:
-        from hypersdk.node.service.replication import held_completely
-        held = await trio.to_thread.run_sync(self._held, mid, held_completely)
-        if held:
-            return "held", ""
-        have = await self._db(ReplicaState.incoming, mid)
-        if have and have[0].state in ("queued", "fetching"):
-            return have[0].state, ""
+        state = await self._status(mid)
+        if state[0] in ("held", "queued", "fetching"):
+            return state
         queued = [i for i in await self._db(ReplicaState.incoming)
                   if i.state in ("queued", "fetching")]
         mine = sum(1 for i in queued if i.author == author)
         if mine >= MAX_QUEUED_PER_AUTHOR or len(queued) >= MAX_QUEUED:
-            self.counters["refused_queue"] = self.counters.get("refused_queue", 0) + 1
+            self.counters["refused_queue"] += 1
             return "refused", (f"queue full: {mine} copies of yours and {len(queued)} in all "
                                "are waiting here; ask again later")
         o = await self.offer()
@@ -136,7 +132,7 @@ class HolderSide:
         state = await trio.to_thread.run_sync(run)
         if state == "released":
             await self._db(ReplicaState.drop_incoming, mid)
-            self.counters["released"] = self.counters.get("released", 0) + 1
+            self.counters["released"] += 1
         return state
 
     async def ask_release(self, mid: bytes, holder: bytes, addr: str) -> bool:
@@ -148,16 +144,23 @@ class HolderSide:
         with self.d.open_store() as store:
             gc(store)
 
-    def _held(self, mid: bytes, held_completely) -> bool:
+    def _held(self, mid: bytes, fetched_here: bool) -> bool:
+        """Do we hold all of mid? A copy our queue fetched is held while its catalog
+        row stands (one lookup, asked at every status poll); any other is checked
+        chunk by chunk (held_completely reads every chunk id of the image)."""
+        from hypersdk.node.service.replication import held_completely
         with self.d.open_store(readonly=True) as store:
+            if fetched_here:
+                return store.db.execute("SELECT 1 FROM backups WHERE manifest=?",
+                                        (mid,)).fetchone() is not None
             return held_completely(store, mid)
 
     async def _status(self, mid: bytes) -> tuple[str, str]:
-        from hypersdk.node.service.replication import held_completely
-        if await trio.to_thread.run_sync(self._held, mid, held_completely):
-            return "held", ""
         have = await self._db(ReplicaState.incoming, mid)
-        if not have:
+        fetched = bool(have) and have[0].state == "held"
+        if await trio.to_thread.run_sync(self._held, mid, fetched):
+            return "held", ""
+        if not have or fetched:              # fetched, then deleted here: nothing left
             return "unknown", ""
         return have[0].state, have[0].reason
 
@@ -168,9 +171,8 @@ class HolderSide:
             await self._db(ReplicaState.set_incoming, item.manifest, "fetching")
             try:
                 doc = await self._fetch_within(item)
-                self.counters["fetched_bytes"] = (self.counters.get("fetched_bytes", 0)
-                                                  + doc.get("bytes_fetched", 0))
-                self.counters["fetch_seconds"] = round(self.counters.get("fetch_seconds", 0)
+                self.counters["fetched_bytes"] += doc.get("bytes_fetched", 0)
+                self.counters["fetch_seconds"] = round(self.counters["fetch_seconds"]
                                                        + doc.get("seconds", 0), 3)
             except TooLarge as exc:               # the author lied about the size: no retry
                 self.counters["fetch_failures"] += 1

@@ -38,18 +38,15 @@ def releasable(store, log, asked_by: dict, *, now_ns: int, orphan_after_s: float
                keep_orphans: bool) -> list[tuple]:
     """[(catalog Backup, reason)] of the copies to release (see the module doc).
     asked_by: manifest -> the member that placed the copy here (replicas.sqlite)."""
+    from hypersdk.dht.keys import node_id
     from hypersdk.node.store import catalog
     out = []
     for b in catalog.list_backups(store):
         if not b.stats.get("replica"):
             continue
-        authors = {a for (a,) in log.db.execute(
-            "SELECT DISTINCT author FROM entries WHERE manifest=? AND kind='backup'",
-            (b.manifest_id,))}
-        if len(authors) != 1:
+        author = log.sole_author(b.manifest_id)
+        if author is None:
             continue                     # unknown here yet, or claimed by several
-        author = bytes(authors.pop())
-        from hypersdk.dht.keys import node_id
         placer = asked_by.get(b.manifest_id)
         if placer is not None and placer != node_id(author):
             continue                     # asked by one member, "authored" by another
@@ -78,9 +75,8 @@ def release_asked(store, data_dir, mid: bytes, asker: bytes, asked_by: dict) -> 
     if not rows:
         return "unknown"
     with AuditLog(data_dir) as log:
-        authors = {bytes(a) for (a,) in log.db.execute(
-            "SELECT DISTINCT author FROM entries WHERE manifest=? AND kind='backup'", (mid,))}
-    author = node_id(authors.pop()) if len(authors) == 1 else None
+        key = log.sole_author(mid)
+    author = node_id(key) if key is not None else None
     if asker not in (asked_by.get(mid), author) or asker is None:
         return "refused"
     _drop(store, [(b, "its author asked for it back") for b in rows])

@@ -95,8 +95,11 @@ class Replicas(HolderSide):
         self._wake_holder = trio.Event()
         self.report: dict = {"state": "starting", "queue": []}
         self._notes: dict[bytes, list[str]] = {}       # why a backup waits (last pass)
-        self.counters = {"asked": 0, "confirmed": 0, "refused": 0, "accepted": 0,
-                         "refused_quota": 0, "fetched": 0, "fetch_failures": 0}
+        self.counters = dict.fromkeys((
+            "asked", "confirmed", "refused", "lost", "readopted", "surplus_released",
+            "pass_errors",                                         # author side
+            "accepted", "refused_quota", "refused_queue", "fetched", "fetched_bytes",
+            "fetch_seconds", "fetch_failures", "released"), 0)     # holder side
 
     # -- plumbing -------------------------------------------------------------------
     async def _db(self, fn, *args):
@@ -137,7 +140,7 @@ class Replicas(HolderSide):
                 return
         await self.takeover.refresh(interval_s=self.health_interval, grace_s=self.grace)
         lost = await health.check(self, interval_s=self.health_interval, grace_s=self.grace)
-        self.counters["lost"] = self.counters.get("lost", 0) + lost
+        self.counters["lost"] += lost
         self.window = await trio.to_thread.run_sync(self.windows.state)
         if self.window[0]:
             await self.place_all()
@@ -152,7 +155,7 @@ class Replicas(HolderSide):
                 log.warning("replication: %s", exc)
             except Exception:                     # a bug here must not stop the node
                 log.exception("replication pass failed")
-                self.counters["pass_errors"] = self.counters.get("pass_errors", 0) + 1
+                self.counters["pass_errors"] += 1
             with trio.move_on_after(self.interval):
                 await getattr(self, event).wait()
             setattr(self, event, trio.Event())
@@ -171,33 +174,35 @@ class Replicas(HolderSide):
                                             self.default_replicas)
         offers: dict[bytes, rp.Offer | None] = {}
         queue, holders = [], {}
+        rows_of: dict[bytes, list] = {}
+        for r in await self._db(ReplicaState.holders):     # one read for the whole pass
+            rows_of.setdefault(r.manifest, []).append(r)
         for mid, (name, size, author_site, ours) in (await self.managed()).items():
             rule = pol.rule(name)
             if rule.replicas == 0:
                 continue
-            held, asked = await self._progress(mid)
+            rows = rows_of.get(mid, [])
+            if any(r.state == "asked" for r in rows):
+                rows = await self._poll(mid, rows)
             mine = 0 if ours else 1                  # a coordinator holds a copy itself
-            need = rule.replicas - len(held) - len(asked) - mine
+            need = rule.replicas - mine - sum(r.state in ("held", "asked") for r in rows)
             if need > 0:
-                await self._place(mid, size, need, author_site, offers,
+                await self._place(mid, size, need, author_site, offers, rows,
                                   also_taken=set() if ours else {site})
-                held, asked = await self._progress(mid, poll=False)
-            held = held + [None] * mine
+                rows = await self._db(ReplicaState.holders, mid)
             if len(holders) < MAX_SHOWN:
-                holders[mid.hex()] = {r.holder.hex(): r.state
-                                      for r in await self._db(ReplicaState.holders, mid)}
-            if len(held) < rule.replicas:
-                failed = [r for r in await self._db(ReplicaState.holders, mid)
-                          if r.state == "failed"]
+                holders[mid.hex()] = {r.holder.hex(): r.state for r in rows}
+            held = mine + sum(r.state == "held" for r in rows)
+            if held < rule.replicas:
+                def said(state):
+                    return [f"{r.holder.hex()[:16]} (site {r.site}): {r.reason}"
+                            for r in rows if r.state == state][-8:]
                 queue.append({"manifest": mid.hex(), "name": name, "want": rule.replicas,
-                              "min": rule.min, "held": len(held), "asked": len(asked),
-                              "under_replicated": len(held) < rule.min,
-                              "refusals": [f"{r.holder.hex()[:16]} (site {r.site}): {r.reason}"
-                                           for r in failed][-8:],
-                              "waiting": self._notes.get(mid, []),
-                              "lost": [f"{r.holder.hex()[:16]} (site {r.site}): {r.reason}"
-                                       for r in await self._db(ReplicaState.holders, mid)
-                                       if r.state == "lost"][-8:]})
+                              "min": rule.min, "held": held,
+                              "asked": sum(r.state == "asked" for r in rows),
+                              "under_replicated": held < rule.min,
+                              "refusals": said("failed"), "waiting": self._notes.get(mid, []),
+                              "lost": said("lost")})
         self.report = {"state": "placing" if queue else "every backup has its copies",
                        "queue": queue[:MAX_SHOWN], "waiting_backups": len(queue),
                        "candidates_offered": len(offers), "holders": holders}
@@ -241,25 +246,21 @@ class Replicas(HolderSide):
             for b in catalog.list_backups(store):
                 if b.stats.get("replica"):
                     continue
-                zeros = b.stats.get("zero_chunks", 0) * b.stats.get("chunk_size", 0)
-                out[b.manifest_id] = (b.name, max(0, b.size - zeros))
+                out[b.manifest_id] = (b.name, b.data_bytes)
         return out
 
-    async def _progress(self, mid: bytes, poll: bool = True):
-        """(held, asked) holder rows of mid; poll: ask the asked ones first."""
-        rows = await self._db(ReplicaState.holders, mid)
-        if poll:
-            for h in [r for r in rows if r.state == "asked"]:
-                st = await self._ask(h.holder, h.addr, rp.request("status", mid))
-                if st is None:
-                    continue                               # unreachable: ask again later
-                if st.state == "held":
-                    await self._confirmed(mid, h.holder, h.site, h.addr)
-                elif st.state in ("failed", "refused", "unknown"):
-                    await self._db(ReplicaState.set_holder, mid, h.holder, h.site, h.addr,
-                                   "failed", st.reason or st.state)
-            rows = await self._db(ReplicaState.holders, mid)
-        return ([r for r in rows if r.state == "held"], [r for r in rows if r.state == "asked"])
+    async def _poll(self, mid: bytes, rows: list) -> list:
+        """Ask the holders we asked how far they are; mid's rows after that."""
+        for h in [r for r in rows if r.state == "asked"]:
+            st = await self._ask(h.holder, h.addr, rp.request("status", mid))
+            if st is None:
+                continue                               # unreachable: ask again later
+            if st.state == "held":
+                await self._confirmed(mid, h.holder, h.site, h.addr)
+            elif st.state in ("failed", "refused", "unknown"):
+                await self._db(ReplicaState.set_holder, mid, h.holder, h.site, h.addr,
+                               "failed", st.reason or st.state)
+        return await self._db(ReplicaState.holders, mid)
 
     async def _confirmed(self, mid: bytes, holder: bytes, site: str, addr: str) -> None:
         from hypersdk.node.audit.log import record
@@ -286,11 +287,10 @@ class Replicas(HolderSide):
         return [(c, sites[n]) for n, c in contacts.items() if n in sites and n != own]
 
     async def _place(self, mid: bytes, size: int, need: int, site: str, offers: dict,
-                     also_taken=frozenset()) -> None:
-        """Ask `need` more members to hold mid; `site` is its author's (never asked),
-        also_taken: sites that hold a copy besides the holders we asked (our own, when
-        we coordinate)."""
-        rows = await self._db(ReplicaState.holders, mid)
+                     rows: list, also_taken=frozenset()) -> None:
+        """Ask `need` more members to hold mid (its holder rows: `rows`); `site` is its
+        author's (never asked), also_taken: sites that hold a copy besides the holders
+        we asked (our own, when we coordinate)."""
         taken = {r.site for r in rows if r.state in ("asked", "held")} | set(also_taken)
         excluded = {r.holder for r in rows}
         found = await self._candidates(mid)

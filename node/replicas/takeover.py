@@ -49,14 +49,10 @@ class Takeover:
             for b in catalog.list_backups(store):
                 if not b.stats.get("replica"):
                     continue
-                authors = {bytes(a) for (a,) in log.db.execute(
-                    "SELECT DISTINCT author FROM entries WHERE manifest=? AND kind='backup'",
-                    (b.manifest_id,))}
-                if len(authors) != 1:
-                    continue
-                zeros = b.stats.get("zero_chunks", 0) * b.stats.get("chunk_size", 0)
-                out.append((b.manifest_id, b.name, max(0, b.size - zeros), authors.pop(),
-                            log.replica_holders(b.manifest_id)))
+                author = log.sole_author(b.manifest_id)
+                if author is not None:
+                    out.append((b.manifest_id, b.name, b.data_bytes, author,
+                                log.replica_holders(b.manifest_id)))
         return out
 
     async def _answers(self, nid: bytes, op: str, mid: bytes | None = None):

@@ -48,6 +48,12 @@ class Backup:
     def ref(self) -> str:
         return f"{self.name}@{self.version}"
 
+    @property
+    def data_bytes(self) -> int:
+        """The image's bytes outside zero chunks: the most a copy of it stores."""
+        zeros = self.stats.get("zero_chunks", 0) * self.stats.get("chunk_size", 0)
+        return max(0, self.size - zeros)
+
     def to_json(self) -> dict:
         return {"name": self.name, "version": self.version, "ref": self.ref,
                 "manifest": self.manifest_id.hex(), "created_ns": self.created,
