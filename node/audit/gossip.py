@@ -66,11 +66,11 @@ from __future__ import annotations
 import collections
 import logging
 import random
-import time
 
 import trio
 
 from hypersdk.dht.contact import Contact
+from hypersdk.node import runtime
 from hypersdk.node.audit.limits import PEER_BURST, PEER_RATE, InboundLimits
 from hypersdk.node.kademlia.rpc import FrameReader, PeerClosed
 from hypersdk.node.net.transport import TransportError
@@ -128,7 +128,7 @@ class AuditGossip:
                  witness_interval: float | None = WITNESS_INTERVAL,
                  cosign_refresh: float = COSIGN_REFRESH,
                  own_poll: float | None = OWN_POLL, request_timeout: float = REQUEST_TIMEOUT,
-                 threaded: bool = True, clock_ns=time.time_ns, rate: float = RATE,
+                 threaded: bool = True, clock_ns=runtime.now_ns, rate: float = RATE,
                  on_new=None, busy=None, max_defer: float = MAX_DEFER, author_ok=None,
                  certs_of=None, learn_certs=None, vetted=None, limits=None):
         """peers() -> the Contacts this node may gossip with (e.g. its DHT table);
@@ -190,7 +190,7 @@ class AuditGossip:
     async def _db(self, fn, *args, **kw):
         async with self._db_lock:
             if self.threaded:
-                return await trio.to_thread.run_sync(lambda: fn(*args, **kw))
+                return await runtime.run_sync(lambda: fn(*args, **kw))
             return fn(*args, **kw)
 
     def _now_ns(self) -> int:

@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hypersdk.dht.keys import node_id as node_id_of
+from hypersdk.node import runtime
 from hypersdk.node.errors import UserError
 from hypersdk.node.files import private_db, private_dir
 from hypersdk.node.net.identity import Identity
@@ -272,7 +273,7 @@ class AuditLog:
         self.db.execute("INSERT INTO entries(author, seq, id, kind, manifest, time, raw) "
                         "VALUES (?,?,?,?,?,?,?)",
                         (e.author, e.seq, e.id, e.kind, manifest, e.time, e.raw))
-        found = time.time_ns() if now_ns is None else now_ns
+        found = runtime.now_ns() if now_ns is None else now_ns
         n = 0
         # a witness that saw this (author, seq) as another entry: the log was rewritten
         for w, ws, wid in self.db.execute(
@@ -311,7 +312,7 @@ class AuditLog:
 
     def _append_locked(self, db, kind: str, body: dict, now_ns: int | None) -> audit.Entry:
         ident = self.identity
-        now_ns = time.time_ns() if now_ns is None else now_ns
+        now_ns = runtime.now_ns() if now_ns is None else now_ns
         head = db.execute("SELECT seq, id, time FROM entries WHERE author=? ORDER BY seq DESC "
                           "LIMIT 1", (ident.public_key,)).fetchone()
         seq, prev = (head[0] + 1, bytes(head[1])) if head else (0, None)
@@ -407,7 +408,7 @@ class AuditLog:
         first, so authors flooding entries or dated ahead cannot crowd anybody out
         of the witness entries for longer than one round. The gossip
         (node/audit/gossip.py) calls this at its witness ticks."""
-        now_ns = time.time_ns() if now_ns is None else now_ns
+        now_ns = runtime.now_ns() if now_ns is None else now_ns
         cutoff = -1 if refresh_ns is None else now_ns - refresh_ns
         rows = self._cosign_candidates(
             "w.seen IS NULL OR w.seen < e.seq OR o.time <= ?", (cutoff,),
@@ -444,7 +445,7 @@ class AuditLog:
         is fine: they are applied by seq). Never raises for bad entries: they are
         reported in the result (rejected / forks / gaps: where our copy of an
         author's log ends when an entry could not be attached)."""
-        now_ns = time.time_ns() if now_ns is None else now_ns
+        now_ns = runtime.now_ns() if now_ns is None else now_ns
         res = AddResult()
         by_author: dict[bytes, list[audit.Entry]] = {}
         for e in entries:
@@ -591,7 +592,7 @@ class AuditLog:
         if a.author != b.author or a.seq != b.seq or a.id == b.id:
             raise audit.InvalidEntry("a fork proof needs two different entries of one author "
                                      "and seq")
-        now_ns = time.time_ns() if now_ns is None else now_ns
+        now_ns = runtime.now_ns() if now_ns is None else now_ns
         with self._immediate() as db:
             held = db.execute("SELECT 1 FROM forks WHERE author=? AND seq=? AND ((id_a=? AND "
                               "id_b=?) OR (id_a=? AND id_b=?))",

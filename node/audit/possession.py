@@ -70,6 +70,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from hypersdk.node import runtime
 from hypersdk.node.net.transport import TransportError
 from hypersdk.protocol.errors import RemoteProtocolError
 from hypersdk.protocol.exchange import CODEC_SEALED
@@ -268,7 +269,7 @@ class PossessionServer:
                 answers.append(None)
                 self.counters["not held"] += 1
             elif self.threaded:
-                answers.append(await trio.to_thread.run_sync(answer, ch.nonce, plain))
+                answers.append(await runtime.run_sync(answer, ch.nonce, plain))
             else:
                 answers.append(answer(ch.nonce, plain))
             del plain                              # one chunk in memory at a time
@@ -514,7 +515,7 @@ async def _references(asked, ids, reader, key, sealed: bool, threaded: bool) -> 
             for a in want:
                 a.expected[cid] = ref(cid, a.nonce, plain, key)
         if threaded and plain is not None:
-            await trio.to_thread.run_sync(compute)
+            await runtime.run_sync(compute)
         else:
             compute()
         del plain
@@ -552,7 +553,7 @@ async def _judge(a: _Asked, manifest_id, n_ids, key, sealed, threaded, retrieve,
                 expected[cid] = None               # unsettled: unverifiable, not wrong
             else:
                 retrieved += 1
-                got = await trio.to_thread.run_sync(ref, cid, a.nonce, rec, key) \
+                got = await runtime.run_sync(ref, cid, a.nonce, rec, key) \
                     if threaded else ref(cid, a.nonce, rec, key)
                 # a record the holder serves that is not the chunk: its answer is wrong
                 expected[cid] = got if got is not None else _NOT_THE_CHUNK

@@ -62,6 +62,7 @@ import trio
 from hypersdk.dht.contact import Contact
 from hypersdk.dht.providers import MAX_RECORDS, ProviderStore
 from hypersdk.dht.routing import MAX_PER_PREFIX24
+from hypersdk.node import runtime
 from hypersdk.node.config import DEFAULT_ZSTD_LEVEL
 from hypersdk.node.daemon import control, reputation_file
 from hypersdk.node.daemon.control import Arg
@@ -423,7 +424,7 @@ def _register_store_ops() -> None:
                 with daemon.open_store(readonly=op.readonly) as store:
                     return op.fn(store, args, events)
             # not abandon_on_cancel: shutdown waits for the op (no half-done work)
-            doc, text, code = await trio.to_thread.run_sync(work)
+            doc, text, code = await runtime.run_sync(work)
             return CommandReply(doc, text, code)
         return run_store_op
 
@@ -443,7 +444,7 @@ async def _status(d: "Daemon", args, events):
     def read_stats():
         with d.open_store(readonly=True) as store:
             return store.stats()
-    stats = await trio.to_thread.run_sync(read_stats)
+    stats = await runtime.run_sync(read_stats)
     return {"peer_id": str(d.identity.libp2p_peer_id), "node_id": d.identity.node_id.hex(),
             "addrs": d.addrs, "data_dir": str(d.data_dir), "pid": os.getpid(),
             "control": str(control.socket_path(d.data_dir)),
@@ -605,7 +606,6 @@ class Daemon:
         self.nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED):
-        from hypersdk.node.kademlia.service import DhtService
         from hypersdk.node.net.p2p_transport import P2PTransport
         path = control.socket_path(self.data_dir)
         if len(os.fsencode(path)) > 107:          # sun_path is 108 bytes with its NUL
@@ -633,34 +633,12 @@ class Daemon:
                     await nursery.start(self.transport.run)
                     self.addrs = public_addrs(self.transport.listen_addrs, self.announce,
                                               str(self.identity.libp2p_peer_id))
-                    own = Contact(self.identity.node_id, self.addrs[0])
-                    scores = reputation_file.load(self.data_dir)   # shared by every protocol
-                    self.dht = DhtService(
-                        self.net, own, rng=random.Random(self.rng.getrandbits(64)),
-                        **({"k": self.k} if self.k else {}),
-                        providers=ProviderStore(max_records=self.provider_records),
-                        scores=scores,
-                        max_per_prefix24=None if _is_loopback(self.listen) else MAX_PER_PREFIX24)
-                    self.dht.author_ok = self.gate.author_ok
-                    await nursery.start(self.dht.run)
-                    self.nursery = nursery
-                    self.replication.start_serving()
-                    self.enrollment.start_serving()
-                    self.replicas.start_serving()
-                    from hypersdk.node.service.renew import Renewal
-                    self.renewal = Renewal(self)
-                    self.renewal.start_serving()
-                    nursery.start_soon(self.renewal.run)
-                    from hypersdk.node.service.net_verify import AuditNet
-                    self.audit = AuditNet(self)
-                    await self.audit.start(nursery)
+                    await self.start_services(nursery)
                     await nursery.start(self._serve_control)
                     self.started = trio.current_time()
                     write_atomic(addrs_file, "".join(a + "\n" for a in self.addrs).encode())
-                    nursery.start_soon(self._join_then_announce)
-                    nursery.start_soon(self.replicas.run)
+                    self.start_background(nursery)
                     nursery.start_soon(self._trim_when_idle)
-                    nursery.start_soon(reputation_file.keep_saved, self.data_dir, scores)
                     task_status.started(self)
             finally:
                 if self.transport is not None:
@@ -670,6 +648,39 @@ class Daemon:
                 if self.audit is not None:
                     self.audit.close()
                 _unlink(addrs_file)
+
+    async def start_services(self, nursery) -> None:
+        """The node's services on self.net (a running transport; self.addrs set): the
+        DHT, the chunk exchange, enrollment, replication, renewal, audit gossip.
+        simnet (simnet/node_host.py) runs this very code on its in-memory transport."""
+        from hypersdk.node.kademlia.service import DhtService
+        own = Contact(self.identity.node_id, self.addrs[0])
+        self.scores = scores = reputation_file.load(self.data_dir)   # shared by every protocol
+        self.dht = DhtService(
+            self.net, own, rng=random.Random(self.rng.getrandbits(64)),
+            **({"k": self.k} if self.k else {}),
+            providers=ProviderStore(max_records=self.provider_records),
+            scores=scores,
+            max_per_prefix24=None if _is_loopback(self.listen) else MAX_PER_PREFIX24)
+        self.dht.author_ok = self.gate.author_ok
+        await nursery.start(self.dht.run)
+        self.nursery = nursery
+        self.replication.start_serving()
+        self.enrollment.start_serving()
+        self.replicas.start_serving()
+        from hypersdk.node.service.renew import Renewal
+        self.renewal = Renewal(self)
+        self.renewal.start_serving()
+        nursery.start_soon(self.renewal.run)
+        from hypersdk.node.service.net_verify import AuditNet
+        self.audit = AuditNet(self)
+        await self.audit.start(nursery)
+
+    def start_background(self, nursery) -> None:
+        """Join the network, then announce; replication; keep the reputations saved."""
+        nursery.start_soon(self._join_then_announce)
+        nursery.start_soon(self.replicas.run)
+        nursery.start_soon(reputation_file.keep_saved, self.data_dir, self.scores)
 
     def open_store(self, *, readonly: bool = False):
         """A ChunkStore handle on the node's data dir (close it; see module docstring)."""
@@ -747,7 +758,7 @@ class Daemon:
             await trio.sleep(TRIM_INTERVAL)
             if b.used == 0 and b.streams == 0 and b.taken - mark >= TRIM_AFTER:
                 mark = b.taken
-                await trio.to_thread.run_sync(trim_malloc)
+                await runtime.run_sync(trim_malloc)
                 self.trims += 1
 
     # -- control socket ------------------------------------------------------------------

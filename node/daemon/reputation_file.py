@@ -14,6 +14,7 @@ from pathlib import Path
 
 import trio
 
+from hypersdk.node import runtime
 from hypersdk.node.files import write_atomic
 from hypersdk.node.net.reputation import PeerScores
 
@@ -58,7 +59,7 @@ async def keep_saved(data_dir: Path, scores: PeerScores) -> None:
         while True:
             await trio.sleep(SAVE_EVERY)
             if scores.changed:
-                await trio.to_thread.run_sync(save, data_dir, scores)
+                await runtime.run_sync(save, data_dir, scores)
     finally:
         with trio.CancelScope(shield=True):
             try:

@@ -86,6 +86,7 @@ from typing import Iterable, Protocol
 
 import trio
 
+from hypersdk.node import runtime
 from hypersdk.node.config import DEFAULT_ZSTD_LEVEL
 from hypersdk.node.store import catalog, packfile
 from hypersdk.node.store.sealed import DataKeyNotHeld, seal_payload
@@ -125,7 +126,7 @@ class ChunkSink(Protocol):
 
 async def _run(threaded: bool, fn, *args):
     if threaded:
-        return await trio.to_thread.run_sync(fn, *args)
+        return await runtime.run_sync(fn, *args)
     await trio.lowlevel.checkpoint()
     return fn(*args)
 

@@ -91,6 +91,7 @@ from typing import Callable, Iterable
 
 import trio
 
+from hypersdk.node import runtime
 from hypersdk.node.exchange.client import ChunkData, ChunkMissing, ExchangeSession, SessionFailed
 from hypersdk.node.exchange.swarm_plan import SwarmPlan, Tunables
 from hypersdk.node.net.transport import TransportError
@@ -516,7 +517,7 @@ class Downloader:
         finish = getattr(self.tee, "finish", None)
         if finish is not None:                # the image's queued writes are done
             if self.verify_in_thread:
-                await trio.to_thread.run_sync(finish)
+                await runtime.run_sync(finish)
             else:
                 finish()
 
@@ -656,7 +657,7 @@ class Downloader:
 
                     async def one():
                         try:
-                            await trio.to_thread.run_sync(
+                            await runtime.run_sync(
                                 _open_batch, msgs, writes, tee, keep_plain, order, out, key,
                                 sizes)
                         except Exception as exc:    # raised below as itself
@@ -668,7 +669,7 @@ class Downloader:
                     if errors:
                         raise errors[0]
                 elif self.verify_in_thread:
-                    out = await trio.to_thread.run_sync(
+                    out = await runtime.run_sync(
                         _open_batch, msgs, writes, tee, keep_plain, None, None, key, sizes)
                 else:
                     out = _open_batch(msgs, writes, tee, keep_plain, key=key, sizes=sizes)

@@ -39,13 +39,13 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import trio
 
 from hypersdk.dht.keys import node_id as _node_id
+from hypersdk.node import runtime
 from hypersdk.node.errors import UserError
 from hypersdk.node.files import write_atomic
 from hypersdk.node.net import membership
@@ -78,7 +78,7 @@ class Admitted:
 
 
 class Gate:
-    def __init__(self, data_dir, identity, *, clock=time.time_ns):
+    def __init__(self, data_dir, identity, *, clock=runtime.now_ns):
         self.data_dir = Path(data_dir)
         self.identity = identity
         self.clock = clock

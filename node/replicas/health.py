@@ -25,9 +25,9 @@ asked to release it otherwise (no copy is kept uncounted).
 from __future__ import annotations
 
 import logging
-import time
 
 from hypersdk.dht.keys import node_id
+from hypersdk.node import runtime
 from hypersdk.node.errors import UserError
 from hypersdk.node.replicas.state import ReplicaState
 from hypersdk.protocol.errors import ProtocolError
@@ -67,7 +67,7 @@ def judge(row: dict | None, checked_ns: int, now_ns: int, grace_s: float) -> str
     return None
 
 
-async def check(replicas, *, interval_s: float, grace_s: float, clock=time.time_ns) -> int:
+async def check(replicas, *, interval_s: float, grace_s: float, clock=runtime.now_ns) -> int:
     """Check the holders of each backup we keep copies of, every interval_s (holders
     that count, and ones lost for being unreachable, which may be back); how many
     were lost."""

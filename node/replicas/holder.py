@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import logging
 import shutil
-import time
 
 import trio
 
+from hypersdk.node import runtime
 from hypersdk.node.config import human
 from hypersdk.node.errors import UserError
 from hypersdk.node.replicas.state import MAX_ATTEMPTS, ReplicaState
@@ -39,7 +39,7 @@ class HolderSide:
     _db, _site, _ask, _wake_holder, orphan_after, keep_orphans."""
 
     async def _holder_pass(self) -> None:
-        self.window = await trio.to_thread.run_sync(self.windows.state)
+        self.window = await runtime.run_sync(self.windows.state)
         if self.window[0]:
             await self.fetch_due()
         await self.release_pass()
@@ -54,9 +54,9 @@ class HolderSide:
 
         def run():
             with self.d.open_store() as store:
-                return release(store, self.d.data_dir, asked_by, now_ns=time.time_ns(),
+                return release(store, self.d.data_dir, asked_by, now_ns=runtime.now_ns(),
                                orphan_after_s=self.orphan_after, keep_orphans=self.keep_orphans)
-        done, gone = await trio.to_thread.run_sync(run)
+        done, gone = await runtime.run_sync(run)
         for r in done:
             log.info("replication: released %s (%s): %s", r.ref, r.manifest.hex()[:16], r.reason)
             await self._db(ReplicaState.drop_incoming, r.manifest)
@@ -90,7 +90,7 @@ class HolderSide:
             with self.d.open_store(readonly=True) as store:
                 used = store.stats()["stored_bytes"]
             return used, shutil.disk_usage(self.d.data_dir).free
-        used, disk = await trio.to_thread.run_sync(measure)
+        used, disk = await runtime.run_sync(measure)
         pending = await self._db(ReplicaState.pending_bytes)
         free = max(0, disk - pending)
         if self.quota is not None:
@@ -129,7 +129,7 @@ class HolderSide:
         def run():
             with self.d.open_store() as store:
                 return release_asked(store, self.d.data_dir, mid, peer_id, asked_by)
-        state = await trio.to_thread.run_sync(run)
+        state = await runtime.run_sync(run)
         if state == "released":
             await self._db(ReplicaState.drop_incoming, mid)
             self.counters["released"] += 1
@@ -158,7 +158,7 @@ class HolderSide:
     async def _status(self, mid: bytes) -> tuple[str, str]:
         have = await self._db(ReplicaState.incoming, mid)
         fetched = bool(have) and have[0].state == "held"
-        if await trio.to_thread.run_sync(self._held, mid, fetched):
+        if await runtime.run_sync(self._held, mid, fetched):
             return "held", ""
         if not have or fetched:              # fetched, then deleted here: nothing left
             return "unknown", ""
@@ -177,7 +177,7 @@ class HolderSide:
             except TooLarge as exc:               # the author lied about the size: no retry
                 self.counters["fetch_failures"] += 1
                 await self._db(ReplicaState.set_incoming, item.manifest, "failed", str(exc))
-                await trio.to_thread.run_sync(self._collect)     # what it had pulled
+                await runtime.run_sync(self._collect)     # what it had pulled
                 continue
             except Exception as exc:              # one copy's failure never stops the others
                 self.counters["fetch_failures"] += 1

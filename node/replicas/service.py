@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 
 import trio
 
 from hypersdk.dht.keys import node_id
+from hypersdk.node import runtime
 from hypersdk.node.config import human
 from hypersdk.node.errors import UserError
 from hypersdk.node.replicas import health
@@ -85,7 +85,7 @@ class Replicas(HolderSide):
         self.pace = Pace(rate) if rate else None       # the repair bandwidth bound
         self.takeover = Takeover(self)                 # repair while an author is away
         self.looked: dict[bytes, int] = {}             # manifest -> its last health check
-        self.started_ns = time.time_ns()               # holders are judged from here on
+        self.started_ns = runtime.now_ns()               # holders are judged from here on
         self.windows = windows or Windows()
         self.window = (True, "")
         self.quiet = _Quiet()
@@ -108,7 +108,7 @@ class Replicas(HolderSide):
                 if self._state is None:
                     self._state = ReplicaState(self.d.data_dir)
                 return fn(self._state, *args)
-        return await trio.to_thread.run_sync(run)
+        return await runtime.run_sync(run)
 
     def close(self) -> None:
         with self._lock:
@@ -141,7 +141,7 @@ class Replicas(HolderSide):
         await self.takeover.refresh(interval_s=self.health_interval, grace_s=self.grace)
         lost = await health.check(self, interval_s=self.health_interval, grace_s=self.grace)
         self.counters["lost"] += lost
-        self.window = await trio.to_thread.run_sync(self.windows.state)
+        self.window = await runtime.run_sync(self.windows.state)
         if self.window[0]:
             await self.place_all()
         else:
@@ -170,7 +170,7 @@ class Replicas(HolderSide):
         if site is None:
             self.report = {"state": "no network: backups stay on this node only", "queue": []}
             return
-        pol = await trio.to_thread.run_sync(Policy.load, self.d.data_dir,
+        pol = await runtime.run_sync(Policy.load, self.d.data_dir,
                                             self.default_replicas)
         offers: dict[bytes, rp.Offer | None] = {}
         queue, holders = [], {}
@@ -233,7 +233,7 @@ class Replicas(HolderSide):
         while their author is away (node/replicas/takeover.py)."""
         site = self._site() or ""
         out = {m: (n, z, site, True)
-               for m, (n, z) in (await trio.to_thread.run_sync(self._own_backups)).items()}
+               for m, (n, z) in (await runtime.run_sync(self._own_backups)).items()}
         for m, c in self.takeover.coordinating.items():
             out.setdefault(m, (c["name"], c["size"], c["site"], False))
         return out
@@ -265,7 +265,7 @@ class Replicas(HolderSide):
     async def _confirmed(self, mid: bytes, holder: bytes, site: str, addr: str) -> None:
         from hypersdk.node.audit.log import record
         await self._db(ReplicaState.set_holder, mid, holder, site, addr, "held")
-        await trio.to_thread.run_sync(record, self.d.data_dir, "replica",
+        await runtime.run_sync(record, self.d.data_dir, "replica",
                                       {"manifest": mid, "holder": holder})
         self.counters["confirmed"] += 1
         log.info("replication: %s holds %s (site %s)", holder.hex()[:16], mid.hex()[:16], site)

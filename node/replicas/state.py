@@ -19,9 +19,9 @@ or lost a holder. So the queue survives restarts by construction.
 from __future__ import annotations
 
 import sqlite3
-import time
 from dataclasses import dataclass
 
+from hypersdk.node import runtime
 from hypersdk.node.files import private_db, private_dir
 
 DB_NAME = "replicas.sqlite"
@@ -69,7 +69,7 @@ class ReplicaState:
     """One connection; use from one thread at a time (the daemon's worker threads
     take turns through trio.to_thread with a lock held by the caller)."""
 
-    def __init__(self, data_dir, *, clock=time.time_ns):
+    def __init__(self, data_dir, *, clock=runtime.now_ns):
         d = private_dir(data_dir)
         self.clock = clock
         self.db = sqlite3.connect(d / DB_NAME, timeout=60, isolation_level=None,

@@ -22,11 +22,10 @@ the manifest (a manifest claimed by several is left alone).
 """
 from __future__ import annotations
 
-import time
-
 import trio
 
 from hypersdk.dht.keys import node_id
+from hypersdk.node import runtime
 from hypersdk.node.replicas.placement import distance
 from hypersdk.protocol import replicate as rp
 
@@ -72,10 +71,10 @@ class Takeover:
         except Exception:                      # a malformed answer: no answer
             return None
 
-    async def refresh(self, *, interval_s: float, grace_s: float, clock=time.monotonic) -> None:
+    async def refresh(self, *, interval_s: float, grace_s: float, clock=trio.current_time) -> None:
         """Decide, for each copy we hold whose decision is due, whether we coordinate it."""
         own = self.r.d.identity.node_id
-        copies = await trio.to_thread.run_sync(self._copies)
+        copies = await runtime.run_sync(self._copies)
         held = {c[0] for c in copies}
         for mid in list(self.coordinating):
             if mid not in held:

@@ -23,9 +23,9 @@ import datetime
 import json
 import os
 import re
-import time
 from dataclasses import dataclass, field
 
+from hypersdk.node import runtime
 from hypersdk.node.errors import UsageError
 
 MAX_SIGNAL = 1 << 20
@@ -89,7 +89,7 @@ class Windows:
     spans: list = field(default_factory=list)      # [(start, end) minutes]
     carbon_source: str | None = None
     carbon_max: float | None = None
-    clock: object = time.time
+    clock: object = runtime.now
     _read_at: float = -1e18
     _value: float | None = None
     _error: str = ""

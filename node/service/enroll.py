@@ -20,6 +20,7 @@ import time
 import trio
 
 from hypersdk.dht.keys import node_id
+from hypersdk.node import runtime
 from hypersdk.node.audit.intents import crash_point
 from hypersdk.node.errors import UsageError, UserError
 from hypersdk.node.net import datakey, membership
@@ -54,7 +55,7 @@ class Enrollment:
             secret, node = ms.decode_join_request(payload)
             if node_id(node) != peer_id:
                 raise UserError("the key in the request is not the connection's key")
-            cert, share = await trio.to_thread.run_sync(
+            cert, share = await runtime.run_sync(
                 lambda: membership.redeem_invitation(self.d.data_dir, secret, node,
                                                      now=time.time_ns()))
             net = membership.load(self.d.data_dir)
@@ -109,12 +110,12 @@ class Enrollment:
             # a key, whose next backups would not be sealed
             shared = answer.data_key is not None
             if shared:
-                dk = await trio.to_thread.run_sync(datakey.install, d.data_dir, answer.data_key)
+                dk = await runtime.run_sync(datakey.install, d.data_dir, answer.data_key)
             else:       # a tenant of its own: its own backups are sealed with its own key
-                dk = (await trio.to_thread.run_sync(datakey.load, d.data_dir)
-                      or await trio.to_thread.run_sync(datakey.create, d.data_dir))
+                dk = (await runtime.run_sync(datakey.load, d.data_dir)
+                      or await runtime.run_sync(datakey.create, d.data_dir))
             crash_point("join-key-installed")
-            net = await trio.to_thread.run_sync(
+            net = await runtime.run_sync(
                 lambda: membership.enroll(d.data_dir, token, answer, d.identity,
                                           now=time.time_ns()))
             d.saved.add(addr)

@@ -40,6 +40,7 @@ import random
 import trio
 
 from hypersdk.dht.contact import Contact
+from hypersdk.node import runtime
 from hypersdk.node.errors import UserError
 from hypersdk.protocol.chunks import ZERO_ID
 from hypersdk.protocol.errors import ProtocolError
@@ -76,11 +77,12 @@ class AuditNet:
                 log.warning("audit: appended %d entries missing after an interrupted op",
                             len(added))
             return AuditLog(d.data_dir, identity=d.identity)
-        self.log = await trio.to_thread.run_sync(open_log)
+        self.log = await runtime.run_sync(open_log)
         self.gossip = AuditGossip(
             d.net, self.log, lambda: [c for b in d.dht.table.buckets() for c in b],
             rng=random.Random(d.rng.getrandbits(64)), scores=d.dht.scores,
-            sync_interval=audit_sync_interval(), witness_interval=audit_witness_interval(),
+            **(getattr(d, "audit_timing", None) or dict(
+                sync_interval=audit_sync_interval(), witness_interval=audit_witness_interval())),
             busy=lambda: bool(getattr(getattr(d, "replication", None), "transfers", None)),
             on_new=self._on_new, **({} if d.gate is None else dict(
                 author_ok=d.gate.author_ok, certs_of=d.gate.certs_of,
@@ -172,18 +174,18 @@ class AuditNet:
         loss = pp.DEFAULT_LOSS if loss is None else loss
         confidence = pp.DEFAULT_CONFIDENCE if confidence is None else confidence
         d = self.d
-        mid = await trio.to_thread.run_sync(self._resolve, ref)
+        mid = await runtime.run_sync(self._resolve, ref)
 
         def read_log():
             from hypersdk.node.net import datakey
             with AuditLog(d.data_dir, identity=d.identity) as lg:
                 return _backup_check(lg, mid, datakey.load(d.data_dir))
-        entry = await trio.to_thread.run_sync(read_log)
+        entry = await runtime.run_sync(read_log)
         if entry.get("local_damage"):
             # our copy of the author's log is damaged, not the author's log: mend it
             # from peers and check again before saying anything about the author
             repaired = await self.gossip.repair([bytes.fromhex(entry["author"])])
-            entry = await trio.to_thread.run_sync(read_log)
+            entry = await runtime.run_sync(read_log)
             entry["repaired_entries"] = repaired
         providers, _ = await d.dht.find_providers(mid, MAX_HOLDERS)
         cache: dict[bytes, bytes] = {}
@@ -196,7 +198,7 @@ class AuditNet:
             sealed = key is not None
             reader = self._sealed_reader(providers) if sealed else \
                 self._reader(providers, None, key)
-            round_no = await trio.to_thread.run_sync(self._next_round, mid)
+            round_no = await runtime.run_sync(self._next_round, mid)
             p = pp.plan(ids, seed=self._rotation_seed(mid), round_no=round_no,
                         rng=random.SystemRandom(), loss=loss, confidence=confidence)
             sampling = {"goal": f"a holder missing {loss:.2%} of the chunks is caught with "
@@ -227,7 +229,7 @@ class AuditNet:
                              "slowest_s": round(r.slowest, 3),
                              "deadline_s": round(r.allowed, 3), "late": r.late} if r else
                             {"reason": "no address known for this holder"})})
-        await trio.to_thread.run_sync(self._record, mid, results, quiet_ok_s)
+        await runtime.run_sync(self._record, mid, results, quiet_ok_s)
         await self.gossip.spread_own()
         doc = {"manifest": mid.hex(), "backup_entry": entry, "manifest_check": manifest_doc,
                "sampling": sampling, "holders": rows, **judge(entry, manifest_doc, rows, min_holders)}
@@ -279,7 +281,7 @@ class AuditNet:
         key = None
         if m.key is not None:                   # keyed ids: checked with the tenant's key
             from hypersdk.node.net import datakey
-            key = await trio.to_thread.run_sync(datakey.load, self.d.data_dir)
+            key = await runtime.run_sync(datakey.load, self.d.data_dir)
             if key is None or key.fingerprint != m.key:
                 return {"ok": False, "reason": f"this backup is encrypted with data key "
                                                f"{m.key.hex()[:16]}; this node does not have "
@@ -408,7 +410,7 @@ class AuditNet:
         def named():
             with AuditLog(self.d.data_dir, identity=self.d.identity) as lg:
                 return lg.replica_holders(mid)
-        ids = set(await trio.to_thread.run_sync(named))
+        ids = set(await runtime.run_sync(named))
         claims = {i: "replica" for i in ids}
         if entry.get("author_node_id"):
             ids.add(bytes.fromhex(entry["author_node_id"]))
@@ -425,12 +427,11 @@ class AuditNet:
         return dict(ranked[:MAX_HOLDERS]), claims
 
     def _record(self, mid, results, quiet_ok_s: float | None = None) -> None:
-        import time as _time
 
         from hypersdk.node.audit.log import AuditLog
         with AuditLog(self.d.data_dir, identity=self.d.identity) as lg:
             last = _last_verdicts(lg, lg.own_author, mid) if quiet_ok_s is not None else {}
-            now = _time.time_ns()
+            now = runtime.now_ns()
             for r in results:
                 result, when = last.get(r.holder, (None, 0))
                 if r.result == "ok" and result == "ok" and now - when < quiet_ok_s * 1e9:

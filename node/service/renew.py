@@ -23,6 +23,7 @@ import time
 import trio
 
 from hypersdk.dht.keys import node_id
+from hypersdk.node import runtime
 from hypersdk.node.errors import UserError
 from hypersdk.node.net import membership
 from hypersdk.node.net.transport import TransportError
@@ -65,8 +66,8 @@ class Renewal:
             cert = ms.decode_certificate(raw)
             if node_id(cert.node) != peer_id:
                 raise UserError("that certificate is not the connection's")
-            new = await trio.to_thread.run_sync(
-                lambda: membership.renew(self.d.data_dir, raw, cert.node, now=time.time_ns()))
+            new = await runtime.run_sync(
+                lambda: membership.renew(self.d.data_dir, raw, cert.node, now=runtime.now_ns()))
             log.info("renewed the certificate of %s (serial %d)", cert.node.hex()[:16],
                      new.serial)
             return ms.renew_answer(new.raw)
@@ -83,7 +84,7 @@ class Renewal:
             if net is not None:
                 lifetime_s = (net.cert.expires - net.cert.not_before) / 1e9
                 wait = max(MIN_CHECK, min(CHECK_EVERY, lifetime_s / 10))
-                if ms.renewal_due(net.cert, time.time_ns()):
+                if ms.renewal_due(net.cert, runtime.now_ns()):
                     try:
                         await self.renew_now()
                     except UserError as exc:
@@ -98,14 +99,14 @@ class Renewal:
         if net is None:
             raise UserError("this node is in no network")
         if net.has_key:
-            raw = await trio.to_thread.run_sync(
+            raw = await runtime.run_sync(
                 lambda: membership.renew(d.data_dir, net.cert.raw, net.cert.node,
-                                         now=time.time_ns()).raw)
+                                         now=runtime.now_ns()).raw)
         else:
             raw = await self._ask_an_admin(net.cert.raw)
-        cert = await trio.to_thread.run_sync(
+        cert = await runtime.run_sync(
             lambda: membership.install_certificate(d.data_dir, raw, d.identity,
-                                                   now=time.time_ns()))
+                                                   now=runtime.now_ns()))
         d.gate.refresh()
         self.counters["renewed"] += 1
         self.last_error = ""

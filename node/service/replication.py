@@ -48,6 +48,7 @@ import trio
 
 # everything a fetch or restore uses is imported here, when the daemon starts: imported
 # inside fetch(), the first network command of a node's life paid 16 ms for it
+from hypersdk.node import runtime
 from hypersdk.node.audit import intents as audit_intents
 from hypersdk.node.config import commit_bytes, human
 from hypersdk.node.errors import UserError
@@ -176,6 +177,9 @@ class Replication:
                                      rate=getattr(self.d, "upload_limit", None),
                                      banned=lambda pid: scores.banned(pid, trio.current_time()))
         self.d.net.set_handler(EXCHANGE, self.server.handle)
+        self.fast_server = None
+        if not getattr(self.d, "fast_channel", True):
+            return                        # simnet: every exchange runs on its streams
         # the bulk path: the same exchange over node/net/fast_channel.py (libp2p offers it)
         try:
             host = host_of(str(getattr(self.d, "listen", "")))
@@ -211,7 +215,7 @@ class Replication:
         def keys():
             with self.d.open_store(readonly=True) as store:
                 return announce_keys(store, mid)
-        ks = await trio.to_thread.run_sync(keys)
+        ks = await runtime.run_sync(keys)
         if background:
             self.d.nursery.start_soon(self._provide, ks)
         else:
@@ -234,7 +238,7 @@ class Replication:
                     except UserError as exc:   # e.g. sealed with a data key not held here
                         log.warning("not announcing %s: %s", mid.hex()[:16], exc)
                 return sorted(out)
-        ks = await trio.to_thread.run_sync(keys)
+        ks = await runtime.run_sync(keys)
         if ks:
             with trio.move_on_after(ANNOUNCE_TIMEOUT):
                 await self.d.dht.provide_many(ks)
@@ -258,7 +262,7 @@ class Replication:
             with self.d.open_store(readonly=True) as store:
                 mid = resolve_ref(store, ref, self.d.data_dir)
                 return mid, held_completely(store, mid)
-        mid, complete = await trio.to_thread.run_sync(resolve)
+        mid, complete = await runtime.run_sync(resolve)
         doc = {"manifest": mid.hex(), "already_held": complete, "chunks_fetched": 0,
                "bytes_fetched": 0, "bytes_by_peer": {}, "chunks_local": 0,
                "banned": [], "seconds": 0.0}
@@ -267,7 +271,7 @@ class Replication:
         tid, self._next = self._next, self._next + 1
         transfer = self.transfers[tid] = {"manifest": mid.hex(), "phase": "start",
                                           "done_chunks": 0, "needed_chunks": 0}
-        store = await trio.to_thread.run_sync(lambda: ChunkStore(self.d.data_dir))
+        store = await runtime.run_sync(lambda: ChunkStore(self.d.data_dir))
         try:
             with contextlib.ExitStack() as bars:
                 bar = {}
@@ -299,14 +303,16 @@ class Replication:
                 if out is not None and (force or not os.path.lexists(out)) \
                         and os.path.isdir(os.path.dirname(os.path.abspath(out))):
                     try:
-                        staged = await trio.to_thread.run_sync(stage, out, mid,
+                        staged = await runtime.run_sync(stage, out, mid,
                                                                self.d.data_dir)
                     except OSError:
                         staged = None     # the restore itself will say what is wrong
                 gate = self.d.gate
                 fast = FastDialer(self.d.identity, self.d.net, self.d.net.tallies,
-                                  admit=gate.is_member if gate else None)
-                async with StoreSink(store, threaded=True, batch_bytes=fetch_commit_bytes(),
+                                  admit=gate.is_member if gate else None) \
+                    if getattr(self.d, "fast_channel", True) else None
+                async with StoreSink(store, threaded=not runtime.simulated_run(),
+                                     batch_bytes=fetch_commit_bytes(),
                                      commit_seconds=FETCH_COMMIT_SECONDS) as sink:
                     if pace is not None:
                         from hypersdk.node.replicas.pace import PacedSink
@@ -317,7 +323,8 @@ class Replication:
                                     progress=progress, scores=self.d.dht.scores,
                                     verify_in_thread=True, fast=fast, tee=staged,
                                     opaque_ok=out is None)
-                    self.d.transport.on_cut.append(fast.cut)
+                    if fast is not None:
+                        self.d.transport.on_cut.append(fast.cut)
                     try:
                         result = await dl.download(mid)
                     except BaseException as exc:
@@ -327,12 +334,13 @@ class Replication:
                             raise UserError(f"fetch {ref}: {exc}") from None
                         raise
                     finally:
-                        self.d.transport.on_cut.remove(fast.cut)
-            if await trio.to_thread.run_sync(record_replica, store, mid, result):
-                await trio.to_thread.run_sync(self._audit_replica, store)
+                        if fast is not None:
+                            self.d.transport.on_cut.remove(fast.cut)
+            if await runtime.run_sync(record_replica, store, mid, result):
+                await runtime.run_sync(self._audit_replica, store)
         finally:
             self.transfers.pop(tid, None)
-            await trio.to_thread.run_sync(store.close)
+            await runtime.run_sync(store.close)
         keys = await self.announce(mid, background=True)
         doc.update(chunks_fetched=result.chunks_fetched, bytes_fetched=result.bytes_fetched,
                    chunks_local=result.chunks_local, duplicate_bytes=result.duplicate_bytes,
