@@ -10,7 +10,8 @@
 #     changed, backed up incrementally (only changed blocks read), restored;
 #  4. simnet: a simulated network of 150 nodes on virtual time, a fifth of them
 #     hostile (eclipse + provider-record flood), replication through churn and a
-#     site's loss, then audit-log gossip.
+#     site's loss (a 300-node model, then 12 whole nodes running the daemon's
+#     services), then audit-log gossip.
 # Runs in a throw-away dir; set DEMO_SIZE (default 256M) for a bigger disk.
 set -eu
 cd "$(dirname "$0")/.."
@@ -195,5 +196,8 @@ echo "(they collude to eclipse lookups and flood provider stores; lookups still 
 step "$H" simnet run scenarios/hostile-20pct.toml --nodes 150 --out "$WORK/simnet"
 echo "(replication over 10 simulated days: churn, a whole site lost on day 5, repair)"
 step "$H" simnet replication --nodes 300 --days 10 --out "$WORK/simnet-replication"
+echo "(the same with whole nodes: every node runs the daemon's own services on virtual time)"
+step "$H" simnet replication-nodes --nodes 12 --sites 4 --hours 4 --site-loss-hour 1 \
+    --grace-hours 1 --out "$WORK/simnet-replication-nodes"
 echo "(and the audit-log gossip: how fast an entry reaches every node, and a partition healing)"
 step "$H" simnet gossip --nodes 100 --entries 5

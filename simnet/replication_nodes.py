@@ -79,8 +79,12 @@ def _addr(i: int, ident: Identity) -> str:
 
 
 def enroll_all(root: Path, idents: list, sites: int) -> None:
-    """Node 0 creates the network; every other node is enrolled (an invitation
+    """Node i's data dir is root/n<i>, with its key in node.key as `hypersdk node run`
+    keeps it. Node 0 creates the network; every other node is enrolled (an invitation
     redeemed at node 0, the answer kept by the joiner: node/net/membership.py)."""
+    for i, ident in enumerate(idents):       # DATA/node.key: what every store op signs with
+        (root / f"n{i}").mkdir(parents=True, exist_ok=True)
+        ident.save(root / f"n{i}" / "node.key")
     admin = root / "n0"
     membership.create(admin, idents[0], name="sim", site="site0", now=T0_NS)
     net = membership.load(admin)
@@ -200,22 +204,31 @@ class Sim:
             await self.start(i)
             self.restart_counts += 1
 
+    async def boot(self, nursery) -> None:
+        """Start every node (one a second), let the joins settle."""
+        self.world = World(SimNetwork(self._model(), fast_rpc=True))
+        self.nursery = nursery
+        await nursery.start(self.world.net.run)
+        for i in range(self.cfg.nodes):
+            await self.start(i)
+            await trio.sleep(1.0)
+        await trio.sleep(120.0)
+
+    async def backup(self, i: int) -> bytes:
+        """Node i backs up its image (the daemon's `backup` command); the manifest id."""
+        self.images[i] = self._image(i)
+        doc = await self.command(i, "backup", path=str(self.images[i]), name=f"vm{i}",
+                                  chunk_size=self.cfg.chunk_kib << 10, zstd_level=3)
+        mid = bytes.fromhex(doc["manifest"])
+        self.backups[mid] = i
+        return mid
+
     async def main(self) -> dict:
         c = self.cfg
-        self.world = World(SimNetwork(self._model(), fast_rpc=True))
         async with trio.open_nursery() as nursery:
-            self.nursery = nursery
-            await nursery.start(self.world.net.run)
+            await self.boot(nursery)
             for i in range(c.nodes):
-                await self.start(i)
-                await trio.sleep(1.0)
-            await trio.sleep(120.0)                          # joins settle
-            for i in range(c.nodes):
-                self.images[i] = self._image(i)
-                doc = await self._command(i, "backup", path=str(self.images[i]),
-                                          name=f"vm{i}", chunk_size=c.chunk_kib << 10,
-                                          zstd_level=3)
-                self.backups[bytes.fromhex(doc["manifest"])] = i
+                await self.backup(i)
             t_start = trio.current_time()
             nursery.start_soon(self._churn)
             loss_at, back_at = t_start + c.site_loss_h * HOUR, None
@@ -260,10 +273,12 @@ class Sim:
         path.write_bytes(random.Random(f"{self.cfg.seed}/{i}").randbytes(self.cfg.image_kib << 10))
         return path
 
-    async def _command(self, i: int, cmd: str, **args) -> dict:
+    async def command(self, i: int, cmd: str, **args) -> dict:
         from hypersdk.node.daemon.daemon import COMMANDS
         node = self.nodes[i]
         reply = await COMMANDS[cmd](node, args, node.replicas.quiet)
+        if not hasattr(reply, "code"):
+            return reply
         if reply.code != 0:
             raise RuntimeError(f"{cmd} on node {i}: {reply.text}")
         return reply.doc
@@ -281,7 +296,7 @@ class Sim:
                 continue
             out = self.root / f"restored-{author}.raw"
             try:
-                await self._command(where, "restore", ref=mid.hex(), out=str(out), force=False,
+                await self.command(where, "restore", ref=mid.hex(), out=str(out), force=False,
                                     to_device=False, follow_symlink=False, umask=None)
                 same = out.read_bytes() == self.images[author].read_bytes()
             except Exception as exc:                  # reported, not raised
@@ -313,23 +328,51 @@ class Sim:
                 "repair_bytes_per_hour": per_hour, "samples": self.samples}
 
 
-def run_nodes(cfg: Config, progress=None, root: Path | None = None) -> dict:
-    """Run the scenario; the report (see the module docstring)."""
+def simulate(cfg: Config, root: Path, body, progress=None):
+    """trio.run `await body(sim)` for a Sim of cfg (its nodes enrolled, data dirs
+    under root) on virtual time; what body returns."""
     import logging
     logging.getLogger("hypersdk").setLevel(logging.ERROR)
-    t0 = time.monotonic()
     seed_scheduler(cfg.seed)
     clock = trio.testing.MockClock(autojump_threshold=0)
-    with tempfile.TemporaryDirectory(prefix="hsdk-simnodes-", dir=root) as tmp:
-        sim = Sim(cfg, Path(tmp), progress)
-        enroll_all(Path(tmp), sim.idents, cfg.sites)
+    sim = Sim(cfg, root, progress)
+    enroll_all(root, sim.idents, cfg.sites)
 
-        async def main():
-            with runtime.simulated(clock, T0_NS):
-                return await sim.main()
-        report = trio.run(main, clock=clock)
+    async def main():
+        with runtime.simulated(clock, T0_NS):
+            return await body(sim)
+    return trio.run(main, clock=clock)
+
+
+def run_nodes(cfg: Config, progress=None, root: Path | None = None) -> dict:
+    """Run the scenario; the report (see the module docstring)."""
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="hsdk-simnodes-", dir=root) as tmp:
+        report = simulate(cfg, Path(tmp), Sim.main, progress)
     report["wall_seconds"] = round(time.monotonic() - t0, 1)
     return report
+
+
+def write(report: dict, out: Path) -> list[Path]:
+    """The report as JSON and two plots (PNG): repair traffic per hour and backups
+    under-replicated over time."""
+    import json
+
+    from hypersdk.simnet.replication_run import _plot
+    out.mkdir(parents=True, exist_ok=True)
+    files = [out / "replication-nodes.json"]
+    files[0].write_text(json.dumps(report, indent=1) + "\n")
+    per_hour = report["repair_bytes_per_hour"]
+    files.append(_plot(out / "repair_traffic_per_hour.png", "bar", range(len(per_hour)),
+                       [b / (1 << 20) for b in per_hour], "repair traffic (MiB)",
+                       "bytes pulled to repair copies, per hour", xlabel="hour"))
+    xs = [s["hour"] for s in report["samples"]]
+    files.append(_plot(out / "under_replicated.png", "plot", xs,
+                       [s["under_replicated"] for s in report["samples"]],
+                       "backups under-replicated",
+                       "backups short of copies on other sites (from the stores)",
+                       xlabel="hour"))
+    return files
 
 
 def summary(r: dict) -> str:

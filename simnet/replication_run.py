@@ -305,13 +305,13 @@ def write(report: dict, out: Path) -> list[Path]:
     return files
 
 
-def _plot(path: Path, kind: str, xs, ys, ylabel: str, title: str) -> Path:
+def _plot(path: Path, kind: str, xs, ys, ylabel: str, title: str, xlabel: str = "day") -> Path:
     import matplotlib
     matplotlib.use("Agg")                   # files only, no display
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 3.5))
     getattr(ax, kind)(xs, ys)
-    ax.set_xlabel("day")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     fig.tight_layout()

@@ -549,6 +549,40 @@ def simnet_replication(nodes, sites, days, replicas, churn, site_loss_day, seed,
         raise SystemExit(3)
 
 
+@simnet.command("replication-nodes")
+@click.option("--nodes", type=click.IntRange(4, 500), default=40, show_default=True)
+@click.option("--sites", type=click.IntRange(3, 100), default=8, show_default=True)
+@click.option("--hours", type=click.FloatRange(1, 24 * 30), default=36, show_default=True)
+@click.option("--replicas", type=click.IntRange(1, 16), default=2, show_default=True)
+@click.option("--churn", type=click.FloatRange(0, 24), default=0.5, show_default=True,
+              help="nodes that stop for a while, per node and day")
+@click.option("--site-loss-hour", type=click.FloatRange(0), default=8, show_default=True,
+              help="the hour every node of site 0 is lost for good")
+@click.option("--grace-hours", type=click.FloatRange(0.1), default=4, show_default=True,
+              help="node run --holder-grace")
+@click.option("--seed", type=int, default=1, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), default="simnet-replication-nodes",
+              show_default=True, help="report directory (JSON and PNG plots)")
+@json_option
+def simnet_replication_nodes(nodes, sites, hours, replicas, churn, site_loss_hour,
+                             grace_hours, seed, out, as_json):
+    """Replication with whole nodes: the daemon's own services (placement, health
+    checks, repair, takeover, gossip, the DHT, swarm pulls) on virtual time, a site
+    lost, the lost site's backups restored byte for byte at the end."""
+    from pathlib import Path
+
+    from hypersdk.simnet.replication_nodes import Config, run_nodes, summary, write
+    r = run_nodes(Config(nodes=nodes, sites=sites, hours=hours, replicas=replicas, churn=churn,
+                         site_loss_h=site_loss_hour, grace_h=grace_hours, seed=seed),
+                  progress=None if as_json else lambda s: on_wait(
+                      f"simnet: hour {s['hour']:g}: {s['up']} nodes up, "
+                      f"{s['under_replicated']} backups short"))
+    files = write(r, Path(out))
+    emit(as_json, r, summary(r) + f"\n  report: {files[0]} (+ {len(files) - 1} plots)")
+    if r["backups_lost"] or r["restore_failed"]:
+        raise SystemExit(3)
+
+
 def main():
     """The console script: click's parsing without its standalone error printing,
     so every error is one line (or a JSON document) with the README's exit code."""
