@@ -10,8 +10,10 @@ this module models, in 10-minute steps of virtual time, what the daemon's I/O do
 offers (free space), pulls at the holder's --replicate-rate from whichever copies
 are online (the author or a confirmed holder), confirmations at the author's next
 pass, health checks every --holder-check. It does not run libp2p, stores or SQLite
-(the real-process tests in tests/node/replicas do): a 1,000-node month runs in
-seconds.
+(the real-process tests in tests/node/replicas do, and so does
+simnet/replication_nodes.py, `simnet replication-nodes`: the whole daemon on
+simnet, tens of nodes over days, where every step above is the node's own code): a
+1,000-node month runs in seconds.
 
 World: every node authors `backups` backups (sizes drawn from 1..max GiB) and
 wants `replicas` copies on other sites. Churn: each day a fraction of the nodes

@@ -114,9 +114,11 @@ class AuditNet:
         """On a node that holds the network key, every revocation issued here (by
         `hypersdk revoke`, into DATA/network/state.json) becomes a `revoke` entry of
         our log, which the gossip pushes to every member. Checked each
-        ENFORCE_INTERVAL."""
+        ENFORCE_INTERVAL (the daemon's enforce_interval: simnet's whole nodes look
+        less often)."""
         from hypersdk.node.net.gate import ENFORCE_INTERVAL
         d = self.d
+        every = getattr(d, "enforce_interval", ENFORCE_INTERVAL)
         announced: set[bytes] | None = None
         while True:
             gate = d.gate
@@ -132,7 +134,7 @@ class AuditNet:
                         await self.gossip.append("revoke", {"revocation": r.raw})
                         announced.add(r.raw)
                         d.transport.cut_off_now()
-            await trio.sleep(ENFORCE_INTERVAL)
+            await trio.sleep(every)
 
     def close(self) -> None:
         if self._store is not None:
