@@ -200,10 +200,7 @@ class SimNode(Daemon):
             self.up = False
             self.world.hosts.pop(self.addr, None)
             self.world.net.remove_node(self.addr)
-            self.replication.close()
-            self.replicas.close()
-            if self.audit is not None:
-                self.audit.close()
+            self.close_services()
 
     def stop(self) -> None:
         """Take the node down now (a crash or a site lost: nothing is flushed)."""

@@ -643,10 +643,7 @@ class Daemon:
             finally:
                 if self.transport is not None:
                     self.transport.close_listener()     # if run() never took it
-                self.replication.close()
-                self.replicas.close()
-                if self.audit is not None:
-                    self.audit.close()
+                self.close_services()
                 _unlink(addrs_file)
 
     async def start_services(self, nursery) -> None:
@@ -675,6 +672,13 @@ class Daemon:
         from hypersdk.node.service.net_verify import AuditNet
         self.audit = AuditNet(self)
         await self.audit.start(nursery)
+
+    def close_services(self) -> None:
+        """Close the store handles and databases the services keep open."""
+        self.replication.close()
+        self.replicas.close()
+        if self.audit is not None:
+            self.audit.close()
 
     def start_background(self, nursery) -> None:
         """Join the network, then announce; replication; keep the reputations saved."""
